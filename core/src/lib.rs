@@ -1,1 +1,18 @@
+//! meshbridge-core: identities, the catalog model and its merge rules, TLS, PKI and the
+//! runtime pieces every role embeds (config, drain, telemetry, admin HTTP).
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod config;
+pub mod drain;
+pub mod id;
+pub mod model;
+pub mod pki;
+pub mod telemetry;
+pub mod tls;
+
+/// Install the process-wide rustls crypto provider (ring). Call at the start of `main`
+/// and of tests; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,1 @@
+//! Merged views of the catalog (MCS rules) and locality ranking.

@@ -1,0 +1,207 @@
+//! Data types of the catalog.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// `namespace/name` of an exported service (MCS "namespace sameness").
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where a site is: the units of locality-aware failover.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+}
+
+/// What kind of place a site is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    #[default]
+    Cluster,
+    Zone,
+    Vm,
+}
+
+/// Lease state of a site. Transitions are written to the log by the leader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum SiteState {
+    /// The lease is held.
+    #[default]
+    Fresh,
+    /// The lease lapsed at `since_ms`; endpoints stay but rank last.
+    Stale { since_ms: u64 },
+    /// The grace ran out at `since_ms`; the site's exports were withdrawn.
+    Withdrawn { since_ms: u64 },
+}
+
+/// A site as registered, with its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    pub name: String,
+    pub kind: SiteKind,
+    pub locality: Locality,
+    /// Gateway addresses (`host:port`) where peers reach this site's tunnel endpoint.
+    pub gateways: Vec<String>,
+    /// Lease time-to-live in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// Grace after the lease lapses before the site's exports are withdrawn.
+    pub grace_ms: u64,
+    /// Leader time of the last register or heartbeat.
+    pub last_heartbeat_ms: u64,
+    pub state: SiteState,
+    /// Revision at which the site was first registered.
+    pub created_revision: u64,
+}
+
+impl Site {
+    /// When the lease lapses if no heartbeat arrives.
+    pub fn lease_expires_ms(&self) -> u64 {
+        self.last_heartbeat_ms.saturating_add(self.lease_ttl_ms)
+    }
+
+    /// Seconds the site has been stale at `now_ms` (0 when fresh).
+    pub fn staleness_seconds(&self, now_ms: u64) -> u64 {
+        match self.state {
+            SiteState::Fresh => 0,
+            SiteState::Stale { since_ms } | SiteState::Withdrawn { since_ms } => {
+                now_ms.saturating_sub(since_ms) / 1000
+            }
+        }
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        matches!(self.state, SiteState::Fresh)
+    }
+}
+
+/// What a site asks for when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteSpec {
+    pub name: String,
+    pub kind: SiteKind,
+    pub locality: Locality,
+    pub gateways: Vec<String>,
+    pub lease_ttl_ms: u64,
+    pub grace_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        })
+    }
+}
+
+/// A service port. Endpoints are reached at `endpoint.address:target_port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Port {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: u16,
+}
+
+/// One endpoint of an export.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Stable hostname, for headless services.
+    pub hostname: Option<String>,
+    pub ready: bool,
+    /// Relative weight (default 1).
+    pub weight: u32,
+    /// SPIFFE id the endpoint's workload runs as, when known.
+    pub identity: Option<String>,
+}
+
+/// A site's statement "here are my endpoints of service S, ports P, generation G".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    pub site: String,
+    pub service: ServiceKey,
+    /// Monotonic per (site, service); an older generation is rejected (fencing).
+    pub generation: u64,
+    pub ports: Vec<Port>,
+    pub endpoints: Vec<Endpoint>,
+    /// Headless: DNS returns endpoint addresses, not a VIP.
+    pub headless: bool,
+    /// Revision of the first export of this (site, service); used for "oldest wins".
+    pub created_revision: u64,
+    pub updated_revision: u64,
+}
+
+/// A principal allowed by a policy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum Principal {
+    /// An exact SPIFFE id.
+    Id(String),
+    /// A SPIFFE id prefix, e.g. `spiffe://corp.example/ns/billing/`.
+    IdPrefix(String),
+    /// Any identity of a trust domain.
+    TrustDomain(String),
+    /// Any identity whose traffic enters from this site.
+    Site(String),
+}
+
+/// "Allow service S from these principals".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    pub service: ServiceKey,
+    pub allow: Vec<Principal>,
+}
+
+/// A join token that has been used (single use is enforced by the state machine).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUse {
+    pub id: String,
+    pub site: String,
+    pub used_at_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// The replicated catalog at a revision. Cloning is cheap-ish: values are behind `Arc`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub revision: u64,
+    pub sites: BTreeMap<String, Arc<Site>>,
+    /// Keyed by (service, site).
+    pub exports: BTreeMap<(ServiceKey, String), Arc<Export>>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
+    pub tokens: BTreeMap<String, TokenUse>,
+}
