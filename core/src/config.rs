@@ -1,1 +1,282 @@
-//! config
+//! Configuration loading: TOML file, then `MESHBRIDGE_*` environment overrides, then a
+//! validation that reports every problem at once.
+//!
+//! Unknown fields are rejected: they are collected while deserializing (rather than failing
+//! on the first one) so that they are reported together with invalid values.
+//! Environment overrides name a field path with `__` between levels:
+//! `MESHBRIDGE_ADMIN__LISTEN=127.0.0.1:9901` sets `admin.listen`. The value is read as a
+//! TOML value when it parses as one (numbers, booleans, arrays), else as a string.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// One problem in a configuration, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Collects problems during validation.
+#[derive(Debug, Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    pub fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Record a problem unless `ok`.
+    pub fn check(&mut self, ok: bool, field: impl Into<String>, message: impl Into<String>) {
+        if !ok {
+            self.push(field, message);
+        }
+    }
+
+    /// Check that `value` parses as a socket address.
+    pub fn socket_addr(&mut self, field: &str, value: &str) {
+        if value.parse::<std::net::SocketAddr>().is_err() {
+            self.push(
+                field,
+                format!("{value:?} is not an address like 127.0.0.1:8443"),
+            );
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Every problem found in one configuration source.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A role's configuration.
+pub trait RoleConfig: DeserializeOwned + Serialize {
+    /// Every semantic problem, each naming its field.
+    fn validate(&self, problems: &mut Problems);
+}
+
+const ENV_PREFIX: &str = "MESHBRIDGE_";
+
+/// Load a config from a file (or from an empty document when `path` is `None`), apply
+/// environment overrides, and validate.
+pub fn load<T: RoleConfig>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let (name, text) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                source_name: p.display().to_string(),
+                problems: vec![Problem {
+                    field: "(file)".into(),
+                    message: format!("cannot read: {e}"),
+                }],
+            })?;
+            (p.display().to_string(), text)
+        }
+        None => ("(defaults)".to_string(), String::new()),
+    };
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    parse_with_env(&name, &text, &env)
+}
+
+/// Parse TOML text with the given environment overrides (testable without the process env).
+pub fn parse_with_env<T: RoleConfig>(
+    name: &str,
+    text: &str,
+    env: &[(String, String)],
+) -> Result<T, ConfigError> {
+    let err = |problems| ConfigError {
+        source_name: name.to_string(),
+        problems,
+    };
+    let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        err(vec![Problem {
+            field: "(syntax)".into(),
+            message: e.to_string(),
+        }])
+    })?;
+    let mut problems = Problems::default();
+    for (key, value) in env {
+        let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // Variables without `__` that do not name a top-level field are other settings
+        // (MESHBRIDGE_LOG and the like) and are left alone.
+        apply_env(&mut doc, path, value, &mut problems);
+    }
+    let mut unknown = Vec::new();
+    let parsed: Result<T, _> = serde_ignored::deserialize(toml::Value::Table(doc), |p| {
+        unknown.push(p.to_string());
+    });
+    for field in unknown {
+        problems.push(field, "unknown field");
+    }
+    match parsed {
+        Ok(cfg) => {
+            cfg.validate(&mut problems);
+            if problems.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(err(problems.0))
+            }
+        }
+        Err(e) => {
+            problems.push("(value)", e.to_string());
+            Err(err(problems.0))
+        }
+    }
+}
+
+fn apply_env(doc: &mut toml::Table, path: &str, value: &str, problems: &mut Problems) {
+    let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if parts.len() == 1 && !doc.contains_key(&parts[0]) && !known_top_level_env(&parts[0]) {
+        return;
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut table = doc;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            table.insert(part.clone(), parsed);
+            return;
+        }
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        match entry {
+            toml::Value::Table(t) => table = t,
+            _ => {
+                problems.push(
+                    format!("{ENV_PREFIX}{path}"),
+                    format!("{part} is not a table"),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Top-level env names that are config overrides even when the file does not set them.
+fn known_top_level_env(name: &str) -> bool {
+    matches!(name, "site" | "node_id" | "data_dir" | "trust_domain")
+}
+
+/// The effective configuration as TOML, for logs and `/config_dump`.
+pub fn effective<T: Serialize>(cfg: &T) -> String {
+    toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+}
+
+/// Resolve a possibly relative path against the config file's directory.
+pub fn relative_to(base: Option<&Path>, p: &Path) -> PathBuf {
+    match base.and_then(Path::parent) {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Admin {
+        listen: String,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Sample {
+        site: String,
+        lease_ttl_secs: u64,
+        admin: Admin,
+    }
+
+    impl RoleConfig for Sample {
+        fn validate(&self, p: &mut Problems) {
+            p.check(!self.site.is_empty(), "site", "must not be empty");
+            p.check(
+                self.lease_ttl_secs > 0,
+                "lease_ttl_secs",
+                "must be more than 0",
+            );
+            p.socket_addr("admin.listen", &self.admin.listen);
+        }
+    }
+
+    #[test]
+    fn unknown_field_and_two_invalid_values_are_all_reported_at_once() {
+        let text =
+            "site = \"\"\nlease_ttl_secs = 0\ncolour = \"red\"\n[admin]\nlisten = \"nowhere\"\n";
+        let err = parse_with_env::<Sample>("site.toml", text, &[]).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["colour", "site", "lease_ttl_secs", "admin.listen"],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.starts_with("site.toml: 4 problems"), "{text}");
+        assert!(text.contains("colour: unknown field"), "{text}");
+    }
+
+    #[test]
+    fn env_overrides_nested_fields() {
+        let text = "site = \"east\"\nlease_ttl_secs = 5\n[admin]\nlisten = \"bad\"\n";
+        let env = vec![
+            (
+                "MESHBRIDGE_ADMIN__LISTEN".to_string(),
+                "127.0.0.1:9000".to_string(),
+            ),
+            ("MESHBRIDGE_LEASE_TTL_SECS".to_string(), "7".to_string()),
+            ("MESHBRIDGE_LOG".to_string(), "debug".to_string()),
+        ];
+        let cfg = parse_with_env::<Sample>("t", text, &env).unwrap();
+        assert_eq!(cfg.admin.listen, "127.0.0.1:9000");
+        assert_eq!(cfg.lease_ttl_secs, 7);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_source() {
+        let err = parse_with_env::<Sample>("x.toml", "site = ", &[]).unwrap_err();
+        assert_eq!(err.problems[0].field, "(syntax)");
+        assert!(err.to_string().starts_with("x.toml: 1 problem"));
+    }
+}

@@ -1,1 +1,173 @@
-//! drain
+//! Graceful shutdown: signal → not ready → stop accepting → wait for in-flight work up to a
+//! deadline → force.
+//!
+//! A [`Trigger`] starts the drain; every task holds a [`Watch`] to learn about it, and every
+//! in-flight unit of work (a proxied connection, an RPC) holds a [`Guard`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+struct Shared {
+    inflight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Starts the drain.
+pub struct Trigger {
+    tx: watch::Sender<bool>,
+    shared: Arc<Shared>,
+}
+
+/// Learns that a drain started; hands out guards.
+#[derive(Clone)]
+pub struct Watch {
+    rx: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+}
+
+/// Held by one unit of in-flight work; the drain waits for all guards to drop.
+pub struct Guard {
+    shared: Arc<Shared>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything finished before the deadline.
+    Graceful,
+    /// The deadline passed with this much work still in flight.
+    Forced { remaining: usize },
+}
+
+/// A new trigger/watch pair.
+pub fn channel() -> (Trigger, Watch) {
+    let (tx, rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        inflight: AtomicUsize::new(0),
+        idle: Notify::new(),
+    });
+    (
+        Trigger {
+            tx,
+            shared: shared.clone(),
+        },
+        Watch { rx, shared },
+    )
+}
+
+impl Trigger {
+    /// Announce the drain, then wait up to `deadline` for every guard to drop.
+    pub async fn drain(self, deadline: Duration) -> Outcome {
+        let _ = self.tx.send(true);
+        let wait = async {
+            loop {
+                let notified = self.shared.idle.notified();
+                if self.shared.inflight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(deadline, wait).await {
+            Ok(()) => Outcome::Graceful,
+            Err(_) => Outcome::Forced {
+                remaining: self.shared.inflight.load(Ordering::Acquire),
+            },
+        }
+    }
+
+    /// A watch tied to this trigger.
+    pub fn watch(&self) -> Watch {
+        Watch {
+            rx: self.tx.subscribe(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Watch {
+    /// Resolves once the drain has started (at once if it already has).
+    pub async fn signaled(&self) {
+        let mut rx = self.rx.clone();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Count one unit of in-flight work until the guard drops.
+    pub fn guard(&self) -> Guard {
+        self.shared.inflight.fetch_add(1, Ordering::AcqRel);
+        Guard {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Units of work in flight now.
+    pub fn inflight(&self) -> usize {
+        self.shared.inflight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.shared.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_guards_then_reports_graceful() {
+        let (trigger, watch) = channel();
+        let guard = watch.guard();
+        let w2 = watch.clone();
+        let task = tokio::spawn(async move {
+            w2.signaled().await;
+            drop(guard);
+        });
+        assert_eq!(
+            trigger.drain(Duration::from_secs(5)).await,
+            Outcome::Graceful
+        );
+        task.await.unwrap();
+        assert!(watch.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_forces_after_the_deadline() {
+        let (trigger, watch) = channel();
+        let _stuck = watch.guard();
+        assert_eq!(
+            trigger.drain(Duration::from_secs(2)).await,
+            Outcome::Forced { remaining: 1 }
+        );
+    }
+}

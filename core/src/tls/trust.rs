@@ -1,0 +1,181 @@
+//! Trust bundles per trust domain, and verification of a peer's SVID chain.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+
+use super::files::{TlsError, cert_info, load_certs, rfc3339};
+use crate::id::{SpiffeId, validate_trust_domain_name};
+
+/// Why a peer's certificate was refused. Each case reads distinctly in logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRejected {
+    #[error("peer certificate has no SPIFFE id (URI SAN spiffe://...)")]
+    NoSpiffeId,
+    #[error("peer {id}: trust domain {trust_domain:?} is not trusted here (trusted: {trusted})")]
+    UntrustedDomain {
+        id: String,
+        trust_domain: String,
+        trusted: String,
+    },
+    #[error(
+        "peer {id}: certificate is not signed by a trusted root of trust domain {trust_domain:?} (unknown issuer)"
+    )]
+    UnknownIssuer { id: String, trust_domain: String },
+    #[error("peer {id}: certificate expired at {not_after}")]
+    Expired { id: String, not_after: String },
+    #[error("peer {id}: certificate not valid before {not_before}")]
+    NotYetValid { id: String, not_before: String },
+    #[error("peer {id}: SPIFFE id is not on the allow-list ({allowed})")]
+    NotAllowed { id: String, allowed: String },
+    #[error("peer {id}: invalid certificate: {reason}")]
+    Invalid { id: String, reason: String },
+}
+
+/// CA roots, grouped by the trust domain they vouch for.
+#[derive(Debug, Default)]
+pub struct TrustStore {
+    domains: BTreeMap<String, Vec<TrustAnchor<'static>>>,
+}
+
+/// A bundle file and, where its CA certificates do not name their trust domain in a
+/// `spiffe://<td>` URI SAN, the trust domain it stands for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BundleSource {
+    pub path: std::path::PathBuf,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+}
+
+impl TrustStore {
+    /// Load bundles. A CA certificate belongs to the trust domain named in its URI SAN,
+    /// else to the bundle's `trust_domain`, else to `default_td` (the process's own).
+    pub fn load(sources: &[BundleSource], default_td: &str) -> Result<Self, TlsError> {
+        let mut store = TrustStore::default();
+        for src in sources {
+            store.add_file(&src.path, src.trust_domain.as_deref().unwrap_or(default_td))?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: &Path, fallback_td: &str) -> Result<(), TlsError> {
+        let certs = load_certs(path)?;
+        for (i, der) in certs.into_iter().enumerate() {
+            let info = cert_info(&der).map_err(|reason| TlsError::Bundle {
+                path: path.to_path_buf(),
+                reason: format!("certificate #{}: {reason}", i + 1),
+            })?;
+            if !info.is_ca {
+                return Err(TlsError::Bundle {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "certificate #{} ({}) is not a CA certificate",
+                        i + 1,
+                        info.subject
+                    ),
+                });
+            }
+            let td = match info.spiffe_ids.first() {
+                Some(uri) => uri
+                    .strip_prefix("spiffe://")
+                    .map(|rest| rest.split('/').next().unwrap_or_default().to_string())
+                    .unwrap_or_default(),
+                None => fallback_td.to_string(),
+            };
+            validate_trust_domain_name(&td).map_err(|reason| TlsError::Bundle {
+                path: path.to_path_buf(),
+                reason: format!("certificate #{}: {reason}", i + 1),
+            })?;
+            let anchor = webpki::anchor_from_trusted_cert(&der)
+                .map_err(|e| TlsError::Bundle {
+                    path: path.to_path_buf(),
+                    reason: format!("certificate #{}: not usable as a trust anchor: {e}", i + 1),
+                })?
+                .to_owned();
+            self.domains.entry(td).or_default().push(anchor);
+        }
+        Ok(())
+    }
+
+    /// Trust domains with at least one root.
+    pub fn trust_domains(&self) -> Vec<String> {
+        self.domains.keys().cloned().collect()
+    }
+
+    /// Verify a peer's chain for the given usage and return its SPIFFE id.
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        client: bool,
+    ) -> Result<SpiffeId, PeerRejected> {
+        let info = cert_info(end_entity).map_err(|reason| PeerRejected::Invalid {
+            id: "<unparsable>".into(),
+            reason,
+        })?;
+        let id = info.spiffe_id().ok_or(PeerRejected::NoSpiffeId)?;
+        let td = id.trust_domain().to_string();
+        let Some(anchors) = self.domains.get(&td) else {
+            return Err(PeerRejected::UntrustedDomain {
+                id: id.to_string(),
+                trust_domain: td,
+                trusted: self.trust_domains().join(", "),
+            });
+        };
+        let cert = EndEntityCert::try_from(end_entity).map_err(|e| PeerRejected::Invalid {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        let usage = if client {
+            KeyUsage::client_auth()
+        } else {
+            KeyUsage::server_auth()
+        };
+        let verify = |anchors: &[TrustAnchor<'_>]| {
+            cert.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map(|_| ())
+        };
+        let mut result = verify(anchors);
+        // During a rotation two roots may share a subject name; webpki stops at the first
+        // root whose name matches, so try the roots one by one before giving up.
+        if matches!(result, Err(webpki::Error::InvalidSignatureForPublicKey)) && anchors.len() > 1 {
+            for one in anchors.chunks(1) {
+                let r = verify(one);
+                if r.is_ok() {
+                    result = r;
+                    break;
+                }
+            }
+        }
+        match result {
+            Ok(_) => Ok(id),
+            Err(webpki::Error::CertExpired { .. }) => Err(PeerRejected::Expired {
+                id: id.to_string(),
+                not_after: rfc3339(info.not_after),
+            }),
+            Err(webpki::Error::CertNotValidYet { .. }) => Err(PeerRejected::NotYetValid {
+                id: id.to_string(),
+                not_before: rfc3339(info.not_before),
+            }),
+            Err(webpki::Error::UnknownIssuer) => Err(PeerRejected::UnknownIssuer {
+                id: id.to_string(),
+                trust_domain: td,
+            }),
+            Err(e) => Err(PeerRejected::Invalid {
+                id: id.to_string(),
+                reason: format!("{e:?}"),
+            }),
+        }
+    }
+}
