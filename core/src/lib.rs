@@ -10,6 +10,7 @@ pub mod model;
 pub mod pki;
 pub mod telemetry;
 pub mod tls;
+pub mod vip;
 
 /// Install the process-wide rustls crypto provider (ring). Call at the start of `main`
 /// and of tests; calling it again is harmless.
