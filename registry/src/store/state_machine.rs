@@ -1,0 +1,269 @@
+//! The catalog state machine and its snapshots: [`RaftStateMachine`] and
+//! [`RaftSnapshotBuilder`] over redb.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meshbridge_core::model::{Applied, Catalog};
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use tracing::info;
+
+use super::watch::{Delta, Feed};
+use super::{
+    KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META, SNAPSHOT, StoreError, begin_write, blocking, decode,
+    encode, image,
+};
+use crate::types::{
+    Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    TypeConfig,
+};
+
+/// The state machine half of the store: the catalog in memory, persisted as snapshots.
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    catalog: Arc<Catalog>,
+    feed: Arc<Feed>,
+}
+
+/// Builds a snapshot of the state machine as it was when the builder was taken.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    catalog: Arc<Catalog>,
+}
+
+/// Makes snapshot ids unique within the process even for the same last log id.
+static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl StateMachineStore {
+    /// Starts from the current snapshot, or empty when there is none.
+    pub(super) fn load(db: Arc<Database>, delta_capacity: usize) -> Result<Self, StoreError> {
+        let (last_applied, membership, catalog) = match read_snapshot(&db)? {
+            Some((meta, data)) => {
+                let catalog = image::decode(&data)?;
+                info!(
+                    snapshot.id = %meta.snapshot_id,
+                    last_log_id = ?meta.last_log_id,
+                    revision = catalog.revision,
+                    bytes = data.len(),
+                    "state machine restored from snapshot"
+                );
+                (meta.last_log_id, meta.last_membership, catalog)
+            }
+            None => (None, StoredMembership::default(), Catalog::default()),
+        };
+        let catalog = Arc::new(catalog);
+        let feed = Arc::new(Feed::new(catalog.clone(), delta_capacity));
+        Ok(Self {
+            db,
+            last_applied,
+            membership,
+            catalog,
+            feed,
+        })
+    }
+
+    /// The watch hook for the node layer; see [`Feed`].
+    pub fn feed(&self) -> Arc<Feed> {
+        self.feed.clone()
+    }
+
+    /// The catalog after the last applied entry.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.clone()
+    }
+
+    /// The reply to an entry that does not touch the catalog.
+    fn unchanged(&self) -> Applied {
+        Applied {
+            revision: self.catalog.revision,
+            changes: Vec::new(),
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries = entries.into_iter();
+        let mut replies = Vec::with_capacity(entries.size_hint().0);
+        let mut deltas = Vec::new();
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => Ok(self.unchanged()),
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Ok(self.unchanged())
+                }
+                EntryPayload::Normal(command) => {
+                    // Copy-on-write: the feed and snapshot builders keep the previous catalog.
+                    let reply = Arc::make_mut(&mut self.catalog).apply(&command);
+                    if let Ok(applied) = &reply
+                        && !applied.changes.is_empty()
+                    {
+                        deltas.push(Delta {
+                            revision: applied.revision,
+                            changes: applied.changes.as_slice().into(),
+                        });
+                    }
+                    reply
+                }
+            };
+            replies.push(reply);
+        }
+        if !deltas.is_empty() {
+            self.feed.publish(self.catalog.clone(), deltas);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            catalog: self.catalog.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let bytes = data.len();
+        let stored_meta = meta.clone();
+        let catalog = blocking(&self.db, move |db| {
+            let catalog = image::decode(&data)?;
+            write_snapshot(db, &stored_meta, &data, false)?;
+            Ok(catalog)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+
+        info!(
+            snapshot.id = %meta.snapshot_id,
+            last_log_id = ?meta.last_log_id,
+            revision = catalog.revision,
+            bytes,
+            "installed snapshot"
+        );
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.catalog = Arc::new(catalog);
+        self.feed.reset(self.catalog.clone());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let current = blocking(&self.db, read_snapshot)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(current.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let seq = SNAPSHOT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match self.last_applied {
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
+            None => format!("0-0-0-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let catalog = self.catalog.clone();
+        let stored_meta = meta.clone();
+        let (data, stored) = blocking(&self.db, move |db| {
+            let data = image::encode(&catalog)?;
+            let stored = write_snapshot(db, &stored_meta, &data, true)?;
+            Ok((data, stored))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+
+        info!(
+            snapshot.id = %meta.snapshot_id,
+            last_log_id = ?meta.last_log_id,
+            revision = self.catalog.revision,
+            bytes = data.len(),
+            stored,
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+fn read_snapshot(db: &Database) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SNAPSHOT)?;
+    let Some(meta) = table.get(KEY_SNAPSHOT_META)? else {
+        return Ok(None);
+    };
+    let meta: SnapshotMeta = decode("snapshot meta", meta.value())?;
+    let Some(data) = table.get(KEY_SNAPSHOT_DATA)? else {
+        return Err(StoreError::Missing {
+            what: "snapshot data",
+        });
+    };
+    Ok(Some((meta, data.value().to_vec())))
+}
+
+/// Replaces the current snapshot: meta and data in one durable transaction. With
+/// `only_if_newer`, a stored snapshot with a greater last log id (installed while this one
+/// was being built) is kept instead; returns whether `meta` was stored.
+fn write_snapshot(
+    db: &Database,
+    meta: &SnapshotMeta,
+    data: &[u8],
+    only_if_newer: bool,
+) -> Result<bool, StoreError> {
+    let meta_bytes = encode("snapshot meta", meta)?;
+    let txn = begin_write(db)?;
+    {
+        let mut table = txn.open_table(SNAPSHOT)?;
+        if only_if_newer && let Some(current) = table.get(KEY_SNAPSHOT_META)? {
+            let current: SnapshotMeta = decode("snapshot meta", current.value())?;
+            if current.last_log_id > meta.last_log_id {
+                return Ok(false);
+            }
+        }
+        table.insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())?;
+        table.insert(KEY_SNAPSHOT_DATA, data)?;
+    }
+    txn.commit()?;
+    Ok(true)
+}

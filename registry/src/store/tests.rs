@@ -1,0 +1,213 @@
+//! The store against openraft's storage conformance suite, and across restarts.
+
+use std::collections::BTreeSet;
+
+use meshbridge_core::model::{Command, Locality, SiteKind, SiteSpec};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, RaftLogReader, RaftSnapshotBuilder};
+use tempfile::TempDir;
+
+use super::*;
+use crate::types::{Entry, EntryPayload, LogId, Membership, StorageError, TypeConfig, Vote};
+
+struct TempStore;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for TempStore {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (log, sm) = open(dir.path()).expect("open store");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn passes_openraft_storage_suite() -> anyhow::Result<()> {
+    Suite::test_all(TempStore)?;
+    Ok(())
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn register(name: &str, at_ms: u64) -> Command {
+    Command::RegisterSite {
+        spec: SiteSpec {
+            name: name.into(),
+            kind: SiteKind::Cluster,
+            locality: Locality {
+                region: "eu".into(),
+                zone: "eu-1a".into(),
+            },
+            gateways: vec!["10.0.0.1:15443".into()],
+            lease_ttl_ms: 30_000,
+            grace_ms: 600_000,
+        },
+        at_ms,
+    }
+}
+
+/// Index 1 blank, 2 membership {1}, 3..=5 site registrations.
+fn entries() -> Vec<Entry> {
+    let membership = Membership::new(vec![BTreeSet::from([1])], None);
+    let mut entries = vec![
+        Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Blank,
+        },
+        Entry {
+            log_id: log_id(1, 2),
+            payload: EntryPayload::Membership(membership),
+        },
+    ];
+    for (i, site) in ["east", "west", "north"].into_iter().enumerate() {
+        let index = 3 + i as u64;
+        let payload = EntryPayload::Normal(register(site, 1_000 * index));
+        entries.push(Entry {
+            log_id: log_id(1, index),
+            payload,
+        });
+    }
+    entries
+}
+
+#[tokio::test]
+async fn log_vote_and_state_machine_survive_reopen() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vote = Vote::new_committed(1, 1);
+    let (catalog_at_snapshot, catalog_at_end, snapshot_id) = {
+        let (mut log, mut sm) = open(dir.path())?;
+        log.blocking_append(entries()).await?;
+        log.save_vote(&vote).await?;
+        log.save_committed(Some(log_id(1, 5))).await?;
+
+        let replies = sm.apply(entries()[..4].to_vec()).await?;
+        assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 4)));
+        let at_snapshot = sm.catalog();
+        sm.apply(entries()[4..].to_vec()).await?;
+        (at_snapshot, sm.catalog(), snapshot.meta.snapshot_id)
+    };
+    assert_eq!(catalog_at_end.sites.len(), 3);
+
+    let (mut log, mut sm) = open(dir.path())?;
+    assert_eq!(log.read_vote().await?, Some(vote));
+    assert_eq!(log.read_committed().await?, Some(log_id(1, 5)));
+    let state = log.get_log_state().await?;
+    assert_eq!(state.last_log_id, Some(log_id(1, 5)));
+    assert_eq!(state.last_purged_log_id, None);
+    assert_eq!(log.try_get_log_entries(1..=5).await?, entries());
+
+    // The state machine restarts from the snapshot and reports exactly that as applied.
+    let (applied, membership) = sm.applied_state().await?;
+    assert_eq!(applied, Some(log_id(1, 4)));
+    assert_eq!(membership.log_id(), &Some(log_id(1, 2)));
+    assert_eq!(sm.catalog(), catalog_at_snapshot);
+    let current = sm.get_current_snapshot().await?.expect("snapshot");
+    assert_eq!(current.meta.snapshot_id, snapshot_id);
+
+    // Re-applying the log after the snapshot (as openraft does) gets back to where it was.
+    let after = log.try_get_log_entries(5..).await?;
+    sm.apply(after).await?;
+    assert_eq!(sm.catalog(), catalog_at_end);
+    Ok(())
+}
+
+#[tokio::test]
+async fn apply_publishes_catalog_and_resumable_deltas() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_log, mut sm) = open(dir.path())?;
+    let feed = sm.feed();
+    let mut rx = feed.subscribe();
+
+    sm.apply(entries()).await?;
+    assert!(rx.has_changed()?);
+    let latest = rx.borrow_and_update().clone();
+    assert_eq!(latest, sm.catalog());
+    assert_eq!(latest.sites.len(), 3);
+
+    let deltas = feed.deltas_since(0)?;
+    let revisions: Vec<u64> = deltas.iter().map(|d| d.revision).collect();
+    assert_eq!(revisions.len(), 3, "{deltas:?}");
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    assert_eq!(revisions.last(), Some(&latest.revision));
+    assert_eq!(feed.deltas_since(revisions[1])?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_log, mut sm) = open(dir.path())?;
+    let heartbeat = Command::Heartbeat {
+        site: "nowhere".into(),
+        at_ms: 1,
+    };
+    let entry = Entry {
+        log_id: log_id(1, 1),
+        payload: EntryPayload::Normal(heartbeat),
+    };
+    let replies = sm.apply([entry]).await?;
+    assert!(matches!(replies.as_slice(), [Err(_)]), "{replies:?}");
+    assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 1)));
+    assert_eq!(sm.feed().deltas_since(0)?, vec![]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn installed_snapshot_replaces_catalog_and_survives_reopen() -> anyhow::Result<()> {
+    let (leader_dir, follower_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (_leader_log, mut leader) = open(leader_dir.path())?;
+    leader.apply(entries()).await?;
+    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await?;
+
+    {
+        let (_log, mut follower) = open(follower_dir.path())?;
+        let feed = follower.feed();
+        let mut target = follower.begin_receiving_snapshot().await?;
+        *target = *snapshot.snapshot;
+        follower.install_snapshot(&snapshot.meta, target).await?;
+        assert_eq!(follower.catalog(), leader.catalog());
+        assert_eq!(feed.latest(), leader.catalog());
+        assert!(
+            feed.deltas_since(0).is_err(),
+            "watchers before the snapshot must reset"
+        );
+    }
+
+    let (_log, mut follower) = open(follower_dir.path())?;
+    assert_eq!(follower.catalog(), leader.catalog());
+    assert_eq!(follower.applied_state().await?.0, Some(log_id(1, 5)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn truncate_and_purge_leave_no_holes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut log, _sm) = open(dir.path())?;
+    log.blocking_append(entries()).await?;
+    log.truncate(log_id(1, 4)).await?;
+    log.purge(log_id(1, 2)).await?;
+    drop(log);
+    drop(_sm);
+
+    let (mut log, _sm) = open(dir.path())?;
+    let state = log.get_log_state().await?;
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 3)));
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..100)
+        .await?
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(indexes, [3]);
+    assert_eq!(
+        log.try_get_log_entries(std::ops::Range { start: 5, end: 3 })
+            .await?,
+        vec![]
+    );
+    Ok(())
+}
