@@ -1,5 +1,7 @@
 //! The state machine: commands in, changes out. Deterministic; no clocks.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::types::*;
@@ -10,21 +12,46 @@ use super::types::*;
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Command {
     /// Register (or re-register) a site; also renews its lease.
-    RegisterSite { spec: SiteSpec, at_ms: u64 },
+    RegisterSite {
+        spec: SiteSpec,
+        at_ms: u64,
+    },
     /// Renew a site's lease. A stale site becomes fresh again; a withdrawn one must re-register.
-    Heartbeat { site: String, at_ms: u64 },
+    Heartbeat {
+        site: String,
+        at_ms: u64,
+    },
     /// Remove a site and all its exports.
-    RemoveSite { site: String },
+    RemoveSite {
+        site: String,
+    },
     /// Replace a site's export of a service whole (generation fencing applies).
-    PutExport { export: Export },
+    PutExport {
+        export: Export,
+    },
     /// Delete a site's export. `generation` must be >= the stored one.
-    DeleteExport { site: String, service: ServiceKey, generation: u64 },
-    PutPolicy { policy: Policy },
-    DeletePolicy { name: String },
+    DeleteExport {
+        site: String,
+        service: ServiceKey,
+        generation: u64,
+    },
+    PutPolicy {
+        policy: Policy,
+    },
+    DeletePolicy {
+        name: String,
+    },
     /// Mark a join token used (rejected if already used or expired at `at_ms`).
-    UseToken { id: String, site: String, expires_ms: u64, at_ms: u64 },
+    UseToken {
+        id: String,
+        site: String,
+        expires_ms: u64,
+        at_ms: u64,
+    },
     /// Leader clock tick: lapse leases, withdraw sites past their grace, forget expired tokens.
-    Tick { at_ms: u64 },
+    Tick {
+        at_ms: u64,
+    },
 }
 
 /// One visible change, as carried by watch deltas.
@@ -62,8 +89,299 @@ pub enum Rejection {
     NotFound { what: String, name: String },
     /// Fencing: an older generation than the stored one.
     #[error("stale generation {got} for {service} from site {site}: stored generation is {stored}")]
-    StaleGeneration { site: String, service: String, got: u64, stored: u64 },
+    StaleGeneration {
+        site: String,
+        service: String,
+        got: u64,
+        stored: u64,
+    },
     /// A join token that was used already or has expired.
     #[error("join token {id} refused: {reason}")]
     Token { id: String, reason: String },
+    /// The site's lease ran out and it was withdrawn at `since_ms`: it must register again
+    /// (a heartbeat or an export is not enough).
+    #[error("site {site} was withdrawn at {since_ms} ms: register it again")]
+    Withdrawn { site: String, since_ms: u64 },
+}
+
+impl Catalog {
+    /// Apply one command: the deterministic Raft state machine.
+    ///
+    /// Validation and every check run before anything is written, so a rejected command
+    /// leaves the catalog exactly as it was. The revision moves by one when the command
+    /// produced at least one change; `Applied::revision` is the revision after the command.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Applied, Rejection> {
+        cmd.validate()?;
+        let next = self.revision.saturating_add(1);
+        let changes = match cmd {
+            Command::RegisterSite { spec, at_ms } => Ok(self.register_site(spec, *at_ms, next)),
+            Command::Heartbeat { site, at_ms } => self.heartbeat(site, *at_ms),
+            Command::RemoveSite { site } => self.remove_site(site),
+            Command::PutExport { export } => self.put_export(export, next),
+            Command::DeleteExport {
+                site,
+                service,
+                generation,
+            } => self.delete_export(site, service, *generation),
+            Command::PutPolicy { policy } => Ok(self.put_policy(policy)),
+            Command::DeletePolicy { name } => self.delete_policy(name),
+            Command::UseToken {
+                id,
+                site,
+                expires_ms,
+                at_ms,
+            } => self.use_token(id, site, *expires_ms, *at_ms),
+            Command::Tick { at_ms } => Ok(self.tick(*at_ms)),
+        }?;
+        if !changes.is_empty() {
+            self.revision = next;
+        }
+        Ok(Applied {
+            revision: self.revision,
+            changes,
+        })
+    }
+
+    /// Store `site` unless it is already stored as is.
+    fn upsert_site(&mut self, site: Site) -> Vec<Change> {
+        if self.sites.get(&site.name).is_some_and(|s| **s == site) {
+            return Vec::new();
+        }
+        self.sites.insert(site.name.clone(), Arc::new(site.clone()));
+        vec![Change::SiteUpserted { site }]
+    }
+
+    /// A lease never moves backwards, even if a new leader's clock is behind.
+    fn renewed(old: Option<&Site>, at_ms: u64) -> u64 {
+        old.map_or(at_ms, |s| s.last_heartbeat_ms.max(at_ms))
+    }
+
+    fn register_site(&mut self, spec: &SiteSpec, at_ms: u64, next: u64) -> Vec<Change> {
+        let old = self.sites.get(&spec.name).map(|s| &**s);
+        let site = Site {
+            name: spec.name.clone(),
+            kind: spec.kind,
+            locality: spec.locality.clone(),
+            gateways: spec.gateways.clone(),
+            lease_ttl_ms: spec.lease_ttl_ms,
+            grace_ms: spec.grace_ms,
+            last_heartbeat_ms: Self::renewed(old, at_ms),
+            state: SiteState::Fresh,
+            created_revision: old.map_or(next, |s| s.created_revision),
+        };
+        self.upsert_site(site)
+    }
+
+    fn heartbeat(&mut self, name: &str, at_ms: u64) -> Result<Vec<Change>, Rejection> {
+        let old = self
+            .sites
+            .get(name)
+            .ok_or_else(|| not_found("site", name))?;
+        if let SiteState::Withdrawn { since_ms } = old.state {
+            return Err(Rejection::Withdrawn {
+                site: name.to_owned(),
+                since_ms,
+            });
+        }
+        let mut site = (**old).clone();
+        site.last_heartbeat_ms = Self::renewed(Some(old), at_ms);
+        site.state = SiteState::Fresh;
+        Ok(self.upsert_site(site))
+    }
+
+    /// Remove every export of `site`, in key order.
+    fn remove_exports_of(&mut self, site: &str) -> Vec<Change> {
+        let keys: Vec<(ServiceKey, String)> = self
+            .exports
+            .keys()
+            .filter(|(_, s)| s == site)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .map(|key| {
+                self.exports.remove(&key);
+                let (service, site) = key;
+                Change::ExportRemoved { service, site }
+            })
+            .collect()
+    }
+
+    fn remove_site(&mut self, name: &str) -> Result<Vec<Change>, Rejection> {
+        if !self.sites.contains_key(name) {
+            return Err(not_found("site", name));
+        }
+        let mut changes = self.remove_exports_of(name);
+        self.sites.remove(name);
+        changes.push(Change::SiteRemoved {
+            name: name.to_owned(),
+        });
+        Ok(changes)
+    }
+
+    fn put_export(&mut self, export: &Export, next: u64) -> Result<Vec<Change>, Rejection> {
+        let site = self
+            .sites
+            .get(&export.site)
+            .ok_or_else(|| not_found("site", &export.site))?;
+        if let SiteState::Withdrawn { since_ms } = site.state {
+            return Err(Rejection::Withdrawn {
+                site: export.site.clone(),
+                since_ms,
+            });
+        }
+        let key = export.key();
+        let old = self.exports.get(&key);
+        if let Some(old) = old {
+            let stale = export.generation < old.generation
+                || (export.generation == old.generation && !export.same_content(old));
+            if stale {
+                return Err(Rejection::StaleGeneration {
+                    site: export.site.clone(),
+                    service: export.service.to_string(),
+                    got: export.generation,
+                    stored: old.generation,
+                });
+            }
+            if export.generation == old.generation {
+                return Ok(Vec::new());
+            }
+        }
+        let mut stored = export.clone();
+        stored.created_revision = old.map_or(next, |o| o.created_revision);
+        stored.updated_revision = next;
+        self.exports.insert(key, Arc::new(stored.clone()));
+        Ok(vec![Change::ExportUpserted { export: stored }])
+    }
+
+    fn delete_export(
+        &mut self,
+        site: &str,
+        service: &ServiceKey,
+        generation: u64,
+    ) -> Result<Vec<Change>, Rejection> {
+        let key = (service.clone(), site.to_owned());
+        let old = self
+            .exports
+            .get(&key)
+            .ok_or_else(|| not_found("export", &format!("{service} from site {site}")))?;
+        if generation < old.generation {
+            return Err(Rejection::StaleGeneration {
+                site: site.to_owned(),
+                service: service.to_string(),
+                got: generation,
+                stored: old.generation,
+            });
+        }
+        self.exports.remove(&key);
+        Ok(vec![Change::ExportRemoved {
+            service: service.clone(),
+            site: site.to_owned(),
+        }])
+    }
+
+    fn put_policy(&mut self, policy: &Policy) -> Vec<Change> {
+        if self
+            .policies
+            .get(&policy.name)
+            .is_some_and(|p| **p == *policy)
+        {
+            return Vec::new();
+        }
+        self.policies
+            .insert(policy.name.clone(), Arc::new(policy.clone()));
+        vec![Change::PolicyUpserted {
+            policy: policy.clone(),
+        }]
+    }
+
+    fn delete_policy(&mut self, name: &str) -> Result<Vec<Change>, Rejection> {
+        if self.policies.remove(name).is_none() {
+            return Err(not_found("policy", name));
+        }
+        Ok(vec![Change::PolicyRemoved {
+            name: name.to_owned(),
+        }])
+    }
+
+    fn use_token(
+        &mut self,
+        id: &str,
+        site: &str,
+        expires_ms: u64,
+        at_ms: u64,
+    ) -> Result<Vec<Change>, Rejection> {
+        if let Some(used) = self.tokens.get(id) {
+            return Err(Rejection::Token {
+                id: id.to_owned(),
+                reason: format!(
+                    "already used by site {} at {} ms",
+                    used.site, used.used_at_ms
+                ),
+            });
+        }
+        if expires_ms <= at_ms {
+            return Err(Rejection::Token {
+                id: id.to_owned(),
+                reason: format!("expired at {expires_ms} ms (now {at_ms} ms)"),
+            });
+        }
+        let token = TokenUse {
+            id: id.to_owned(),
+            site: site.to_owned(),
+            used_at_ms: at_ms,
+            expires_ms,
+        };
+        self.tokens.insert(id.to_owned(), token.clone());
+        Ok(vec![Change::TokenUsed { token }])
+    }
+
+    /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),
+    /// forget tokens that expired before `at_ms` (they can no longer be used anyway).
+    fn tick(&mut self, at_ms: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut updated: Vec<Site> = Vec::new();
+        for site in self.sites.values() {
+            let mut state = site.state;
+            if state == SiteState::Fresh && site.lease_expires_ms() <= at_ms {
+                state = SiteState::Stale {
+                    since_ms: site.lease_expires_ms(),
+                };
+            }
+            if let SiteState::Stale { since_ms } = state
+                && since_ms.saturating_add(site.grace_ms) <= at_ms
+            {
+                state = SiteState::Withdrawn { since_ms: at_ms };
+            }
+            if state != site.state {
+                updated.push(Site {
+                    state,
+                    ..(**site).clone()
+                });
+            }
+        }
+        for site in updated {
+            if matches!(site.state, SiteState::Withdrawn { .. }) {
+                changes.extend(self.remove_exports_of(&site.name));
+            }
+            changes.extend(self.upsert_site(site));
+        }
+        let expired: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| t.expires_ms < at_ms)
+            .map(|t| t.id.clone())
+            .collect();
+        for id in expired {
+            self.tokens.remove(&id);
+            changes.push(Change::TokenForgotten { id });
+        }
+        changes
+    }
+}
+
+fn not_found(what: &str, name: &str) -> Rejection {
+    Rejection::NotFound {
+        what: what.to_owned(),
+        name: name.to_owned(),
+    }
 }

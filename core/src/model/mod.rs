@@ -8,7 +8,17 @@
 mod apply;
 mod merge;
 mod types;
+mod validate;
+
+#[cfg(test)]
+mod tests;
 
 pub use apply::{Applied, Change, Command, Rejection};
-pub use merge::{EndpointGroup, MergedService, PortConflict, SiteRank, rank_sites};
+pub use merge::{
+    EndpointGroup, MergedService, PortConflict, SiteRank, merge_exports, rank_of, rank_sites,
+};
 pub use types::*;
+pub use validate::{
+    MAX_ENDPOINTS, MAX_GATEWAYS, MAX_LABEL_LEN, MAX_LOCALITY_LEN, MAX_PORTS, MAX_PRINCIPALS,
+    MAX_SPIFFE_ID_LEN, MAX_SUBDOMAIN_LEN, MAX_TOKEN_ID_LEN, is_dns_label,
+};

@@ -16,7 +16,10 @@ pub struct ServiceKey {
 
 impl ServiceKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -107,7 +110,9 @@ pub struct SiteSpec {
     pub grace_ms: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     #[default]
@@ -164,6 +169,23 @@ pub struct Export {
     pub updated_revision: u64,
 }
 
+impl Export {
+    /// The `(service, site)` key of this export in [`Catalog::exports`].
+    pub fn key(&self) -> (ServiceKey, String) {
+        (self.service.clone(), self.site.clone())
+    }
+
+    /// Same statement, ignoring the revisions the catalog stamps on it.
+    pub fn same_content(&self, other: &Export) -> bool {
+        self.site == other.site
+            && self.service == other.service
+            && self.generation == other.generation
+            && self.ports == other.ports
+            && self.endpoints == other.endpoints
+            && self.headless == other.headless
+    }
+}
+
 /// A principal allowed by a policy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "value")]
@@ -196,12 +218,76 @@ pub struct TokenUse {
 }
 
 /// The replicated catalog at a revision. Cloning is cheap-ish: values are behind `Arc`.
+///
+/// In JSON, `exports` is a list of exports (JSON object keys must be strings); the map key
+/// is rebuilt from each export's `service` and `site`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
     pub revision: u64,
     pub sites: BTreeMap<String, Arc<Site>>,
     /// Keyed by (service, site).
+    #[serde(with = "exports_as_list")]
     pub exports: BTreeMap<(ServiceKey, String), Arc<Export>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub tokens: BTreeMap<String, TokenUse>,
+}
+
+impl Catalog {
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.get(name).map(|s| &**s)
+    }
+
+    /// The export of `service` by `site`.
+    pub fn export(&self, service: &ServiceKey, site: &str) -> Option<&Export> {
+        self.exports
+            .get(&(service.clone(), site.to_owned()))
+            .map(|e| &**e)
+    }
+
+    /// Every site's export of `service`, ordered by site name.
+    pub fn exports_of<'a>(&'a self, service: &'a ServiceKey) -> impl Iterator<Item = &'a Export> {
+        self.exports
+            .range((service.clone(), String::new())..)
+            .take_while(move |((key, _), _)| key == service)
+            .map(|(_, e)| &**e)
+    }
+
+    /// Every export of `site`, ordered by service key.
+    pub fn exports_of_site<'a>(&'a self, site: &'a str) -> impl Iterator<Item = &'a Export> {
+        self.exports
+            .iter()
+            .filter(move |((_, s), _)| s == site)
+            .map(|(_, e)| &**e)
+    }
+}
+
+/// Serde for the exports map as a list (tuple keys cannot be JSON object keys).
+mod exports_as_list {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{Export, ServiceKey};
+
+    type Map = BTreeMap<(ServiceKey, String), Arc<Export>>;
+
+    pub fn serialize<S: Serializer>(map: &Map, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_seq(map.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Map, D::Error> {
+        let list = Vec::<Arc<Export>>::deserialize(de)?;
+        let mut map = Map::new();
+        for export in list {
+            if let Some(dup) = map.insert(export.key(), export) {
+                return Err(D::Error::custom(format!(
+                    "duplicate export of {} by site {}",
+                    dup.service, dup.site
+                )));
+            }
+        }
+        Ok(map)
+    }
 }

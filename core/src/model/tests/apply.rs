@@ -1,0 +1,281 @@
+//! The state machine: fencing, idempotence, revisions, sites, policies, tokens, atomicity.
+
+use super::*;
+
+#[test]
+fn revision_moves_by_one_per_command_with_changes() {
+    let mut c = Catalog::default();
+    let policy = Policy {
+        name: "p".into(),
+        service: key(),
+        allow: vec![],
+    };
+    let steps: Vec<(Command, u64, Vec<&str>)> = vec![
+        (
+            Command::RegisterSite {
+                spec: spec("a", "eu", "eu-1a"),
+                at_ms: 0,
+            },
+            1,
+            vec!["site+"],
+        ),
+        (
+            Command::RegisterSite {
+                spec: spec("a", "eu", "eu-1a"),
+                at_ms: 0,
+            },
+            1,
+            vec![],
+        ),
+        (
+            Command::PutExport {
+                export: export("a", 1, &["10.0.0.1"]),
+            },
+            2,
+            vec!["export+"],
+        ),
+        (
+            Command::PutExport {
+                export: export("a", 1, &["10.0.0.1"]),
+            },
+            2,
+            vec![],
+        ),
+        (
+            Command::PutExport {
+                export: export("a", 2, &["10.0.0.2"]),
+            },
+            3,
+            vec!["export+"],
+        ),
+        (
+            Command::Heartbeat {
+                site: "a".into(),
+                at_ms: 1_000,
+            },
+            4,
+            vec!["site+"],
+        ),
+        (
+            Command::Heartbeat {
+                site: "a".into(),
+                at_ms: 1_000,
+            },
+            4,
+            vec![],
+        ),
+        (Command::Tick { at_ms: 2_000 }, 4, vec![]),
+        (
+            Command::PutPolicy {
+                policy: policy.clone(),
+            },
+            5,
+            vec!["policy+"],
+        ),
+        (Command::PutPolicy { policy }, 5, vec![]),
+        (
+            Command::UseToken {
+                id: "t".into(),
+                site: "a".into(),
+                expires_ms: 9_000,
+                at_ms: 1_000,
+            },
+            6,
+            vec!["token+"],
+        ),
+        (
+            Command::DeleteExport {
+                site: "a".into(),
+                service: key(),
+                generation: 2,
+            },
+            7,
+            vec!["export-"],
+        ),
+        (
+            Command::DeletePolicy { name: "p".into() },
+            8,
+            vec!["policy-"],
+        ),
+        (Command::Tick { at_ms: 9_500 }, 9, vec!["token-"]),
+        (Command::RemoveSite { site: "a".into() }, 10, vec!["site-"]),
+    ];
+    for (i, (cmd, revision, changes)) in steps.into_iter().enumerate() {
+        let applied = c.apply(&cmd).unwrap();
+        assert_eq!(applied.revision, revision, "step {i}: {cmd:?}");
+        assert_eq!(c.revision, revision, "step {i}");
+        assert_eq!(kinds(&applied), changes, "step {i}: {cmd:?}");
+    }
+}
+
+#[test]
+fn put_export_generation_fencing() {
+    let stored = export("a", 5, &["10.0.0.1"]);
+    let other = export("a", 5, &["10.0.0.9"]);
+    // Ok(number of changes) or Err((got, stored)) of a StaleGeneration.
+    type Case = (&'static str, Export, Result<usize, (u64, u64)>);
+    let cases: Vec<Case> = vec![
+        (
+            "older generation",
+            export("a", 4, &["10.0.0.1"]),
+            Err((4, 5)),
+        ),
+        ("same generation, same content", stored.clone(), Ok(0)),
+        (
+            "same generation, same content, other revisions",
+            Export {
+                created_revision: 77,
+                ..stored.clone()
+            },
+            Ok(0),
+        ),
+        ("same generation, other content", other, Err((5, 5))),
+        ("newer generation", export("a", 6, &["10.0.0.9"]), Ok(1)),
+    ];
+    for (name, attempt, want) in cases {
+        let mut c = Catalog::default();
+        register(&mut c, "a", "eu", "eu-1a", 0);
+        put(&mut c, stored.clone()).unwrap();
+        let before = c.clone();
+        match (put(&mut c, attempt), want) {
+            (Ok(a), Ok(n)) => assert_eq!(a.changes.len(), n, "{name}"),
+            (
+                Err(Rejection::StaleGeneration {
+                    got,
+                    stored,
+                    site,
+                    service,
+                }),
+                Err((g, s)),
+            ) => {
+                assert_eq!((got, stored), (g, s), "{name}");
+                assert_eq!(
+                    (site.as_str(), service.as_str()),
+                    ("a", "default/echo"),
+                    "{name}"
+                );
+                assert_eq!(c, before, "{name}: rejection changed the catalog");
+            }
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn export_is_replaced_whole_and_keeps_created_revision() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    put(&mut c, export("a", 1, &["10.0.0.1", "10.0.0.2"])).unwrap();
+    register(&mut c, "b", "eu", "eu-1a", 0);
+    let a = put(&mut c, export("a", 2, &["10.0.0.3"])).unwrap();
+    let e = c.export(&key(), "a").unwrap();
+    assert_eq!(e.endpoints, vec![ep("10.0.0.3")]);
+    assert_eq!((e.created_revision, e.updated_revision), (2, 4));
+    assert_eq!(
+        a.changes,
+        vec![Change::ExportUpserted { export: e.clone() }]
+    );
+    // Deleted then exported again: a new first export.
+    c.apply(&Command::DeleteExport {
+        site: "a".into(),
+        service: key(),
+        generation: 3,
+    })
+    .unwrap();
+    put(&mut c, export("a", 1, &["10.0.0.4"])).unwrap();
+    let e = c.export(&key(), "a").unwrap();
+    assert_eq!((e.created_revision, e.updated_revision), (6, 6));
+}
+
+#[test]
+fn put_export_needs_a_live_site() {
+    let mut c = Catalog::default();
+    assert_eq!(
+        put(&mut c, export("a", 1, &["10.0.0.1"])),
+        Err(Rejection::NotFound {
+            what: "site".into(),
+            name: "a".into()
+        })
+    );
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    tick(&mut c, TTL + GRACE);
+    assert_eq!(
+        put(&mut c, export("a", 1, &["10.0.0.1"])),
+        Err(Rejection::Withdrawn {
+            site: "a".into(),
+            since_ms: TTL + GRACE
+        })
+    );
+}
+
+#[test]
+fn delete_export_fencing() {
+    let cases: Vec<(&str, &str, u64, Option<Rejection>)> = vec![
+        (
+            "older",
+            "a",
+            2,
+            Some(Rejection::StaleGeneration {
+                site: "a".into(),
+                service: "default/echo".into(),
+                got: 2,
+                stored: 3,
+            }),
+        ),
+        ("same", "a", 3, None),
+        ("newer", "a", 9, None),
+        (
+            "missing",
+            "b",
+            3,
+            Some(Rejection::NotFound {
+                what: "export".into(),
+                name: "default/echo from site b".into(),
+            }),
+        ),
+    ];
+    for (name, site, generation, want) in cases {
+        let mut c = Catalog::default();
+        register(&mut c, "a", "eu", "eu-1a", 0);
+        register(&mut c, "b", "eu", "eu-1a", 0);
+        put(&mut c, export("a", 3, &["10.0.0.1"])).unwrap();
+        let cmd = Command::DeleteExport {
+            site: site.into(),
+            service: key(),
+            generation,
+        };
+        match (c.apply(&cmd), want) {
+            (Ok(a), None) => {
+                assert_eq!(
+                    a.changes,
+                    vec![Change::ExportRemoved {
+                        service: key(),
+                        site: site.into()
+                    }]
+                );
+                assert!(c.service(&key()).is_none(), "{name}");
+            }
+            (Err(got), Some(want)) => assert_eq!(got, want, "{name}"),
+            (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn policies_upsert_and_delete() {
+    let mut c = populated();
+    let mut p = (**c.policies.get("echo-from-eu").unwrap()).clone();
+    p.allow
+        .push(Principal::Id("spiffe://corp.example/ns/x/sa/y".into()));
+    let a = c.apply(&Command::PutPolicy { policy: p.clone() }).unwrap();
+    assert_eq!(
+        a.changes,
+        vec![Change::PolicyUpserted { policy: p.clone() }]
+    );
+    assert_eq!(*c.policies["echo-from-eu"], p);
+    c.apply(&Command::DeletePolicy {
+        name: p.name.clone(),
+    })
+    .unwrap();
+    assert!(c.policies.is_empty());
+}

@@ -1,0 +1,279 @@
+//! Sites, tokens, atomicity of rejections and the JSON snapshot form.
+
+use super::*;
+
+#[test]
+fn register_site_updates_and_heartbeat_rules() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 100);
+    let mut moved = spec("a", "us", "us-1a");
+    moved.gateways = vec!["10.9.9.9:443".into()];
+    c.apply(&Command::RegisterSite {
+        spec: moved,
+        at_ms: 200,
+    })
+    .unwrap();
+    let s = c.site("a").unwrap();
+    assert_eq!(
+        (
+            s.locality.region.as_str(),
+            s.created_revision,
+            s.last_heartbeat_ms
+        ),
+        ("us", 1, 200)
+    );
+    assert_eq!(s.gateways, vec!["10.9.9.9:443".to_string()]);
+
+    let hb = |site: &str, at_ms| Command::Heartbeat {
+        site: site.into(),
+        at_ms,
+    };
+    assert_eq!(
+        c.apply(&hb("zz", 300)),
+        Err(Rejection::NotFound {
+            what: "site".into(),
+            name: "zz".into()
+        })
+    );
+    let a = c.apply(&hb("a", 300)).unwrap();
+    assert_eq!(
+        a.changes,
+        vec![Change::SiteUpserted {
+            site: c.site("a").unwrap().clone()
+        }]
+    );
+    assert_eq!(c.site("a").unwrap().last_heartbeat_ms, 300);
+    // A new leader whose clock is behind does not shorten the lease.
+    c.apply(&hb("a", 250)).unwrap();
+    assert_eq!(c.site("a").unwrap().last_heartbeat_ms, 300);
+    tick(&mut c, 300 + TTL + GRACE);
+    let before = c.clone();
+    assert_eq!(
+        c.apply(&hb("a", 400_000)),
+        Err(Rejection::Withdrawn {
+            site: "a".into(),
+            since_ms: 300 + TTL + GRACE
+        })
+    );
+    assert_eq!(c, before);
+    // Registering again brings it back.
+    register(&mut c, "a", "eu", "eu-1a", 400_000);
+    assert_eq!(c.site("a").unwrap().state, SiteState::Fresh);
+    assert_eq!(c.site("a").unwrap().created_revision, 1);
+}
+
+#[test]
+fn remove_site_removes_its_exports() {
+    let mut c = populated();
+    let other = ServiceKey::new("default", "other");
+    put(
+        &mut c,
+        Export {
+            service: other.clone(),
+            ..export("a", 1, &["10.0.0.7"])
+        },
+    )
+    .unwrap();
+    let a = c.apply(&Command::RemoveSite { site: "a".into() }).unwrap();
+    assert_eq!(
+        a.changes,
+        vec![
+            Change::ExportRemoved {
+                service: key(),
+                site: "a".into()
+            },
+            Change::ExportRemoved {
+                service: other.clone(),
+                site: "a".into()
+            },
+            Change::SiteRemoved { name: "a".into() },
+        ]
+    );
+    assert!(c.site("a").is_none());
+    assert!(c.service(&other).is_none());
+    assert_eq!(c.service(&key()).unwrap().groups.len(), 1);
+    assert_eq!(
+        c.apply(&Command::RemoveSite { site: "a".into() }),
+        Err(Rejection::NotFound {
+            what: "site".into(),
+            name: "a".into()
+        })
+    );
+}
+
+#[test]
+fn tokens_are_single_use_and_expire() {
+    let use_at = |id: &str, expires_ms, at_ms| Command::UseToken {
+        id: id.into(),
+        site: "a".into(),
+        expires_ms,
+        at_ms,
+    };
+    let cases: Vec<(&str, Command, bool)> = vec![
+        ("fresh token", use_at("new", 10_000, 5_000), true),
+        ("already used", use_at("t1", 60_000, 1_000), false),
+        ("expires now", use_at("new", 5_000, 5_000), false),
+        ("expired", use_at("new", 4_000, 5_000), false),
+    ];
+    for (name, cmd, ok) in cases {
+        let mut c = populated();
+        let before = c.clone();
+        match c.apply(&cmd) {
+            Ok(a) => {
+                assert!(ok, "{name}: accepted");
+                assert_eq!(kinds(&a), vec!["token+"], "{name}");
+                let again = c.apply(&cmd);
+                assert!(
+                    matches!(&again, Err(Rejection::Token { reason, .. }) if reason.contains("already used")),
+                    "{name}: {again:?}"
+                );
+            }
+            Err(Rejection::Token { .. }) => {
+                assert!(!ok, "{name}: refused");
+                assert_eq!(c, before, "{name}");
+            }
+            Err(other) => panic!("{name}: {other:?}"),
+        }
+    }
+    // Forgotten only once expired strictly before the tick.
+    let mut c = populated();
+    assert!(
+        tick(&mut c, 50_000)
+            .changes
+            .iter()
+            .all(|ch| !matches!(ch, Change::TokenForgotten { .. }))
+    );
+    assert!(c.tokens.contains_key("t1"));
+    let a = tick(&mut c, 50_001);
+    assert!(
+        a.changes
+            .contains(&Change::TokenForgotten { id: "t1".into() })
+    );
+    assert!(c.tokens.is_empty());
+    // Once forgotten it cannot be replayed: it has expired.
+    assert!(matches!(
+        c.apply(&use_at("t1", 50_000, 50_001)),
+        Err(Rejection::Token { .. })
+    ));
+}
+
+#[test]
+fn rejections_leave_the_catalog_unchanged() {
+    let mut withdrawn = export("b", 9, &["10.1.0.9"]);
+    withdrawn.site = "a".into();
+    let cases: Vec<(&str, Command)> = vec![
+        (
+            "invalid",
+            Command::PutExport {
+                export: Export {
+                    site: "A".into(),
+                    ..export("a", 9, &[])
+                },
+            },
+        ),
+        (
+            "stale generation",
+            Command::PutExport {
+                export: export("a", 0, &["10.0.0.1"]),
+            },
+        ),
+        (
+            "same generation other content",
+            Command::PutExport {
+                export: export("a", 1, &["10.0.0.9"]),
+            },
+        ),
+        (
+            "unknown site",
+            Command::PutExport {
+                export: export("zz", 1, &["10.0.0.1"]),
+            },
+        ),
+        (
+            "delete stale",
+            Command::DeleteExport {
+                site: "a".into(),
+                service: key(),
+                generation: 0,
+            },
+        ),
+        (
+            "delete missing",
+            Command::DeleteExport {
+                site: "a".into(),
+                service: ServiceKey::new("x", "y"),
+                generation: 1,
+            },
+        ),
+        (
+            "heartbeat unknown",
+            Command::Heartbeat {
+                site: "zz".into(),
+                at_ms: 5,
+            },
+        ),
+        ("remove unknown", Command::RemoveSite { site: "zz".into() }),
+        (
+            "delete policy unknown",
+            Command::DeletePolicy { name: "zz".into() },
+        ),
+        (
+            "token reuse",
+            Command::UseToken {
+                id: "t1".into(),
+                site: "b".into(),
+                expires_ms: 90_000,
+                at_ms: 5,
+            },
+        ),
+        (
+            "token expired",
+            Command::UseToken {
+                id: "t2".into(),
+                site: "b".into(),
+                expires_ms: 5,
+                at_ms: 5,
+            },
+        ),
+    ];
+    for (name, cmd) in cases {
+        let mut c = populated();
+        let before = c.clone();
+        let bytes = serde_json::to_vec(&c).unwrap();
+        assert!(c.apply(&cmd).is_err(), "{name}: accepted");
+        assert_eq!(c, before, "{name}");
+        assert_eq!(serde_json::to_vec(&c).unwrap(), bytes, "{name}");
+    }
+}
+
+#[test]
+fn serde_json_round_trips() {
+    let mut c = populated();
+    tick(&mut c, TTL); // one site stale, to cover the tagged state
+    let json = serde_json::to_string(&c).unwrap();
+    let back: Catalog = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(serde_json::to_string(&back).unwrap(), json);
+    // The exports map is a list in JSON; a duplicate is refused.
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let exports = v["exports"].as_array_mut().unwrap();
+    assert_eq!(exports.len(), 2);
+    exports.push(exports[0].clone());
+    assert!(serde_json::from_value::<Catalog>(v).is_err());
+    // Log entries and their results round-trip too.
+    let cmd = Command::PutExport {
+        export: export("a", 2, &["10.0.0.1"]),
+    };
+    let back: Command = serde_json::from_str(&serde_json::to_string(&cmd).unwrap()).unwrap();
+    assert_eq!(back, cmd);
+    let r: Result<Applied, Rejection> = c.apply(&cmd);
+    let back: Result<Applied, Rejection> =
+        serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back, r);
+    let rej = Rejection::Withdrawn {
+        site: "a".into(),
+        since_ms: 1,
+    };
+    let back: Rejection = serde_json::from_str(&serde_json::to_string(&rej).unwrap()).unwrap();
+    assert_eq!(back, rej);
+}
