@@ -10,10 +10,19 @@ use clap::{Parser, Subcommand};
 use meshbridge_core::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "meshbridge", version, about = "Multi-cluster federation and hybrid mesh bridge")]
+#[command(
+    name = "meshbridge",
+    version,
+    about = "Multi-cluster federation and hybrid mesh bridge"
+)]
 struct Cli {
     /// Log format: plain or json.
-    #[arg(long, global = true, default_value = "plain", env = "MESHBRIDGE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "plain",
+        env = "MESHBRIDGE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,

@@ -57,7 +57,12 @@ enum Cmd {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.cmd {
-        Cmd::Init { trust_domain, out, ttl, force } => {
+        Cmd::Init {
+            trust_domain,
+            out,
+            ttl,
+            force,
+        } => {
             if out.join(meshbridge_core::pki::CA_KEY).exists() && !force {
                 bail!(
                     "{} already holds a CA key; refusing to overwrite it (use --force)",
@@ -66,11 +71,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             let ca = Ca::generate(&trust_domain, ttl)?;
             ca.write_to(&out)?;
-            println!("CA for trust domain {trust_domain} written to {}", out.display());
-            println!("  {}/ca.pem (certificate, share it as the trust bundle)", out.display());
+            println!(
+                "CA for trust domain {trust_domain} written to {}",
+                out.display()
+            );
+            println!(
+                "  {}/ca.pem (certificate, share it as the trust bundle)",
+                out.display()
+            );
             println!("  {}/ca.key (private key, mode 0600)", out.display());
         }
-        Cmd::Issue { id, ca, out, ttl, dns } => {
+        Cmd::Issue {
+            id,
+            ca,
+            out,
+            ttl,
+            dns,
+        } => {
             let id = SpiffeId::parse(&id).context("--id")?;
             let ca = Ca::load(&ca)?;
             let svid = ca.issue(&id, ttl, &dns)?;
@@ -88,7 +105,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .iter()
                 .enumerate()
                 .map(|(i, der)| {
-                    cert_info(der).map_err(|e| anyhow::anyhow!("{}: certificate #{}: {e}", file.display(), i + 1))
+                    cert_info(der).map_err(|e| {
+                        anyhow::anyhow!("{}: certificate #{}: {e}", file.display(), i + 1)
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             match output.as_str() {
@@ -108,7 +127,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
                 "table" => {
                     for (i, c) in infos.iter().enumerate() {
-                        println!("certificate #{}{}", i + 1, if c.is_ca { " (CA)" } else { "" });
+                        println!(
+                            "certificate #{}{}",
+                            i + 1,
+                            if c.is_ca { " (CA)" } else { "" }
+                        );
                         println!("  spiffe id   {}", c.spiffe_ids.join(", "));
                         if !c.dns_names.is_empty() {
                             println!("  dns names   {}", c.dns_names.join(", "));

@@ -1,5 +1,7 @@
 //! Mutual TLS between real sockets on loopback, with SVIDs from the development PKI.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

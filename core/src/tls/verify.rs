@@ -124,21 +124,20 @@ pub fn rejection(err: &(dyn std::error::Error + 'static)) -> Option<PeerRejected
     while let Some(e) = cur {
         if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
             e.downcast_ref::<rustls::Error>()
+            && let Some(p) = other.0.downcast_ref::<PeerRejected>()
         {
-            if let Some(p) = other.0.downcast_ref::<PeerRejected>() {
-                return Some(p.clone());
-            }
+            return Some(p.clone());
         }
         if let Some(p) = e.downcast_ref::<PeerRejected>() {
             return Some(p.clone());
         }
         // io::Error hides its inner error from `source()`; look inside it explicitly.
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(p) = rejection(inner) {
-                    return Some(p);
-                }
-            }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && let Some(p) = rejection(inner)
+        {
+            return Some(p);
         }
         cur = e.source();
     }
