@@ -211,6 +211,7 @@ impl Catalog {
             return Err(not_found("site", name));
         }
         let mut changes = self.remove_exports_of(name);
+        self.export_tombstones.retain(|(_, site), _| site != name);
         self.sites.remove(name);
         changes.push(Change::SiteRemoved {
             name: name.to_owned(),
@@ -231,6 +232,17 @@ impl Catalog {
         }
         let key = export.key();
         let old = self.exports.get(&key);
+        if old.is_none()
+            && let Some(&deleted_at) = self.export_tombstones.get(&key)
+            && export.generation <= deleted_at
+        {
+            return Err(Rejection::StaleGeneration {
+                site: export.site.clone(),
+                service: export.service.to_string(),
+                got: export.generation,
+                stored: deleted_at,
+            });
+        }
         if let Some(old) = old {
             let stale = export.generation < old.generation
                 || (export.generation == old.generation && !export.same_content(old));
@@ -272,7 +284,9 @@ impl Catalog {
                 stored: old.generation,
             });
         }
+        let deleted_at = generation.max(old.generation);
         self.exports.remove(&key);
+        self.export_tombstones.insert(key, deleted_at);
         Ok(vec![Change::ExportRemoved {
             service: service.clone(),
             site: site.to_owned(),
@@ -362,6 +376,8 @@ impl Catalog {
         for site in updated {
             if matches!(site.state, SiteState::Withdrawn { .. }) {
                 changes.extend(self.remove_exports_of(&site.name));
+                // The site starts afresh when it registers again.
+                self.export_tombstones.retain(|(_, s), _| *s != site.name);
             }
             changes.extend(self.upsert_site(site));
         }

@@ -230,6 +230,12 @@ pub struct Catalog {
     pub exports: BTreeMap<(ServiceKey, String), Arc<Export>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub tokens: BTreeMap<String, TokenUse>,
+    /// Generation at which each (service, site) export was deleted: a later put must carry a
+    /// higher generation, so a restarted exporter cannot resurrect deleted endpoints.
+    /// Cleared when the site is removed or withdrawn. Registry-side fencing state: watch
+    /// deltas do not carry it.
+    #[serde(default, with = "tombstones_as_list")]
+    pub export_tombstones: BTreeMap<(ServiceKey, String), u64>,
 }
 
 impl Catalog {
@@ -289,5 +295,25 @@ mod exports_as_list {
             }
         }
         Ok(map)
+    }
+}
+
+/// Serde for the tombstone map as a list of `[service, site, generation]`.
+mod tombstones_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::ServiceKey;
+
+    type Map = BTreeMap<(ServiceKey, String), u64>;
+
+    pub fn serialize<S: Serializer>(map: &Map, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_seq(map.iter().map(|((k, s), g)| (k, s, g)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Map, D::Error> {
+        let list = Vec::<(ServiceKey, String, u64)>::deserialize(de)?;
+        Ok(list.into_iter().map(|(k, s, g)| ((k, s), g)).collect())
     }
 }

@@ -24,6 +24,7 @@ struct ImageRef<'a> {
     exports: Pairs<'a, (ServiceKey, String), Arc<Export>>,
     policies: Pairs<'a, String, Arc<Policy>>,
     tokens: Pairs<'a, String, TokenUse>,
+    export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
 }
 
 struct Pairs<'a, K, V>(&'a BTreeMap<K, V>);
@@ -46,6 +47,8 @@ struct Image {
     exports: Vec<((ServiceKey, String), Arc<Export>)>,
     policies: Vec<(String, Arc<Policy>)>,
     tokens: Vec<(String, TokenUse)>,
+    #[serde(default)]
+    export_tombstones: Vec<((ServiceKey, String), u64)>,
 }
 
 /// Serializes the catalog for a snapshot.
@@ -56,6 +59,7 @@ pub(super) fn encode(catalog: &Catalog) -> Result<Vec<u8>, StoreError> {
         exports,
         policies,
         tokens,
+        export_tombstones,
     } = catalog;
     let image = ImageRef {
         format: FORMAT,
@@ -64,6 +68,7 @@ pub(super) fn encode(catalog: &Catalog) -> Result<Vec<u8>, StoreError> {
         exports: Pairs(exports),
         policies: Pairs(policies),
         tokens: Pairs(tokens),
+        export_tombstones: Pairs(export_tombstones),
     };
     super::encode("catalog image", &image)
 }
@@ -84,6 +89,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Catalog, StoreError> {
         exports,
         policies,
         tokens,
+        export_tombstones,
     } = super::decode("catalog image", bytes)?;
     Ok(Catalog {
         revision,
@@ -91,6 +97,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Catalog, StoreError> {
         exports: exports.into_iter().collect(),
         policies: policies.into_iter().collect(),
         tokens: tokens.into_iter().collect(),
+        export_tombstones: export_tombstones.into_iter().collect(),
     })
 }
 
@@ -141,9 +148,10 @@ mod tests {
         let catalog = Catalog {
             revision: 4,
             sites: [("east".to_string(), Arc::new(site))].into(),
-            exports: [((service, "east".to_string()), Arc::new(export))].into(),
+            exports: [((service.clone(), "east".to_string()), Arc::new(export))].into(),
             policies: [("cart-from-web".to_string(), Arc::new(policy))].into(),
             tokens: [("t1".to_string(), token)].into(),
+            export_tombstones: [((service, "west".to_string()), 7)].into(),
         };
         let bytes = encode(&catalog).expect("encode");
         assert_eq!(decode(&bytes).expect("decode"), catalog);

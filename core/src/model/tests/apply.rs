@@ -175,14 +175,14 @@ fn export_is_replaced_whole_and_keeps_created_revision() {
         a.changes,
         vec![Change::ExportUpserted { export: e.clone() }]
     );
-    // Deleted then exported again: a new first export.
+    // Deleted then exported again (with a higher generation): a new first export.
     c.apply(&Command::DeleteExport {
         site: "a".into(),
         service: key(),
         generation: 3,
     })
     .unwrap();
-    put(&mut c, export("a", 1, &["10.0.0.4"])).unwrap();
+    put(&mut c, export("a", 4, &["10.0.0.4"])).unwrap();
     let e = c.export(&key(), "a").unwrap();
     assert_eq!((e.created_revision, e.updated_revision), (6, 6));
 }
@@ -278,4 +278,45 @@ fn policies_upsert_and_delete() {
     })
     .unwrap();
     assert!(c.policies.is_empty());
+}
+
+#[test]
+fn deleted_export_cannot_be_resurrected_by_an_older_or_equal_generation() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    put(&mut c, export("a", 3, &["10.0.0.1"])).unwrap();
+    let del = Command::DeleteExport {
+        site: "a".into(),
+        service: key(),
+        generation: 5,
+    };
+    c.apply(&del).unwrap();
+    for generation in [3, 4, 5] {
+        let before = c.clone();
+        let got = c.apply(&Command::PutExport {
+            export: export("a", generation, &["10.0.0.1"]),
+        });
+        assert_eq!(
+            got,
+            Err(Rejection::StaleGeneration {
+                site: "a".into(),
+                service: "default/echo".into(),
+                got: generation,
+                stored: 5,
+            }),
+            "generation {generation}"
+        );
+        assert_eq!(c, before);
+    }
+    put(&mut c, export("a", 6, &["10.0.0.2"])).unwrap();
+    assert_eq!(
+        c.service(&key()).unwrap().groups[0].endpoints[0]
+            .address
+            .to_string(),
+        "10.0.0.2"
+    );
+    // The tombstone survives a JSON round trip (it is part of the replicated state).
+    let json = serde_json::to_string(&c).unwrap();
+    let back: Catalog = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c);
 }
