@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod drain;
 pub mod id;
+pub mod join;
 pub mod model;
 pub mod pki;
 pub mod telemetry;

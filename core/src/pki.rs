@@ -295,6 +295,56 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Mint a single-use join token for `site` (role `agent` or `gateway`), valid for `ttl`.
+    pub fn mint_join_token(
+        &self,
+        site: &str,
+        role: &str,
+        ttl: Duration,
+    ) -> Result<(crate::join::Claims, String), PkiError> {
+        if !matches!(role, "agent" | "gateway") {
+            return Err(PkiError::Invalid {
+                field: "role",
+                reason: format!("{role:?}: use agent or gateway"),
+            });
+        }
+        SpiffeId::from_parts(&self.trust_domain, &["site", site, role]).map_err(|e| {
+            PkiError::Invalid {
+                field: "site",
+                reason: e.to_string(),
+            }
+        })?;
+        let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+        let claims = crate::join::Claims {
+            id: crate::join::new_id(),
+            trust_domain: self.trust_domain.clone(),
+            site: site.to_string(),
+            role: role.to_string(),
+            expires: now + ttl.as_secs().max(1),
+        };
+        let token = crate::join::mint(&claims, &self.key).map_err(|e| PkiError::Invalid {
+            field: "token",
+            reason: e.to_string(),
+        })?;
+        Ok((claims, token))
+    }
+
+    /// Check a join token's signature (by this CA), trust domain and expiry.
+    pub fn verify_join_token(
+        &self,
+        token: &str,
+    ) -> Result<crate::join::Claims, crate::join::TokenError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+        crate::join::verify(
+            token,
+            &crate::join::public_spki(&self.key),
+            &self.trust_domain,
+            now,
+        )
+    }
+}
+
 /// A fresh P-256 key and a CSR for it, for joining agents. Returns (key PEM, CSR PEM).
 pub fn new_csr() -> Result<(String, String), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

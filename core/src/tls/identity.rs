@@ -211,6 +211,26 @@ impl Identity {
 
     /// TLS 1.3 server config requiring a client SVID accepted by `allow`.
     pub fn server_config(self: &Arc<Self>, allow: AllowList, alpn: &[&[u8]]) -> ServerConfig {
+        self.server_config_with(self.verifier(allow), alpn)
+    }
+
+    /// Like [`Identity::server_config`], but clients without a certificate may connect
+    /// (those with one are checked all the same). See [`peer_id`] to tell them apart.
+    pub fn server_config_optional_client(
+        self: &Arc<Self>,
+        allow: AllowList,
+        alpn: &[&[u8]],
+    ) -> ServerConfig {
+        let verifier =
+            Arc::new(SpiffeVerifier::new(self.trust.clone(), allow).with_optional_client_auth());
+        self.server_config_with(verifier, alpn)
+    }
+
+    fn server_config_with(
+        self: &Arc<Self>,
+        verifier: Arc<SpiffeVerifier>,
+        alpn: &[&[u8]],
+    ) -> ServerConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // The ring provider supports TLS 1.3, so this cannot fail; fall back to a fresh
         // builder call that panics only on a broken rustls build.
@@ -220,7 +240,7 @@ impl Identity {
                 ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
             });
         let mut cfg = builder
-            .with_client_cert_verifier(self.verifier(allow))
+            .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         cfg

@@ -158,12 +158,26 @@ pub struct SpiffeVerifier {
     trust: Arc<ArcSwap<TrustStore>>,
     allow: AllowList,
     algs: WebPkiSupportedAlgorithms,
+    client_auth_mandatory: bool,
 }
 
 impl SpiffeVerifier {
     pub fn new(trust: Arc<ArcSwap<TrustStore>>, allow: AllowList) -> Self {
         let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        Self { trust, allow, algs }
+        Self {
+            trust,
+            allow,
+            algs,
+            client_auth_mandatory: true,
+        }
+    }
+
+    /// As a server verifier: let clients without a certificate finish the handshake (the
+    /// application then allows them only what needs no identity, such as joining with a
+    /// token). A client that does present one is still fully checked.
+    pub fn with_optional_client_auth(mut self) -> Self {
+        self.client_auth_mandatory = false;
+        self
     }
 
     /// Full check, as done in the handshake; also usable on its own.
@@ -183,6 +197,10 @@ impl SpiffeVerifier {
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.client_auth_mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
