@@ -1,0 +1,16 @@
+//! Test support shared by the crates' integration tests. Never linked into the binary.
+//!
+//! - [`fault`]: TCP and UDP proxies that inject latency, loss and blackholes (this kernel
+//!   has no `tc netem`);
+//! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
+//! - [`pki`]: a throw-away CA and SVIDs on disk;
+//! - [`process`]: run the real binary and wait for the lines it prints;
+//! - [`linearizability`]: a Wing–Gong checker for register histories.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+pub mod fault;
+pub mod linearizability;
+pub mod netns;
+pub mod pki;
+pub mod process;
