@@ -1,0 +1,3 @@
+//! The VM agent: onboards a legacy host into the mesh.
+
+pub mod health;
