@@ -1,0 +1,382 @@
+//! The gateway's configuration: one serde struct, unknown fields rejected, every problem
+//! reported at once by [`RoleConfig::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshbridge_core::config::{Problems, RoleConfig};
+use meshbridge_core::tls::AllowList;
+use meshbridge_core::vip::VipRange;
+use serde::{Deserialize, Serialize};
+
+/// Which transport carries tunnels to a peer gateway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// QUIC (ALPN `meshbridge/1`).
+    Quic,
+    /// HTTP/2 CONNECT over TLS 1.3 over TCP, for networks that drop UDP.
+    Tcp,
+    /// QUIC, falling back to TCP for a while when the QUIC handshake gets no answer.
+    #[default]
+    Auto,
+}
+
+/// What happens to a stream for a service that no policy names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// `meshbridge gateway` configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's site (as registered in the catalog).
+    pub site: String,
+    /// Where the last catalog is persisted (`catalog.json`), for restarts without a registry.
+    pub data_dir: PathBuf,
+    /// DNS zone of service names in SNI and CONNECT targets.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/debug/*`); off when unset.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// How long a drain waits for streams in flight before closing them.
+    #[serde(default = "default_drain_ms")]
+    pub drain_deadline_ms: u64,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub listeners: ListenersConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+/// The tunnel between gateways.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// Where peers reach this gateway: QUIC on UDP and the TCP fallback on TCP, same port.
+    pub listen: String,
+    /// Transport used towards peers unless `peer_transport` names the peer's site.
+    pub transport: TransportKind,
+    pub peer_transport: BTreeMap<String, TransportKind>,
+    /// Peer SPIFFE ids accepted, in either direction (`*`, `spiffe://td`, a prefix ending in
+    /// `/` or `*`, or an exact id); trust bundles decide which trust domains are trusted.
+    pub peers_allowed: Vec<String>,
+    pub keepalive_ms: u64,
+    /// A link silent for this long is dead: the bound on detecting a lost peer site.
+    pub idle_timeout_ms: u64,
+    pub handshake_timeout_ms: u64,
+    /// Receiving side: the whole preamble must arrive within this time.
+    pub preamble_timeout_ms: u64,
+    /// Sending side: the peer's reply must arrive within this time.
+    pub reply_timeout_ms: u64,
+    /// Receiving side: TCP connect to a local endpoint.
+    pub connect_timeout_ms: u64,
+    /// UDP socket send and receive buffers (the kernel may cap them: `net.core.rmem_max`).
+    pub socket_buffer_bytes: usize,
+    /// QUIC flow-control windows.
+    pub stream_window_bytes: u64,
+    pub connection_window_bytes: u64,
+    /// First QUIC packet size; must not exceed the real path MTU.
+    pub initial_mtu: u16,
+    /// Upper bound for path MTU discovery (and this endpoint's max UDP payload). Raise it
+    /// where the path carries more (loopback, jumbo frames).
+    pub max_mtu: u16,
+}
+
+/// Listeners for local clients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenersConfig {
+    /// Service listeners: one VIP per imported service from this range, one listener per port.
+    pub vip_range: Option<VipRange>,
+    /// SNI passthrough listener (like Istio's 15443).
+    pub sni: Option<String>,
+    /// HTTP CONNECT listener.
+    pub connect: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// For services that no catalog policy names.
+    pub default: DefaultAction,
+}
+
+/// Endpoint choice and failover at the sending side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Sites tried per client connection.
+    pub max_attempts: usize,
+    /// Consecutive failures that eject a site.
+    pub eject_after: u32,
+    pub eject_base_ms: u64,
+    pub eject_max_ms: u64,
+}
+
+fn default_zone() -> String {
+    "clusterset.local".into()
+}
+
+fn default_drain_ms() -> u64 {
+    30_000
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15008".into(),
+            transport: TransportKind::Auto,
+            peer_transport: BTreeMap::new(),
+            peers_allowed: vec!["*".into()],
+            keepalive_ms: 1_000,
+            idle_timeout_ms: 5_000,
+            handshake_timeout_ms: 3_000,
+            preamble_timeout_ms: 5_000,
+            reply_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            socket_buffer_bytes: 8 << 20,
+            stream_window_bytes: 8 << 20,
+            connection_window_bytes: 32 << 20,
+            initial_mtu: 1_200,
+            max_mtu: 1_452,
+        }
+    }
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            eject_after: 3,
+            eject_base_ms: 5_000,
+            eject_max_ms: 60_000,
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl TunnelConfig {
+    pub fn keepalive(&self) -> Duration {
+        ms(self.keepalive_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        ms(self.idle_timeout_ms)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        ms(self.handshake_timeout_ms)
+    }
+    pub fn preamble_timeout(&self) -> Duration {
+        ms(self.preamble_timeout_ms)
+    }
+    pub fn reply_timeout(&self) -> Duration {
+        ms(self.reply_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        ms(self.connect_timeout_ms)
+    }
+    /// The transport to use towards `site`.
+    pub fn transport_for(&self, site: &str) -> TransportKind {
+        self.peer_transport
+            .get(site)
+            .copied()
+            .unwrap_or(self.transport)
+    }
+    /// The parsed `peers_allowed` (validated at load; an invalid list allows nobody).
+    pub fn allow_list(&self) -> AllowList {
+        AllowList::parse(&self.peers_allowed).unwrap_or_default()
+    }
+}
+
+impl Config {
+    /// A config for tests: everything on 127.0.0.1 port 0, short timeouts, no listeners.
+    pub fn for_test(site: &str, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            site: site.into(),
+            data_dir: data_dir.into(),
+            zone: default_zone(),
+            admin_listen: None,
+            drain_deadline_ms: 5_000,
+            tunnel: TunnelConfig {
+                listen: "127.0.0.1:0".into(),
+                transport: TransportKind::Quic,
+                handshake_timeout_ms: 2_000,
+                connect_timeout_ms: 1_000,
+                max_mtu: 8_952,
+                ..TunnelConfig::default()
+            },
+            listeners: ListenersConfig::default(),
+            policy: PolicyConfig::default(),
+            failover: FailoverConfig::default(),
+        }
+    }
+
+    pub fn drain_deadline(&self) -> Duration {
+        ms(self.drain_deadline_ms)
+    }
+}
+
+impl RoleConfig for Config {
+    fn validate(&self, p: &mut Problems) {
+        p.check(
+            meshbridge_core::model::is_dns_label(&self.site),
+            "site",
+            format!("{:?} is not a DNS label (a-z 0-9 -)", self.site),
+        );
+        p.check(
+            !self.data_dir.as_os_str().is_empty(),
+            "data_dir",
+            "must not be empty",
+        );
+        p.check(!self.zone.is_empty(), "zone", "must not be empty");
+        if let Some(a) = &self.admin_listen {
+            p.socket_addr("admin_listen", a);
+        }
+        let t = &self.tunnel;
+        p.socket_addr("tunnel.listen", &t.listen);
+        if let Err(e) = AllowList::parse(&t.peers_allowed) {
+            p.push("tunnel.peers_allowed", e);
+        }
+        for (field, v) in [
+            ("tunnel.keepalive_ms", t.keepalive_ms),
+            ("tunnel.idle_timeout_ms", t.idle_timeout_ms),
+            ("tunnel.handshake_timeout_ms", t.handshake_timeout_ms),
+            ("tunnel.preamble_timeout_ms", t.preamble_timeout_ms),
+            ("tunnel.reply_timeout_ms", t.reply_timeout_ms),
+            ("tunnel.connect_timeout_ms", t.connect_timeout_ms),
+        ] {
+            p.check(v > 0, field, "must be more than 0");
+        }
+        p.check(
+            t.keepalive_ms < t.idle_timeout_ms,
+            "tunnel.keepalive_ms",
+            "must be less than tunnel.idle_timeout_ms, or idle links die",
+        );
+        p.check(
+            (1_200..=65_527).contains(&t.initial_mtu),
+            "tunnel.initial_mtu",
+            "must be within 1200..=65527",
+        );
+        p.check(
+            (t.initial_mtu..=65_527).contains(&t.max_mtu),
+            "tunnel.max_mtu",
+            "must be within tunnel.initial_mtu..=65527",
+        );
+        p.check(
+            t.stream_window_bytes > 0 && t.connection_window_bytes >= t.stream_window_bytes,
+            "tunnel.connection_window_bytes",
+            "must be at least tunnel.stream_window_bytes (and both more than 0)",
+        );
+        for (field, addr) in [
+            ("listeners.sni", &self.listeners.sni),
+            ("listeners.connect", &self.listeners.connect),
+        ] {
+            if let Some(a) = addr {
+                p.socket_addr(field, a);
+            }
+        }
+        let f = &self.failover;
+        p.check(
+            f.max_attempts > 0,
+            "failover.max_attempts",
+            "must be more than 0",
+        );
+        p.check(
+            f.eject_after > 0,
+            "failover.eject_after",
+            "must be more than 0",
+        );
+        p.check(
+            f.eject_base_ms <= f.eject_max_ms,
+            "failover.eject_base_ms",
+            "must not exceed failover.eject_max_ms",
+        );
+    }
+}
+
+/// Parse a validated address field (validation already reported a bad one).
+pub(crate) fn addr(field: &'static str, s: &str) -> Result<SocketAddr, crate::Error> {
+    s.parse().map_err(|_| crate::Error::Config {
+        field,
+        reason: format!("{s:?} is not an address like 127.0.0.1:8443"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use meshbridge_core::config::parse_with_env;
+
+    use super::*;
+
+    #[test]
+    fn example_config_parses_with_defaults() {
+        let text = r#"
+site = "east"
+data_dir = "/var/lib/meshbridge"
+[tunnel]
+listen = "0.0.0.0:15008"
+transport = "auto"
+peer_transport = { legacy = "tcp" }
+[listeners]
+vip_range = "127.240.0.0/16"
+sni = "0.0.0.0:15443"
+[policy]
+default = "deny"
+"#;
+        let cfg: Config = parse_with_env("gw.toml", text, &[]).unwrap();
+        assert_eq!(cfg.tunnel.transport_for("legacy"), TransportKind::Tcp);
+        assert_eq!(cfg.tunnel.transport_for("west"), TransportKind::Auto);
+        assert_eq!(cfg.policy.default, DefaultAction::Deny);
+        assert_eq!(cfg.tunnel.idle_timeout(), Duration::from_secs(5));
+        assert_eq!(cfg.zone, "clusterset.local");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let text = r#"
+site = "East Side"
+data_dir = ""
+colour = "red"
+[tunnel]
+listen = "nowhere"
+keepalive_ms = 9000
+peers_allowed = ["not an id"]
+[listeners]
+sni = "x"
+"#;
+        let err = parse_with_env::<Config>("gw.toml", text, &[]).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        for want in [
+            "colour",
+            "site",
+            "data_dir",
+            "tunnel.listen",
+            "tunnel.peers_allowed",
+            "tunnel.keepalive_ms",
+            "listeners.sni",
+        ] {
+            assert!(fields.contains(&want), "{want} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn for_test_config_is_valid() {
+        let mut p = Problems::default();
+        Config::for_test("east", "/tmp/x").validate(&mut p);
+        assert!(p.is_empty(), "{p:?}");
+    }
+}

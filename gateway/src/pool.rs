@@ -1,0 +1,346 @@
+//! One link per peer gateway: established on first use, kept alive (QUIC keepalive or HTTP/2
+//! pings), replaced when it dies, re-dialed with exponential backoff after failures. With the
+//! `auto` transport a QUIC handshake that gets no answer switches the peer to TCP for a while.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshbridge_core::id::SpiffeId;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{TransportKind, TunnelConfig};
+use crate::metrics::{Metrics, PeerLabels, SiteLabel};
+use crate::transport::{Carrier, Dialer, Link, LinkError};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a peer stays on TCP after QUIC got no answer (`auto`).
+const TCP_STICKY: Duration = Duration::from_secs(300);
+
+/// Why no link to a peer is available now.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("peer {site} at {addr}: cannot resolve: {reason}")]
+    Resolve {
+        site: String,
+        addr: String,
+        reason: String,
+    },
+    #[error("peer {site} at {addr}: {source}")]
+    Link {
+        site: String,
+        addr: String,
+        source: LinkError,
+    },
+    #[error("peer {site} at {addr} is {found}, not a gateway of site {site}")]
+    WrongPeer {
+        site: String,
+        addr: String,
+        found: String,
+    },
+    #[error("peer {site} at {addr}: backing off for {left:?} after: {last}")]
+    Backoff {
+        site: String,
+        addr: String,
+        left: Duration,
+        last: String,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    link: Option<(Link, SpiffeId)>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    tcp_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Entry {
+    dialing: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+/// What `/debug/peers` shows about one peer gateway.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    pub site: String,
+    pub addr: String,
+    pub connected: bool,
+    pub transport: Option<&'static str>,
+    pub peer_id: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub failures: u32,
+    pub retry_in_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// The peer link pool.
+pub struct Pool {
+    dialer: Dialer,
+    cfg: TunnelConfig,
+    metrics: Metrics,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    entries: Mutex<HashMap<(String, String), Arc<Entry>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub fn new(
+        dialer: Dialer,
+        metrics: Metrics,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            cfg: dialer.tunnel_config().clone(),
+            dialer,
+            metrics,
+            tasks,
+            stop,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn entry(&self, site: &str, addr: &str) -> Arc<Entry> {
+        lock(&self.entries)
+            .entry((site.to_string(), addr.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// The live link to `site`'s gateway at `addr`, dialing it if needed.
+    pub async fn get(&self, site: &str, addr: &str) -> Result<Link, PoolError> {
+        let entry = self.entry(site, addr);
+        if let Some(link) = self.ready(&entry, site, addr)? {
+            return Ok(link);
+        }
+        let _dialing = entry.dialing.lock().await;
+        if let Some(link) = self.ready(&entry, site, addr)? {
+            return Ok(link);
+        }
+        match self.dial(&entry, site, addr).await {
+            Ok(link) => Ok(link),
+            Err(e) => {
+                let mut st = lock(&entry.state);
+                st.failures += 1;
+                let backoff = BACKOFF_BASE
+                    .saturating_mul(1 << st.failures.min(8))
+                    .min(BACKOFF_MAX);
+                st.retry_at = Some(Instant::now() + backoff);
+                st.last_error = Some(e.to_string());
+                let reason = match &e {
+                    PoolError::Link {
+                        source: LinkError::Timeout { .. },
+                        ..
+                    } => "link_timeout",
+                    PoolError::WrongPeer { .. } => "wrong_peer",
+                    _ => "link_failed",
+                };
+                self.metrics.failure(site, reason);
+                Err(e)
+            }
+        }
+    }
+
+    /// A live link, or an error while backing off, or `None` (dial now).
+    fn ready(&self, entry: &Entry, site: &str, addr: &str) -> Result<Option<Link>, PoolError> {
+        let mut st = lock(&entry.state);
+        if let Some((link, _)) = &st.link {
+            if !link.is_closed() {
+                return Ok(Some(link.clone()));
+            }
+            st.link = None;
+        }
+        let now = Instant::now();
+        match st.retry_at {
+            Some(at) if now < at => Err(PoolError::Backoff {
+                site: site.to_string(),
+                addr: addr.to_string(),
+                left: at - now,
+                last: st.last_error.clone().unwrap_or_default(),
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    fn carrier(&self, entry: &Entry, site: &str) -> Carrier {
+        match self.cfg.transport_for(site) {
+            TransportKind::Quic => Carrier::Quic,
+            TransportKind::Tcp => Carrier::Tcp,
+            TransportKind::Auto => match lock(&entry.state).tcp_until {
+                Some(until) if Instant::now() < until => Carrier::Tcp,
+                _ => Carrier::Quic,
+            },
+        }
+    }
+
+    async fn dial(&self, entry: &Entry, site: &str, addr: &str) -> Result<Link, PoolError> {
+        let sock = resolve(addr).await.map_err(|reason| PoolError::Resolve {
+            site: site.to_string(),
+            addr: addr.to_string(),
+            reason,
+        })?;
+        let carrier = self.carrier(entry, site);
+        let link_err = |source| PoolError::Link {
+            site: site.to_string(),
+            addr: addr.to_string(),
+            source,
+        };
+        let (link, id, took) = match self.dialer.connect(sock, carrier).await {
+            Err(LinkError::Timeout { .. })
+                if carrier == Carrier::Quic
+                    && self.cfg.transport_for(site) == TransportKind::Auto =>
+            {
+                tracing::warn!(
+                    peer.site = site,
+                    peer.addr = addr,
+                    "no QUIC answer; trying TCP"
+                );
+                let r = self
+                    .dialer
+                    .connect(sock, Carrier::Tcp)
+                    .await
+                    .map_err(link_err)?;
+                lock(&entry.state).tcp_until = Some(Instant::now() + TCP_STICKY);
+                r
+            }
+            r => r.map_err(link_err)?,
+        };
+        if id.site() != Some(site) {
+            link.close("unexpected peer identity");
+            return Err(PoolError::WrongPeer {
+                site: site.to_string(),
+                addr: addr.to_string(),
+                found: id.to_string(),
+            });
+        }
+        let labels = PeerLabels {
+            peer_site: site.to_string(),
+            transport: link.carrier().name(),
+        };
+        self.metrics.connections.get_or_create(&labels).inc();
+        self.metrics
+            .handshake_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        tracing::info!(
+            peer.site = site, peer.addr = addr, peer.id = %id,
+            transport = labels.transport, handshake_ms = took.as_millis() as u64,
+            "tunnel link up"
+        );
+        {
+            let mut st = lock(&entry.state);
+            st.link = Some((link.clone(), id));
+            st.failures = 0;
+            st.retry_at = None;
+            st.last_error = None;
+        }
+        self.monitor(link.clone(), labels);
+        Ok(link)
+    }
+
+    /// Track the link's gauge and RTT until it closes.
+    fn monitor(&self, link: Link, labels: PeerLabels) {
+        let metrics = self.metrics.clone();
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let active = metrics.connections_active.get_or_create(&labels).clone();
+            active.inc();
+            let rtt = metrics
+                .rtt_seconds
+                .get_or_create(&SiteLabel {
+                    peer_site: labels.peer_site.clone(),
+                })
+                .clone();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = link.closed() => break,
+                    _ = stop.cancelled() => {
+                        link.close("gateway closing");
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        if let Some(d) = link.rtt() {
+                            rtt.set(d.as_secs_f64());
+                        }
+                    }
+                }
+            }
+            active.dec();
+            tracing::info!(peer.site = %labels.peer_site, transport = labels.transport, "tunnel link down");
+        });
+    }
+
+    /// Forget a link that failed a request, so the next use re-dials.
+    pub fn discard(&self, site: &str, addr: &str) {
+        let entry = self.entry(site, addr);
+        if let Some((link, _)) = lock(&entry.state).link.take() {
+            link.close("discarded after a failure");
+        }
+    }
+
+    /// Every known peer, for `/debug/peers`.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let now = Instant::now();
+        let entries: Vec<_> = lock(&self.entries)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out: Vec<PeerStatus> = entries
+            .into_iter()
+            .map(|((site, addr), e)| {
+                let st = lock(&e.state);
+                let live = st.link.as_ref().filter(|(l, _)| !l.is_closed());
+                PeerStatus {
+                    site,
+                    addr,
+                    connected: live.is_some(),
+                    transport: live.map(|(l, _)| l.carrier().name()),
+                    peer_id: live.map(|(_, id)| id.to_string()),
+                    rtt_ms: live
+                        .and_then(|(l, _)| l.rtt())
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    failures: st.failures,
+                    retry_in_ms: st
+                        .retry_at
+                        .filter(|at| now < *at)
+                        .map(|at| (at - now).as_millis() as u64),
+                    last_error: st.last_error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.site, &a.addr).cmp(&(&b.site, &b.addr)));
+        out
+    }
+
+    /// Close every link.
+    pub fn close_all(&self) {
+        for e in lock(&self.entries).values() {
+            if let Some((link, _)) = lock(&e.state).link.take() {
+                link.close("gateway closing");
+            }
+        }
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| "no address".to_string())
+}

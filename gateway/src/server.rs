@@ -1,0 +1,140 @@
+//! Accepting tunnels from peer gateways: QUIC connections on UDP and TLS+HTTP/2 connections
+//! on TCP, same port. Every stream goes to [`outbound::serve_stream`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshbridge_core::tls::describe;
+use tokio::net::TcpListener;
+
+use crate::metrics::PeerLabels;
+use crate::outbound::{self, Peer};
+use crate::quic;
+use crate::shared::Shared;
+use crate::stream::{RecvHalf, SendHalf};
+use crate::tcp;
+use crate::transport::Carrier;
+
+/// Accept QUIC connections until the gateway stops accepting.
+pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = sh.accept_stop.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let sh2 = sh.clone();
+        sh.tasks.spawn(async move {
+            let addr = incoming.remote_address();
+            let began = Instant::now();
+            let conn = match tokio::time::timeout(sh2.cfg.tunnel.handshake_timeout(), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return handshake_failed(&sh2, addr, Carrier::Quic, describe(&e)),
+                Err(_) => return handshake_failed(&sh2, addr, Carrier::Quic, "timed out".into()),
+            };
+            let Some(id) = quic::peer_id(&conn) else {
+                conn.close(quinn::VarInt::from_u32(1), b"no SPIFFE id");
+                return handshake_failed(&sh2, addr, Carrier::Quic, "no SPIFFE id".into());
+            };
+            let peer = Arc::new(Peer::new(id, Carrier::Quic, addr));
+            let labels = link_up(&sh2, &peer, began.elapsed());
+            loop {
+                let next = tokio::select! {
+                    s = conn.accept_bi() => s,
+                    _ = sh2.stop.cancelled() => break,
+                };
+                match next {
+                    Ok((send, recv)) => {
+                        let sh3 = sh2.clone();
+                        let peer = peer.clone();
+                        sh2.tasks.spawn(outbound::serve_stream(
+                            sh3,
+                            peer,
+                            SendHalf::Quic(send),
+                            RecvHalf::Quic(recv),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::info!(peer.site = %peer.site, peer.addr = %addr, reason = %e, "peer link closed");
+                        break;
+                    }
+                }
+            }
+            sh2.metrics.connections_active.get_or_create(&labels).dec();
+        });
+    }
+    // Refuse new connections from now on; established ones keep their streams.
+    endpoint.set_server_config(None);
+}
+
+/// Accept TCP fallback connections until the gateway stops accepting.
+pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
+    let tls = sh
+        .identity
+        .server_config(sh.cfg.tunnel.allow_list(), &[tcp::ALPN_H2]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = sh.accept_stop.cancelled() => break,
+        };
+        let (sock, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let sh2 = sh.clone();
+        let acceptor = acceptor.clone();
+        sh.tasks.spawn(async move {
+            let began = Instant::now();
+            tcp::tune_socket(&sock, sh2.cfg.tunnel.keepalive());
+            let hs = tokio::time::timeout(sh2.cfg.tunnel.handshake_timeout(), acceptor.accept(sock));
+            let tls = match hs.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return handshake_failed(&sh2, addr, Carrier::Tcp, describe(&e)),
+                Err(_) => return handshake_failed(&sh2, addr, Carrier::Tcp, "timed out".into()),
+            };
+            let Some(id) = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates()) else {
+                return handshake_failed(&sh2, addr, Carrier::Tcp, "no SPIFFE id".into());
+            };
+            let peer = Arc::new(Peer::new(id, Carrier::Tcp, addr));
+            let labels = link_up(&sh2, &peer, began.elapsed());
+            let t = &sh2.cfg.tunnel;
+            let why = tcp::serve(tls, t.keepalive(), t.idle_timeout(), sh2.stop.clone(), |send, recv| {
+                sh2.tasks.spawn(outbound::serve_stream(
+                    sh2.clone(),
+                    peer.clone(),
+                    SendHalf::H2(send),
+                    RecvHalf::H2(Box::new(recv)),
+                ));
+            })
+            .await;
+            tracing::info!(peer.site = %peer.site, peer.addr = %addr, reason = %why, "peer link closed");
+            sh2.metrics.connections_active.get_or_create(&labels).dec();
+        });
+    }
+}
+
+fn link_up(sh: &Shared, peer: &Peer, took: Duration) -> PeerLabels {
+    let labels = PeerLabels {
+        peer_site: peer.site.clone(),
+        transport: peer.carrier.name(),
+    };
+    sh.metrics.connections.get_or_create(&labels).inc();
+    sh.metrics.connections_active.get_or_create(&labels).inc();
+    sh.metrics
+        .handshake_seconds
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
+    tracing::info!(peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr, transport = peer.carrier.name(), "peer link accepted");
+    labels
+}
+
+fn handshake_failed(sh: &Shared, addr: SocketAddr, carrier: Carrier, reason: String) {
+    sh.metrics.failure("-", "handshake");
+    tracing::warn!(peer.addr = %addr, transport = carrier.name(), %reason, "tunnel handshake refused");
+}

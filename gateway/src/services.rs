@@ -1,0 +1,159 @@
+//! Service listeners: each imported service gets a VIP from the configured range (the same
+//! deterministic assignment the DNS stub uses) and a listener per TCP port. Reconciled on
+//! every catalog change; a listener that goes away leaves its open connections alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use meshbridge_core::model::{Catalog, Protocol, ServiceKey};
+use meshbridge_core::vip::{VipRange, assign_catalog};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::inbound::{self, Kind};
+use crate::preamble::Target;
+use crate::shared::Shared;
+
+/// Bound service listeners: (service, port) → address.
+pub type ServiceAddrs = BTreeMap<(ServiceKey, u16), SocketAddr>;
+
+/// The listeners the catalog asks for: services exported by at least one other site.
+pub fn desired(
+    catalog: &Catalog,
+    own_site: &str,
+    range: VipRange,
+) -> BTreeMap<SocketAddr, (ServiceKey, u16)> {
+    let vips = assign_catalog(range, catalog);
+    let mut out = BTreeMap::new();
+    for svc in catalog.services() {
+        if svc.headless || svc.groups.iter().all(|g| g.site == own_site) {
+            continue;
+        }
+        let Some(vip) = vips.get(&svc.key) else {
+            continue;
+        };
+        for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+            out.insert(
+                SocketAddr::new(IpAddr::V4(*vip), p.port),
+                (svc.key.clone(), p.port),
+            );
+        }
+    }
+    out
+}
+
+/// Keep the listeners in line with the catalog until the gateway stops accepting.
+pub async fn reconcile(sh: Arc<Shared>, range: VipRange, published: watch::Sender<ServiceAddrs>) {
+    let mut catalog = sh.catalog.clone();
+    let mut bound: HashMap<SocketAddr, ((ServiceKey, u16), CancellationToken)> = HashMap::new();
+    loop {
+        let want = desired(&catalog.borrow_and_update().clone(), &sh.site, range);
+        bound.retain(|addr, (key, stop)| {
+            let keep = want.get(addr) == Some(key);
+            if !keep {
+                tracing::info!(%addr, service = %key.0, "service listener removed");
+                stop.cancel();
+            }
+            keep
+        });
+        for (addr, key) in want {
+            if bound.contains_key(&addr) {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, service = %key.0, port = key.1, "service listener up");
+                    let stop = sh.accept_stop.child_token();
+                    let target = Target::Service {
+                        namespace: key.0.namespace.clone(),
+                        name: key.0.name.clone(),
+                        port: key.1,
+                    };
+                    sh.tasks.spawn(inbound::accept_loop(
+                        sh.clone(),
+                        listener,
+                        Kind::Service(target),
+                        stop.clone(),
+                    ));
+                    bound.insert(addr, (key, stop));
+                }
+                Err(e) => {
+                    // Retried at the next catalog change.
+                    sh.metrics.failure("-", "listener_bind");
+                    tracing::warn!(%addr, service = %key.0, error = %e, "cannot bind service listener");
+                }
+            }
+        }
+        published.send_replace(bound.iter().map(|(a, (k, _))| (k.clone(), *a)).collect());
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { break },
+            _ = sh.accept_stop.cancelled() => break,
+        }
+    }
+    for (_, (_, stop)) in bound {
+        stop.cancel();
+    }
+    published.send_replace(ServiceAddrs::new());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meshbridge_core::model::{Endpoint, Export, Port};
+
+    use super::*;
+
+    fn export(site: &str, name: &str, headless: bool) -> Export {
+        Export {
+            site: site.into(),
+            service: ServiceKey::new("ns", name),
+            generation: 1,
+            ports: vec![
+                Port {
+                    name: "web".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: 8080,
+                },
+                Port {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target_port: 53,
+                },
+            ],
+            endpoints: vec![Endpoint {
+                address: "10.0.0.1".parse().unwrap(),
+                hostname: None,
+                ready: true,
+                weight: 1,
+                identity: None,
+            }],
+            headless,
+            created_revision: 1,
+            updated_revision: 1,
+        }
+    }
+
+    #[test]
+    fn only_remote_non_headless_tcp_ports_get_listeners() {
+        let mut c = Catalog::default();
+        for e in [
+            export("east", "remote", false),
+            export("west", "mine", false),
+            export("east", "headless", true),
+        ] {
+            c.exports.insert(e.key(), Arc::new(e));
+        }
+        let range: VipRange = "127.240.0.0/16".parse().unwrap();
+        let d = desired(&c, "west", range);
+        let keys: Vec<_> = d.values().cloned().collect();
+        assert_eq!(keys, vec![(ServiceKey::new("ns", "remote"), 80)]);
+        let addr = d.keys().next().unwrap();
+        assert_eq!(addr.port(), 80);
+        assert!(matches!(addr.ip(), IpAddr::V4(ip) if range.contains(ip)));
+    }
+}

@@ -1,0 +1,119 @@
+//! State shared by every task of one gateway.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use meshbridge_core::drain;
+use meshbridge_core::model::{Catalog, ServiceKey};
+use meshbridge_core::tls::Identity;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::choice::Ejections;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+
+pub struct Shared {
+    pub cfg: Config,
+    pub site: String,
+    pub identity: Arc<Identity>,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub metrics: Metrics,
+    pub pool: Pool,
+    pub ejections: Mutex<Ejections>,
+    pub drain: drain::Watch,
+    pub tasks: TaskTracker,
+    /// Stops accept loops (first step of a drain).
+    pub accept_stop: CancellationToken,
+    /// Stops everything (last step).
+    pub stop: CancellationToken,
+    rr: Mutex<HashMap<(ServiceKey, u16), usize>>,
+    roll: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        identity: Arc<Identity>,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        metrics: Metrics,
+        pool: Pool,
+        drain: drain::Watch,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
+        let f = &cfg.failover;
+        let ejections = Ejections::new(
+            f.eject_after,
+            std::time::Duration::from_millis(f.eject_base_ms),
+            std::time::Duration::from_millis(f.eject_max_ms),
+        );
+        Self {
+            site: cfg.site.clone(),
+            cfg,
+            identity,
+            catalog,
+            metrics,
+            pool,
+            ejections: Mutex::new(ejections),
+            drain,
+            tasks,
+            accept_stop: stop.child_token(),
+            stop,
+            rr: Mutex::new(HashMap::new()),
+            roll: AtomicU64::new(rand::random()),
+        }
+    }
+
+    /// The catalog in use now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+
+    /// The next round-robin start index for a service port.
+    pub fn next_rr(&self, key: &ServiceKey, port: u16) -> usize {
+        let mut rr = lock(&self.rr);
+        let n = rr.entry((key.clone(), port)).or_insert(0);
+        let v = *n;
+        *n = n.wrapping_add(1);
+        v
+    }
+
+    /// A fresh seed for the weighted site order.
+    pub fn roll(&self) -> u64 {
+        self.roll
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self, site: &str) -> bool {
+        lock(&self.ejections).is_ejected(site, Instant::now())
+    }
+
+    pub fn site_failed(&self, site: &str) {
+        if let Some(d) = lock(&self.ejections).failure(site, Instant::now()) {
+            tracing::warn!(
+                peer.site = site,
+                backoff_ms = d.as_millis() as u64,
+                "site ejected after consecutive failures"
+            );
+            self.metrics.failure(site, "site_ejected");
+        }
+    }
+
+    pub fn site_ok(&self, site: &str) {
+        lock(&self.ejections).success(site);
+    }
+
+    pub fn ejected_sites(&self) -> Vec<(String, std::time::Duration)> {
+        lock(&self.ejections).ejected(Instant::now())
+    }
+}

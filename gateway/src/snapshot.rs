@@ -1,0 +1,158 @@
+//! Static stability: the catalog in use is persisted to the data dir, atomically, and read
+//! back at start, so a gateway restarted while the registry is down serves what it served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshbridge_core::model::Catalog;
+use tokio::sync::watch;
+
+/// File name of the snapshot inside the data dir.
+pub const FILE: &str = "catalog.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("catalog snapshot {path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("catalog snapshot {path} is not a catalog: {reason}")]
+    Parse { path: PathBuf, reason: String },
+}
+
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE)
+}
+
+/// Write `catalog` to `<data_dir>/catalog.json` (temp file, fsync, rename).
+pub fn save(data_dir: &Path, catalog: &Catalog) -> Result<(), SnapshotError> {
+    let p = path(data_dir);
+    let io = |reason: String| SnapshotError::Io {
+        path: p.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(data_dir).map_err(|e| io(e.to_string()))?;
+    let json = serde_json::to_vec(catalog).map_err(|e| io(e.to_string()))?;
+    meshbridge_core::pki::write_atomic(&p, &json, 0o644).map_err(|e| io(e.to_string()))
+}
+
+/// Read the snapshot: `Ok(None)` when there is none.
+pub fn load(data_dir: &Path) -> Result<Option<Catalog>, SnapshotError> {
+    let p = path(data_dir);
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(SnapshotError::Io {
+                path: p,
+                reason: e.to_string(),
+            });
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| SnapshotError::Parse {
+            path: p,
+            reason: e.to_string(),
+        })
+}
+
+/// Whether a catalog from the source is only the placeholder a watch channel starts with.
+fn is_placeholder(c: &Catalog) -> bool {
+    c.revision == 0 && c.sites.is_empty() && c.exports.is_empty() && c.policies.is_empty()
+}
+
+/// The catalog to start from: the source's, unless it is still the empty placeholder and a
+/// snapshot exists.
+pub fn initial(data_dir: &Path, source: &watch::Receiver<Arc<Catalog>>) -> Arc<Catalog> {
+    let current = source.borrow().clone();
+    if !is_placeholder(&current) {
+        return current;
+    }
+    match load(data_dir) {
+        Ok(Some(c)) => {
+            tracing::info!(
+                revision = c.revision,
+                path = %path(data_dir).display(),
+                "starting from the persisted catalog"
+            );
+            Arc::new(c)
+        }
+        Ok(None) => current,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the persisted catalog");
+            current
+        }
+    }
+}
+
+/// Follow the source into `effective`, persisting each new catalog, until the source is
+/// dropped (then keep serving the last one) or `stop` fires.
+pub async fn follow(
+    data_dir: PathBuf,
+    mut source: watch::Receiver<Arc<Catalog>>,
+    effective: watch::Sender<Arc<Catalog>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = source.changed() => if r.is_err() {
+                tracing::warn!(
+                    revision = effective.borrow().revision,
+                    "catalog source closed; serving from the last catalog"
+                );
+                return;
+            },
+            _ = stop.cancelled() => return,
+        }
+        let next = source.borrow_and_update().clone();
+        if is_placeholder(&next) {
+            continue;
+        }
+        effective.send_replace(next.clone());
+        let dir = data_dir.clone();
+        let saved = tokio::task::spawn_blocking(move || save(&dir, &next)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist the catalog"),
+            Err(e) => tracing::warn!(error = %e, "catalog persistence task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trips_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
+        let c = Catalog {
+            revision: 42,
+            ..Catalog::default()
+        };
+        save(dir.path(), &c).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(c));
+        std::fs::write(path(dir.path()), b"{not json").unwrap();
+        assert!(matches!(load(dir.path()), Err(SnapshotError::Parse { .. })));
+    }
+
+    #[test]
+    fn placeholder_source_falls_back_to_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            dir.path(),
+            &Catalog {
+                revision: 7,
+                ..Catalog::default()
+            },
+        )
+        .unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(Catalog::default()));
+        assert_eq!(initial(dir.path(), &rx).revision, 7);
+        let (_tx, rx) = watch::channel(Arc::new(Catalog {
+            revision: 9,
+            ..Catalog::default()
+        }));
+        assert_eq!(initial(dir.path(), &rx).revision, 9);
+    }
+}

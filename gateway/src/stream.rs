@@ -1,0 +1,155 @@
+//! One tunnel stream, whatever carries it: the two halves as `AsyncRead`/`AsyncWrite`, and
+//! the copy loop that joins a stream to a TCP connection with half-close and byte counts.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::tcp::{H2Recv, H2Send};
+
+/// Bytes read per copy step.
+const COPY_BUF: usize = 64 * 1024;
+
+/// The sending half of a tunnel stream.
+pub enum SendHalf {
+    Quic(quinn::SendStream),
+    H2(H2Send),
+}
+
+/// The receiving half of a tunnel stream.
+pub enum RecvHalf {
+    Quic(quinn::RecvStream),
+    H2(Box<H2Recv>),
+}
+
+impl SendHalf {
+    /// Abort the stream: the peer sees a reset, not a clean end.
+    pub fn reset(&mut self) {
+        match self {
+            Self::Quic(s) => {
+                let _ = s.reset(quinn::VarInt::from_u32(1));
+            }
+            Self::H2(s) => s.reset(),
+        }
+    }
+}
+
+impl AsyncWrite for SendHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(io::Error::from),
+            Self::H2(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(s) => Pin::new(s).poll_flush(cx),
+            Self::H2(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            Self::H2(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for RecvHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(s) => Pin::new(s).poll_read(cx, buf),
+            Self::H2(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+/// Byte counts of one proxied connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// From the client side (local client or local endpoint) into the tunnel.
+    pub to_tunnel: AtomicU64,
+    /// From the tunnel to the client side.
+    pub from_tunnel: AtomicU64,
+}
+
+impl Counts {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.to_tunnel.load(Ordering::Relaxed),
+            self.from_tunnel.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Copy `r` to `w` until `r` ends, then end `w` (half-close): the other direction goes on.
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Join a local TCP side to a tunnel stream, both ways, until both directions have ended.
+/// On an error in either direction the tunnel stream is reset and the error returned.
+pub async fn splice<CR, CW>(
+    client_r: &mut CR,
+    client_w: &mut CW,
+    tunnel_r: &mut RecvHalf,
+    tunnel_w: &mut SendHalf,
+    counts: &Counts,
+) -> io::Result<()>
+where
+    CR: AsyncRead + Unpin + ?Sized,
+    CW: AsyncWrite + Unpin + ?Sized,
+{
+    let up = pump(client_r, tunnel_w, &counts.to_tunnel);
+    let down = pump(tunnel_r, client_w, &counts.from_tunnel);
+    let result = futures::future::try_join(up, down).await.map(|_| ());
+    if result.is_err() {
+        tunnel_w.reset();
+    }
+    result
+}
+
+/// Join two local TCP sides (the origin's own site: no tunnel).
+pub async fn splice_local<AR, AW, BR, BW>(
+    a_r: &mut AR,
+    a_w: &mut AW,
+    b_r: &mut BR,
+    b_w: &mut BW,
+    counts: &Counts,
+) -> io::Result<()>
+where
+    AR: AsyncRead + Unpin + ?Sized,
+    AW: AsyncWrite + Unpin + ?Sized,
+    BR: AsyncRead + Unpin + ?Sized,
+    BW: AsyncWrite + Unpin + ?Sized,
+{
+    let up = pump(a_r, b_w, &counts.to_tunnel);
+    let down = pump(b_r, a_w, &counts.from_tunnel);
+    futures::future::try_join(up, down).await.map(|_| ())
+}
