@@ -260,6 +260,13 @@ impl GatewayHandle {
     pub fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
     }
+    /// Wait up to `within` until the catalog in use reaches `revision`; false on timeout.
+    pub async fn wait_for_revision(&self, revision: u64, within: Duration) -> bool {
+        let mut rx = self.shared.catalog.clone();
+        let reached = rx.wait_for(|c| c.revision >= revision);
+        matches!(tokio::time::timeout(within, reached).await, Ok(Ok(_)))
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared.pool.status()
     }

@@ -1,0 +1,260 @@
+//! Two gateways, "east" and "west", on loopback with an echo server behind east: a client at
+//! west reaches it through a service listener, SNI passthrough and HTTP CONNECT, over QUIC
+//! and over the TCP fallback.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use common::*;
+use meshbridge_core::id::SpiffeId;
+use meshbridge_core::tls::{AllowList, Identity};
+use meshbridge_gateway::TransportKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ECHO_PORT: u16 = 7001;
+
+/// east with an echo server exporting demo/echo:7001, and west.
+async fn east_west(
+    t: TransportKind,
+) -> Result<(
+    Mesh,
+    meshbridge_gateway::GatewayHandle,
+    meshbridge_gateway::GatewayHandle,
+    Echo,
+)> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let west = mesh.gateway(&site("west", "r2", "b")).await?;
+    mesh.feed
+        .export("east", &key("echo"), ECHO_PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    Ok((mesh, east, west, echo))
+}
+
+async fn service_listener_reaches_echo(t: TransportKind) -> Result<()> {
+    let (_mesh, _east, west, _echo) = east_west(t).await?;
+    let vip = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    assert!(vip.ip().to_string().starts_with("127.241."), "{vip}");
+    ping(vip, "", b"hello through the tunnel").await?;
+    ping(vip, "", b"second connection, same link").await?;
+    let peers = west.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert!(peers[0].connected && peers[0].site == "east");
+    let want = match t {
+        TransportKind::Tcp => "tcp",
+        _ => "quic",
+    };
+    assert_eq!(peers[0].transport, Some(want));
+    Ok(())
+}
+both_transports!(service_listener_reaches_echo);
+
+async fn http_connect_reaches_echo_and_reports_errors(t: TransportKind) -> Result<()> {
+    let (_mesh, _east, west, _echo) = east_west(t).await?;
+    let proxy = west.connect_addr().context("no CONNECT listener")?;
+    let (status, mut s) = http_connect(proxy, "echo.demo.svc.clusterset.local:7001").await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    s.write_all(b"via connect").await?;
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).await?;
+    assert_eq!(&buf, b"via connect");
+    let (status, _) = http_connect(proxy, "nothere.demo.svc.clusterset.local:7001").await?;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    let (status, _) = http_connect(proxy, "example.com:443").await?;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    Ok(())
+}
+both_transports!(http_connect_reaches_echo_and_reports_errors);
+
+/// A TLS echo server requiring client certificates; remembers each client's SPIFFE id.
+async fn tls_echo(identity: Arc<Identity>) -> Result<(SocketAddr, Arc<Mutex<Vec<String>>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(identity.server_config(AllowList::any(), &[])));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let id = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates());
+                seen.lock()
+                    .unwrap()
+                    .push(id.map(|i| i.to_string()).unwrap_or_default());
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok((addr, seen))
+}
+
+async fn sni_passthrough_keeps_end_to_end_mtls(t: TransportKind) -> Result<()> {
+    let (mesh, _east, west, _echo) = east_west(t).await?;
+    let server_id = mesh
+        .pki
+        .identity("ledger", &format!("spiffe://{TD}/ns/demo/sa/ledger"));
+    let client_id = mesh
+        .pki
+        .identity("web", &format!("spiffe://{TD}/ns/shop/sa/web"));
+    let (tls_addr, seen) = tls_echo(server_id).await?;
+    mesh.feed.export("east", &key("ledger"), 8443, &[tls_addr]);
+    let sni = west.sni_addr().context("no SNI listener")?;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_id.client_config(AllowList::any(), &[])));
+    for name in [
+        "ledger.demo.svc.clusterset.local",
+        "outbound_.8443_._.ledger.demo.svc.clusterset.local",
+    ] {
+        let tcp = TcpStream::connect(sni).await?;
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_string())?;
+        let mut tls = connector.connect(server_name, tcp).await.context(name)?;
+        let server = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates());
+        assert_eq!(
+            server,
+            Some(SpiffeId::parse(&format!(
+                "spiffe://{TD}/ns/demo/sa/ledger"
+            ))?),
+            "the client talks TLS with the server itself, not with a gateway"
+        );
+        tls.write_all(b"secret").await?;
+        let mut buf = [0u8; 6];
+        tls.read_exact(&mut buf).await?;
+        assert_eq!(&buf, b"secret");
+    }
+    let seen = seen.lock().unwrap().clone();
+    let web = format!("spiffe://{TD}/ns/shop/sa/web");
+    assert_eq!(
+        seen,
+        vec![web.clone(), web],
+        "server saw the client's own certificate"
+    );
+    Ok(())
+}
+both_transports!(sni_passthrough_keeps_end_to_end_mtls);
+
+async fn large_transfers_arrive_intact_both_ways(t: TransportKind) -> Result<()> {
+    let (_mesh, _east, west, _echo) = east_west(t).await?;
+    let vip = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    let total = 100 << 20;
+    let started = std::time::Instant::now();
+    let s = TcpStream::connect(vip).await?;
+    echo_transfer(s, total, 42).await?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{t:?}: 100 MiB each way in {secs:.2}s ({:.0} Mbit/s per direction, debug build)",
+        (total as f64 * 8.0) / secs / 1e6
+    );
+    Ok(())
+}
+both_transports!(large_transfers_arrive_intact_both_ways);
+
+/// A server that reads until the client's FIN, then answers with the count and closes.
+async fn count_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).await.is_err() {
+                    return;
+                }
+                let _ = s
+                    .write_all(format!("got {} bytes", all.len()).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn half_close_is_carried_both_ways(t: TransportKind) -> Result<()> {
+    let (mesh, _east, west, _echo) = east_west(t).await?;
+    let counter = count_server().await?;
+    mesh.feed.export("east", &key("count"), 7002, &[counter]);
+    let vip = west
+        .service_addr(&key("count"), 7002, WAIT)
+        .await
+        .context("no service listener")?;
+    let mut s = TcpStream::connect(vip).await?;
+    s.write_all(&pattern(1, 300_000)).await?;
+    // Our FIN must reach the server, which only answers after it...
+    s.shutdown().await?;
+    let mut reply = String::new();
+    // ...and the server's FIN must reach us, or this never ends.
+    tokio::time::timeout(WAIT, s.read_to_string(&mut reply))
+        .await
+        .context("no reply after half-close")??;
+    assert_eq!(reply, "got 300000 bytes");
+    Ok(())
+}
+both_transports!(half_close_is_carried_both_ways);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_shows_metrics_peers_and_catalog() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(None).await?;
+    let _east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let mut cfg = mesh.config("west");
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed
+        .export("east", &key("echo"), ECHO_PORT, &[echo.addr]);
+    let vip = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    ping(vip, "", b"count me").await?;
+    idle(&west).await;
+    let admin = west.admin_addr().context("no admin listener")?;
+    let metrics = http_get(admin, "/metrics").await?;
+    for want in [
+        "meshbridge_gateway_streams_total{peer_site=\"east\",direction=\"Outgoing\"} 1",
+        "meshbridge_gateway_connections_total{peer_site=\"east\",transport=\"quic\"} 1",
+        "meshbridge_gateway_handshake_seconds_count",
+        "meshbridge_gateway_bytes_total{peer_site=\"east\",direction=\"Outgoing\",flow=\"sent\"} 8",
+    ] {
+        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    }
+    let peers = http_get(admin, "/debug/peers").await?;
+    assert!(
+        peers.contains("\"site\":\"east\"") && peers.contains("\"connected\":true"),
+        "{peers}"
+    );
+    let catalog = http_get(admin, "/debug/catalog").await?;
+    assert!(catalog.contains("\"echo\""), "{catalog}");
+    assert!(
+        http_get(admin, "/readyz")
+            .await?
+            .starts_with("HTTP/1.1 200")
+    );
+    if !http_get(admin, "/config_dump")
+        .await?
+        .contains("site = \"west\"")
+    {
+        bail!("config dump lacks the site");
+    }
+    Ok(())
+}
