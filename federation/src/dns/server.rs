@@ -1,0 +1,309 @@
+//! The async shell: sockets (hickory-server), the index kept current from the catalog
+//! replica, rate limiting, forwarding, metrics, shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use hickory_proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageRequest;
+use meshbridge_core::config::{ConfigError, Problems, RoleConfig};
+use meshbridge_core::drain::Outcome;
+use meshbridge_core::model::Catalog;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::DnsError;
+use super::answer::{Plan, Reply, Transport, fit, plan, response, response_edns};
+use super::config::Config;
+use super::forward::Forwarder;
+use super::index::Index;
+use super::metrics::Metrics;
+use super::ratelimit::RateLimiter;
+use super::watch::watch_catalog;
+
+/// Responses buffered per TCP connection.
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// Attempts at finding a port free for both UDP and TCP when asked for port 0.
+const BIND_ATTEMPTS: usize = 16;
+
+/// Starts the federated DNS server.
+pub struct DnsServer;
+
+/// A running DNS server. Dropping it stops it at once; [`DnsHandle::shutdown`] stops it
+/// in order.
+pub struct DnsHandle {
+    local_addr: SocketAddr,
+    server: Server<Handler>,
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+    metrics: Metrics,
+    index: Arc<ArcSwap<Index>>,
+}
+
+impl DnsServer {
+    /// Validate `config`, index the current catalog, bind UDP and TCP on the same port, and
+    /// serve; the index follows `catalog` until it closes, then the last catalog is served.
+    pub async fn start(
+        config: Config,
+        catalog: watch::Receiver<Arc<Catalog>>,
+    ) -> Result<DnsHandle, DnsError> {
+        let mut problems = Problems::default();
+        config.validate(&mut problems);
+        if !problems.is_empty() {
+            return Err(DnsError::Config(ConfigError {
+                source_name: "dns config".into(),
+                problems: problems.0,
+            }));
+        }
+        let listen = config.listen_addr().map_err(DnsError::Listen)?;
+        let upstream = config.upstream_addr().map_err(DnsError::Listen)?;
+        let metrics = Metrics::default();
+        let first = catalog.borrow().clone();
+        let started = Instant::now();
+        let index = Index::build(&config, &first)?;
+        metrics.observe_index(&index, started.elapsed());
+        let index = Arc::new(ArcSwap::from_pointee(index));
+
+        let (udp, tcp) = bind(listen).await?;
+        let local_addr = udp.local_addr().map_err(|source| DnsError::BindUdp {
+            addr: listen,
+            source,
+        })?;
+        let handler = Handler {
+            index: index.clone(),
+            limiter: RateLimiter::new(&config.rate_limit),
+            forwarder: upstream
+                .map(|up| Forwarder::new(up, Duration::from_millis(config.upstream_timeout_ms))),
+            metrics: metrics.clone(),
+        };
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        let idle = Duration::from_secs(config.tcp_idle_timeout_secs);
+        server.register_listener(tcp, idle, TCP_RESPONSE_BUFFER);
+
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        info!(
+            %local_addr,
+            zone = %config.zone,
+            site = %config.site,
+            revision = first.revision,
+            "dns listening"
+        );
+        tasks.spawn(watch_catalog(
+            Arc::new(config),
+            catalog,
+            first,
+            index.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        Ok(DnsHandle {
+            local_addr,
+            server,
+            tasks,
+            stop,
+            metrics,
+            index,
+        })
+    }
+}
+
+/// Bind UDP, then TCP on the same port (retrying other ports when the port was 0).
+async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+    let mut last = None;
+    for _ in 0..BIND_ATTEMPTS {
+        let udp = UdpSocket::bind(listen)
+            .await
+            .map_err(|source| DnsError::BindUdp {
+                addr: listen,
+                source,
+            })?;
+        let addr = udp.local_addr().map_err(|source| DnsError::BindUdp {
+            addr: listen,
+            source,
+        })?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
+                last = Some(e);
+            }
+            Err(source) => return Err(DnsError::BindTcp { addr, source }),
+        }
+    }
+    Err(DnsError::BindTcp {
+        addr: listen,
+        source: last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)),
+    })
+}
+
+impl DnsHandle {
+    /// The UDP and TCP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's metrics, to register in the role's registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The catalog revision of the answers being served.
+    pub fn revision(&self) -> u64 {
+        self.index.load().revision()
+    }
+
+    /// Stop: no new queries or connections, then wait up to `deadline` for the sockets'
+    /// tasks to end (queries in flight are answered or dropped: they take microseconds).
+    pub async fn shutdown(mut self, deadline: Duration) -> Outcome {
+        self.stop.cancel();
+        self.server.shutdown_token().cancel();
+        let server = &mut self.server;
+        let tasks = &mut self.tasks;
+        let wait = async {
+            if let Err(e) = server.block_until_done().await {
+                warn!(error = %e, "dns sockets ended with an error");
+            }
+            while tasks.join_next().await.is_some() {}
+        };
+        let outcome = match tokio::time::timeout(deadline, wait).await {
+            Ok(()) => Outcome::Graceful,
+            Err(_) => Outcome::Forced {
+                remaining: self.tasks.len().max(1),
+            },
+        };
+        info!(addr = %self.local_addr, ?outcome, "dns stopped");
+        outcome
+    }
+}
+
+impl Drop for DnsHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.server.shutdown_token().cancel();
+    }
+}
+
+struct Handler {
+    index: Arc<ArcSwap<Index>>,
+    limiter: Option<RateLimiter>,
+    forwarder: Option<Forwarder>,
+    metrics: Metrics,
+}
+
+#[async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let transport = Transport::from(request.protocol());
+        let req: &MessageRequest = request;
+        if let Some(limiter) = &self.limiter
+            && !limiter.allow(request.src().ip(), started)
+        {
+            self.metrics.rate_limited.inc();
+            // UDP: an empty truncated answer, no larger than the query (no amplification,
+            // and a real client retries over TCP). TCP: refused.
+            let reply = match transport {
+                Transport::Udp => Reply {
+                    truncated: true,
+                    ..Reply::error(ResponseCode::NoError, false)
+                },
+                Transport::Tcp => Reply::error(ResponseCode::Refused, false),
+            };
+            let info = send(req, reply, None, transport, &mut handle).await;
+            self.metrics.count("RATELIMITED", transport);
+            return info;
+        }
+        let index = self.index.load_full();
+        let info = match plan(&index, req) {
+            Plan::Reply(reply) => {
+                let edns = response_edns(req, transport);
+                let reply = fit(req, reply, edns.as_ref(), transport);
+                if reply.truncated {
+                    self.metrics.truncated.inc();
+                }
+                send(req, reply, edns.as_ref(), transport, &mut handle).await
+            }
+            Plan::Forward => self.forward(req, transport, &mut handle).await,
+        };
+        self.metrics
+            .answered(info.response_code, transport, started.elapsed());
+        info
+    }
+}
+
+impl Handler {
+    async fn forward<R: ResponseHandler>(
+        &self,
+        req: &MessageRequest,
+        transport: Transport,
+        handle: &mut R,
+    ) -> ResponseInfo {
+        let edns = response_edns(req, transport);
+        let (Some(forwarder), [query]) = (&self.forwarder, req.queries.queries()) else {
+            let reply = Reply::error(ResponseCode::Refused, false);
+            return send(req, reply, edns.as_ref(), transport, handle).await;
+        };
+        match forwarder
+            .forward(query.original(), req.metadata.recursion_desired)
+            .await
+        {
+            Ok(answer) => {
+                self.metrics.forwarded("ok");
+                let reply = Reply {
+                    rcode: answer.metadata.response_code,
+                    authoritative: false,
+                    recursion_available: true,
+                    truncated: false,
+                    answers: &answer.answers,
+                    authority: &answer.authorities,
+                    additionals: &answer.additionals,
+                    size: usize::MAX,
+                };
+                let reply = fit(req, reply, edns.as_ref(), transport);
+                send(req, reply, edns.as_ref(), transport, handle).await
+            }
+            Err(e) => {
+                self.metrics.forwarded(e.label());
+                debug!(error = %e, query = %query.original(), "forwarding failed");
+                let reply = Reply::error(ResponseCode::ServFail, true);
+                send(req, reply, edns.as_ref(), transport, handle).await
+            }
+        }
+    }
+}
+
+async fn send<R: ResponseHandler>(
+    req: &MessageRequest,
+    reply: Reply<'_>,
+    edns: Option<&hickory_proto::op::Edns>,
+    transport: Transport,
+    handle: &mut R,
+) -> ResponseInfo {
+    match handle.send_response(response(req, &reply, edns)).await {
+        Ok(info) => info,
+        Err(e) => {
+            debug!(error = %e, ?transport, "sending a dns response failed");
+            let mut metadata = Metadata::response_from_request(&req.metadata);
+            metadata.response_code = ResponseCode::ServFail;
+            ResponseInfo::from(Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            })
+        }
+    }
+}

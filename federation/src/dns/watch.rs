@@ -1,0 +1,78 @@
+//! Keeping the index current: rebuild it (off the async workers) whenever the catalog
+//! replica changes in a way DNS can see, and swap it in atomically.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use meshbridge_core::model::{Catalog, SiteState};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::config::Config;
+use super::index::Index;
+use super::metrics::Metrics;
+
+/// Follow `catalog` until `stop`; `served` is the catalog `index` was built from. When the
+/// catalog's sender is gone (the registry client stopped), the last index keeps serving.
+pub(crate) async fn watch_catalog(
+    config: Arc<Config>,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    mut served: Arc<Catalog>,
+    index: Arc<ArcSwap<Index>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    info!(
+                        revision = served.revision,
+                        "catalog source closed; answering from the last catalog"
+                    );
+                    stop.cancelled().await;
+                    return;
+                }
+            }
+        }
+        let next = catalog.borrow_and_update().clone();
+        if same_dns_inputs(&served, &next) {
+            continue;
+        }
+        let started = Instant::now();
+        let (cfg, cat) = (config.clone(), next.clone());
+        match tokio::task::spawn_blocking(move || Index::build(&cfg, &cat)).await {
+            Ok(Ok(built)) => {
+                metrics.observe_index(&built, started.elapsed());
+                debug!(
+                    revision = next.revision,
+                    names = built.len(),
+                    took = ?started.elapsed(),
+                    "dns index rebuilt"
+                );
+                index.store(Arc::new(built));
+                served = next;
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot index the catalog; serving the previous one"),
+            Err(e) => warn!(error = %e, "dns index build failed; serving the previous one"),
+        }
+    }
+}
+
+/// Whether DNS answers from `a` and `b` are the same: same exports, same sites in the same
+/// lease state. Heartbeats (which only move `last_heartbeat_ms`) do not cause a rebuild.
+pub(crate) fn same_dns_inputs(a: &Catalog, b: &Catalog) -> bool {
+    let state = |s: &SiteState| std::mem::discriminant(s);
+    a.exports.len() == b.exports.len()
+        && a.sites.len() == b.sites.len()
+        && a.exports
+            .iter()
+            .zip(&b.exports)
+            .all(|((ka, ea), (kb, eb))| ka == kb && (Arc::ptr_eq(ea, eb) || ea == eb))
+        && a.sites.iter().zip(&b.sites).all(|((na, sa), (nb, sb))| {
+            na == nb && state(&sa.state) == state(&sb.state) && sa.locality == sb.locality
+        })
+}
