@@ -61,7 +61,8 @@ fn plan(sh: &Shared, catalog: &Catalog, target: &Target) -> Vec<Candidate> {
         } => {
             let key = ServiceKey::new(namespace.clone(), name.clone());
             let ranked = catalog.resolve(&key, &sh.site).unwrap_or_default();
-            choice::candidates(&ranked, *port, &sh.site, |s| sh.is_ejected(s), sh.roll())
+            let down = |s: &str| sh.is_ejected(s) || sh.pool.unhealthy(s);
+            choice::candidates(&ranked, *port, &sh.site, down, sh.roll())
         }
         Target::Endpoint { addr } => catalog
             .exports
@@ -114,8 +115,9 @@ pub async fn dial(
         trace_id: Some(rand::random()),
     };
     let mut tried = Vec::new();
-    for cand in candidates.iter().take(sh.cfg.failover.max_attempts) {
-        match attempt(sh, &catalog, cand, &preamble, early).await {
+    let n = candidates.len().min(sh.cfg.failover.max_attempts);
+    for (i, cand) in candidates.iter().take(n).enumerate() {
+        match attempt(sh, &catalog, cand, &preamble, early, i + 1 == n).await {
             Ok(d) => {
                 if !tried.is_empty() {
                     tracing::info!(target = %describe_target(target), site = %cand.site, failed = ?tried, "failed over");
@@ -146,13 +148,14 @@ async fn attempt(
     cand: &Candidate,
     preamble: &Preamble,
     early: &[u8],
+    last_resort: bool,
 ) -> Result<Dialed, Attempt> {
     if cand.site == sh.site {
         return local(sh, catalog, &preamble.target, early).await;
     }
     let mut last = String::from("no gateway address");
     for addr in &cand.gateways {
-        let link = match sh.pool.get(&cand.site, addr).await {
+        let link = match sh.pool.get(&cand.site, addr, last_resort).await {
             Ok(l) => l,
             Err(e) => {
                 last = e.to_string();
@@ -165,10 +168,10 @@ async fn attempt(
             Ok(o) => o,
             Err(e) => {
                 sh.metrics.failure(&cand.site, "request_failed");
-                if link.is_closed() || matches!(e, transport::RequestError::Timeout(_)) {
-                    sh.pool.discard(&cand.site, addr);
-                }
                 last = format!("gateway {addr}: {e}");
+                if link.is_closed() || matches!(e, transport::RequestError::Timeout(_)) {
+                    sh.pool.link_failed(&cand.site, addr, last.clone());
+                }
                 continue;
             }
         };

@@ -135,7 +135,13 @@ impl Gateway {
             tasks.clone(),
             stop.clone(),
         );
-        let pool = Pool::new(dialer, metrics.clone(), tasks.clone(), stop.clone());
+        let pool = Arc::new(Pool::new(
+            dialer,
+            metrics.clone(),
+            tasks.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(pool.clone().maintain());
         let (trigger, drain_watch) = drain::channel();
         let sh = Arc::new(Shared::new(
             config.clone(),

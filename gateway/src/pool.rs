@@ -16,7 +16,7 @@ use crate::config::{TransportKind, TunnelConfig};
 use crate::metrics::{Metrics, PeerLabels, SiteLabel};
 use crate::transport::{Carrier, Dialer, Link, LinkError};
 
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a peer stays on TCP after QUIC got no answer (`auto`).
 const TCP_STICKY: Duration = Duration::from_secs(300);
@@ -42,6 +42,12 @@ pub enum PoolError {
         addr: String,
         found: String,
     },
+    #[error("peer {site} at {addr} is down (re-dialing in the background) after: {last}")]
+    Unhealthy {
+        site: String,
+        addr: String,
+        last: String,
+    },
     #[error("peer {site} at {addr}: backing off for {left:?} after: {last}")]
     Backoff {
         site: String,
@@ -62,7 +68,7 @@ struct State {
 
 #[derive(Default)]
 struct Entry {
-    dialing: tokio::sync::Mutex<()>,
+    dialing: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
 }
 
@@ -118,26 +124,30 @@ impl Pool {
             .clone()
     }
 
-    /// The live link to `site`'s gateway at `addr`, dialing it if needed.
-    pub async fn get(&self, site: &str, addr: &str) -> Result<Link, PoolError> {
+    /// The live link to `site`'s gateway at `addr`. A peer that failed recently is not dialed
+    /// inline (the maintenance task re-dials it in the background) unless it is the
+    /// client's `last_resort`; a never-failed peer is dialed at once.
+    pub async fn get(&self, site: &str, addr: &str, last_resort: bool) -> Result<Link, PoolError> {
         let entry = self.entry(site, addr);
-        if let Some(link) = self.ready(&entry, site, addr)? {
+        if let Some(link) = self.ready(&entry, site, addr, last_resort)? {
             return Ok(link);
         }
         let _dialing = entry.dialing.lock().await;
-        if let Some(link) = self.ready(&entry, site, addr)? {
+        if let Some(link) = self.ready(&entry, site, addr, last_resort)? {
             return Ok(link);
         }
-        match self.dial(&entry, site, addr).await {
+        self.dial_and_record(&entry, site, addr).await
+    }
+
+    async fn dial_and_record(
+        &self,
+        entry: &Entry,
+        site: &str,
+        addr: &str,
+    ) -> Result<Link, PoolError> {
+        match self.dial(entry, site, addr).await {
             Ok(link) => Ok(link),
             Err(e) => {
-                let mut st = lock(&entry.state);
-                st.failures += 1;
-                let backoff = BACKOFF_BASE
-                    .saturating_mul(1 << st.failures.min(8))
-                    .min(BACKOFF_MAX);
-                st.retry_at = Some(Instant::now() + backoff);
-                st.last_error = Some(e.to_string());
                 let reason = match &e {
                     PoolError::Link {
                         source: LinkError::Timeout { .. },
@@ -147,19 +157,86 @@ impl Pool {
                     _ => "link_failed",
                 };
                 self.metrics.failure(site, reason);
+                mark_failed(&mut lock(&entry.state), e.to_string());
                 Err(e)
             }
         }
     }
 
+    /// Re-dial, in the background, peers that failed and whose backoff is over.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let now = Instant::now();
+            let due: Vec<((String, String), Arc<Entry>)> = lock(&self.entries)
+                .iter()
+                .filter(|(_, e)| {
+                    let st = lock(&e.state);
+                    st.link.is_none() && st.failures > 0 && st.retry_at.is_none_or(|at| at <= now)
+                })
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
+            for ((site, addr), entry) in due {
+                let Ok(guard) = entry.dialing.clone().try_lock_owned() else {
+                    continue;
+                };
+                let pool = self.clone();
+                self.tasks.spawn(async move {
+                    let _guard = guard;
+                    if pool.dial_and_record(&entry, &site, &addr).await.is_ok() {
+                        tracing::info!(peer.site = %site, peer.addr = %addr, "peer reachable again");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Whether every known gateway of `site` is down after failures (the site then ranks
+    /// after healthy ones until a background re-dial succeeds).
+    pub fn unhealthy(&self, site: &str) -> bool {
+        let entries = lock(&self.entries);
+        let mut any = false;
+        for ((s, _), e) in entries.iter() {
+            if s != site {
+                continue;
+            }
+            any = true;
+            let st = lock(&e.state);
+            let live = st.link.as_ref().is_some_and(|(l, _)| !l.is_closed());
+            if live || st.failures == 0 {
+                return false;
+            }
+        }
+        any
+    }
+
     /// A live link, or an error while backing off, or `None` (dial now).
-    fn ready(&self, entry: &Entry, site: &str, addr: &str) -> Result<Option<Link>, PoolError> {
+    fn ready(
+        &self,
+        entry: &Entry,
+        site: &str,
+        addr: &str,
+        last_resort: bool,
+    ) -> Result<Option<Link>, PoolError> {
         let mut st = lock(&entry.state);
         if let Some((link, _)) = &st.link {
             if !link.is_closed() {
                 return Ok(Some(link.clone()));
             }
             st.link = None;
+            mark_failed(&mut st, "link closed".into());
+        }
+        if st.failures > 0 && !last_resort {
+            return Err(PoolError::Unhealthy {
+                site: site.to_string(),
+                addr: addr.to_string(),
+                last: st.last_error.clone().unwrap_or_default(),
+            });
         }
         let now = Instant::now();
         match st.retry_at {
@@ -245,12 +322,12 @@ impl Pool {
             st.retry_at = None;
             st.last_error = None;
         }
-        self.monitor(link.clone(), labels);
+        self.monitor(self.entry(site, addr), link.clone(), labels);
         Ok(link)
     }
 
     /// Track the link's gauge and RTT until it closes.
-    fn monitor(&self, link: Link, labels: PeerLabels) {
+    fn monitor(&self, entry: Arc<Entry>, link: Link, labels: PeerLabels) {
         let metrics = self.metrics.clone();
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
@@ -278,16 +355,26 @@ impl Pool {
                 }
             }
             active.dec();
+            {
+                // Still the entry's link: it died under us (not discarded), so re-dial later.
+                let mut st = lock(&entry.state);
+                if st.link.as_ref().is_some_and(|(l, _)| l.is_closed()) {
+                    st.link = None;
+                    mark_failed(&mut st, "link closed".into());
+                }
+            }
             tracing::info!(peer.site = %labels.peer_site, transport = labels.transport, "tunnel link down");
         });
     }
 
-    /// Forget a link that failed a request, so the next use re-dials.
-    pub fn discard(&self, site: &str, addr: &str) {
+    /// A link failed a request (dead or unresponsive): close it and count a failure.
+    pub fn link_failed(&self, site: &str, addr: &str, reason: String) {
         let entry = self.entry(site, addr);
-        if let Some((link, _)) = lock(&entry.state).link.take() {
-            link.close("discarded after a failure");
+        let mut st = lock(&entry.state);
+        if let Some((link, _)) = st.link.take() {
+            link.close("failed a request");
         }
+        mark_failed(&mut st, reason);
     }
 
     /// Every known peer, for `/debug/peers`.
@@ -332,6 +419,15 @@ impl Pool {
             }
         }
     }
+}
+
+fn mark_failed(st: &mut State, reason: String) {
+    st.failures += 1;
+    let backoff = BACKOFF_BASE
+        .saturating_mul(1 << st.failures.min(8))
+        .min(BACKOFF_MAX);
+    st.retry_at = Some(Instant::now() + backoff);
+    st.last_error = Some(reason);
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {

@@ -285,8 +285,8 @@ impl Echo {
     }
 
     /// Stop listening and close every connection (later connects are refused).
-    pub fn stop(&mut self) {
-        self.tasks.abort_all();
+    pub async fn stop(&mut self) {
+        self.tasks.shutdown().await;
     }
 }
 

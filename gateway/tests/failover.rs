@@ -1,0 +1,126 @@
+//! Failover between sites: the service runs in a nearer site (same region) and a farther
+//! one. When the nearer site's endpoints stop, or its gateway dies, new connections go to
+//! the farther site without the client seeing an error.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use common::*;
+use meshbridge_gateway::TransportKind;
+use meshbridge_testkit::fault::{Mode, TcpFault, UdpFault};
+
+const PORT: u16 = 7101;
+
+async fn endpoints_stopping_in_the_nearer_site_fails_over(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let mut near_echo = Echo::start(Some("near")).await?;
+    let far_echo = Echo::start(Some("far_")).await?;
+    let west = mesh.gateway(&site("west", "r1", "a")).await?;
+    let near = mesh.gateway(&site("near", "r1", "b")).await?;
+    let far = mesh.gateway(&site("far", "r2", "c")).await?;
+    mesh.feed
+        .export("near", &key("echo"), PORT, &[near_echo.addr]);
+    mesh.feed
+        .export("far", &key("echo"), PORT, &[far_echo.addr]);
+    mesh.feed.synced(&[&west, &near, &far]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    for _ in 0..3 {
+        assert_eq!(which_server(vip, 4).await?, "near", "nearer site first");
+    }
+    // The endpoint dies but the catalog still calls it ready: near answers connect-failed.
+    near_echo.stop().await;
+    for i in 0..5 {
+        let tag = which_server(vip, 4)
+            .await
+            .with_context(|| format!("attempt {i}"))?;
+        assert_eq!(tag, "far_", "attempt {i}");
+    }
+    // Once the catalog says so, near is not even asked.
+    mesh.feed.set_ready("near", &key("echo"), false);
+    mesh.feed.synced(&[&west]).await;
+    assert_eq!(which_server(vip, 4).await?, "far_");
+    ping(vip, "far_", b"payload after failover").await?;
+    Ok(())
+}
+both_transports!(endpoints_stopping_in_the_nearer_site_fails_over);
+
+enum Fault {
+    Udp(UdpFault),
+    Tcp(TcpFault),
+}
+
+impl Fault {
+    fn set(&self, mode: Mode) {
+        match self {
+            Self::Udp(f) => f.set(mode),
+            Self::Tcp(f) => f.set(mode),
+        }
+    }
+}
+
+async fn nearer_gateway_dying_fails_over_within_seconds(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let near_echo = Echo::start(Some("near")).await?;
+    let far_echo = Echo::start(Some("far_")).await?;
+    let west = mesh.gateway(&site("west", "r1", "a")).await?;
+    let near_site = site("near", "r1", "b");
+    let near = mesh.gateway(&near_site).await?;
+    let far = mesh.gateway(&site("far", "r2", "c")).await?;
+    // Peers reach near only through a proxy that can silently drop everything.
+    let fault = match t {
+        TransportKind::Tcp => Fault::Tcp(TcpFault::start(near.tunnel_addr()).await?),
+        _ => Fault::Udp(UdpFault::start(near.tunnel_addr(), 1).await?),
+    };
+    let via = match &fault {
+        Fault::Udp(f) => f.addr(),
+        Fault::Tcp(f) => f.addr(),
+    };
+    mesh.feed.set_site(&near_site, Some(via));
+    mesh.feed
+        .export("near", &key("echo"), PORT, &[near_echo.addr]);
+    mesh.feed
+        .export("far", &key("echo"), PORT, &[far_echo.addr]);
+    mesh.feed.synced(&[&west, &near, &far]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    assert_eq!(which_server(vip, 4).await?, "near");
+
+    fault.set(Mode::Blackhole);
+    let cut = Instant::now();
+    // The first connection waits for the dead link to be noticed (keepalive / idle
+    // timeout with default settings), then fails over; the client sees no error.
+    assert_eq!(which_server(vip, 4).await?, "far_");
+    let detected = cut.elapsed();
+    assert!(
+        detected < Duration::from_secs(8),
+        "site loss took {detected:?} to notice"
+    );
+    // Later connections do not wait: the dead peer is in backoff.
+    for _ in 0..3 {
+        let began = Instant::now();
+        assert_eq!(which_server(vip, 4).await?, "far_");
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+    eprintln!("{t:?}: loss of the nearer gateway handled after {detected:?}");
+    let peers = west.peers();
+    let near_peer = peers
+        .iter()
+        .find(|p| p.site == "near")
+        .context("near peer")?;
+    assert!(!near_peer.connected, "{near_peer:?}");
+    assert!(near_peer.last_error.is_some(), "{near_peer:?}");
+    Ok(())
+}
+both_transports!(nearer_gateway_dying_fails_over_within_seconds);
