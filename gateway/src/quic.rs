@@ -183,6 +183,22 @@ pub fn endpoint(
     Ok(ep)
 }
 
+/// Wait until the server confirms the handshake (HANDSHAKE_DONE): in TLS 1.3 the client is
+/// done before the server has checked the client certificate, so a refused client would
+/// otherwise hold a link that fails on first use. Returns the close reason on refusal.
+pub async fn confirmed(conn: &quinn::Connection) -> Result<(), String> {
+    loop {
+        if conn.stats().frame_rx.handshake_done > 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            e = conn.closed() => return Err(format!("peer refused the link: {}", meshbridge_core::tls::describe(&e))),
+            // HANDSHAKE_DONE comes one round trip after the handshake; no event tells us.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(1)) => {}
+        }
+    }
+}
+
 /// The SPIFFE id of a QUIC peer, from its verified certificate.
 pub fn peer_id(conn: &quinn::Connection) -> Option<meshbridge_core::id::SpiffeId> {
     let certs = conn

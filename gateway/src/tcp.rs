@@ -212,25 +212,48 @@ impl H2Link {
     }
 }
 
-/// Ping every `interval`; returns when a pong does not come back within `timeout`.
-async fn ping_until_dead(mut ping: h2::PingPong, interval: Duration, timeout: Duration) -> String {
+/// Ping every `interval`; returns when a pong does not come back within `timeout`. With
+/// `first`, pings at once and reports whether the peer answered (it did not refuse us).
+async fn ping_until_dead(
+    mut ping: h2::PingPong,
+    interval: Duration,
+    timeout: Duration,
+    mut first: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+) -> String {
     loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return format!("ping failed: {e}"),
-            Err(_) => return format!("no ping answer within {timeout:?}"),
+        if first.is_none() {
+            tokio::time::sleep(interval).await;
+        }
+        let r = match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("ping failed: {e}")),
+            Err(_) => Err(format!("no ping answer within {timeout:?}")),
+        };
+        if let Some(tx) = first.take() {
+            let _ = tx.send(r.clone());
+        }
+        if let Err(why) = r {
+            return why;
         }
     }
 }
 
+/// Resolves when the peer has answered a first ping, i.e. accepted our certificate.
+pub type Confirmed = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
 /// HTTP/2 client handshake over an established TLS stream. The returned future drives the
 /// connection (and its keepalive pings) and must be spawned; it ends when the link dies.
+/// [`Confirmed`] resolves once the peer answered a first ping: in TLS 1.3 the client's
+/// handshake completes before the server has checked the client certificate.
 pub async fn client<IO>(
     io: IO,
     keepalive: Duration,
     idle_timeout: Duration,
-) -> io::Result<(H2Link, impl Future<Output = String> + Send + 'static)>
+) -> io::Result<(
+    H2Link,
+    impl Future<Output = String> + Send + 'static,
+    Confirmed,
+)>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -248,10 +271,11 @@ where
         send,
         closed: closed.clone(),
     };
+    let (confirm_tx, confirmed) = tokio::sync::oneshot::channel();
     let driver = async move {
         let pinger = async {
             match ping {
-                Some(p) => ping_until_dead(p, keepalive, idle_timeout).await,
+                Some(p) => ping_until_dead(p, keepalive, idle_timeout, Some(confirm_tx)).await,
                 None => std::future::pending().await,
             }
         };
@@ -266,7 +290,7 @@ where
         closed.cancel();
         why
     };
-    Ok((link, driver))
+    Ok((link, driver, confirmed))
 }
 
 /// HTTP/2 server side over an established TLS stream: calls `on_stream` for each CONNECT
@@ -297,7 +321,7 @@ where
     let ping = conn.ping_pong();
     let pinger = async {
         match ping {
-            Some(p) => ping_until_dead(p, keepalive, idle_timeout).await,
+            Some(p) => ping_until_dead(p, keepalive, idle_timeout, None).await,
             None => std::future::pending().await,
         }
     };

@@ -266,6 +266,7 @@ impl Dialer {
                         .connect(addr, "gateway.meshbridge.invalid")
                         .map_err(|e| fail(e.to_string()))?;
                     let conn = connecting.await.map_err(|e| fail(describe(&e)))?;
+                    quic::confirmed(&conn).await.map_err(fail)?;
                     let id = quic::peer_id(&conn).ok_or(LinkError::NoPeerId { addr })?;
                     Ok((Link::Quic(conn), id))
                 }
@@ -301,17 +302,31 @@ impl Dialer {
             .map_err(|e| fail(describe(&e)))?;
         let id = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates())
             .ok_or(LinkError::NoPeerId { addr })?;
-        let (link, driver) = tcp::client(tls, self.cfg.keepalive(), self.cfg.idle_timeout())
-            .await
-            .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
+        let (link, driver, confirmed) =
+            tcp::client(tls, self.cfg.keepalive(), self.cfg.idle_timeout())
+                .await
+                .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
         let stop = self.stop.clone();
         let closer = link.clone();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
         self.tasks.spawn(async move {
             tokio::select! {
-                why = driver => tracing::debug!(peer = %addr, %why, "tunnel link (tcp) ended"),
+                why = driver => {
+                    tracing::debug!(peer = %addr, %why, "tunnel link (tcp) ended");
+                    let _ = ended_tx.send(why);
+                }
                 _ = stop.cancelled() => closer.close(),
             }
         });
+        let refused = match confirmed.await {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(reason),
+            Err(_) => Some(ended.await.unwrap_or_else(|_| "link closed".into())),
+        };
+        if let Some(reason) = refused {
+            link.close();
+            return Err(fail(format!("peer refused the link: {reason}")));
+        }
         Ok((Link::H2(link), id))
     }
 

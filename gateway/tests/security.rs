@@ -1,0 +1,252 @@
+//! Policy and identity: allowed peers pass, others are refused with the reason, policy
+//! changes apply to new streams; gateways with certificates from another CA or another
+//! trust domain cannot connect; certificate rotation does not drop open streams.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use common::*;
+use meshbridge_core::model::Principal;
+use meshbridge_core::tls::{BundleSource, Identity, IdentityFiles};
+use meshbridge_gateway::TransportKind;
+use meshbridge_gateway::transport::{Carrier, Dialer};
+use meshbridge_testkit::pki::TestPki;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PORT: u16 = 7201;
+const AUTHORITY: &str = "echo.demo.svc.clusterset.local:7201";
+
+fn carrier(t: TransportKind) -> Carrier {
+    match t {
+        TransportKind::Tcp => Carrier::Tcp,
+        _ => Carrier::Quic,
+    }
+}
+
+async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    s.write_all(msg).await?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .context("no echo")??;
+    if buf != msg {
+        bail!("echo differs");
+    }
+    Ok(())
+}
+
+fn metrics_text(g: &meshbridge_gateway::GatewayHandle) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &g.registry()).unwrap();
+    out
+}
+
+async fn policy_allows_denies_and_changes_apply_to_new_streams(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    let north = mesh.gateway(&site("north", "r2", "c")).await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.policy(
+        "echo-from-west",
+        &key("echo"),
+        vec![Principal::Site("west".into())],
+    );
+    mesh.feed.synced(&[&east, &west, &north]).await;
+
+    let (status, mut from_west) = http_connect(west.connect_addr().unwrap(), AUTHORITY).await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    round_trip(&mut from_west, b"west is allowed").await?;
+    let (status, _) = http_connect(north.connect_addr().unwrap(), AUTHORITY).await?;
+    assert!(status.starts_with("HTTP/1.1 403 Forbidden"), "{status}");
+    assert!(
+        status.contains(&format!("spiffe://{TD}/site/north/gateway is not allowed")),
+        "the reason names the identity: {status}"
+    );
+    let m = metrics_text(&east);
+    assert!(
+        m.contains("meshbridge_gateway_policy_denials_total{peer_site=\"north\"} 1"),
+        "{m}"
+    );
+
+    // Now only north may connect: new streams follow the new policy at once.
+    mesh.feed.policy(
+        "echo-from-west",
+        &key("echo"),
+        vec![Principal::Site("north".into())],
+    );
+    mesh.feed.synced(&[&east]).await;
+    let (status, mut from_north) = http_connect(north.connect_addr().unwrap(), AUTHORITY).await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    round_trip(&mut from_north, b"north now").await?;
+    let (status, _) = http_connect(west.connect_addr().unwrap(), AUTHORITY).await?;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    // A stream authorized when it opened is not cut.
+    round_trip(&mut from_west, b"still open").await?;
+    Ok(())
+}
+both_transports!(policy_allows_denies_and_changes_apply_to_new_streams);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_deny_refuses_services_without_policy() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(None).await?;
+    let mut cfg = mesh.config("east");
+    cfg.policy.default = meshbridge_gateway::DefaultAction::Deny;
+    let east = mesh
+        .gateway_with(&site("east", "r1", "a"), cfg, mesh.identity("east"))
+        .await?;
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let (status, _) = http_connect(west.connect_addr().unwrap(), AUTHORITY).await?;
+    assert!(
+        status.contains("403") && status.contains("default is deny"),
+        "{status}"
+    );
+    mesh.feed.policy(
+        "all-of-corp",
+        &key("echo"),
+        vec![Principal::TrustDomain(TD.into())],
+    );
+    mesh.feed.synced(&[&east]).await;
+    let (status, _) = http_connect(west.connect_addr().unwrap(), AUTHORITY).await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    Ok(())
+}
+
+/// An identity of `id` from `pki` that trusts the mesh's CA too (so only the mesh side can
+/// refuse the handshake).
+fn rogue(pki: &TestPki, mesh: &Mesh, id: &str, federate: bool) -> Arc<Identity> {
+    let mut files = pki.issue("rogue", id);
+    let mesh_ca = mesh.pki.ca_dir().join("ca.pem");
+    if federate {
+        files.federated = vec![BundleSource {
+            path: mesh_ca,
+            trust_domain: Some(TD.into()),
+        }];
+    } else {
+        let both = [
+            std::fs::read_to_string(&files.bundle).unwrap(),
+            std::fs::read_to_string(&mesh_ca).unwrap(),
+        ]
+        .concat();
+        let path = pki.dir().join("both.pem");
+        std::fs::write(&path, both).unwrap();
+        files = IdentityFiles {
+            bundle: path,
+            ..files
+        };
+    }
+    Identity::load(files).unwrap()
+}
+
+async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+
+    let other_ca = TestPki::new(TD);
+    let other_td = TestPki::new("evil.example");
+    let cases = [
+        (
+            "another CA",
+            rogue(
+                &other_ca,
+                &mesh,
+                &format!("spiffe://{TD}/site/west/gateway"),
+                false,
+            ),
+        ),
+        (
+            "another trust domain",
+            rogue(
+                &other_td,
+                &mesh,
+                "spiffe://evil.example/site/west/gateway",
+                true,
+            ),
+        ),
+    ];
+    let cfg = mesh.config("probe").tunnel;
+    for (what, identity) in cases {
+        let dialer = Dialer::standalone(&identity, &cfg, localhost(0))?;
+        let r = dialer.connect(east.tunnel_addr(), carrier(t)).await;
+        let Err(e) = r else {
+            bail!("{what}: handshake succeeded");
+        };
+        eprintln!("{what}: refused: {e}");
+        dialer.close();
+    }
+    let m = metrics_text(&east);
+    assert!(
+        m.contains("meshbridge_gateway_failures_total{peer_site=\"-\",reason=\"handshake\"} 2"),
+        "{m}"
+    );
+    // The mesh's own gateways are unaffected.
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("vip")?;
+    ping(vip, "", b"still fine").await?;
+    Ok(())
+}
+both_transports!(foreign_certificates_cannot_connect);
+
+async fn certificate_rotation_keeps_open_streams(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let east_id = mesh.identity("east");
+    let west_id = mesh.identity("west");
+    let east = mesh
+        .gateway_with(
+            &site("east", "r1", "a"),
+            mesh.config("east"),
+            east_id.clone(),
+        )
+        .await?;
+    let west = mesh
+        .gateway_with(
+            &site("west", "r1", "b"),
+            mesh.config("west"),
+            west_id.clone(),
+        )
+        .await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("vip")?;
+    let mut open = TcpStream::connect(vip).await?;
+    round_trip(&mut open, b"before rotation").await?;
+
+    for (site_name, id) in [("east", &east_id), ("west", &west_id)] {
+        let before = id.cert_info().serial;
+        mesh.pki.issue(
+            &format!("gw-{site_name}"),
+            &format!("spiffe://{TD}/site/{site_name}/gateway"),
+        );
+        assert!(id.reload()?, "{site_name}: new certificate not picked up");
+        assert_ne!(before, id.cert_info().serial);
+    }
+    round_trip(&mut open, b"after rotation, same stream").await?;
+    ping(vip, "", b"new stream after rotation").await?;
+    // A brand-new link handshakes with the new certificates.
+    let south = mesh.gateway(&site("south", "r1", "c")).await?;
+    mesh.feed.synced(&[&south]).await;
+    let (status, mut s) = http_connect(south.connect_addr().unwrap(), AUTHORITY).await?;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    round_trip(&mut s, b"new link").await?;
+    round_trip(&mut open, b"and the old stream still works").await?;
+    Ok(())
+}
+both_transports!(certificate_rotation_keeps_open_streams);
