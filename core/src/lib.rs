@@ -3,12 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod drain;
 pub mod id;
 pub mod join;
 pub mod model;
 pub mod pki;
+pub mod proto;
 pub mod telemetry;
 pub mod tls;
 pub mod vip;

@@ -2,7 +2,23 @@
 //!
 //! The catalog ([`meshbridge_core::model::Catalog`]) is replicated with openraft; its log,
 //! vote and snapshots live in one redb file ([`store`]). [`types`] holds the Raft type
-//! configuration shared by the storage, network and node layers.
+//! configuration shared by the storage, network and node layers. [`Node::start`] runs a
+//! node: Raft, the gRPC server (registry API and Raft transport on one mTLS port), leases,
+//! metrics and admin HTTP.
 
+mod authz;
+pub mod config;
+mod leases;
+mod listener;
+mod metrics;
+mod network;
+mod node;
+mod raft_api;
+mod service;
+mod shared;
 pub mod store;
 pub mod types;
+mod watch;
+
+pub use config::Config;
+pub use node::{Node, NodeHandle, StartError};

@@ -1,0 +1,424 @@
+//! The registry client: mTLS to any registry node, transparent failover between nodes,
+//! typed calls, and a watch turned into a local catalog replica.
+//!
+//! Every node serves the whole API (followers forward writes and linearizable reads to the
+//! leader), so the client never needs to know the leader. When a node is unreachable or
+//! answers `Unavailable` (no leader yet, leader unreachable), the call moves to the next
+//! node after a capped exponential backoff with jitter, until `retry_deadline`; the caller
+//! sees an error only when no node could serve the call in that time, or when the registry
+//! refused the request ([`ClientError::Rejected`]).
+//!
+//! A write retried after an ambiguous failure (the connection dropped after the leader
+//! accepted it) may be applied twice. The registry's writes are idempotent by design
+//! (registering, heartbeats, puts of the same generation, policies); a retried delete may
+//! answer `NotFound` for an export or policy that its first attempt deleted.
+
+mod replica;
+mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::model::{
+    EndpointGroup, Export, Policy, Rejection, ServiceKey, Site, SiteRank, SiteSpec,
+};
+use crate::proto::{self, registry_client::RegistryClient as Grpc};
+use crate::tls::{AllowList, AllowRule, Identity};
+
+pub use replica::apply_changes;
+pub use transport::{
+    ALPN_H2, BadUrl, ChannelOptions, MAX_MESSAGE_BYTES, MtlsConnector, endpoint_uri, lazy_channel,
+};
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no registry URL given")]
+    NoUrls,
+    #[error(transparent)]
+    BadUrl(#[from] BadUrl),
+    /// The registry refused the request; nothing was applied.
+    #[error("refused by the registry: {0}")]
+    Rejected(#[from] Rejection),
+    /// A non-retryable status (permission denied, ...).
+    #[error("registry {method}: {code:?}: {message}")]
+    Status {
+        method: &'static str,
+        code: Code,
+        message: String,
+    },
+    /// No node could serve the call before the retry deadline.
+    #[error(
+        "registry {method}: no node answered in {elapsed:?} ({attempts} attempts); last error: {last}"
+    )]
+    Unavailable {
+        method: &'static str,
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
+    #[error("registry {method}: cannot decode the reply: {source}")]
+    Decode {
+        method: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The gRPC code behind the error, when there is one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Rejected(r) => Some(proto::rejection_to_status(r).code()),
+            ClientError::Status { code, .. } => Some(*code),
+            ClientError::Unavailable { .. } => Some(Code::Unavailable),
+            _ => None,
+        }
+    }
+}
+
+/// Read consistency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Consistency {
+    /// Confirmed by the leader with a quorum (read index): sees every acknowledged write.
+    #[default]
+    Linearizable,
+    /// Whatever the node that answers has applied; may lag.
+    Stale,
+}
+
+impl Consistency {
+    fn stale(self) -> bool {
+        self == Consistency::Stale
+    }
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteResult {
+    /// Catalog revision after the write.
+    pub revision: u64,
+    /// False when the write changed nothing (e.g. the same export again).
+    pub changed: bool,
+    pub log_index: u64,
+}
+
+/// A read answer at a catalog revision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub revision: u64,
+    pub value: T,
+}
+
+/// Sites as listed by a node, with that node's clock for staleness.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteList {
+    pub revision: u64,
+    pub now_ms: u64,
+    pub sites: Vec<Site>,
+}
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub channel: ChannelOptions,
+    /// Time allowed for one attempt on one node.
+    pub attempt_timeout: Duration,
+    /// Time allowed for a call across all attempts.
+    pub retry_deadline: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Server identities accepted; default: `spiffe://<our trust domain>/registry/*`.
+    pub registry_ids: Option<AllowList>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            channel: ChannelOptions::default(),
+            attempt_timeout: Duration::from_secs(5),
+            retry_deadline: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            registry_ids: None,
+        }
+    }
+}
+
+struct Node {
+    url: String,
+    channel: Channel,
+}
+
+struct Inner {
+    nodes: Vec<Node>,
+    /// The node that answered last: tried first.
+    preferred: AtomicUsize,
+    opts: ClientOptions,
+}
+
+/// A registry client. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<&str> = self.inner.nodes.iter().map(|n| n.url.as_str()).collect();
+        f.debug_struct("RegistryClient")
+            .field("nodes", &urls)
+            .finish()
+    }
+}
+
+/// The allow-list of registry nodes of `identity`'s trust domain.
+pub fn registry_allow_list(identity: &Identity) -> AllowList {
+    AllowList(vec![AllowRule::Prefix(format!(
+        "spiffe://{}/registry/",
+        identity.id().trust_domain()
+    ))])
+}
+
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}
+
+impl RegistryClient {
+    /// A client for the registry nodes at `urls` (`https://host:port`) with default options.
+    /// Connections are made on first use, so this succeeds while the registry is down.
+    pub async fn connect(urls: &[String], identity: Arc<Identity>) -> Result<Self, ClientError> {
+        Self::with_options(urls, identity, ClientOptions::default()).await
+    }
+
+    pub async fn with_options(
+        urls: &[String],
+        identity: Arc<Identity>,
+        opts: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::NoUrls);
+        }
+        let allow = opts
+            .registry_ids
+            .clone()
+            .unwrap_or_else(|| registry_allow_list(&identity));
+        let nodes = urls
+            .iter()
+            .map(|url| {
+                let channel = lazy_channel(url, &identity, allow.clone(), &opts.channel)?;
+                Ok(Node {
+                    url: url.clone(),
+                    channel,
+                })
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        let start = rand::random_range(0..nodes.len());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                nodes,
+                preferred: AtomicUsize::new(start),
+                opts,
+            }),
+        })
+    }
+
+    /// The node URLs, in the order given.
+    pub fn urls(&self) -> Vec<String> {
+        self.inner.nodes.iter().map(|n| n.url.clone()).collect()
+    }
+
+    fn grpc(&self, i: usize) -> Grpc<Channel> {
+        Grpc::new(self.inner.nodes[i].channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Backoff before attempt `attempt` (1-based): exponential, capped, with full jitter
+    /// over its upper half so that clients do not retry in step.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let o = &self.inner.opts;
+        let exp = o
+            .backoff_initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let cap = exp.min(o.backoff_max);
+        let half = cap / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    /// Runs `call` on the preferred node, moving to the next node on retryable failures.
+    async fn call<T, F, Fut>(&self, method: &'static str, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Grpc<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let o = &self.inner.opts;
+        let n = self.inner.nodes.len();
+        let start = Instant::now();
+        let mut node = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let outcome = tokio::time::timeout(o.attempt_timeout, call(self.grpc(node))).await;
+            let last = match outcome {
+                Ok(Ok(reply)) => {
+                    self.inner.preferred.store(node, Ordering::Relaxed);
+                    return Ok(reply.into_inner());
+                }
+                Ok(Err(status)) if !retryable(status.code()) => {
+                    return Err(status_error(method, status));
+                }
+                Ok(Err(status)) => format!(
+                    "{}: {:?}: {}",
+                    self.inner.nodes[node].url,
+                    status.code(),
+                    status.message()
+                ),
+                Err(_) => format!(
+                    "{}: no answer in {:?}",
+                    self.inner.nodes[node].url, o.attempt_timeout
+                ),
+            };
+            tracing::debug!(method, attempt = attempts, error = %last, "registry call failed; trying the next node");
+            let elapsed = start.elapsed();
+            let pause = self.backoff(attempts);
+            if elapsed + pause >= o.retry_deadline {
+                return Err(ClientError::Unavailable {
+                    method,
+                    attempts,
+                    elapsed,
+                    last,
+                });
+            }
+            node = (node + 1) % n;
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    async fn write<F, Fut>(&self, method: &'static str, call: F) -> Result<WriteResult, ClientError>
+    where
+        F: FnMut(Grpc<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<proto::WriteReply>, Status>>,
+    {
+        let r = self.call(method, call).await?;
+        Ok(WriteResult {
+            revision: r.revision,
+            changed: r.changed,
+            log_index: r.log_index,
+        })
+    }
+
+    /// Registers (or re-registers) a site and renews its lease. A zero `lease_ttl_ms` takes
+    /// the registry's default lease and grace.
+    pub async fn register_site(&self, spec: &SiteSpec) -> Result<WriteResult, ClientError> {
+        let req = proto::RegisterSiteRequest {
+            spec: Some(proto::from_site_spec(spec)),
+        };
+        self.write("RegisterSite", |mut c| {
+            let req = req.clone();
+            async move { c.register_site(req).await }
+        })
+        .await
+    }
+
+    pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::HeartbeatRequest { site: site.into() };
+        self.write("Heartbeat", |mut c| {
+            let req = req.clone();
+            async move { c.heartbeat(req).await }
+        })
+        .await
+    }
+
+    pub async fn remove_site(&self, site: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::RemoveSiteRequest { site: site.into() };
+        self.write("RemoveSite", |mut c| {
+            let req = req.clone();
+            async move { c.remove_site(req).await }
+        })
+        .await
+    }
+
+    pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
+        let req = proto::PutExportRequest {
+            export: Some(proto::from_export(export)),
+        };
+        self.write("PutExport", |mut c| {
+            let req = req.clone();
+            async move { c.put_export(req).await }
+        })
+        .await
+    }
+
+    pub async fn delete_export(
+        &self,
+        site: &str,
+        service: &ServiceKey,
+        generation: u64,
+    ) -> Result<WriteResult, ClientError> {
+        let req = proto::DeleteExportRequest {
+            site: site.into(),
+            service: Some(proto::from_service_key(service)),
+            generation,
+        };
+        self.write("DeleteExport", |mut c| {
+            let req = req.clone();
+            async move { c.delete_export(req).await }
+        })
+        .await
+    }
+
+    pub async fn put_policy(&self, policy: &Policy) -> Result<WriteResult, ClientError> {
+        let req = proto::PutPolicyRequest {
+            policy: Some(proto::from_policy(policy)),
+        };
+        self.write("PutPolicy", |mut c| {
+            let req = req.clone();
+            async move { c.put_policy(req).await }
+        })
+        .await
+    }
+
+    pub async fn delete_policy(&self, name: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::DeletePolicyRequest { name: name.into() };
+        self.write("DeletePolicy", |mut c| {
+            let req = req.clone();
+            async move { c.delete_policy(req).await }
+        })
+        .await
+    }
+}
+
+mod reads;
+
+fn status_error(method: &'static str, status: Status) -> ClientError {
+    match proto::rejection_from_status(&status) {
+        Some(r) => ClientError::Rejected(r),
+        None => ClientError::Status {
+            method,
+            code: status.code(),
+            message: status.message().to_owned(),
+        },
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    method: &'static str,
+    bytes: &[u8],
+) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|source| ClientError::Decode { method, source })
+}
+
+/// Ranked endpoint groups of a service, best first.
+pub type Ranked = Vec<(SiteRank, EndpointGroup)>;

@@ -1,0 +1,15 @@
+//! The registry API and Raft transport: prost messages and tonic clients/servers generated
+//! from `proto/registry.proto`, and conversions between its typed requests and the model.
+
+mod convert;
+
+pub use convert::{
+    from_export, from_policy, from_service_key, from_site_spec, rejection_from_status,
+    rejection_to_status, to_export, to_policy, to_service_key, to_site_spec,
+};
+pub use generated::*;
+
+#[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]
+mod generated {
+    tonic::include_proto!("meshbridge.registry.v1");
+}

@@ -1,0 +1,374 @@
+//! Typed requests ↔ model types, and refusals ↔ gRPC statuses.
+//!
+//! Conversions from the wire name every bad field with the same path the model's validation
+//! uses (`export.endpoints[2].address`), so a caller sees one naming scheme whichever layer
+//! refused the value. They only check what the wire type cannot express (an address that is
+//! not an IP, a port above 65535, an unknown enum value); the rest is
+//! [`Command::validate`](crate::model::Command::validate)'s job.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use tonic::{Code, Status};
+
+use super::generated as pb;
+use crate::model::{self, Rejection};
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
+    Rejection::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn required(field: &str) -> Rejection {
+    invalid(field, "is required")
+}
+
+/// A service key from the wire; `field` is its path (`export.service`).
+pub fn to_service_key(
+    key: Option<&pb::ServiceKey>,
+    field: &str,
+) -> Result<model::ServiceKey, Rejection> {
+    let key = key.ok_or_else(|| required(field))?;
+    Ok(model::ServiceKey::new(&key.namespace, &key.name))
+}
+
+pub fn from_service_key(key: &model::ServiceKey) -> pb::ServiceKey {
+    pb::ServiceKey {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
+}
+
+/// A site spec from the wire; unset lease fields take the registry's defaults.
+pub fn to_site_spec(
+    spec: Option<&pb::SiteSpec>,
+    default_ttl_ms: u64,
+    default_grace_ms: u64,
+) -> Result<model::SiteSpec, Rejection> {
+    let spec = spec.ok_or_else(|| required("spec"))?;
+    let kind = match pb::SiteKind::try_from(spec.kind) {
+        Ok(pb::SiteKind::Unspecified | pb::SiteKind::Cluster) => model::SiteKind::Cluster,
+        Ok(pb::SiteKind::Zone) => model::SiteKind::Zone,
+        Ok(pb::SiteKind::Vm) => model::SiteKind::Vm,
+        Err(_) => return Err(invalid("spec.kind", format!("unknown kind {}", spec.kind))),
+    };
+    let locality = spec.locality.clone().unwrap_or_default();
+    Ok(model::SiteSpec {
+        name: spec.name.clone(),
+        kind,
+        locality: model::Locality {
+            region: locality.region,
+            zone: locality.zone,
+        },
+        gateways: spec.gateways.clone(),
+        lease_ttl_ms: spec.lease_ttl_ms.unwrap_or(default_ttl_ms),
+        grace_ms: spec.grace_ms.unwrap_or(default_grace_ms),
+    })
+}
+
+/// The wire form of a site spec. A zero `lease_ttl_ms` asks for the registry's default
+/// lease, and then so does the grace.
+pub fn from_site_spec(spec: &model::SiteSpec) -> pb::SiteSpec {
+    let kind = match spec.kind {
+        model::SiteKind::Cluster => pb::SiteKind::Cluster,
+        model::SiteKind::Zone => pb::SiteKind::Zone,
+        model::SiteKind::Vm => pb::SiteKind::Vm,
+    };
+    let defaults = spec.lease_ttl_ms == 0;
+    pb::SiteSpec {
+        name: spec.name.clone(),
+        kind: kind.into(),
+        locality: Some(pb::Locality {
+            region: spec.locality.region.clone(),
+            zone: spec.locality.zone.clone(),
+        }),
+        gateways: spec.gateways.clone(),
+        lease_ttl_ms: (!defaults).then_some(spec.lease_ttl_ms),
+        grace_ms: (!defaults).then_some(spec.grace_ms),
+    }
+}
+
+fn to_port_number(n: u32, field: impl FnOnce() -> String) -> Result<u16, Rejection> {
+    u16::try_from(n).map_err(|_| invalid(field(), format!("{n} is not in 1..=65535")))
+}
+
+fn to_port(p: &pb::Port, i: usize) -> Result<model::Port, Rejection> {
+    let f = |leaf: &str| format!("export.ports[{i}].{leaf}");
+    let protocol = match pb::Protocol::try_from(p.protocol) {
+        Ok(pb::Protocol::Unspecified | pb::Protocol::Tcp) => model::Protocol::Tcp,
+        Ok(pb::Protocol::Udp) => model::Protocol::Udp,
+        Ok(pb::Protocol::Sctp) => model::Protocol::Sctp,
+        Err(_) => {
+            return Err(invalid(
+                f("protocol"),
+                format!("unknown protocol {}", p.protocol),
+            ));
+        }
+    };
+    let port = to_port_number(p.port, || f("port"))?;
+    let target_port = match p.target_port {
+        0 => port,
+        n => to_port_number(n, || f("target_port"))?,
+    };
+    Ok(model::Port {
+        name: p.name.clone(),
+        port,
+        protocol,
+        target_port,
+    })
+}
+
+fn to_endpoint(e: &pb::Endpoint, i: usize) -> Result<model::Endpoint, Rejection> {
+    let address: IpAddr = e.address.parse().map_err(|_| {
+        invalid(
+            format!("export.endpoints[{i}].address"),
+            format!("{:?} is not an IPv4 or IPv6 address", e.address),
+        )
+    })?;
+    Ok(model::Endpoint {
+        address,
+        hostname: e.hostname.clone(),
+        ready: e.ready,
+        weight: e.weight.unwrap_or(1),
+        identity: e.identity.clone(),
+    })
+}
+
+/// An export from the wire. Revisions are the catalog's to stamp; they start at 0.
+pub fn to_export(export: Option<&pb::Export>) -> Result<model::Export, Rejection> {
+    let e = export.ok_or_else(|| required("export"))?;
+    let ports = e
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| to_port(p, i))
+        .collect::<Result<_, _>>()?;
+    let endpoints = e
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, p)| to_endpoint(p, i))
+        .collect::<Result<_, _>>()?;
+    Ok(model::Export {
+        site: e.site.clone(),
+        service: to_service_key(e.service.as_ref(), "export.service")?,
+        generation: e.generation,
+        ports,
+        endpoints,
+        headless: e.headless,
+        created_revision: 0,
+        updated_revision: 0,
+    })
+}
+
+pub fn from_export(e: &model::Export) -> pb::Export {
+    let protocol = |p: model::Protocol| match p {
+        model::Protocol::Tcp => pb::Protocol::Tcp,
+        model::Protocol::Udp => pb::Protocol::Udp,
+        model::Protocol::Sctp => pb::Protocol::Sctp,
+    };
+    pb::Export {
+        site: e.site.clone(),
+        service: Some(from_service_key(&e.service)),
+        generation: e.generation,
+        ports: e
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                name: p.name.clone(),
+                port: p.port.into(),
+                protocol: protocol(p.protocol).into(),
+                target_port: p.target_port.into(),
+            })
+            .collect(),
+        endpoints: e
+            .endpoints
+            .iter()
+            .map(|ep| pb::Endpoint {
+                address: ep.address.to_string(),
+                hostname: ep.hostname.clone(),
+                ready: ep.ready,
+                weight: Some(ep.weight),
+                identity: ep.identity.clone(),
+            })
+            .collect(),
+        headless: e.headless,
+    }
+}
+
+pub fn to_policy(policy: Option<&pb::Policy>) -> Result<model::Policy, Rejection> {
+    let p = policy.ok_or_else(|| required("policy"))?;
+    let allow = p
+        .allow
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match &a.kind {
+            Some(pb::principal::Kind::Id(s)) => Ok(model::Principal::Id(s.clone())),
+            Some(pb::principal::Kind::IdPrefix(s)) => Ok(model::Principal::IdPrefix(s.clone())),
+            Some(pb::principal::Kind::TrustDomain(s)) => {
+                Ok(model::Principal::TrustDomain(s.clone()))
+            }
+            Some(pb::principal::Kind::Site(s)) => Ok(model::Principal::Site(s.clone())),
+            None => Err(invalid(
+                format!("policy.allow[{i}]"),
+                "needs one of id, id_prefix, trust_domain, site",
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(model::Policy {
+        name: p.name.clone(),
+        service: to_service_key(p.service.as_ref(), "policy.service")?,
+        allow,
+    })
+}
+
+pub fn from_policy(p: &model::Policy) -> pb::Policy {
+    use pb::principal::Kind;
+    pb::Policy {
+        name: p.name.clone(),
+        service: Some(from_service_key(&p.service)),
+        allow: p
+            .allow
+            .iter()
+            .map(|a| pb::Principal {
+                kind: Some(match a {
+                    model::Principal::Id(s) => Kind::Id(s.clone()),
+                    model::Principal::IdPrefix(s) => Kind::IdPrefix(s.clone()),
+                    model::Principal::TrustDomain(s) => Kind::TrustDomain(s.clone()),
+                    model::Principal::Site(s) => Kind::Site(s.clone()),
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// The gRPC status of a refused command. The rejection itself travels as JSON in the
+/// status details, so a client gets the same [`Rejection`] back.
+pub fn rejection_to_status(r: &Rejection) -> Status {
+    let code = match r {
+        Rejection::Invalid { .. } => Code::InvalidArgument,
+        Rejection::NotFound { .. } => Code::NotFound,
+        Rejection::StaleGeneration { .. }
+        | Rejection::Token { .. }
+        | Rejection::Withdrawn { .. } => Code::FailedPrecondition,
+    };
+    match serde_json::to_vec(r) {
+        Ok(details) => Status::with_details(code, r.to_string(), Bytes::from(details)),
+        Err(_) => Status::new(code, r.to_string()),
+    }
+}
+
+/// The rejection carried by a status made with [`rejection_to_status`].
+pub fn rejection_from_status(status: &Status) -> Option<Rejection> {
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
+            serde_json::from_slice(status.details()).ok()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: &str, port: u32) -> pb::Port {
+        pb::Port {
+            name: name.into(),
+            port,
+            protocol: pb::Protocol::Tcp.into(),
+            target_port: 0,
+        }
+    }
+
+    fn export() -> pb::Export {
+        pb::Export {
+            site: "east".into(),
+            service: Some(pb::ServiceKey {
+                namespace: "shop".into(),
+                name: "cart".into(),
+            }),
+            generation: 3,
+            ports: vec![port("http", 80)],
+            endpoints: vec![pb::Endpoint {
+                address: "10.0.0.1".into(),
+                hostname: None,
+                ready: true,
+                weight: None,
+                identity: None,
+            }],
+            headless: false,
+        }
+    }
+
+    #[test]
+    fn export_round_trips_and_fills_defaults() {
+        let e = to_export(Some(&export())).unwrap();
+        assert_eq!(e.ports[0].target_port, 80);
+        assert_eq!(e.endpoints[0].weight, 1);
+        assert_eq!(to_export(Some(&from_export(&e))).unwrap(), e);
+    }
+
+    #[test]
+    fn bad_wire_values_name_their_field() {
+        let mut e = export();
+        e.endpoints.push(pb::Endpoint {
+            address: "not-an-ip".into(),
+            ..e.endpoints[0].clone()
+        });
+        let field = |r: Rejection| match r {
+            Rejection::Invalid { field, .. } => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(to_export(Some(&e)).unwrap_err()),
+            "export.endpoints[1].address"
+        );
+        let mut e = export();
+        e.ports.push(port("grpc", 70_000));
+        assert_eq!(
+            field(to_export(Some(&e)).unwrap_err()),
+            "export.ports[1].port"
+        );
+        let mut e = export();
+        e.service = None;
+        assert_eq!(field(to_export(Some(&e)).unwrap_err()), "export.service");
+        assert_eq!(field(to_export(None).unwrap_err()), "export");
+        let p = pb::Policy {
+            name: "p".into(),
+            service: e.service.clone(),
+            allow: vec![pb::Principal { kind: None }],
+        };
+        assert_eq!(field(to_policy(Some(&p)).unwrap_err()), "policy.allow[0]");
+    }
+
+    #[test]
+    fn site_spec_takes_registry_defaults() {
+        let spec = model::SiteSpec {
+            name: "east".into(),
+            kind: model::SiteKind::Vm,
+            locality: model::Locality::default(),
+            gateways: vec![],
+            lease_ttl_ms: 0,
+            grace_ms: 0,
+        };
+        let back = to_site_spec(Some(&from_site_spec(&spec)), 15_000, 600_000).unwrap();
+        assert_eq!((back.lease_ttl_ms, back.grace_ms), (15_000, 600_000));
+        assert_eq!(back.kind, model::SiteKind::Vm);
+    }
+
+    #[test]
+    fn rejection_survives_the_status() {
+        let r = Rejection::StaleGeneration {
+            site: "east".into(),
+            service: "shop/cart".into(),
+            got: 1,
+            stored: 2,
+        };
+        let status = rejection_to_status(&r);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(rejection_from_status(&status), Some(r));
+    }
+}

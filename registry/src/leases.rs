@@ -1,0 +1,129 @@
+//! Lease expiry, decided on the leader from its own clock and written to the log as
+//! [`Command::Tick`], so the state machine stays deterministic.
+//!
+//! Every `tick_interval` the leader looks at its catalog; when a lease lapsed, a grace ran
+//! out or a join token expired by its clock, it proposes a tick stamped with that clock.
+//! Followers never tick. A quiet catalog costs no log entries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshbridge_core::model::{Catalog, Command, SiteState};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::shared::{Attempt, Shared, now_ms};
+
+/// What a tick at `now_ms` would change: `(site, new state)` for each site, and whether a
+/// token expires. Mirrors the state machine's tick, for the decision and the logs.
+pub fn due(catalog: &Catalog, now_ms: u64) -> (Vec<(String, &'static str)>, bool) {
+    let mut sites = Vec::new();
+    for site in catalog.sites.values() {
+        let next = match site.state {
+            SiteState::Fresh if site.lease_expires_ms() <= now_ms => {
+                let stale_since = site.lease_expires_ms();
+                if stale_since.saturating_add(site.grace_ms) <= now_ms {
+                    Some("withdrawn")
+                } else {
+                    Some("stale")
+                }
+            }
+            SiteState::Stale { since_ms } if since_ms.saturating_add(site.grace_ms) <= now_ms => {
+                Some("withdrawn")
+            }
+            _ => None,
+        };
+        if let Some(state) = next {
+            sites.push((site.name.clone(), state));
+        }
+    }
+    let tokens = catalog.tokens.values().any(|t| t.expires_ms < now_ms);
+    (sites, tokens)
+}
+
+/// Runs until `stop` is cancelled.
+pub async fn run(s: Arc<Shared>, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut metrics = s.raft.metrics();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if metrics.borrow_and_update().current_leader != Some(s.node_id) {
+            continue;
+        }
+        let now = now_ms();
+        let (sites, tokens) = due(&s.catalog(), now);
+        if sites.is_empty() && !tokens {
+            continue;
+        }
+        match s.propose(Command::Tick { at_ms: now }).await {
+            Ok(reply) => {
+                s.metrics.lease_ticks.inc();
+                for (site, state) in &sites {
+                    info!(site = %site, state, revision = reply.revision, "site lease state changed");
+                }
+            }
+            Err(Attempt::NotLeader) => {}
+            Err(Attempt::Failed(status)) => {
+                warn!(error = %status.message(), "lease tick failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meshbridge_core::model::{Locality, Site, SiteKind};
+
+    use super::*;
+
+    fn site(name: &str, last: u64, state: SiteState) -> (String, Arc<Site>) {
+        let site = Site {
+            name: name.into(),
+            kind: SiteKind::Cluster,
+            locality: Locality::default(),
+            gateways: vec![],
+            lease_ttl_ms: 1_000,
+            grace_ms: 5_000,
+            last_heartbeat_ms: last,
+            state,
+            created_revision: 1,
+        };
+        (name.into(), Arc::new(site))
+    }
+
+    #[test]
+    fn due_mirrors_the_state_machine_tick() {
+        let catalog = Catalog {
+            sites: [
+                site("fresh", 10_000, SiteState::Fresh),
+                site("lapsing", 8_000, SiteState::Fresh),
+                site("gone-long-ago", 1_000, SiteState::Fresh),
+                site("graced", 0, SiteState::Stale { since_ms: 4_000 }),
+                site("stale", 0, SiteState::Stale { since_ms: 9_000 }),
+            ]
+            .into(),
+            ..Catalog::default()
+        };
+        let (sites, tokens) = due(&catalog, 10_500);
+        assert_eq!(
+            sites,
+            [
+                ("gone-long-ago".to_string(), "withdrawn"),
+                ("graced".to_string(), "withdrawn"),
+                ("lapsing".to_string(), "stale"),
+            ]
+        );
+        assert!(!tokens);
+        let mut after = catalog.clone();
+        let applied = after.apply(&Command::Tick { at_ms: 10_500 }).unwrap();
+        assert!(!applied.changes.is_empty());
+        assert_eq!(due(&after, 10_500), (vec![], false));
+    }
+}

@@ -1,0 +1,176 @@
+//! [`NodeHandle`]: a running node's addresses, its Raft and catalog, and its shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meshbridge_core::admin::Readiness;
+use meshbridge_core::model::Catalog;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::shared::{Shared, now_ms};
+use crate::store::Feed;
+use crate::types::{NodeId, Raft, RaftMetrics};
+
+/// A running registry node.
+pub struct NodeHandle {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    stop: CancellationToken,
+    kill: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: JoinSet<()>,
+    readiness: Readiness,
+    drain: Duration,
+}
+
+impl NodeHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        addr: SocketAddr,
+        admin_addr: SocketAddr,
+        stop: CancellationToken,
+        kill: CancellationToken,
+        server: JoinHandle<Result<(), tonic::transport::Error>>,
+        tasks: JoinSet<()>,
+        readiness: Readiness,
+        drain: Duration,
+    ) -> Self {
+        Self {
+            shared,
+            addr,
+            admin_addr,
+            stop,
+            kill,
+            server,
+            tasks,
+            readiness,
+            drain,
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// The bound gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://<addr>`: the URL clients and peers use when `addr` is reachable as is.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+
+    /// The catalog as applied on this node.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog()
+    }
+
+    pub fn feed(&self) -> Arc<Feed> {
+        self.shared.feed.clone()
+    }
+
+    pub fn raft_metrics(&self) -> RaftMetrics {
+        self.shared.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.shared.raft.metrics().borrow().current_leader == Some(self.shared.node_id)
+    }
+
+    /// Graceful stop: not ready, stop accepting, end watch streams, let calls in flight
+    /// finish up to the drain deadline, then stop Raft and close the store.
+    pub async fn shutdown(mut self) {
+        info!(node = self.node_id(), "registry node shutting down");
+        self.readiness.set(false);
+        self.stop.cancel();
+        match tokio::time::timeout(self.drain, &mut self.server).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them")
+            }
+        }
+        self.finish().await;
+    }
+
+    /// Abrupt stop, as close to a crash as a process can do to itself: every connection
+    /// fails at once and Raft stops where it is. What was acknowledged is on disk already.
+    pub async fn kill(self) {
+        info!(node = self.node_id(), "registry node killed");
+        self.readiness.set(false);
+        self.stop.cancel();
+        self.finish().await;
+    }
+
+    async fn finish(mut self) {
+        self.kill.cancel();
+        self.server.abort();
+        let _ = (&mut self.server).await;
+        if let Err(e) = self.shared.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown failed");
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        info!(node = self.node_id(), "registry node stopped");
+    }
+}
+
+/// Keeps the metrics and `/readyz` (ready: a leader is known) current, twice a second
+/// (not on every apply: a write burst would rebuild the per-site gauges each time).
+pub(super) async fn refresh(s: Arc<Shared>, readiness: Readiness, stop: CancellationToken) {
+    let raft = s.raft.metrics();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = raft.borrow().clone();
+        readiness.set(m.current_leader.is_some());
+        s.metrics.refresh(&m, &s.catalog(), now_ms());
+    }
+}
+
+/// `/debug/catalog` (the catalog on this node, JSON) and `/debug/raft` (Raft metrics).
+pub(super) fn debug_routes(s: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/debug/catalog", get(debug_catalog))
+        .route("/debug/raft", get(debug_raft))
+        .with_state(s)
+}
+
+fn json_response<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_string_pretty(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode: {e}\n")).into_response(),
+    }
+}
+
+async fn debug_catalog(State(s): State<Arc<Shared>>) -> Response {
+    json_response(&*s.catalog())
+}
+
+async fn debug_raft(State(s): State<Arc<Shared>>) -> Response {
+    let m = s.raft.metrics().borrow().clone();
+    json_response(&m)
+}

@@ -1,0 +1,78 @@
+//! The receiving side of Raft traffic: decodes openraft's requests, hands them to the local
+//! Raft, and answers its reply or its error (both as JSON). Registry nodes only.
+
+use std::sync::Arc;
+
+use meshbridge_core::proto::{self, raft_server};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::authz::Caller;
+use crate::network::Progress;
+use crate::types::{AppendEntriesRequest, InstallSnapshotRequest, Raft, VoteRequest};
+
+pub struct RaftApi {
+    raft: Raft,
+    trust_domain: Arc<str>,
+}
+
+impl RaftApi {
+    pub fn new(raft: Raft, trust_domain: Arc<str>) -> Self {
+        Self { raft, trust_domain }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, req: Request<proto::RaftMessage>) -> Result<T, Status> {
+        Caller::of(&req, &self.trust_domain)?.require_node()?;
+        serde_json::from_slice(&req.into_inner().json)
+            .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+    }
+}
+
+fn reply<T: Serialize, E: Serialize>(
+    result: Result<T, E>,
+) -> Result<Response<proto::RaftReply>, Status> {
+    let encoded = match &result {
+        Ok(v) => serde_json::to_vec(v).map(proto::raft_reply::Result::Ok),
+        Err(e) => serde_json::to_vec(e).map(proto::raft_reply::Result::Err),
+    }
+    .map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
+    Ok(Response::new(proto::RaftReply {
+        result: Some(encoded),
+    }))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftApi {
+    async fn append_entries(
+        &self,
+        req: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftReply>, Status> {
+        let rpc: AppendEntriesRequest = self.decode(req)?;
+        reply(self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(
+        &self,
+        req: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftReply>, Status> {
+        let rpc: VoteRequest = self.decode(req)?;
+        reply(self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftReply>, Status> {
+        let rpc: InstallSnapshotRequest = self.decode(req)?;
+        let progress = Progress {
+            id: &rpc.meta.snapshot_id,
+            offset: rpc.offset,
+            len: rpc.data.len(),
+            done: rpc.done,
+        };
+        info!(leader = rpc.vote.leader_id().voted_for().unwrap_or_default(), snapshot = %progress, "receiving snapshot");
+        reply(self.raft.install_snapshot(rpc).await)
+    }
+}

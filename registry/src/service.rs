@@ -1,0 +1,389 @@
+//! The `Registry` gRPC service: authorization, typed requests to commands, the leader
+//! routing of [`Shared::on_leader`], and catalog views for reads.
+//!
+//! Writes are validated here first (a bad field is refused without a trip through the log
+//! or to the leader), then proposed on the leader with the leader's wall clock as `at_ms`.
+//! Reads are linearizable unless `stale` is set, in which case this node answers from its
+//! own replica.
+
+mod members;
+
+use std::sync::Arc;
+
+use meshbridge_core::model::{Catalog, Command, Rejection};
+use meshbridge_core::proto::{self, registry_server::Registry, rejection_to_status};
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::authz::Caller;
+use crate::shared::{Shared, now_ms};
+use crate::watch::{WatchStream, watch_stream};
+
+type Grpc = proto::registry_client::RegistryClient<Channel>;
+
+/// The registry API of one node.
+pub struct RegistryApi {
+    shared: Arc<Shared>,
+}
+
+impl RegistryApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        Caller::of(req, &self.shared.trust_domain)
+    }
+
+    /// Validates `cmd` (stamped later with the leader's clock), then proposes it on the
+    /// leader.
+    async fn write<R, F, FFut>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        cmd: impl Fn(u64) -> Command,
+        forward: F,
+    ) -> Result<Response<proto::WriteReply>, Status>
+    where
+        R: Clone,
+        F: FnOnce(Grpc, Request<R>) -> FFut,
+        FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
+    {
+        cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
+        let s = &self.shared;
+        s.on_leader(method, req, || s.propose(cmd(now_ms())), forward)
+            .await
+    }
+
+    /// A view of the catalog: from this node's replica when `stale`, else on the leader
+    /// after confirming its leadership.
+    async fn read<R, T, F, FFut>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        stale: bool,
+        view: impl Fn(&Catalog) -> Result<T, Status>,
+        forward: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Clone,
+        F: FnOnce(Grpc, Request<R>) -> FFut,
+        FFut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.caller(&req)?;
+        if stale {
+            return view(&self.shared.catalog()).map(Response::new);
+        }
+        let s = &self.shared;
+        let local = || async {
+            s.linearize().await?;
+            Ok(view(&s.catalog())?)
+        };
+        s.on_leader(method, req, local, forward).await
+    }
+}
+
+fn json<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(v).map_err(|e| Status::internal(format!("encode reply: {e}")))
+}
+
+fn refused(r: Rejection) -> Status {
+    rejection_to_status(&r)
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryApi {
+    async fn register_site(
+        &self,
+        req: Request<proto::RegisterSiteRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let caller = self.caller(&req)?;
+        let l = &self.shared.leases;
+        let spec = proto::to_site_spec(
+            req.get_ref().spec.as_ref(),
+            l.default_ttl_ms,
+            l.default_grace_ms,
+        )
+        .map_err(refused)?;
+        caller.require_site(&spec.name, "register")?;
+        let cmd = |at_ms| Command::RegisterSite {
+            spec: spec.clone(),
+            at_ms,
+        };
+        self.write("RegisterSite", req, cmd, |mut c, r| async move {
+            c.register_site(r).await
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let caller = self.caller(&req)?;
+        let site = req.get_ref().site.clone();
+        caller.require_site(&site, "renew the lease")?;
+        let cmd = |at_ms| Command::Heartbeat {
+            site: site.clone(),
+            at_ms,
+        };
+        self.write("Heartbeat", req, cmd, |mut c, r| async move {
+            c.heartbeat(r).await
+        })
+        .await
+    }
+
+    async fn remove_site(
+        &self,
+        req: Request<proto::RemoveSiteRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("remove sites")?;
+        let site = req.get_ref().site.clone();
+        let cmd = |_| Command::RemoveSite { site: site.clone() };
+        self.write("RemoveSite", req, cmd, |mut c, r| async move {
+            c.remove_site(r).await
+        })
+        .await
+    }
+
+    async fn put_export(
+        &self,
+        req: Request<proto::PutExportRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let caller = self.caller(&req)?;
+        let export = proto::to_export(req.get_ref().export.as_ref()).map_err(refused)?;
+        caller.require_site(&export.site, "export services")?;
+        let cmd = |_| Command::PutExport {
+            export: export.clone(),
+        };
+        self.write("PutExport", req, cmd, |mut c, r| async move {
+            c.put_export(r).await
+        })
+        .await
+    }
+
+    async fn delete_export(
+        &self,
+        req: Request<proto::DeleteExportRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.get_ref();
+        let (site, generation) = (r.site.clone(), r.generation);
+        let service = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        caller.require_site(&site, "delete exports")?;
+        let cmd = |_| Command::DeleteExport {
+            site: site.clone(),
+            service: service.clone(),
+            generation,
+        };
+        self.write("DeleteExport", req, cmd, |mut c, r| async move {
+            c.delete_export(r).await
+        })
+        .await
+    }
+
+    async fn put_policy(
+        &self,
+        req: Request<proto::PutPolicyRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("write policies")?;
+        let policy = proto::to_policy(req.get_ref().policy.as_ref()).map_err(refused)?;
+        let cmd = |_| Command::PutPolicy {
+            policy: policy.clone(),
+        };
+        self.write("PutPolicy", req, cmd, |mut c, r| async move {
+            c.put_policy(r).await
+        })
+        .await
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<proto::DeletePolicyRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("delete policies")?;
+        let name = req.get_ref().name.clone();
+        let cmd = |_| Command::DeletePolicy { name: name.clone() };
+        self.write("DeletePolicy", req, cmd, |mut c, r| async move {
+            c.delete_policy(r).await
+        })
+        .await
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::ServicesReply>, Status> {
+        let stale = req.get_ref().stale;
+        let view = |c: &Catalog| {
+            Ok(proto::ServicesReply {
+                revision: c.revision,
+                services_json: json(&c.services())?,
+            })
+        };
+        self.read("ListServices", req, stale, view, |mut c, r| async move {
+            c.list_services(r).await
+        })
+        .await
+    }
+
+    async fn get_service(
+        &self,
+        req: Request<proto::GetServiceRequest>,
+    ) -> Result<Response<proto::ServiceReply>, Status> {
+        let r = req.get_ref();
+        let stale = r.stale;
+        let key = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        key.validate().map_err(refused)?;
+        let view = |c: &Catalog| {
+            let merged = c.service(&key).ok_or_else(|| {
+                refused(Rejection::NotFound {
+                    what: "service".into(),
+                    name: key.to_string(),
+                })
+            })?;
+            Ok(proto::ServiceReply {
+                revision: c.revision,
+                service_json: json(&merged)?,
+            })
+        };
+        self.read("GetService", req, stale, view, |mut c, r| async move {
+            c.get_service(r).await
+        })
+        .await
+    }
+
+    async fn resolve(
+        &self,
+        req: Request<proto::ResolveRequest>,
+    ) -> Result<Response<proto::ResolveReply>, Status> {
+        let r = req.get_ref();
+        let (stale, from_site) = (r.stale, r.from_site.clone());
+        let key = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        key.validate().map_err(refused)?;
+        let view = |c: &Catalog| {
+            let ranked = c.resolve(&key, &from_site).unwrap_or_default();
+            Ok(proto::ResolveReply {
+                revision: c.revision,
+                ranked_json: json(&ranked)?,
+            })
+        };
+        self.read("Resolve", req, stale, view, |mut c, r| async move {
+            c.resolve(r).await
+        })
+        .await
+    }
+
+    async fn list_sites(
+        &self,
+        req: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::SitesReply>, Status> {
+        let stale = req.get_ref().stale;
+        let view = |c: &Catalog| {
+            let sites: Vec<_> = c.sites.values().map(|s| &**s).collect();
+            Ok(proto::SitesReply {
+                revision: c.revision,
+                sites_json: json(&sites)?,
+                now_ms: now_ms(),
+            })
+        };
+        self.read("ListSites", req, stale, view, |mut c, r| async move {
+            c.list_sites(r).await
+        })
+        .await
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::PoliciesReply>, Status> {
+        let stale = req.get_ref().stale;
+        let view = |c: &Catalog| {
+            let policies: Vec<_> = c.policies.values().map(|p| &**p).collect();
+            Ok(proto::PoliciesReply {
+                revision: c.revision,
+                policies_json: json(&policies)?,
+            })
+        };
+        self.read("ListPolicies", req, stale, view, |mut c, r| async move {
+            c.list_policies(r).await
+        })
+        .await
+    }
+
+    async fn get_catalog(
+        &self,
+        req: Request<proto::ReadRequest>,
+    ) -> Result<Response<proto::CatalogReply>, Status> {
+        let stale = req.get_ref().stale;
+        let view = |c: &Catalog| {
+            Ok(proto::CatalogReply {
+                revision: c.revision,
+                catalog_json: json(c)?,
+            })
+        };
+        self.read("GetCatalog", req, stale, view, |mut c, r| async move {
+            c.get_catalog(r).await
+        })
+        .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let caller = self.caller(&req)?;
+        let from = req.get_ref().from_revision;
+        let addr = req
+            .extensions()
+            .get::<crate::listener::Peer>()
+            .map(|p| p.addr);
+        tracing::debug!(caller = %caller.id(), client.addr = ?addr, from, "watch opened");
+        Ok(Response::new(watch_stream(self.shared.clone(), from)))
+    }
+
+    async fn status(
+        &self,
+        req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        self.caller(&req)?;
+        if req.get_ref().local {
+            return Ok(Response::new(members::status(&self.shared).await));
+        }
+        let s = &self.shared;
+        s.on_leader(
+            "Status",
+            req,
+            || async { Ok(members::status(s).await) },
+            |mut c, r| async move { c.status(r).await },
+        )
+        .await
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<proto::AddLearnerRequest>,
+    ) -> Result<Response<proto::MembershipReply>, Status> {
+        self.caller(&req)?.require_admin("change the membership")?;
+        members::add_learner(&self.shared, req).await
+    }
+
+    async fn promote(
+        &self,
+        req: Request<proto::PromoteRequest>,
+    ) -> Result<Response<proto::MembershipReply>, Status> {
+        self.caller(&req)?.require_admin("change the membership")?;
+        members::promote(&self.shared, req).await
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<proto::RemoveMemberRequest>,
+    ) -> Result<Response<proto::MembershipReply>, Status> {
+        self.caller(&req)?.require_admin("change the membership")?;
+        members::remove(&self.shared, req).await
+    }
+}

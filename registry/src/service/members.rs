@@ -1,0 +1,179 @@
+//! Status and membership changes.
+
+use std::collections::BTreeSet;
+
+use meshbridge_core::client::endpoint_uri;
+use meshbridge_core::model::Rejection;
+use meshbridge_core::proto::{self, rejection_to_status};
+use openraft::{ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::shared::{Attempt, Shared, write_error};
+use crate::types::{Membership, Node, RaftMetrics};
+
+fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "Leader",
+        ServerState::Follower => "Follower",
+        ServerState::Candidate => "Candidate",
+        ServerState::Learner => "Learner",
+        ServerState::Shutdown => "Shutdown",
+    }
+}
+
+/// Every member with its matched index and lag, as far as `m` (a leader's metrics) knows.
+fn members_of(m: &RaftMetrics, membership: &Membership) -> Vec<proto::MemberStatus> {
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let last = m.last_log_index.unwrap_or(0);
+    membership
+        .nodes()
+        .map(|(id, node)| {
+            let matched = if *id == m.id {
+                m.last_log_index
+            } else {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+            };
+            proto::MemberStatus {
+                node_id: *id,
+                url: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched,
+                lag: matched.map_or(last, |i| last.saturating_sub(i)),
+            }
+        })
+        .collect()
+}
+
+/// This node's view of the cluster.
+pub async fn status(s: &Shared) -> proto::StatusReply {
+    let m = s.raft.metrics().borrow().clone();
+    let committed = s
+        .raft
+        .with_raft_state(|st| st.committed)
+        .await
+        .ok()
+        .flatten();
+    let membership = m.membership_config.membership().clone();
+    let leader_url = m
+        .current_leader
+        .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+        .unwrap_or_default();
+    proto::StatusReply {
+        node_id: m.id,
+        leader_id: m.current_leader,
+        leader_url,
+        term: m.current_term,
+        commit_index: committed.map_or(0, |l| l.index),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        revision: s.feed.revision(),
+        state: state_name(m.state).into(),
+        members: members_of(&m, &membership),
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        purged_index: m.purged.map_or(0, |l| l.index),
+        millis_since_quorum_ack: m.millis_since_quorum_ack,
+    }
+}
+
+fn membership_reply(
+    s: &Shared,
+    log_index: u64,
+    membership: Option<Membership>,
+) -> proto::MembershipReply {
+    let m = s.raft.metrics().borrow().clone();
+    let membership = membership.unwrap_or_else(|| m.membership_config.membership().clone());
+    proto::MembershipReply {
+        log_index,
+        members: members_of(&m, &membership),
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Status {
+    rejection_to_status(&Rejection::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+pub async fn add_learner(
+    s: &Shared,
+    req: Request<proto::AddLearnerRequest>,
+) -> Result<Response<proto::MembershipReply>, Status> {
+    let r = req.get_ref();
+    let (id, url, wait) = (r.node_id, r.url.clone(), r.wait);
+    endpoint_uri(&url).map_err(|e| invalid("url", e.reason))?;
+    let local = || async {
+        let resp = s
+            .raft
+            .add_learner(id, Node::new(url.clone()), wait)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node = id, url = %url, "added learner");
+        Ok(membership_reply(s, resp.log_id.index, resp.membership))
+    };
+    s.on_leader("AddLearner", req, local, |mut c, r| async move {
+        c.add_learner(r).await
+    })
+    .await
+}
+
+pub async fn promote(
+    s: &Shared,
+    req: Request<proto::PromoteRequest>,
+) -> Result<Response<proto::MembershipReply>, Status> {
+    let id = req.get_ref().node_id;
+    let local = || async {
+        let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        let resp = s
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node = id, "promoted to voter");
+        Ok(membership_reply(s, resp.log_id.index, resp.membership))
+    };
+    s.on_leader("Promote", req, local, |mut c, r| async move {
+        c.promote(r).await
+    })
+    .await
+}
+
+pub async fn remove(
+    s: &Shared,
+    req: Request<proto::RemoveMemberRequest>,
+) -> Result<Response<proto::MembershipReply>, Status> {
+    let id = req.get_ref().node_id;
+    let local = || async {
+        let membership = s
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let change = if membership.voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if membership.get_node(&id).is_some() {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Err(Attempt::Failed(rejection_to_status(&Rejection::NotFound {
+                what: "member".into(),
+                name: id.to_string(),
+            })));
+        };
+        let resp = s
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(node = id, "removed from the cluster");
+        Ok(membership_reply(s, resp.log_id.index, resp.membership))
+    };
+    s.on_leader("RemoveMember", req, local, |mut c, r| async move {
+        c.remove_member(r).await
+    })
+    .await
+}

@@ -1,0 +1,220 @@
+//! What the gRPC services of a node share: its Raft, catalog feed, peers and metrics, and
+//! the one place that decides whether a call runs here (on the leader) or is forwarded to
+//! the leader ([`Shared::on_leader`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshbridge_core::client::MAX_MESSAGE_BYTES;
+use meshbridge_core::model::{Catalog, Command};
+use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc, rejection_to_status};
+use openraft::error::{CheckIsLeaderError, ClientWriteError};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::config::LeaseConfig;
+use crate::metrics::{MethodLabel, Metrics};
+use crate::network::Peers;
+use crate::store::Feed;
+use crate::types::{NodeId, Raft, RaftError};
+
+/// Metadata key set on requests a node forwards to the leader: the leader must serve them
+/// itself (never forward again), so two nodes with different ideas of the leader cannot
+/// bounce a request between them.
+pub const FORWARDED: &str = "x-meshbridge-forwarded";
+
+/// How one attempt on the leader went.
+pub enum Attempt {
+    /// This node is not (or no longer) the leader: route again.
+    NotLeader,
+    /// A final answer for the caller.
+    Failed(Status),
+}
+
+impl From<Status> for Attempt {
+    fn from(s: Status) -> Self {
+        Attempt::Failed(s)
+    }
+}
+
+/// Errors of Raft writes (commands and membership changes) as attempts.
+pub fn write_error(e: RaftError<crate::types::ClientWriteError>) -> Attempt {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Attempt::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Attempt::Failed(Status::failed_precondition(e.to_string()))
+        }
+        RaftError::Fatal(f) => Attempt::Failed(Status::unavailable(format!("raft stopped: {f}"))),
+    }
+}
+
+pub struct Shared {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub feed: Arc<Feed>,
+    pub peers: Arc<Peers>,
+    pub trust_domain: Arc<str>,
+    pub leases: LeaseConfig,
+    pub metrics: Metrics,
+    /// How long a call waits for a leader to be elected before answering `Unavailable`.
+    pub leader_wait: Duration,
+    /// Cancelled at shutdown: ends watch streams.
+    pub stop: CancellationToken,
+}
+
+/// The wall clock in milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+enum Route {
+    Local,
+    Forward(Grpc<Channel>),
+}
+
+impl Shared {
+    /// The catalog as applied on this node.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.feed.latest()
+    }
+
+    /// Where calls go now; waits for a leader until `deadline`.
+    async fn route(&self, forwarded: bool, deadline: Instant) -> Result<Route, Status> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (leader, addr) = {
+                let m = metrics.borrow_and_update();
+                let leader = m.current_leader;
+                let addr = leader.and_then(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.addr.clone())
+                });
+                (leader, addr)
+            };
+            match (leader, addr) {
+                (Some(l), _) if l == self.node_id => return Ok(Route::Local),
+                (Some(l), Some(_)) if forwarded => {
+                    return Err(Status::unavailable(format!(
+                        "node {} is not the leader any more (node {l} is)",
+                        self.node_id
+                    )));
+                }
+                (Some(l), Some(addr)) => {
+                    let channel = self.peers.channel(l, &addr)?;
+                    return Ok(Route::Forward(
+                        Grpc::new(channel)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    ));
+                }
+                _ => {}
+            }
+            match tokio::time::timeout_at(deadline.into(), metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("raft is shutting down")),
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "no leader elected in {:?}",
+                        self.leader_wait
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Runs `local` on the leader: here when this node leads, else by calling `forward`
+    /// on the leader's gRPC client with the request marked as forwarded. The caller sees no
+    /// difference. Leader changes in between are followed until `leader_wait` runs out.
+    pub async fn on_leader<R, T, L, LFut, F, FFut>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        local: L,
+        forward: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Clone,
+        L: Fn() -> LFut,
+        LFut: Future<Output = Result<T, Attempt>>,
+        F: FnOnce(Grpc<Channel>, Request<R>) -> FFut,
+        FFut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let body = req.into_inner();
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            match self.route(forwarded, deadline).await? {
+                Route::Local => match local().await {
+                    Ok(v) => return Ok(Response::new(v)),
+                    Err(Attempt::Failed(status)) => return Err(status),
+                    Err(Attempt::NotLeader) => {
+                        if forwarded || Instant::now() >= deadline {
+                            return Err(Status::unavailable(format!(
+                                "node {} lost the leadership",
+                                self.node_id
+                            )));
+                        }
+                        // Let the metrics catch up with the new leader.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                Route::Forward(client) => {
+                    self.metrics
+                        .forwarded
+                        .get_or_create(&MethodLabel { method })
+                        .inc();
+                    let mut req = Request::new(body);
+                    req.metadata_mut()
+                        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                    let budget = self.leader_wait + Duration::from_secs(5);
+                    return match tokio::time::timeout(budget, forward(client, req)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Status::unavailable(format!(
+                            "the leader did not answer {method} in {budget:?}"
+                        ))),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Proposes `cmd` (this node must lead) and answers its applied result.
+    pub async fn propose(&self, cmd: Command) -> Result<proto::WriteReply, Attempt> {
+        cmd.validate().map_err(|r| rejection_to_status(&r))?;
+        let start = Instant::now();
+        let resp = self.raft.client_write(cmd).await.map_err(write_error)?;
+        self.metrics.observe_apply(start.elapsed());
+        match resp.data {
+            Ok(applied) => Ok(proto::WriteReply {
+                revision: applied.revision,
+                changed: !applied.changes.is_empty(),
+                log_index: resp.log_id.index,
+            }),
+            Err(rejection) => Err(Attempt::Failed(rejection_to_status(&rejection))),
+        }
+    }
+
+    /// Confirms this node's leadership with a quorum and waits until everything committed
+    /// before now is applied here: a read of [`Shared::catalog`] after it is linearizable.
+    pub async fn linearize(&self) -> Result<(), Attempt> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(Attempt::NotLeader)
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(Attempt::Failed(Status::unavailable(format!(
+                    "the leader cannot reach a quorum: {e}"
+                ))))
+            }
+            Err(RaftError::Fatal(f)) => Err(Attempt::Failed(Status::unavailable(format!(
+                "raft stopped: {f}"
+            )))),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Watch streams served from the node's [`Feed`](crate::store::Feed).
+//!
+//! A stream starts with a reset (the whole catalog) when the watcher asks from revision 0,
+//! or when the node no longer keeps the deltas after the asked revision (compaction, or a
+//! snapshot installed on this node); otherwise it starts with the deltas after the asked
+//! revision. Then every revision follows in order, without gaps: the stream reads the
+//! feed's ring from the last revision it sent, so a burst of applies between two wake-ups
+//! loses nothing. A watcher too slow for the ring gets a new reset.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use meshbridge_core::proto::{self, watch_event::Event};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::shared::Shared;
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
+
+/// A watch stream from revision `from` (0: start with a reset). The stream ends when the
+/// watcher goes away or the node shuts down.
+pub fn watch_stream(shared: Arc<Shared>, from: u64) -> WatchStream {
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(serve(shared, from, tx));
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (e, rx))
+    }))
+}
+
+/// Counts an open stream in the `watchers` gauge.
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.metrics.watchers.dec();
+    }
+}
+
+type Tx = mpsc::Sender<Result<proto::WatchEvent, Status>>;
+
+async fn send(tx: &Tx, event: Result<Event, Status>) -> bool {
+    let item = event.map(|e| proto::WatchEvent { event: Some(e) });
+    tx.send(item).await.is_ok()
+}
+
+async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
+    s.metrics.watchers.inc();
+    let _open = Open(s.clone());
+    let mut changed = s.feed.subscribe();
+    let mut sent = from;
+    let mut reset = from == 0;
+    loop {
+        // Marked seen before reading, so an apply after this point wakes us again.
+        changed.borrow_and_update();
+        if reset {
+            let catalog = s.feed.latest();
+            let event = serde_json::to_vec(&*catalog)
+                .map(|catalog_json| {
+                    Event::Reset(proto::Reset {
+                        revision: catalog.revision,
+                        catalog_json,
+                    })
+                })
+                .map_err(|e| Status::internal(format!("encode catalog: {e}")));
+            if !send(&tx, event).await {
+                return;
+            }
+            sent = catalog.revision;
+            reset = false;
+        }
+        match s.feed.deltas_since(sent) {
+            Ok(deltas) => {
+                for d in deltas {
+                    let event = serde_json::to_vec(&*d.changes)
+                        .map(|changes_json| {
+                            Event::Delta(proto::Delta {
+                                revision: d.revision,
+                                changes_json,
+                            })
+                        })
+                        .map_err(|e| Status::internal(format!("encode changes: {e}")));
+                    if !send(&tx, event).await {
+                        return;
+                    }
+                    sent = d.revision;
+                }
+            }
+            Err(compacted) => {
+                tracing::debug!(%compacted, "watcher behind the kept deltas: sending a reset");
+                reset = true;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = s.stop.cancelled() => return,
+            _ = tx.closed() => return,
+            r = changed.changed() => if r.is_err() { return },
+        }
+    }
+}
