@@ -99,6 +99,8 @@ pub async fn follow(
                     revision = effective.borrow().revision,
                     "catalog source closed; serving from the last catalog"
                 );
+                // Keep `effective` open: its receivers treat a closed channel as shutdown.
+                stop.cancelled().await;
                 return;
             },
             _ = stop.cancelled() => return,

@@ -25,7 +25,19 @@ pub enum RecvHalf {
     H2(Box<H2Recv>),
 }
 
+/// How long a finished stream waits for the peer to acknowledge its last bytes.
+const DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl SendHalf {
+    /// After the end of the stream was sent: wait until the peer has acknowledged every byte
+    /// (QUIC), so that closing the connection right after (a drain) loses nothing. HTTP/2
+    /// streams are flushed by the connection's graceful shutdown instead.
+    pub async fn delivered(&self) {
+        if let Self::Quic(s) = self {
+            let _ = tokio::time::timeout(DELIVERY_WAIT, s.stopped()).await;
+        }
+    }
+
     /// Abort the stream: the peer sees a reset, not a clean end.
     pub fn reset(&mut self) {
         match self {
@@ -129,8 +141,9 @@ where
     let up = pump(client_r, tunnel_w, &counts.to_tunnel);
     let down = pump(tunnel_r, client_w, &counts.from_tunnel);
     let result = futures::future::try_join(up, down).await.map(|_| ());
-    if result.is_err() {
-        tunnel_w.reset();
+    match result {
+        Ok(()) => tunnel_w.delivered().await,
+        Err(_) => tunnel_w.reset(),
     }
     result
 }

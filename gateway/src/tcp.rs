@@ -330,7 +330,13 @@ where
         let next = tokio::select! {
             n = conn.accept() => n,
             why = &mut pinger => return why,
-            _ = stop.cancelled() => return "gateway closing".into(),
+            _ = stop.cancelled() => {
+                // GOAWAY, then keep driving the connection so buffered data is flushed.
+                conn.graceful_shutdown();
+                let flush = async { while let Some(Ok(_)) = conn.accept().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+                return "gateway closing".into();
+            }
         };
         let (req, mut respond) = match next {
             None => return "connection closed".into(),

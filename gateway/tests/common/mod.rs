@@ -77,20 +77,29 @@ pub fn site(name: &str, region: &str, zone: &str) -> SiteSpec {
 
 /// The catalog a test edits, and the channel that feeds it to every gateway.
 pub struct Feed {
-    pub tx: watch::Sender<Arc<Catalog>>,
+    tx: Mutex<Option<watch::Sender<Arc<Catalog>>>>,
     catalog: Mutex<Catalog>,
 }
 
 impl Feed {
     pub fn new() -> Self {
         Self {
-            tx: watch::channel(Arc::new(Catalog::default())).0,
+            tx: Mutex::new(Some(watch::channel(Arc::new(Catalog::default())).0)),
             catalog: Mutex::new(Catalog::default()),
         }
     }
 
+    /// A receiver of the feed; once the feed is closed, one whose source is gone.
     pub fn rx(&self) -> watch::Receiver<Arc<Catalog>> {
-        self.tx.subscribe()
+        match &*self.tx.lock().unwrap() {
+            Some(tx) => tx.subscribe(),
+            None => watch::channel(Arc::new(Catalog::default())).1,
+        }
+    }
+
+    /// The catalog source goes away (registry unreachable): every receiver sees it closed.
+    pub fn close(&self) {
+        self.tx.lock().unwrap().take();
     }
 
     /// Change the catalog and publish it at the next revision.
@@ -98,7 +107,9 @@ impl Feed {
         let mut c = self.catalog.lock().unwrap();
         f(&mut c);
         c.revision += 1;
-        self.tx.send_replace(Arc::new(c.clone()));
+        if let Some(tx) = &*self.tx.lock().unwrap() {
+            tx.send_replace(Arc::new(c.clone()));
+        }
     }
 
     pub fn set_site(&self, s: &SiteSpec, gateway: Option<SocketAddr>) {
