@@ -103,14 +103,18 @@ impl NodeHandle {
         info!(node = self.node_id(), "registry node shutting down");
         self.readiness.set(false);
         self.stop.cancel();
-        match tokio::time::timeout(self.drain, &mut self.server).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
-            Ok(_) => {}
-            Err(_) => {
-                warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them")
+        let drained = match tokio::time::timeout(self.drain, &mut self.server).await {
+            Ok(Ok(Err(e))) => {
+                warn!(error = %e, "gRPC server ended with an error");
+                true
             }
-        }
-        self.finish().await;
+            Ok(_) => true,
+            Err(_) => {
+                warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them");
+                false
+            }
+        };
+        self.finish(drained).await;
     }
 
     /// Abrupt stop, as close to a crash as a process can do to itself: every connection
@@ -119,13 +123,15 @@ impl NodeHandle {
         info!(node = self.node_id(), "registry node killed");
         self.readiness.set(false);
         self.stop.cancel();
-        self.finish().await;
+        self.finish(false).await;
     }
 
-    async fn finish(mut self) {
+    async fn finish(mut self, server_ended: bool) {
         self.kill.cancel();
-        self.server.abort();
-        let _ = (&mut self.server).await;
+        if !server_ended {
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
         if let Err(e) = self.shared.raft.shutdown().await {
             warn!(error = %e, "raft shutdown failed");
         }

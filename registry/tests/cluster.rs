@@ -1,0 +1,177 @@
+//! A 3-node registry on loopback: replication, forwarding, leader loss, restart from disk,
+//! snapshots for a node that was away, membership changes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use meshbridge_core::client::Consistency;
+use support::{Cluster, export, key, spec, visible};
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_via_any_node_read_back_on_every_node() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.wait_leader(T).await;
+    let mut last = 0;
+    for id in 1..=3u64 {
+        // Each write goes to one node only: followers forward it to the leader.
+        let site = format!("site-{id}");
+        let client = cluster.admin_of(id).await;
+        let w = client.register_site(&spec(&site, "eu", "eu-1a")).await.unwrap();
+        assert!(w.changed);
+        let w = client
+            .put_export(&export(&site, "cart", 1, &["10.0.0.1"]))
+            .await
+            .unwrap();
+        last = w.revision;
+    }
+    cluster.wait_revision(last, T).await;
+    for id in 1..=3u64 {
+        let client = cluster.admin_of(id).await;
+        for consistency in [Consistency::Linearizable, Consistency::Stale] {
+            let cart = client.get_service(&key("cart"), consistency).await.unwrap();
+            let sites: Vec<&str> = cart.value.as_ref().unwrap().groups.iter().map(|g| g.site.as_str()).collect();
+            assert_eq!(sites, ["site-1", "site-2", "site-3"], "node {id} {consistency:?}");
+        }
+        let status = client.status().await.unwrap();
+        assert_eq!(status.leader_id, Some(leader));
+        assert_eq!(status.members.len(), 3);
+    }
+    let catalogs: Vec<_> = cluster.nodes.values().map(|n| visible(&n.catalog())).collect();
+    assert!(catalogs.windows(2).all(|w| w[0] == w[1]));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_under_write_load_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+
+    // Writers: each puts exports with increasing generations and records what was
+    // acknowledged. None of them ever retries by hand.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = cluster.site("east").await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut generation = 0;
+            while !stop.load(Ordering::Relaxed) {
+                generation += 1;
+                let service = format!("svc-{w}");
+                let e = export("east", &service, generation, &["10.0.0.1"]);
+                client.put_export(&e).await.expect("write failed");
+                acked.push((service, generation));
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let old = cluster.wait_leader(T).await;
+    let killed_at = Instant::now();
+    cluster.kill(old).await;
+    let new = cluster.wait_leader(T).await;
+    assert_ne!(new, old);
+    tracing::warn!(took = ?killed_at.elapsed(), "new leader elected");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 20, "only {} writes", acked.len());
+
+    // Every acknowledged generation is in the catalog (or a newer one is).
+    let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
+    for (service, generation) in &acked {
+        let stored = catalog.export(&key(service), "east").expect("export lost").generation;
+        assert!(stored >= *generation, "{service}: stored {stored} < acked {generation}");
+    }
+
+    // The killed node comes back from its data directory and catches up.
+    cluster.restart(old).await;
+    cluster.wait_revision(catalog.revision, T).await;
+    assert_eq!(visible(&cluster.node(old).catalog()), visible(&catalog));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_away_past_a_log_purge_installs_a_snapshot() {
+    let mut cluster = Cluster::start(3, |c| {
+        c.raft.snapshot_every_logs = 50;
+        c.raft.keep_logs_after_snapshot = 5;
+    })
+    .await;
+    let admin = cluster.admin().await;
+    admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+    let leader = cluster.wait_leader(T).await;
+    let away = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill(away).await;
+
+    let mut last = 0;
+    for g in 1..=200 {
+        last = admin
+            .put_export(&export("east", &format!("svc-{}", g % 7), g, &["10.0.0.1"]))
+            .await
+            .unwrap()
+            .revision;
+    }
+    let purged = cluster.node(leader).raft_metrics().purged;
+    assert!(purged.is_some_and(|p| p.index > 100), "leader did not purge: {purged:?}");
+
+    cluster.restart(away).await;
+    cluster.wait_revision(last, T).await;
+    let m = cluster.node(away).raft_metrics();
+    assert!(m.snapshot.is_some_and(|s| s.index > 100), "no snapshot installed: {:?}", m.snapshot);
+    assert_eq!(
+        visible(&cluster.node(away).catalog()),
+        visible(&cluster.node(leader).catalog())
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_are_added_promoted_and_removed() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    let w = admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+
+    // A fourth node, not among the initial members: it must not initialize anything.
+    let addr = support::free_addrs(1)[0];
+    let tls = cluster.pki.issue(&format!("spiffe://{}/registry/4", support::TD), "node-4");
+    let members = cluster.configs[&1].members();
+    let config = meshbridge_registry::Config::for_test(4, addr, cluster.data.path().join("node-4"), tls, &members);
+    cluster.configs.insert(4, config);
+    cluster.restart(4).await;
+
+    let url = cluster.url(4);
+    let reply = admin.add_learner(4, &url, true).await.unwrap();
+    let learner = reply.members.iter().find(|m| m.node_id == 4).unwrap();
+    assert!(!learner.voter);
+    cluster.wait_revision(w.revision, T).await;
+    assert_eq!(cluster.node(4).catalog().sites.len(), 1, "learner replicated the catalog");
+
+    let reply = admin.promote(4).await.unwrap();
+    let voters: BTreeSet<u64> = reply.members.iter().filter(|m| m.voter).map(|m| m.node_id).collect();
+    assert_eq!(voters, BTreeSet::from([1, 2, 3, 4]));
+
+    let reply = admin.remove_member(2).await.unwrap();
+    let ids: BTreeSet<u64> = reply.members.iter().map(|m| m.node_id).collect();
+    assert_eq!(ids, BTreeSet::from([1, 3, 4]));
+    let status = admin.status().await.unwrap();
+    assert_eq!(status.members.len(), 3);
+
+    // Promoting a node that is not a learner is refused, not hung.
+    let err = admin.promote(9).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    cluster.shutdown().await;
+}

@@ -1,0 +1,1 @@
+//! A recorded operation history and a linearizability checker (filled in below).
