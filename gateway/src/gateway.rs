@@ -115,10 +115,12 @@ impl Gateway {
         let stop = CancellationToken::new();
 
         let start_catalog = snapshot::initial(&config.data_dir, &catalog);
-        if start_catalog.revision > 0 && Arc::ptr_eq(&start_catalog, &catalog.borrow()) {
-            if let Err(e) = snapshot::save(&config.data_dir, &start_catalog) {
-                tracing::warn!(error = %e, "cannot persist the catalog");
-            }
+        let from_source = Arc::ptr_eq(&start_catalog, &catalog.borrow());
+        if start_catalog.revision > 0
+            && from_source
+            && let Err(e) = snapshot::save(&config.data_dir, &start_catalog)
+        {
+            tracing::warn!(error = %e, "cannot persist the catalog");
         }
         let (effective_tx, effective_rx) = watch::channel(start_catalog);
         tasks.spawn(snapshot::follow(

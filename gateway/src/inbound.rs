@@ -85,6 +85,22 @@ pub async fn accept_loop(
     gauge.dec();
 }
 
+/// Why a client's first bytes could not be routed.
+struct Unroutable {
+    reason: String,
+    /// The HTTP status for a CONNECT client.
+    status: u16,
+}
+
+impl Unroutable {
+    fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            status: 400,
+        }
+    }
+}
+
 /// Read from `client` into `buf` until `parse` decides, within `timeout` and `max` bytes.
 async fn read_head<T, E>(
     client: &mut TcpStream,
@@ -92,7 +108,8 @@ async fn read_head<T, E>(
     max: usize,
     timeout: Duration,
     mut parse: impl FnMut(&[u8]) -> Result<Option<T>, E>,
-) -> Result<T, String>
+    status: impl Fn(&E) -> u16,
+) -> Result<T, Unroutable>
 where
     E: std::fmt::Display,
 {
@@ -100,21 +117,31 @@ where
         loop {
             match parse(buf) {
                 Ok(Some(t)) => return Ok(t),
-                Ok(None) if buf.len() >= max => return Err(format!("over {max} bytes")),
+                Ok(None) if buf.len() >= max => {
+                    return Err(Unroutable::new(format!("over {max} bytes")));
+                }
                 Ok(None) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    return Err(Unroutable {
+                        reason: e.to_string(),
+                        status: status(&e),
+                    });
+                }
             }
             buf.reserve(4096);
             match read_some(client, buf).await {
-                Ok(0) => return Err(format!("client closed after {} bytes", buf.len())),
+                Ok(0) => {
+                    let reason = format!("client closed after {} bytes", buf.len());
+                    return Err(Unroutable::new(reason));
+                }
                 Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Unroutable::new(e.to_string())),
             }
         }
     };
     tokio::time::timeout(timeout, work)
         .await
-        .unwrap_or_else(|_| Err(format!("incomplete after {timeout:?}")))
+        .unwrap_or_else(|_| Err(Unroutable::new(format!("incomplete after {timeout:?}"))))
 }
 
 async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
@@ -135,32 +162,38 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
     let mut buf = BytesMut::new();
     let head_timeout = sh.cfg.tunnel.preamble_timeout();
     // Route: the target and the bytes already read that belong to the payload.
-    let routed: Result<(Target, usize), String> = match &kind {
+    let routed: Result<(Target, usize), Unroutable> = match &kind {
         Kind::Service(t) => Ok((t.clone(), 0)),
         Kind::Sni => read_head(
             &mut client,
             &mut buf,
             MAX_CLIENT_HELLO_LEN,
             head_timeout,
-            |b| sni::parse_client_hello(b),
+            sni::parse_client_hello,
+            |_| 400,
         )
         .await
-        .and_then(|info| sni_target(sh, info.sni.as_deref(), local_port))
+        .and_then(|info| sni_target(sh, info.sni.as_deref(), local_port).map_err(Unroutable::new))
         .map(|t| (t, 0)),
         Kind::Connect => {
-            read_head(&mut client, &mut buf, MAX_HEAD_LEN, head_timeout, |b| {
-                connect::parse_connect(b, &sh.cfg.zone)
-            })
+            read_head(
+                &mut client,
+                &mut buf,
+                MAX_HEAD_LEN,
+                head_timeout,
+                |b| connect::parse_connect(b, &sh.cfg.zone),
+                connect::ConnectError::status,
+            )
             .await
         }
     };
     let (target, head_len) = match routed {
         Ok(x) => x,
-        Err(reason) => {
+        Err(Unroutable { reason, status }) => {
             sh.metrics.failure("-", "bad_client_input");
             let answer = match kind {
                 Kind::Sni => tls_alert(ALERT_UNRECOGNIZED_NAME).to_vec(),
-                Kind::Connect => connect::response(400, "Bad Request"),
+                Kind::Connect => connect::response(status, &reason),
                 Kind::Service(_) => Vec::new(),
             };
             let _ = client.write_all(&answer).await;

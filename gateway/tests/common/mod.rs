@@ -281,10 +281,10 @@ impl Echo {
             let mut conns = JoinSet::new();
             while let Ok((mut s, _)) = listener.accept().await {
                 conns.spawn(async move {
-                    if let Some(tag) = tag {
-                        if s.write_all(tag.as_bytes()).await.is_err() {
-                            return;
-                        }
+                    if let Some(tag) = tag
+                        && s.write_all(tag.as_bytes()).await.is_err()
+                    {
+                        return;
                     }
                     let (mut r, mut w) = s.split();
                     let _ = tokio::io::copy(&mut r, &mut w).await;
