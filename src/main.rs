@@ -2,7 +2,9 @@
 //! library crates.
 #![forbid(unsafe_code)]
 
+mod ctl;
 mod pki;
+mod registry;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,10 @@ struct Cli {
 enum Command {
     /// Development PKI: a CA per trust domain, SVIDs, inspection.
     Pki(pki::Args),
+    /// The operator's view: status, sites, services, membership.
+    Ctl(ctl::Args),
+    /// Run a registry node (Raft-replicated catalog, registry API).
+    Registry(registry::Args),
     /// Run the whole mesh on this machine and show it working.
     Demo,
 }
@@ -39,9 +45,11 @@ enum Command {
 fn main() -> ExitCode {
     meshbridge_core::install_crypto_provider();
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "info");
+    telemetry::init(cli.log_format, "info,openraft=warn");
     let result = match cli.command {
         Command::Pki(args) => pki::run(args),
+        Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
+        Command::Registry(args) => runtime().and_then(|rt| rt.block_on(registry::run(args))),
         Command::Demo => {
             eprintln!(
                 "meshbridge demo: the one-command demo arrives with the demo change (issue 6); \
@@ -57,4 +65,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

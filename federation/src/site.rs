@@ -1,0 +1,173 @@
+//! Keeping a site alive in the registry: register it, renew its lease, and keep its exports
+//! equal to what the host or cluster has now. Used by the gateway (static exports) and the
+//! VM agent (health-checked exports).
+//!
+//! Generations are the wall clock in milliseconds, made strictly increasing: a restarted
+//! process starts above anything it wrote before, so fencing accepts it, while a stale
+//! writer (an older process still running somewhere) is refused.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshbridge_core::client::{ClientError, RegistryClient};
+use meshbridge_core::model::{Endpoint, Export, Port, ServiceKey, SiteSpec};
+use serde::Serialize;
+use tokio::sync::watch;
+use tonic::Code;
+
+/// What a site exports of one service, before generations and revisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalExport {
+    pub service: ServiceKey,
+    pub ports: Vec<Port>,
+    pub endpoints: Vec<Endpoint>,
+    pub headless: bool,
+}
+
+/// How the keeper is doing, for `/debug` pages, metrics and `ctl status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KeeperStatus {
+    pub registered: bool,
+    /// Unix ms of the last successful heartbeat or registration.
+    pub last_renewal_ms: u64,
+    pub exports: usize,
+    pub last_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Generations(u64);
+
+impl Generations {
+    fn next(&mut self) -> u64 {
+        self.0 = now_ms().max(self.0 + 1);
+        self.0
+    }
+}
+
+/// Register, heartbeat every third of the lease, and reconcile exports, until `stop`.
+/// Errors are retried; the latest one is visible in the status.
+pub async fn keep(
+    client: RegistryClient,
+    spec: SiteSpec,
+    mut exports: watch::Receiver<Vec<LocalExport>>,
+    status: watch::Sender<KeeperStatus>,
+    stop: impl Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    let lease = if spec.lease_ttl_ms == 0 {
+        15_000
+    } else {
+        spec.lease_ttl_ms
+    };
+    let period = Duration::from_millis((lease / 3).clamp(200, 5_000));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gens = Generations(0);
+    // What the registry holds, as far as we know: service → (generation, content).
+    let mut put: BTreeMap<ServiceKey, (u64, LocalExport)> = BTreeMap::new();
+    let mut registered = false;
+    let mut source_open = true;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+            changed = exports.changed(), if source_open => {
+                // When the source is gone, keep the lease with what was last exported.
+                source_open = changed.is_ok();
+            }
+        }
+        let result = async {
+            if !registered {
+                client.register_site(&spec).await?;
+                registered = true;
+                put.clear();
+                tracing::info!(site = %spec.name, "site registered");
+            } else if let Err(e) = client.heartbeat(&spec.name).await {
+                // A withdrawn or forgotten site registers again, then re-exports everything.
+                if matches!(e.code(), Some(Code::NotFound | Code::FailedPrecondition)) {
+                    tracing::warn!(site = %spec.name, error = %e, "lease lost; registering again");
+                    registered = false;
+                }
+                return Err(e);
+            }
+            let want: Vec<LocalExport> = exports.borrow_and_update().clone();
+            reconcile(&client, &spec.name, &want, &mut put, &mut gens).await?;
+            Ok::<_, ClientError>(())
+        }
+        .await;
+        status.send_modify(|s| {
+            s.registered = registered;
+            s.exports = put.len();
+            match &result {
+                Ok(()) => {
+                    s.last_renewal_ms = now_ms();
+                    s.last_error = None;
+                }
+                Err(e) => s.last_error = Some(e.to_string()),
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!(site = %spec.name, error = %e, "registry update failed; will retry");
+        }
+    }
+}
+
+async fn reconcile(
+    client: &RegistryClient,
+    site: &str,
+    want: &[LocalExport],
+    put: &mut BTreeMap<ServiceKey, (u64, LocalExport)>,
+    gens: &mut Generations,
+) -> Result<(), ClientError> {
+    let wanted: BTreeMap<&ServiceKey, &LocalExport> =
+        want.iter().map(|e| (&e.service, e)).collect();
+    for (key, local) in &wanted {
+        if put.get(*key).is_some_and(|(_, have)| have == *local) {
+            continue;
+        }
+        let generation = gens.next();
+        let export = Export {
+            site: site.to_string(),
+            service: (*key).clone(),
+            generation,
+            ports: local.ports.clone(),
+            endpoints: local.endpoints.clone(),
+            headless: local.headless,
+            created_revision: 0,
+            updated_revision: 0,
+        };
+        client.put_export(&export).await?;
+        tracing::info!(%site, service = %key, generation, ready = local.endpoints.iter().filter(|e| e.ready).count(), "export updated");
+        put.insert((*key).clone(), (generation, (*local).clone()));
+    }
+    let gone: Vec<ServiceKey> = put
+        .keys()
+        .filter(|k| !wanted.contains_key(k))
+        .cloned()
+        .collect();
+    for key in gone {
+        let generation = gens.next();
+        match client.delete_export(site, &key, generation).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(Code::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(%site, service = %key, "export withdrawn");
+        put.remove(&key);
+    }
+    Ok(())
+}
+
+/// Shared handle on a keeper's status.
+pub type StatusRx = watch::Receiver<KeeperStatus>;
+
+/// Convenience: a status channel.
+pub fn status_channel() -> (watch::Sender<KeeperStatus>, StatusRx) {
+    watch::channel(KeeperStatus::default())
+}

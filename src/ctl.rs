@@ -1,0 +1,473 @@
+//! `meshbridge ctl`: the operator's view of the mesh, as tables or JSON.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args as ClapArgs, Subcommand};
+use meshbridge_core::client::{Consistency, RegistryClient};
+use meshbridge_core::model::{MergedService, ServiceKey, Site, SiteState};
+use meshbridge_core::proto;
+use meshbridge_core::tls::{Identity, IdentityFiles};
+use serde_json::{Value, json};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Registry URLs (comma-separated or repeated), e.g. https://127.0.0.1:7443.
+    #[arg(
+        long,
+        env = "MESHBRIDGE_REGISTRY",
+        value_delimiter = ',',
+        required = true
+    )]
+    registry: Vec<String>,
+    /// Directory with this operator's SVID (cert.pem, key.pem, bundle.pem); the id should be
+    /// spiffe://<td>/ctl/<name> for admin commands.
+    #[arg(long, env = "MESHBRIDGE_TLS_DIR")]
+    tls_dir: PathBuf,
+    /// Output: table or json.
+    #[arg(short = 'o', long, default_value = "table", global = true)]
+    output: Output,
+    /// Read from whichever node answers, without a round trip to the leader.
+    #[arg(long, global = true)]
+    stale: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One-screen diagnosis: registry members and lag, sites and staleness, conflicts, certs.
+    Status,
+    /// Sites with kind, locality, lease age and staleness.
+    Sites,
+    /// Services with ports and endpoints per site.
+    Services,
+    /// One service in detail: `NAMESPACE/NAME`.
+    Service { key: String },
+    /// Registry membership changes.
+    Members {
+        #[command(subcommand)]
+        cmd: MembersCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersCmd {
+    /// Add a node as a learner (it then catches up from the log or a snapshot).
+    Add {
+        node_id: u64,
+        url: String,
+        /// Return at once instead of waiting for it to catch up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Make a learner a voter.
+    Promote { node_id: u64 },
+    /// Remove a node from the cluster.
+    Remove { node_id: u64 },
+}
+
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let identity = Identity::load(IdentityFiles::in_dir(&args.tls_dir)).context("--tls-dir")?;
+    let client = RegistryClient::connect(&args.registry, identity.clone()).await?;
+    let consistency = if args.stale {
+        Consistency::Stale
+    } else {
+        Consistency::Linearizable
+    };
+    let json_out = args.output == Output::Json;
+    let out = Printer {
+        color: !json_out && std::io::stdout().is_terminal(),
+    };
+    match args.cmd {
+        Cmd::Status => return status(&client, &identity, consistency, json_out, &out).await,
+        Cmd::Sites => {
+            let list = client.list_sites(consistency).await?;
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&sites_json(&list.sites, list.now_ms))?
+                );
+            } else {
+                print_sites(&list.sites, list.now_ms, &out);
+            }
+        }
+        Cmd::Services => {
+            let list = client.list_services(consistency).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&list.value)?);
+            } else {
+                print_services(&list.value);
+            }
+        }
+        Cmd::Service { key } => {
+            let (ns, name) = key
+                .split_once('/')
+                .with_context(|| format!("{key:?}: expected NAMESPACE/NAME"))?;
+            let key = ServiceKey::new(ns, name);
+            let got = client.get_service(&key, consistency).await?;
+            let Some(svc) = got.value else {
+                bail!("service {key} is not exported by any site")
+            };
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&svc)?);
+            } else {
+                print_service_detail(&svc, &out);
+            }
+        }
+        Cmd::Members { cmd } => {
+            let reply = match cmd {
+                MembersCmd::Add {
+                    node_id,
+                    url,
+                    no_wait,
+                } => client.add_learner(node_id, &url, !no_wait).await?,
+                MembersCmd::Promote { node_id } => client.promote(node_id).await?,
+                MembersCmd::Remove { node_id } => client.remove_member(node_id).await?,
+            };
+            let members: Vec<Value> = reply.members.iter().map(member_json).collect();
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"log_index": reply.log_index, "members": members})
+                    )?
+                );
+            } else {
+                println!("membership changed at log index {}", reply.log_index);
+                for m in &reply.members {
+                    println!(
+                        "  node {:<4} {:<8} {}",
+                        m.node_id,
+                        if m.voter { "voter" } else { "learner" },
+                        m.url
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn member_json(m: &proto::MemberStatus) -> Value {
+    json!({"node_id": m.node_id, "url": m.url, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag})
+}
+
+fn state_name(s: &SiteState) -> &'static str {
+    match s {
+        SiteState::Fresh => "fresh",
+        SiteState::Stale { .. } => "stale",
+        SiteState::Withdrawn { .. } => "withdrawn",
+    }
+}
+
+fn sites_json(sites: &[Site], now_ms: u64) -> Value {
+    Value::Array(
+        sites
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name, "kind": s.kind, "region": s.locality.region, "zone": s.locality.zone,
+                    "state": state_name(&s.state), "staleness_seconds": s.staleness_seconds(now_ms),
+                    "lease_age_ms": now_ms.saturating_sub(s.last_heartbeat_ms), "lease_ttl_ms": s.lease_ttl_ms,
+                    "grace_ms": s.grace_ms, "gateways": s.gateways,
+                })
+            })
+            .collect(),
+    )
+}
+
+struct Printer {
+    color: bool,
+}
+
+impl Printer {
+    fn red(&self, s: &str) -> String {
+        if self.color {
+            format!("\x1b[31m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    fn green(&self, s: &str) -> String {
+        if self.color {
+            format!("\x1b[32m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    fn yellow(&self, s: &str) -> String {
+        if self.color {
+            format!("\x1b[33m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
+    println!(
+        "{:<18} {:<8} {:<22} {:<10} {:>9} {:>10}  GATEWAYS",
+        "SITE", "KIND", "LOCALITY", "STATE", "LEASE AGE", "STALE FOR"
+    );
+    for s in sites {
+        let state = match s.state {
+            SiteState::Fresh => out.green("fresh"),
+            SiteState::Stale { .. } => out.yellow("stale"),
+            SiteState::Withdrawn { .. } => out.red("withdrawn"),
+        };
+        let pad = 10 + state.len() - state_name(&s.state).len();
+        println!(
+            "{:<18} {:<8} {:<22} {:<pad$} {:>8.1}s {:>9}s  {}",
+            s.name,
+            format!("{:?}", s.kind).to_lowercase(),
+            format!("{}/{}", s.locality.region, s.locality.zone),
+            state,
+            now_ms.saturating_sub(s.last_heartbeat_ms) as f64 / 1000.0,
+            s.staleness_seconds(now_ms),
+            s.gateways.join(","),
+        );
+    }
+}
+
+fn print_services(services: &[MergedService]) {
+    println!(
+        "{:<32} {:<24} {:<9} SITES (ready endpoints)",
+        "SERVICE", "PORTS", "CONFLICTS"
+    );
+    for s in services {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}:{}", p.name, p.port))
+            .collect();
+        let sites: Vec<String> = s
+            .groups
+            .iter()
+            .map(|g| format!("{}({})", g.site, g.ready_count()))
+            .collect();
+        println!(
+            "{:<32} {:<24} {:<9} {}",
+            s.key.to_string(),
+            ports.join(","),
+            s.conflicts.len(),
+            sites.join(" ")
+        );
+    }
+}
+
+fn print_service_detail(s: &MergedService, out: &Printer) {
+    println!(
+        "service {}{}",
+        s.key,
+        if s.headless { " (headless)" } else { "" }
+    );
+    for p in &s.ports {
+        println!("  port {} {}/{}", p.name, p.port, p.protocol);
+    }
+    for c in &s.conflicts {
+        println!(
+            "  {}",
+            out.red(&format!(
+                "port conflict on {:?}: site {} defines {}/{}, site {} (older) wins with {}/{}",
+                c.port_name,
+                c.loser_site,
+                c.loser.port,
+                c.loser.protocol,
+                c.winner_site,
+                c.winner.port,
+                c.winner.protocol
+            ))
+        );
+    }
+    for g in &s.groups {
+        println!(
+            "  site {} ({}/{}) {} generation {}",
+            g.site,
+            g.locality.region,
+            g.locality.zone,
+            state_name(&g.state),
+            g.generation
+        );
+        for e in &g.endpoints {
+            println!(
+                "    {} {}{}",
+                e.address,
+                if e.ready {
+                    out.green("ready")
+                } else {
+                    out.yellow("not ready")
+                },
+                e.hostname
+                    .as_deref()
+                    .map(|h| format!(" hostname={h}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+async fn status(
+    client: &RegistryClient,
+    identity: &Identity,
+    consistency: Consistency,
+    json_out: bool,
+    out: &Printer,
+) -> Result<ExitCode> {
+    let mut problems: Vec<String> = Vec::new();
+    let nodes = client.status_of_each().await;
+    let mut node_rows = Vec::new();
+    let mut leader: Option<(u64, u64)> = None;
+    for (url, r) in &nodes {
+        match r {
+            Ok(s) => {
+                if let Some(l) = s.leader_id {
+                    leader = Some((l, s.term));
+                }
+                node_rows.push(
+                    json!({"url": url, "reachable": true, "node_id": s.node_id, "state": s.state,
+                    "term": s.term, "leader_id": s.leader_id, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index, "revision": s.revision,
+                    "members": s.members.iter().map(member_json).collect::<Vec<_>>()}),
+                );
+                for m in &s.members {
+                    if m.lag > 100 {
+                        problems.push(format!(
+                            "registry node {} is {} entries behind the leader",
+                            m.node_id, m.lag
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                problems.push(format!("registry node {url} is unreachable: {e}"));
+                node_rows.push(json!({"url": url, "reachable": false, "error": e.to_string()}));
+            }
+        }
+    }
+    if leader.is_none() {
+        problems.push("no registry node knows a leader: writes and linearizable reads fail".into());
+    }
+    let sites = client.list_sites(consistency).await.ok();
+    let services = client.list_services(consistency).await.ok();
+    if let Some(list) = &sites {
+        for s in &list.sites {
+            match s.state {
+                SiteState::Stale { .. } => problems.push(format!(
+                    "site {} is stale for {} s (lease lapsed): its endpoints rank last and are withdrawn after {} s",
+                    s.name,
+                    s.staleness_seconds(list.now_ms),
+                    s.grace_ms / 1000
+                )),
+                SiteState::Withdrawn { .. } => problems.push(format!("site {} is withdrawn: its endpoints are gone", s.name)),
+                SiteState::Fresh => {}
+            }
+        }
+    }
+    if let Some(list) = &services {
+        for s in &list.value {
+            for c in &s.conflicts {
+                problems.push(format!(
+                    "service {}: port {:?} conflicts: site {} says {}/{}, site {} (older, wins) says {}/{}",
+                    s.key, c.port_name, c.loser_site, c.loser.port, c.loser.protocol, c.winner_site, c.winner.port, c.winner.protocol
+                ));
+            }
+        }
+    }
+    let cert = identity.cert_info();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
+    let days_left = cert.seconds_left(now) / 86400;
+    if cert.seconds_left(now) < 7 * 86400 {
+        problems.push(format!(
+            "this operator's certificate expires in {days_left} days ({})",
+            meshbridge_core::tls::rfc3339(cert.not_after)
+        ));
+    }
+    if json_out {
+        let v = json!({
+            "ok": problems.is_empty(),
+            "problems": problems,
+            "registry": {"leader_id": leader.map(|l| l.0), "term": leader.map(|l| l.1), "nodes": node_rows},
+            "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
+            "services": services.as_ref().map(|l| &l.value),
+            "certificates": [{"id": identity.id().to_string(), "not_after": meshbridge_core::tls::rfc3339(cert.not_after), "days_left": days_left}],
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        if problems.is_empty() {
+            println!("{}", out.green("no problems found"));
+        } else {
+            println!(
+                "{}",
+                out.red(&format!(
+                    "{} problem{}:",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ))
+            );
+            for p in &problems {
+                println!("  {}", out.red(&format!("✗ {p}")));
+            }
+        }
+        println!();
+        println!(
+            "REGISTRY  leader {}  term {}",
+            leader.map(|l| l.0.to_string()).unwrap_or("none".into()),
+            leader.map(|l| l.1).unwrap_or(0)
+        );
+        for (url, r) in &nodes {
+            match r {
+                Ok(s) => println!(
+                    "  node {:<3} {:<10} {:<28} commit {:<7} applied {:<7} revision {}",
+                    s.node_id, s.state, url, s.commit_index, s.applied_index, s.revision
+                ),
+                Err(_) => println!("  {:<14} {:<28} {}", "", url, out.red("unreachable")),
+            }
+        }
+        if let Some(s) = nodes
+            .iter()
+            .find_map(|(_, r)| r.as_ref().ok().filter(|s| !s.members.is_empty()))
+        {
+            for m in &s.members {
+                println!(
+                    "    member {:<3} {:<8} lag {}",
+                    m.node_id,
+                    if m.voter { "voter" } else { "learner" },
+                    m.lag
+                );
+            }
+        }
+        println!();
+        if let Some(list) = &sites {
+            print_sites(&list.sites, list.now_ms, out);
+            println!();
+        }
+        if let Some(list) = &services {
+            print_services(&list.value);
+            println!();
+        }
+        println!(
+            "CERTIFICATE  {}  expires {} ({} days)",
+            identity.id(),
+            meshbridge_core::tls::rfc3339(cert.not_after),
+            days_left
+        );
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
