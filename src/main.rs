@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 mod ctl;
+mod dns;
 mod pki;
 mod registry;
+mod source;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ enum Command {
     Pki(pki::Args),
     /// The operator's view: status, sites, services, membership.
     Ctl(ctl::Args),
+    /// Run the federated DNS server on its own.
+    Dns(dns::Args),
     /// Run a registry node (Raft-replicated catalog, registry API).
     Registry(registry::Args),
     /// Run the whole mesh on this machine and show it working.
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
+        Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),
         Command::Registry(args) => runtime().and_then(|rt| rt.block_on(registry::run(args))),
         Command::Demo => {
             eprintln!(

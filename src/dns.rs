@@ -1,0 +1,106 @@
+//! `meshbridge dns --config FILE`: the federated DNS server, standalone.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use meshbridge_core::config::{self, Problems, RoleConfig};
+use meshbridge_core::tls::{Identity, IdentityFiles};
+use meshbridge_federation::dns;
+use serde::{Deserialize, Serialize};
+
+use crate::source::CatalogSource;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[arg(long, short = 'c', env = "MESHBRIDGE_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct File {
+    pub dns: dns::Config,
+    pub source: CatalogSource,
+    /// This server's SVID, to follow the registry (not needed with a catalog file).
+    #[serde(default)]
+    pub tls: Option<IdentityFiles>,
+    /// `/healthz`, `/readyz`, `/metrics`, `/config_dump`.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+}
+
+impl RoleConfig for File {
+    fn validate(&self, p: &mut Problems) {
+        self.dns.validate(p);
+        self.source.validate("source", p);
+        if !self.source.registry.is_empty() && self.tls.is_none() {
+            p.push("tls", "needed to follow a registry");
+        }
+        if let Some(a) = &self.admin_listen {
+            p.socket_addr("admin_listen", a);
+        }
+    }
+}
+
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let cfg: File = config::load(Some(&args.config))?;
+    tracing::info!(config = %config::effective(&cfg), "effective configuration");
+    let (catalog, _client) = match &cfg.tls {
+        Some(files) => {
+            let identity = Identity::load(files.clone()).context("loading TLS files")?;
+            tokio::spawn(
+                identity
+                    .clone()
+                    .watch_files(Duration::from_secs(5), std::future::pending()),
+            );
+            cfg.source.open(&identity, None).await?
+        }
+        None => {
+            let path = cfg
+                .source
+                .catalog_file
+                .as_ref()
+                .context("source.catalog_file")?;
+            let c = crate::source::read_catalog(path)?;
+            (tokio::sync::watch::channel(Arc::new(c)).1, None)
+        }
+    };
+    let server = dns::DnsServer::start(cfg.dns.clone(), catalog).await?;
+    let ready = meshbridge_core::admin::Readiness::new();
+    let admin = match &cfg.admin_listen {
+        Some(a) => {
+            let mut reg = prometheus_client::registry::Registry::default();
+            server.metrics().register(&mut reg);
+            let router =
+                meshbridge_core::admin::router(&ready, Arc::new(reg), config::effective(&cfg));
+            let listener = meshbridge_core::admin::bind(a.parse()?).await?;
+            let addr = listener.local_addr()?;
+            Some((
+                addr,
+                tokio::spawn(meshbridge_core::admin::serve(
+                    listener,
+                    router,
+                    std::future::pending(),
+                )),
+            ))
+        }
+        None => None,
+    };
+    ready.set(true);
+    println!(
+        "dns listening on {} (udp+tcp) for zone {}{}",
+        server.local_addr(),
+        cfg.dns.zone,
+        admin
+            .as_ref()
+            .map(|(a, _)| format!(", admin {a}"))
+            .unwrap_or_default()
+    );
+    meshbridge_core::drain::shutdown_signal().await;
+    ready.set(false);
+    server.shutdown(Duration::from_secs(2)).await;
+    Ok(ExitCode::SUCCESS)
+}
