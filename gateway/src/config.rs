@@ -1,5 +1,6 @@
-//! The gateway's configuration: one serde struct, unknown fields rejected, every problem
-//! reported at once by [`RoleConfig::validate`].
+//! The gateway's configuration: one serde struct, every problem reported at once. Unknown
+//! fields are rejected by [`meshbridge_core::config::load`], which collects them with the
+//! other problems (a serde `deny_unknown_fields` would stop at the first).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +36,6 @@ pub enum DefaultAction {
 
 /// `meshbridge gateway` configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// This gateway's site (as registered in the catalog).
     pub site: String,
@@ -62,7 +62,7 @@ pub struct Config {
 
 /// The tunnel between gateways.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct TunnelConfig {
     /// Where peers reach this gateway: QUIC on UDP and the TCP fallback on TCP, same port.
     pub listen: String,
@@ -96,7 +96,7 @@ pub struct TunnelConfig {
 
 /// Listeners for local clients.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ListenersConfig {
     /// Service listeners: one VIP per imported service from this range, one listener per port.
     pub vip_range: Option<VipRange>,
@@ -107,7 +107,7 @@ pub struct ListenersConfig {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct PolicyConfig {
     /// For services that no catalog policy names.
     pub default: DefaultAction,
@@ -115,7 +115,7 @@ pub struct PolicyConfig {
 
 /// Endpoint choice and failover at the sending side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct FailoverConfig {
     /// Sites tried per client connection.
     pub max_attempts: usize,

@@ -258,3 +258,28 @@ async fn admin_shows_metrics_peers_and_catalog() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_transport_falls_back_to_tcp_when_udp_gets_no_answer() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Auto);
+    let echo = Echo::start(None).await?;
+    let east_site = site("east", "r1", "a");
+    let east = mesh.gateway(&east_site).await?;
+    // East is reachable at an address where TCP is forwarded and UDP vanishes.
+    let tcp_only = meshbridge_testkit::fault::TcpFault::start(east.tunnel_addr()).await?;
+    let _udp_sink = std::net::UdpSocket::bind(tcp_only.addr())?;
+    mesh.feed.set_site(&east_site, Some(tcp_only.addr()));
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    mesh.feed
+        .export("east", &key("echo"), ECHO_PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    ping(vip, "", b"over tcp after quic got no answer").await?;
+    let peers = west.peers();
+    assert_eq!(peers[0].transport, Some("tcp"), "{peers:?}");
+    ping(vip, "", b"and it stays on tcp").await?;
+    Ok(())
+}
