@@ -110,7 +110,7 @@ impl Gateway {
         let (endpoint, tunnel_tcp) = bind_tunnel(&config, &identity)?;
         let tunnel_addr = local(&tunnel_tcp, "tunnel")?;
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
+        let metrics = Metrics::new(&mut registry, &config.site);
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
 

@@ -1,6 +1,6 @@
 //! Prometheus metrics, `meshbridge_gateway_*`, labelled by peer site.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -9,12 +9,22 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 /// Which side of a tunnel this gateway is on for a stream.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Local client → peer gateway (this gateway opened the stream).
     Outgoing,
     /// Peer gateway → local endpoint (this gateway accepted the stream).
     Incoming,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Self::Outgoing => "outgoing",
+            Self::Incoming => "incoming",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,8 +92,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// New metrics, registered in `registry`.
-    pub fn new(registry: &mut Registry) -> Self {
+    /// New metrics, registered in `registry` with a constant `site` label.
+    pub fn new(registry: &mut Registry, site: &str) -> Self {
         let m = Self {
             connections: Family::default(),
             connections_active: Family::default(),
@@ -99,7 +109,12 @@ impl Metrics {
             catalog_revision: Gauge::default(),
             client_connections: Family::default(),
         };
-        let r = registry.sub_registry_with_prefix("meshbridge_gateway");
+        let r = registry
+            .sub_registry_with_prefix("meshbridge_gateway")
+            .sub_registry_with_label((
+                std::borrow::Cow::Borrowed("site"),
+                std::borrow::Cow::Owned(site.to_string()),
+            ));
         r.register(
             "connections",
             "Tunnel connections established",

@@ -182,14 +182,14 @@ pub async fn connect_local(
     peer_site: &str,
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let (key, port, addrs) = local_endpoints(catalog, &sh.site, target)?;
-    let start = sh.next_rr(&key, port);
+    let order = sh.order_endpoints(&addrs, sh.next_rr(&key, port));
     let mut last = String::new();
-    for i in 0..addrs.len().min(MAX_ENDPOINT_TRIES) {
-        let addr = addrs[(start + i) % addrs.len()];
+    for addr in order.into_iter().take(MAX_ENDPOINT_TRIES) {
         let began = Instant::now();
         match tokio::time::timeout(sh.cfg.tunnel.connect_timeout(), TcpStream::connect(addr)).await
         {
             Ok(Ok(s)) => {
+                sh.endpoint_ok(addr);
                 let _ = s.set_nodelay(true);
                 sh.metrics
                     .connect_seconds
@@ -208,6 +208,7 @@ pub async fn connect_local(
             }
         }
         sh.metrics.failure(peer_site, "endpoint_connect");
+        sh.endpoint_failed(addr);
     }
     Err(refuse(
         ReplyStatus::ConnectFailed,

@@ -97,6 +97,16 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, Qu
     if let Err(e) = sock.set_send_buffer_size(buffer) {
         tracing::warn!(error = %e, buffer, "cannot set UDP send buffer");
     }
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    // Linux caps the size at net.core.rmem_max and reports double what it kept.
+    if got < buffer {
+        tracing::warn!(
+            asked = buffer,
+            got,
+            "UDP receive buffer capped by the kernel; raise net.core.rmem_max and wmem_max \
+             for full QUIC throughput"
+        );
+    }
     sock.bind(&addr.into()).map_err(err)?;
     Ok(sock.into())
 }

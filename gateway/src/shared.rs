@@ -25,6 +25,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub pool: Arc<Pool>,
     pub ejections: Mutex<Ejections>,
+    /// Local endpoints with consecutive connect failures (receiving side).
+    pub endpoint_ejections: Mutex<Ejections>,
     pub drain: drain::Watch,
     pub tasks: TaskTracker,
     /// Stops accept loops (first step of a drain).
@@ -57,7 +59,13 @@ impl Shared {
             std::time::Duration::from_millis(f.eject_base_ms),
             std::time::Duration::from_millis(f.eject_max_ms),
         );
+        let endpoint_ejections = Ejections::new(
+            f.eject_after,
+            std::time::Duration::from_millis(f.eject_base_ms),
+            std::time::Duration::from_millis(f.eject_max_ms),
+        );
         Self {
+            endpoint_ejections: Mutex::new(endpoint_ejections),
             site: cfg.site.clone(),
             cfg,
             identity,
@@ -111,6 +119,32 @@ impl Shared {
 
     pub fn site_ok(&self, site: &str) {
         lock(&self.ejections).success(site);
+    }
+
+    /// Order `addrs` for a connection: healthy endpoints first (round-robin from `start`),
+    /// ejected ones after them.
+    pub fn order_endpoints(
+        &self,
+        addrs: &[std::net::SocketAddr],
+        start: usize,
+    ) -> Vec<std::net::SocketAddr> {
+        let now = Instant::now();
+        let ej = lock(&self.endpoint_ejections);
+        let mut out: Vec<_> = (0..addrs.len())
+            .map(|i| addrs[(start + i) % addrs.len()])
+            .collect();
+        out.sort_by_key(|a| ej.is_ejected(&a.to_string(), now));
+        out
+    }
+
+    pub fn endpoint_failed(&self, addr: std::net::SocketAddr) {
+        if let Some(d) = lock(&self.endpoint_ejections).failure(&addr.to_string(), Instant::now()) {
+            tracing::warn!(endpoint = %addr, backoff_ms = d.as_millis() as u64, "endpoint ejected after consecutive connect failures");
+        }
+    }
+
+    pub fn endpoint_ok(&self, addr: std::net::SocketAddr) {
+        lock(&self.endpoint_ejections).success(&addr.to_string());
     }
 
     pub fn ejected_sites(&self) -> Vec<(String, std::time::Duration)> {

@@ -149,14 +149,12 @@ pub async fn request(
     early: &[u8],
     timeout: Duration,
 ) -> Result<Opened, RequestError> {
-    let mut head = BytesMut::new();
+    let mut head = BytesMut::with_capacity(256 + early.len());
     preamble.encode(&mut head).map_err(RequestError::Encode)?;
+    head.extend_from_slice(early);
     let (mut send, mut recv) = link.open().await.map_err(RequestError::Open)?;
     let exchange = async {
         send.write_all(&head).await.map_err(RequestError::Io)?;
-        if !early.is_empty() {
-            send.write_all(early).await.map_err(RequestError::Io)?;
-        }
         read_reply(&mut recv).await
     };
     let result = match tokio::time::timeout(timeout, exchange).await {

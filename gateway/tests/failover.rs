@@ -124,3 +124,39 @@ async fn nearer_gateway_dying_fails_over_within_seconds(t: TransportKind) -> Res
     Ok(())
 }
 both_transports!(nearer_gateway_dying_fails_over_within_seconds);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_endpoint_is_skipped_then_ejected() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let live = Echo::start(Some("live")).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    // Endpoints of one export share the target port: 127.0.0.1 listens, 127.0.0.2 does not.
+    let dead_ip = std::net::SocketAddr::new([127, 0, 0, 2].into(), live.addr.port());
+    mesh.feed
+        .export("east", &key("echo"), PORT, &[live.addr, dead_ip]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("vip")?;
+    for i in 0..12 {
+        let tag = which_server(vip, 4)
+            .await
+            .with_context(|| format!("connection {i}"))?;
+        assert_eq!(tag, "live", "connection {i}");
+    }
+    let mut m = String::new();
+    prometheus_client::encoding::text::encode(&mut m, &east.registry())?;
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("meshbridge_gateway_failures_total") && l.contains("endpoint_connect")
+        })
+        .context("no endpoint_connect failures counted")?;
+    assert!(
+        line.ends_with(" 3"),
+        "ejected after 3 failures, then skipped: {line}"
+    );
+    Ok(())
+}

@@ -70,7 +70,7 @@ async fn policy_allows_denies_and_changes_apply_to_new_streams(t: TransportKind)
     );
     let m = metrics_text(&east);
     assert!(
-        m.contains("meshbridge_gateway_policy_denials_total{peer_site=\"north\"} 1"),
+        m.contains("meshbridge_gateway_policy_denials_total{site=\"east\",peer_site=\"north\"} 1"),
         "{m}"
     );
 
@@ -188,7 +188,7 @@ async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
     }
     let m = metrics_text(&east);
     assert!(
-        m.contains("meshbridge_gateway_failures_total{peer_site=\"-\",reason=\"handshake\"} 2"),
+        m.contains("meshbridge_gateway_failures_total{site=\"east\",peer_site=\"-\",reason=\"handshake\"} 2"),
         "{m}"
     );
     // The mesh's own gateways are unaffected.

@@ -231,10 +231,10 @@ async fn admin_shows_metrics_peers_and_catalog() -> Result<()> {
     let admin = west.admin_addr().context("no admin listener")?;
     let metrics = http_get(admin, "/metrics").await?;
     for want in [
-        "meshbridge_gateway_streams_total{peer_site=\"east\",direction=\"Outgoing\"} 1",
-        "meshbridge_gateway_connections_total{peer_site=\"east\",transport=\"quic\"} 1",
+        "meshbridge_gateway_streams_total{site=\"west\",peer_site=\"east\",direction=\"outgoing\"} 1",
+        "meshbridge_gateway_connections_total{site=\"west\",peer_site=\"east\",transport=\"quic\"} 1",
         "meshbridge_gateway_handshake_seconds_count",
-        "meshbridge_gateway_bytes_total{peer_site=\"east\",direction=\"Outgoing\",flow=\"sent\"} 8",
+        "meshbridge_gateway_bytes_total{site=\"west\",peer_site=\"east\",direction=\"outgoing\",flow=\"sent\"} 8",
     ] {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }

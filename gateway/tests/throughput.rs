@@ -1,0 +1,104 @@
+//! Throughput through a gateway pair on loopback (measurement, not a pass/fail test):
+//! `cargo test --release -p meshbridge-gateway --test throughput -- --ignored --nocapture`.
+//! `MESHBRIDGE_THROUGHPUT_MIB` sets the size (default 1024).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use common::*;
+use meshbridge_gateway::TransportKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A server that counts bytes until EOF, then answers with the count.
+async fn sink() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Send `bytes` one way to `addr`; Gbit/s.
+async fn one_way(addr: SocketAddr, bytes: u64) -> Result<f64> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let block = vec![0x5au8; 256 * 1024];
+    let began = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (block.len() as u64).min(bytes - sent) as usize;
+        s.write_all(&block[..n]).await?;
+        sent += n as u64;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await?;
+    let secs = began.elapsed().as_secs_f64();
+    assert_eq!(u64::from_be_bytes(count), bytes, "bytes lost");
+    Ok(bytes as f64 * 8.0 / secs / 1e9)
+}
+
+async fn through_pair(t: TransportKind, max_mtu: u16, bytes: u64) -> Result<f64> {
+    let mesh = Mesh::new(t);
+    let target = sink().await?;
+    let mut east_cfg = mesh.config("east");
+    east_cfg.tunnel.max_mtu = max_mtu;
+    let east = mesh
+        .gateway_with(&site("east", "r1", "a"), east_cfg, mesh.identity("east"))
+        .await?;
+    let mut west_cfg = mesh.config("west");
+    west_cfg.tunnel.max_mtu = max_mtu;
+    let west = mesh
+        .gateway_with(&site("west", "r1", "b"), west_cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed.export("east", &key("sink"), 5201, &[target]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("sink"), 5201, WAIT)
+        .await
+        .context("vip")?;
+    one_way(vip, 64 << 20).await?; // warm up: link, MTU discovery, windows
+    one_way(vip, bytes).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run in release"]
+async fn throughput_one_way() -> Result<()> {
+    init();
+    let mib: u64 = std::env::var("MESHBRIDGE_THROUGHPUT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let bytes = mib << 20;
+    let direct = one_way(sink().await?, bytes).await?;
+    println!("direct TCP              {direct:6.2} Gbit/s");
+    for (name, t, mtu) in [
+        ("QUIC max_mtu 1452", TransportKind::Quic, 1452),
+        ("QUIC max_mtu 8952", TransportKind::Quic, 8952),
+        ("QUIC max_mtu 16384", TransportKind::Quic, 16384),
+        ("TCP+TLS+HTTP/2", TransportKind::Tcp, 1452),
+    ] {
+        let g = through_pair(t, mtu, bytes).await?;
+        println!("{name:<23} {g:6.2} Gbit/s  ({mib} MiB one way)");
+    }
+    Ok(())
+}
