@@ -1,68 +1,100 @@
-//! From the catalog to owner names and record sets, per the Kubernetes MCS DNS
-//! specification (KEP-1645 `specification.md`), as seen from this site:
-//!
-//! - `<svc>.<ns>.svc.<zone>` A/AAAA: the VIP in VIP mode, else the service's ready
-//!   endpoints in this site; headless: every ready endpoint, fresh sites only unless no fresh
-//!   site has an address of that family;
-//! - `<hostname>.<site>.<svc>.<ns>.svc.<zone>` A/AAAA for each ready endpoint of a headless
-//!   service (an endpoint without a hostname is named by its address, `10-1-2-3`, the
-//!   "system-assigned identifier" of the specification);
-//! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV per named port, and SRV at the service name
-//!   for every port: to the service name at the service port, or for a headless service to
-//!   each endpoint's host name at the site's target port (where the endpoint listens, as
-//!   CoreDNS does with EndpointSlice ports).
-//!
-//! A headless service with no ready endpoint has no names at all (NXDOMAIN, as the
-//! specification asks).
+//! Building the names of one service, or of the apex, into lookup-ready nodes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
-use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use meshbridge_core::model::{
-    Catalog, Endpoint, EndpointGroup, Locality, MergedService, ServiceKey, SiteRank, rank_sites,
-};
-use meshbridge_core::vip::assign_catalog;
-use tracing::warn;
 
-use super::config::Config;
+/// FxHash: names are hashed byte by byte (case-insensitively), where SipHash is slow.
+/// Tables are filled from the catalog, not from queries, so flooding is not a concern.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
 
-/// One name's record sets: (type, records, additionals).
-pub(crate) type NodeSets = Vec<(RecordType, Vec<Record>, Vec<Record>)>;
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
-/// Owner names and their record sets, while building.
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.add(u64::from(b));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) type FxBuild = BuildHasherDefault<FxHasher>;
+pub(crate) type Nodes = HashMap<Name, Node, FxBuild>;
+
+/// The records of one name, grouped by type.
+#[derive(Debug, Default)]
+pub(crate) struct Node {
+    pub records: Box<[Record]>,
+    pub sets: Box<[Set]>,
+    /// Upper bound of the encoded size of all records (for `ANY`).
+    pub len: usize,
+}
+
+/// One record set of a node: `records[start..end]`, with what answers add to the additional
+/// section, and upper bounds of their encoded sizes.
+#[derive(Debug)]
+pub(crate) struct Set {
+    pub rtype: RecordType,
+    pub start: usize,
+    pub end: usize,
+    pub additionals: Box<[Record]>,
+    pub len: usize,
+    pub additionals_len: usize,
+}
+
+/// A record set while building: type, records, additionals.
+type Building = (RecordType, Vec<Record>, Vec<Record>);
+
+/// Owner names and their record sets, at and below `top`, while building.
 pub(crate) struct Sets {
-    zone: Name,
+    top: Name,
     ttl: u32,
-    nodes: HashMap<Name, NodeSets>,
+    nodes: HashMap<Name, Vec<Building>, FxBuild>,
 }
 
 impl Sets {
-    pub(crate) fn new(zone: Name, ttl: u32) -> Self {
+    pub(crate) fn new(top: Name, ttl: u32) -> Self {
         Self {
-            zone,
+            top,
             ttl,
-            nodes: HashMap::new(),
+            nodes: HashMap::default(),
         }
     }
 
-    pub(crate) fn zone(&self) -> &Name {
-        &self.zone
+    pub(crate) fn top(&self) -> &Name {
+        &self.top
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// Make `name` and every name between it and the apex exist (empty non-terminals
-    /// answer NODATA, not NXDOMAIN: RFC 8020).
+    /// Make `name` and every name between it and `top` exist (empty non-terminals answer
+    /// NODATA, not NXDOMAIN: RFC 8020).
     pub(crate) fn touch(&mut self, name: &Name) {
         let mut name = name.clone();
-        while self.zone.zone_of(&name) {
-            if self.nodes.contains_key(&name) {
-                return;
-            }
+        while self.top.zone_of(&name) && !self.nodes.contains_key(&name) {
             let parent = name.base_name();
             self.nodes.insert(name, Vec::new());
             name = parent;
@@ -93,189 +125,77 @@ impl Sets {
     }
 
     /// Add a record, and records for the additional section of answers of its type.
-    pub(crate) fn add_with_additionals(&mut self, name: &Name, data: RData, add: Vec<Record>) {
+    pub(crate) fn add_with_additionals(&mut self, name: &Name, data: RData, add: &[Record]) {
         let record = Record::from_rdata(name.clone(), self.ttl, data);
         let set = self.set(name, record.record_type());
         set.1.push(record);
         if set.2.is_empty() {
-            set.2 = add;
+            set.2 = add.to_vec();
         }
     }
 
-    pub(crate) fn into_nodes(self) -> impl Iterator<Item = (Name, NodeSets)> {
-        self.nodes.into_iter()
+    /// The address record of `name` for `ip`.
+    pub(crate) fn address(&self, name: &Name, ip: IpAddr) -> Record {
+        Record::from_rdata(name.clone(), self.ttl, address(ip))
     }
 
-    fn address(&self, name: &Name, ip: IpAddr) -> Record {
-        Record::from_rdata(name.clone(), self.ttl, address(ip))
+    /// Lookup-ready nodes.
+    pub(crate) fn finish(self) -> Nodes {
+        let mut nodes = Nodes::with_capacity_and_hasher(self.nodes.len(), FxBuild::default());
+        for (name, list) in self.nodes {
+            let mut records = Vec::with_capacity(list.iter().map(|(_, r, _)| r.len()).sum());
+            let mut sets = Vec::with_capacity(list.len());
+            let mut total = 0;
+            for (rtype, set, additionals) in list {
+                let start = records.len();
+                let len = set.iter().map(wire_len).sum();
+                total += len;
+                records.extend(set);
+                sets.push(Set {
+                    rtype,
+                    start,
+                    end: records.len(),
+                    additionals_len: additionals.iter().map(wire_len).sum(),
+                    additionals: additionals.into(),
+                    len,
+                });
+            }
+            let node = Node {
+                records: records.into(),
+                sets: sets.into(),
+                len: total,
+            };
+            nodes.insert(name, node);
+        }
+        nodes
     }
 }
 
-fn address(ip: IpAddr) -> RData {
+pub(crate) fn address(ip: IpAddr) -> RData {
     match ip {
         IpAddr::V4(ip) => RData::A(A(ip)),
         IpAddr::V6(ip) => RData::AAAA(AAAA(ip)),
     }
 }
 
-fn name_under(labels: &[&str], base: &Name) -> Option<Name> {
-    Name::from_labels(labels.iter().copied())
-        .and_then(|n| n.append_domain(base))
-        .ok()
+/// Encoded size of a name, without compression.
+fn name_len(name: &Name) -> usize {
+    name.len() + 1
 }
 
-/// `<svc>.<ns>.svc.<zone>`.
-pub(crate) fn service_name(zone: &Name, key: &ServiceKey) -> Option<Name> {
-    name_under(&[&key.name, &key.namespace, "svc"], zone)
-}
-
-/// The label naming an endpoint: its hostname, else its address with dashes.
-fn host_label(ep: &Endpoint) -> String {
-    match &ep.hostname {
-        Some(h) => h.clone(),
-        None => ep.address.to_string().replace(['.', ':'], "-"),
-    }
-}
-
-/// Add every exported service.
-pub(crate) fn services(sets: &mut Sets, config: &Config, catalog: &Catalog) {
-    let vips = config.vip_range.map(|r| assign_catalog(r, catalog));
-    let from = catalog
-        .site(&config.site)
-        .map(|s| s.locality.clone())
-        .unwrap_or_default();
-    for svc in catalog.services() {
-        let Some(base) = service_name(sets.zone(), &svc.key) else {
-            warn!(service = %svc.key, "service name does not fit in a DNS name; not served");
-            continue;
-        };
-        if svc.headless {
-            headless(sets, config, &from, &svc, &base);
-        } else {
-            let addrs: Vec<IpAddr> = match &vips {
-                Some(vips) => vips
-                    .get(&svc.key)
-                    .map(|ip| IpAddr::V4(*ip))
-                    .into_iter()
-                    .collect(),
-                None => svc
-                    .groups
-                    .iter()
-                    .filter(|g| g.site == config.site)
-                    .flat_map(|g| g.ready_endpoints().map(|e| e.address))
-                    .collect(),
-            };
-            cluster_ip(sets, &svc, &base, addrs);
-        }
-    }
-}
-
-/// A service with one address per family that reaches it from here.
-fn cluster_ip(sets: &mut Sets, svc: &MergedService, base: &Name, addrs: Vec<IpAddr>) {
-    sets.touch(base);
-    let mut seen = HashSet::new();
-    let mut glue = Vec::new();
-    for ip in addrs {
-        if seen.insert(ip) {
-            sets.add(base, address(ip));
-            glue.push(sets.address(base, ip));
-        }
-    }
-    let mut numbers = HashSet::new();
-    for port in &svc.ports {
-        let srv = RData::SRV(SRV::new(0, 100, port.port, base.clone()));
-        // The same number over two protocols is one SRV record at the service name.
-        if numbers.insert(port.port) {
-            sets.add_with_additionals(base, srv.clone(), glue.clone());
-        }
-        if port.name.is_empty() {
-            continue;
-        }
-        let proto = format!("_{}", port.protocol);
-        let label = format!("_{}", port.name);
-        if let Some(name) = name_under(&[&label, &proto], base) {
-            sets.add_with_additionals(&name, srv, glue.clone());
-        }
-    }
-}
-
-/// A headless service: endpoint addresses, per-host names, SRV to each host.
-fn headless(sets: &mut Sets, config: &Config, from: &Locality, svc: &MergedService, base: &Name) {
-    // Best first; withdrawn sites and sites without a ready endpoint are left out.
-    let ranked = rank_sites(from, &config.site, &svc.groups);
-    if ranked.is_empty() {
-        return;
-    }
-    let (fresh, stale): (Vec<_>, Vec<_>) = ranked
-        .iter()
-        .partition(|(rank, _)| *rank != SiteRank::Stale);
-    let fresh: Vec<&EndpointGroup> = fresh.into_iter().map(|(_, g)| g).collect();
-    let stale: Vec<&EndpointGroup> = stale.into_iter().map(|(_, g)| g).collect();
-
-    sets.touch(base);
-    for v4 in [true, false] {
-        let pick = |groups: &[&EndpointGroup]| -> Vec<IpAddr> {
-            let mut seen = HashSet::new();
-            groups
-                .iter()
-                .flat_map(|g| g.ready_endpoints().map(|e| e.address))
-                .filter(|ip| ip.is_ipv4() == v4 && seen.insert(*ip))
-                .collect()
-        };
-        let mut addrs = pick(&fresh);
-        if addrs.is_empty() {
-            addrs = pick(&stale);
-        }
-        for ip in addrs {
-            sets.add(base, address(ip));
-        }
-    }
-
-    // Per-host names in every listed site, stale ones included: they name one site.
-    let mut hosts: HashMap<(&str, String), Name> = HashMap::new();
-    for (_, group) in &ranked {
-        let mut added: HashSet<(String, IpAddr)> = HashSet::new();
-        for ep in group.ready_endpoints() {
-            let host = host_label(ep);
-            let Some(name) = name_under(&[&host, &group.site], base) else {
-                continue;
-            };
-            if added.insert((host.clone(), ep.address)) {
-                sets.add(&name, address(ep.address));
-            }
-            hosts.insert((group.site.as_str(), host), name);
-        }
-    }
-
-    let chosen = if fresh.is_empty() { &stale } else { &fresh };
-    for port in &svc.ports {
-        let named = (!port.name.is_empty())
-            .then(|| {
-                name_under(
-                    &[&format!("_{}", port.name), &format!("_{}", port.protocol)],
-                    base,
-                )
-            })
-            .flatten();
-        let mut seen = HashSet::new();
-        for group in chosen {
-            let Some(site_port) = group.port(&port.name) else {
-                continue;
-            };
-            for ep in group.ready_endpoints() {
-                let Some(target) = hosts.get(&(group.site.as_str(), host_label(ep))) else {
-                    continue;
-                };
-                if !seen.insert(target.clone()) {
-                    continue;
-                }
-                let weight = u16::try_from(ep.weight).unwrap_or(u16::MAX);
-                let srv = RData::SRV(SRV::new(0, weight, site_port.target_port, target.clone()));
-                if let Some(named) = &named {
-                    sets.add(named, srv.clone());
-                }
-                sets.add(base, srv);
-            }
-        }
-    }
+/// An upper bound of the size of `record` in a message (nothing compressed).
+pub(crate) fn wire_len(record: &Record) -> usize {
+    // Owner, type, class, TTL, RDLENGTH.
+    let fixed = name_len(&record.name) + 10;
+    let data = match &record.data {
+        RData::A(_) => 4,
+        RData::AAAA(_) => 16,
+        RData::SRV(srv) => 6 + name_len(&srv.target),
+        RData::NS(ns) => name_len(&ns.0),
+        RData::SOA(soa) => name_len(&soa.mname) + name_len(&soa.rname) + 20,
+        RData::TXT(txt) => txt.txt_data.iter().map(|s| 1 + s.len()).sum(),
+        // Not produced by the index; never claim it fits.
+        _ => usize::from(u16::MAX),
+    };
+    fixed + data
 }

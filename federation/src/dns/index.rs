@@ -1,51 +1,50 @@
 //! The answer index: every name of the zone with its record sets, precomputed from one
-//! catalog, so that answering is one hash lookup.
+//! catalog, so that answering is two hash lookups (the service, then the name).
 //!
-//! Plain data, no I/O: [`Index::build`] is a pure function of the catalog and the
-//! configuration, rebuilt whenever the catalog changes.
+//! Plain data, no I/O. [`Index::rebuild`] reuses the names of every service whose exports,
+//! sites and VIP did not change, so a change costs about the changed services.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, TXT};
+use hickory_proto::rr::rdata::{NS, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
-use meshbridge_core::model::Catalog;
+use meshbridge_core::model::{Catalog, Export, Locality, ServiceKey, merge_exports};
+use meshbridge_core::vip::assign_catalog;
+use tracing::warn;
 
 use super::DnsError;
-use super::build::{self, Sets};
+use super::build::{FxBuild, Node, Nodes, Sets, address, wire_len};
 use super::config::Config;
+use super::service::{self, Inputs, View};
 
 /// The version of the MCS DNS schema served in `dns-version.<zone>`.
 pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
 
+type Services = HashMap<String, HashMap<String, Arc<ServiceZone>, FxBuild>, FxBuild>;
+
 /// Every name of the zone, as seen from one site, at one catalog revision.
 pub struct Index {
-    zone: LowerName,
-    nodes: HashMap<LowerName, Node>,
+    zone: Name,
+    zone_labels: usize,
+    /// The apex, `dns-version`, the name server: names outside `svc.<zone>`.
+    apex: Nodes,
+    /// Namespace, then service name.
+    services: Services,
+    from: Locality,
     /// The apex SOA, for the authority section of negative answers.
-    soa: Set,
+    soa: [Record; 1],
+    soa_len: usize,
+    names: usize,
     revision: u64,
     forwarding: bool,
 }
 
-/// The records of one name.
-#[derive(Default)]
-struct Node {
-    sets: Vec<Set>,
-    /// Every record of the name, for `ANY`.
-    any: Set,
-}
-
-/// One record set, with the records an answer adds to the additional section.
-#[derive(Default)]
-struct Set {
-    rtype: Option<RecordType>,
-    records: Box<[Record]>,
-    additionals: Box<[Record]>,
-    /// Upper bound of the encoded size of `records`, then of `additionals`.
-    records_len: usize,
-    additionals_len: usize,
+/// The names of one service, with what they were computed from.
+pub(crate) struct ServiceZone {
+    inputs: Inputs,
+    nodes: Nodes,
 }
 
 /// What the index holds for a question.
@@ -77,42 +76,81 @@ pub(crate) struct Found<'a> {
 impl Index {
     /// Index `catalog` as seen from `config.site`.
     pub fn build(config: &Config, catalog: &Catalog) -> Result<Index, DnsError> {
+        Self::make(config, catalog, None)
+    }
+
+    /// Index `catalog` like [`Index::build`], reusing this index's names of services that
+    /// did not change. `config` must be the one this index was built with.
+    pub fn rebuild(&self, config: &Config, catalog: &Catalog) -> Result<Index, DnsError> {
+        Self::make(config, catalog, Some(self))
+    }
+
+    fn make(config: &Config, catalog: &Catalog, prev: Option<&Index>) -> Result<Index, DnsError> {
         let zone = config.zone_name().map_err(|reason| DnsError::Zone {
             zone: config.zone.clone(),
             reason,
         })?;
         let ttl = config.ttl_secs;
-        let mut sets = Sets::new(zone.clone(), ttl);
-        apex(&mut sets, config, catalog.revision)?;
-        build::services(&mut sets, config, catalog);
-
-        let soa_record = Record::from_rdata(zone.clone(), ttl, soa(&zone, catalog.revision, ttl)?);
-        let mut scratch = Vec::with_capacity(512);
-        let soa = Set::new(
-            Some(RecordType::SOA),
-            vec![soa_record],
-            vec![],
-            &mut scratch,
-        );
-        let mut nodes = HashMap::with_capacity(sets.len());
-        for (name, list) in sets.into_nodes() {
-            let mut node = Node::default();
-            let mut any = Vec::new();
-            for (rtype, records, additionals) in list {
-                any.extend(records.iter().cloned());
-                node.sets
-                    .push(Set::new(Some(rtype), records, additionals, &mut scratch));
+        let from = catalog
+            .site(&config.site)
+            .map(|s| s.locality.clone())
+            .unwrap_or_default();
+        // A new point of view changes every headless service.
+        let prev = prev.filter(|p| p.from == from && p.zone == zone);
+        let vips = config.vip_range.map(|r| assign_catalog(r, catalog));
+        let view = View {
+            site: &config.site,
+            from: &from,
+            ttl,
+            vips: vips.is_some(),
+        };
+        let mut services = Services::default();
+        let mut names = 0;
+        let mut group: Vec<&Arc<Export>> = Vec::new();
+        let mut exports = catalog.exports.iter().peekable();
+        while let Some(((key, _), export)) = exports.next() {
+            group.push(export);
+            if exports.peek().is_some_and(|((next, _), _)| next == key) {
+                continue;
             }
-            node.any = Set::new(None, any, vec![], &mut scratch);
-            nodes.insert(LowerName::new(&name), node);
+            let vip = vips.as_ref().and_then(|v| v.get(key).copied());
+            let reused = prev
+                .and_then(|p| p.service_zone(key))
+                .filter(|z| z.inputs.same(catalog, &group, vip));
+            let zone_of_service = match reused {
+                Some(z) => Some(z.clone()),
+                None => service_zone(&view, &zone, catalog, key, &group, vip),
+            };
+            group.clear();
+            if let Some(z) = zone_of_service.filter(|z| !z.nodes.is_empty()) {
+                names += z.nodes.len();
+                match services.get_mut(&key.namespace) {
+                    Some(ns) => ns.insert(key.name.clone(), z),
+                    None => services
+                        .entry(key.namespace.clone())
+                        .or_default()
+                        .insert(key.name.clone(), z),
+                };
+            }
         }
+        let apex = apex(config, &zone, catalog.revision)?;
+        let soa = Record::from_rdata(zone.clone(), ttl, soa(&zone, catalog.revision, ttl)?);
         Ok(Index {
-            zone: LowerName::new(&zone),
-            nodes,
-            soa,
+            zone_labels: usize::from(zone.num_labels()),
+            names: names + apex.len() + services.len() + usize::from(!services.is_empty()),
+            soa_len: wire_len(&soa),
+            soa: [soa],
+            zone,
+            apex,
+            services,
+            from,
             revision: catalog.revision,
             forwarding: config.upstream.is_some(),
         })
+    }
+
+    pub(crate) fn service_zone(&self, key: &ServiceKey) -> Option<&Arc<ServiceZone>> {
+        self.services.get(&key.namespace)?.get(&key.name)
     }
 
     /// The catalog revision this index was built from (also the SOA serial, mod 2^32).
@@ -122,11 +160,11 @@ impl Index {
 
     /// How many names the zone holds (including names that only have names below them).
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.names
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.names == 0
     }
 
     /// Whether queries outside the zone go to an upstream resolver.
@@ -135,85 +173,102 @@ impl Index {
     }
 
     pub(crate) fn lookup(&self, name: &LowerName, rtype: RecordType) -> Lookup<'_> {
-        let soa = &self.soa.records;
-        let soa_len = self.soa.records_len;
-        let Some(node) = self.nodes.get(name) else {
-            return if self.zone.zone_of(name) {
-                Lookup::NxDomain { soa, soa_len }
-            } else {
-                Lookup::OutOfZone
-            };
-        };
-        let set = if rtype == RecordType::ANY {
-            Some(&node.any)
-        } else {
-            node.sets.iter().find(|s| s.rtype == Some(rtype))
-        };
-        match set {
-            Some(set) if !set.records.is_empty() => Lookup::Found(Found {
-                answers: &set.records,
-                additionals: &set.additionals,
-                answers_len: set.records_len,
-                additionals_len: set.additionals_len,
-            }),
-            _ => Lookup::NoData { soa, soa_len },
+        let name: &Name = name;
+        let (soa, soa_len) = (&self.soa[..], self.soa_len);
+        if !self.zone.zone_of(name) {
+            return Lookup::OutOfZone;
         }
-    }
-}
-
-impl Set {
-    fn new(
-        rtype: Option<RecordType>,
-        records: Vec<Record>,
-        additionals: Vec<Record>,
-        scratch: &mut Vec<u8>,
-    ) -> Self {
-        Self {
-            rtype,
-            records_len: wire_len(&records, scratch),
-            additionals_len: wire_len(&additionals, scratch),
-            records: records.into(),
-            additionals: additionals.into(),
-        }
-    }
-}
-
-/// An upper bound of the size of `records` in a message: each is encoded on its own, so
-/// nothing is compressed against the rest of the message.
-fn wire_len(records: &[Record], scratch: &mut Vec<u8>) -> usize {
-    records
-        .iter()
-        .map(|r| {
-            scratch.clear();
-            let mut enc = BinEncoder::new(scratch);
-            match r.emit(&mut enc) {
-                Ok(()) => scratch.len(),
-                // Unencodable: never claim it fits.
-                Err(_) => usize::from(u16::MAX),
+        // Labels right to left below the apex: `svc`, namespace, service, ...
+        let mut labels = name.iter().rev().skip(self.zone_labels);
+        let node = if labels.next() == Some(b"svc".as_slice()) {
+            match (labels.next(), labels.next()) {
+                (None, _) if !self.services.is_empty() => return Lookup::NoData { soa, soa_len },
+                (None, _) => None,
+                (Some(ns), None) => match std::str::from_utf8(ns) {
+                    Ok(ns) if self.services.contains_key(ns) => {
+                        return Lookup::NoData { soa, soa_len };
+                    }
+                    _ => None,
+                },
+                (Some(ns), Some(svc)) => {
+                    match (std::str::from_utf8(ns), std::str::from_utf8(svc)) {
+                        (Ok(ns), Ok(svc)) => self
+                            .services
+                            .get(ns)
+                            .and_then(|m| m.get(svc))
+                            .and_then(|z| z.nodes.get(name)),
+                        _ => None,
+                    }
+                }
             }
-        })
-        .sum()
+        } else {
+            self.apex.get(name)
+        };
+        let Some(node) = node else {
+            return Lookup::NxDomain { soa, soa_len };
+        };
+        found(node, rtype).unwrap_or(Lookup::NoData { soa, soa_len })
+    }
+}
+
+fn found(node: &Node, rtype: RecordType) -> Option<Lookup<'_>> {
+    if rtype == RecordType::ANY {
+        return (!node.records.is_empty()).then_some(Lookup::Found(Found {
+            answers: &node.records,
+            additionals: &[],
+            answers_len: node.len,
+            additionals_len: 0,
+        }));
+    }
+    let set = node.sets.iter().find(|s| s.rtype == rtype)?;
+    let answers = node.records.get(set.start..set.end)?;
+    (!answers.is_empty()).then_some(Lookup::Found(Found {
+        answers,
+        additionals: &set.additionals,
+        answers_len: set.len,
+        additionals_len: set.additionals_len,
+    }))
+}
+
+/// Merge `exports` (all of service `key`) and build its names.
+fn service_zone(
+    view: &View<'_>,
+    zone: &Name,
+    catalog: &Catalog,
+    key: &ServiceKey,
+    exports: &[&Arc<Export>],
+    vip: Option<Ipv4Addr>,
+) -> Option<Arc<ServiceZone>> {
+    let Some(base) = service::service_name(zone, key) else {
+        warn!(service = %key, "service name does not fit in a DNS name; not served");
+        return None;
+    };
+    let merged = merge_exports(key, exports.iter().map(|e| &***e), &catalog.sites);
+    Some(Arc::new(ServiceZone {
+        inputs: Inputs::new(catalog, exports, vip),
+        nodes: service::nodes(view, &merged, base, vip),
+    }))
+}
+
+fn zone_error(zone: &Name) -> impl Fn(hickory_proto::ProtoError) -> DnsError + '_ {
+    move |e| DnsError::Zone {
+        zone: zone.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// `ns.dns.<zone>`: the name server of the zone.
 fn ns_name(zone: &Name) -> Result<Name, DnsError> {
     Name::from_labels(["ns", "dns"])
         .and_then(|n| n.append_domain(zone))
-        .map_err(|e| DnsError::Zone {
-            zone: zone.to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(zone_error(zone))
 }
 
 fn soa(zone: &Name, revision: u64, ttl: u32) -> Result<RData, DnsError> {
-    let zone_err = |e: hickory_proto::ProtoError| DnsError::Zone {
-        zone: zone.to_string(),
-        reason: e.to_string(),
-    };
     let mname = ns_name(zone)?;
     let rname = Name::from_labels(["hostmaster"])
         .and_then(|n| n.append_domain(zone))
-        .map_err(zone_err)?;
+        .map_err(zone_error(zone))?;
     // Serial arithmetic (RFC 1982) wraps: the low 32 bits of the revision.
     let serial = (revision & u64::from(u32::MAX)) as u32;
     Ok(RData::SOA(SOA::new(
@@ -222,34 +277,25 @@ fn soa(zone: &Name, revision: u64, ttl: u32) -> Result<RData, DnsError> {
 }
 
 /// SOA, NS (with the server's address when it listens on one), and `dns-version`.
-fn apex(sets: &mut Sets, config: &Config, revision: u64) -> Result<(), DnsError> {
-    let zone = sets.zone().clone();
-    let ttl = config.ttl_secs;
-    let ns = ns_name(&zone)?;
-    sets.add(&zone, soa(&zone, revision, ttl)?);
-    let glue: Vec<Record> = match config.listen_addr().map(|a| a.ip()) {
-        Ok(IpAddr::V4(ip)) if !ip.is_unspecified() => {
-            vec![Record::from_rdata(ns.clone(), ttl, RData::A(A(ip)))]
-        }
-        Ok(IpAddr::V6(ip)) if !ip.is_unspecified() => {
-            vec![Record::from_rdata(ns.clone(), ttl, RData::AAAA(AAAA(ip)))]
-        }
-        _ => vec![],
-    };
-    for g in &glue {
-        sets.add(&ns, g.data.clone());
+fn apex(config: &Config, zone: &Name, revision: u64) -> Result<Nodes, DnsError> {
+    let mut sets = Sets::new(zone.clone(), config.ttl_secs);
+    let ns = ns_name(zone)?;
+    sets.add(zone, soa(zone, revision, config.ttl_secs)?);
+    let ip = config
+        .listen_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
+    let glue: Vec<Record> = ip.iter().map(|ip| sets.address(&ns, *ip)).collect();
+    if let Some(ip) = ip {
+        sets.add(&ns, address(ip));
     }
     sets.touch(&ns);
-    sets.add_with_additionals(&zone, RData::NS(NS(ns)), glue);
+    sets.add_with_additionals(zone, RData::NS(NS(ns)), &glue);
     let version = Name::from_labels(["dns-version"])
-        .and_then(|n| n.append_domain(&zone))
-        .map_err(|e| DnsError::Zone {
-            zone: zone.to_string(),
-            reason: e.to_string(),
-        })?;
-    sets.add(
-        &version,
-        RData::TXT(TXT::new(vec![DNS_SCHEMA_VERSION.to_owned()])),
-    );
-    Ok(())
+        .and_then(|n| n.append_domain(zone))
+        .map_err(zone_error(zone))?;
+    let text = TXT::new(vec![DNS_SCHEMA_VERSION.to_owned()]);
+    sets.add(&version, RData::TXT(text));
+    Ok(sets.finish())
 }

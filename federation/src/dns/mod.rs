@@ -17,6 +17,9 @@ mod index;
 mod metrics;
 mod ratelimit;
 mod server;
+mod service;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::net::SocketAddr;

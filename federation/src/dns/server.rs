@@ -35,6 +35,8 @@ use super::watch::watch_catalog;
 const TCP_RESPONSE_BUFFER: usize = 32;
 /// Attempts at finding a port free for both UDP and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 16;
+/// Most UDP sockets (receive loops) on the port.
+const MAX_UDP_SOCKETS: usize = 4;
 
 /// Starts the federated DNS server.
 pub struct DnsServer;
@@ -75,7 +77,7 @@ impl DnsServer {
         let index = Arc::new(ArcSwap::from_pointee(index));
 
         let (udp, tcp) = bind(listen).await?;
-        let local_addr = udp.local_addr().map_err(|source| DnsError::BindUdp {
+        let local_addr = tcp.local_addr().map_err(|source| DnsError::BindTcp {
             addr: listen,
             source,
         })?;
@@ -87,7 +89,9 @@ impl DnsServer {
             metrics: metrics.clone(),
         };
         let mut server = Server::new(handler);
-        server.register_socket(udp);
+        for socket in udp {
+            server.register_socket(socket);
+        }
         let idle = Duration::from_secs(config.tcp_idle_timeout_secs);
         server.register_listener(tcp, idle, TCP_RESPONSE_BUFFER);
 
@@ -119,20 +123,26 @@ impl DnsServer {
     }
 }
 
-/// Bind UDP, then TCP on the same port (retrying other ports when the port was 0).
-async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+/// Bind UDP sockets (one per core, up to [`MAX_UDP_SOCKETS`], sharing the port with
+/// `SO_REUSEPORT` so the kernel spreads queries over their receive loops), then TCP on the
+/// same port, retrying other ports when the port was 0. TCP does not share: a second server
+/// on the port fails here rather than splitting the traffic.
+async fn bind(listen: SocketAddr) -> Result<(Vec<UdpSocket>, TcpListener), DnsError> {
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_UDP_SOCKETS));
     let mut last = None;
     for _ in 0..BIND_ATTEMPTS {
-        let udp = UdpSocket::bind(listen)
-            .await
-            .map_err(|source| DnsError::BindUdp {
-                addr: listen,
-                source,
-            })?;
-        let addr = udp.local_addr().map_err(|source| DnsError::BindUdp {
+        let first = udp_socket(listen).map_err(|source| DnsError::BindUdp {
             addr: listen,
             source,
         })?;
+        let addr = first.local_addr().map_err(|source| DnsError::BindUdp {
+            addr: listen,
+            source,
+        })?;
+        let mut udp = vec![first];
+        for _ in 1..count {
+            udp.push(udp_socket(addr).map_err(|source| DnsError::BindUdp { addr, source })?);
+        }
         match TcpListener::bind(addr).await {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
@@ -145,6 +155,15 @@ async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> 
         addr: listen,
         source: last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)),
     })
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 impl DnsHandle {

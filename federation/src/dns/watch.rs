@@ -43,8 +43,8 @@ pub(crate) async fn watch_catalog(
             continue;
         }
         let started = Instant::now();
-        let (cfg, cat) = (config.clone(), next.clone());
-        match tokio::task::spawn_blocking(move || Index::build(&cfg, &cat)).await {
+        let (cfg, cat, prev) = (config.clone(), next.clone(), index.load_full());
+        match tokio::task::spawn_blocking(move || prev.rebuild(&cfg, &cat)).await {
             Ok(Ok(built)) => {
                 metrics.observe_index(&built, started.elapsed());
                 debug!(

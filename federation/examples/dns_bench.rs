@@ -1,0 +1,109 @@
+//! Serve the benchmark zone of `../shared/bench/dns.sh` from a catalog: NREC services
+//! `svcNNNNN.nsMM` (MM = NNNNN mod 100), each with one ready endpoint 10.x.y.z in this site,
+//! so `svcNNNNN.nsMM.svc.clusterset.local A` gets the same answer as from the zone file.
+//!
+//! `cargo run --release -p meshbridge-federation --example dns_bench -- 127.0.0.1:5353 10000`
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshbridge_core::model::{
+    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+};
+use meshbridge_federation::dns::{Config, DnsServer, Index, RateLimit};
+
+fn catalog(n: u32) -> Catalog {
+    let mut c = Catalog::default();
+    let site = Site {
+        name: "bench".into(),
+        kind: SiteKind::Cluster,
+        locality: Locality::default(),
+        gateways: vec![],
+        lease_ttl_ms: 10_000,
+        grace_ms: 10_000,
+        last_heartbeat_ms: 0,
+        state: SiteState::Fresh,
+        created_revision: 1,
+    };
+    c.sites.insert("bench".into(), Arc::new(site));
+    for i in 0..n {
+        let key = ServiceKey::new(format!("ns{:02}", i % 100), format!("svc{i:05}"));
+        let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        let export = Export {
+            site: "bench".into(),
+            service: key.clone(),
+            generation: 1,
+            ports: vec![Port {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_port: 80,
+            }],
+            endpoints: vec![Endpoint {
+                address: IpAddr::V4(ip),
+                hostname: None,
+                ready: true,
+                weight: 1,
+                identity: None,
+            }],
+            headless: false,
+            created_revision: u64::from(i) + 2,
+            updated_revision: u64::from(i) + 2,
+        };
+        c.exports.insert((key, "bench".into()), Arc::new(export));
+    }
+    c.revision = u64::from(n) + 2;
+    c
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().unwrap_or_else(|| "127.0.0.1:5353".into());
+    let n: u32 = args.next().map_or(Ok(10_000), |s| s.parse())?;
+    let started = std::time::Instant::now();
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(catalog(n)));
+    let config = Config {
+        listen,
+        site: "bench".into(),
+        rate_limit: RateLimit {
+            per_client_qps: 0,
+            burst: 0,
+        },
+        ..Config::default()
+    };
+    // How long indexing takes: in full, and again after one export changed.
+    let mut cat = catalog(n);
+    let t = std::time::Instant::now();
+    let full = Index::build(&config, &cat)?;
+    let full_took = t.elapsed();
+    if let Some(e) = cat.exports.values_mut().nth(n as usize / 2) {
+        let mut changed = (**e).clone();
+        changed.generation += 1;
+        changed.endpoints[0].address = IpAddr::V4(Ipv4Addr::new(10, 250, 0, 1));
+        *e = Arc::new(changed);
+    }
+    cat.revision += 1;
+    let t = std::time::Instant::now();
+    let again = full.rebuild(&config, &cat)?;
+    if std::env::var_os("REBUILD_LOOP").is_some() {
+        for _ in 0..300 {
+            drop(full.rebuild(&config, &cat)?);
+        }
+    }
+    eprintln!(
+        "index: {} names, full build {full_took:?}, rebuild after one change {:?}",
+        again.len(),
+        t.elapsed()
+    );
+    let dns = DnsServer::start(config, rx).await?;
+    eprintln!(
+        "serving {n} services on {} (indexed in {:?})",
+        dns.local_addr(),
+        started.elapsed()
+    );
+    meshbridge_core::drain::shutdown_signal().await;
+    dns.shutdown(Duration::from_secs(2)).await;
+    Ok(())
+}

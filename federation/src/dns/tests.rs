@@ -1,0 +1,217 @@
+//! Unit tests of the pure parts: index reuse, change detection, size bounds.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hickory_proto::rr::{LowerName, Name, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+use meshbridge_core::model::{
+    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+};
+
+use meshbridge_core::vip::assign_catalog;
+
+use super::build::wire_len;
+use super::index::{Index, Lookup};
+use super::watch::same_dns_inputs;
+use super::{Config, service};
+
+fn site(name: &str, state: SiteState) -> Arc<Site> {
+    Arc::new(Site {
+        name: name.into(),
+        kind: SiteKind::Cluster,
+        locality: Locality::default(),
+        gateways: vec![],
+        lease_ttl_ms: 1000,
+        grace_ms: 1000,
+        last_heartbeat_ms: 0,
+        state,
+        created_revision: 1,
+    })
+}
+
+fn export(site: &str, name: &str, ip: &str, headless: bool, rev: u64) -> Arc<Export> {
+    Arc::new(Export {
+        site: site.into(),
+        service: ServiceKey::new("ns", name),
+        generation: 1,
+        ports: vec![Port {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            target_port: 8080,
+        }],
+        endpoints: vec![Endpoint {
+            address: ip.parse().unwrap(),
+            hostname: Some("h".into()),
+            ready: true,
+            weight: 1,
+            identity: None,
+        }],
+        headless,
+        created_revision: rev,
+        updated_revision: rev,
+    })
+}
+
+fn catalog() -> Catalog {
+    let mut c = Catalog {
+        revision: 10,
+        ..Catalog::default()
+    };
+    c.sites
+        .insert("east".into(), site("east", SiteState::Fresh));
+    c.sites
+        .insert("west".into(), site("west", SiteState::Fresh));
+    for (s, n, ip, headless, rev) in [
+        ("east", "a", "10.0.0.1", false, 2),
+        ("east", "b", "10.0.0.2", false, 3),
+        ("west", "db", "10.1.0.1", true, 4),
+    ] {
+        let e = export(s, n, ip, headless, rev);
+        c.exports.insert(e.key(), e);
+    }
+    c
+}
+
+fn answers(index: &Index, name: &str, rtype: RecordType) -> usize {
+    let name = LowerName::new(&Name::from_ascii(name).unwrap());
+    match index.lookup(&name, rtype) {
+        Lookup::Found(f) => f.answers.len(),
+        _ => 0,
+    }
+}
+
+#[test]
+fn rebuild_reuses_the_names_of_unchanged_services_only() {
+    let config = Config::for_test("east");
+    let mut cat = catalog();
+    let first = Index::build(&config, &cat).unwrap();
+    let changed = export("east", "b", "10.0.0.9", false, 3);
+    cat.exports.insert(changed.key(), changed);
+    cat.revision += 1;
+    let second = first.rebuild(&config, &cat).unwrap();
+    let same = |k: &str| {
+        let key = ServiceKey::new("ns", k);
+        Arc::ptr_eq(
+            first.service_zone(&key).unwrap(),
+            second.service_zone(&key).unwrap(),
+        )
+    };
+    assert!(same("a") && same("db"));
+    assert!(!same("b"));
+    assert_eq!(
+        answers(&second, "b.ns.svc.clusterset.local.", RecordType::A),
+        1
+    );
+    assert_eq!(second.revision(), 11);
+
+    // West goes stale: its headless service is recomputed, the others are not.
+    cat.sites.insert(
+        "west".into(),
+        site("west", SiteState::Stale { since_ms: 5 }),
+    );
+    let third = second.rebuild(&config, &cat).unwrap();
+    let key = ServiceKey::new("ns", "db");
+    assert!(!Arc::ptr_eq(
+        second.service_zone(&key).unwrap(),
+        third.service_zone(&key).unwrap()
+    ));
+    // A stale site's endpoints still answer when no fresh site has any.
+    assert_eq!(
+        answers(&third, "db.ns.svc.clusterset.local.", RecordType::A),
+        1
+    );
+}
+
+#[test]
+fn rebuild_follows_vip_changes() {
+    let range = "127.0.0.0/30".parse().unwrap();
+    let config = Config {
+        vip_range: Some(range),
+        ..Config::for_test("east")
+    };
+    let mut cat = catalog();
+    cat.exports
+        .remove(&(ServiceKey::new("ns", "db"), "west".to_string()));
+    let c = export("east", "c", "10.0.0.3", false, 5);
+    cat.exports.insert(c.key(), c);
+    // A /30 holds two VIPs: the oldest services, "a" and "b", get them; "c" gets none.
+    let first = Index::build(&config, &cat).unwrap();
+    assert_eq!(address(&first, "c"), None);
+    // Without "a", "c" (whose export did not change) gets a VIP.
+    cat.exports
+        .remove(&(ServiceKey::new("ns", "a"), "east".to_string()));
+    let second = first.rebuild(&config, &cat).unwrap();
+    let vips = assign_catalog(range, &cat);
+    for name in ["b", "c"] {
+        let want = vips
+            .get(&ServiceKey::new("ns", name))
+            .map(|ip| IpAddr::V4(*ip));
+        assert_eq!(address(&second, name), want, "{name}");
+        assert!(want.is_some());
+    }
+    assert_eq!(address(&second, "a"), None);
+}
+
+fn address(index: &Index, service: &str) -> Option<IpAddr> {
+    let name = Name::from_ascii(format!("{service}.ns.svc.clusterset.local.")).unwrap();
+    match index.lookup(&LowerName::new(&name), RecordType::A) {
+        Lookup::Found(f) => f.answers.first().and_then(|r| r.data.ip_addr()),
+        _ => None,
+    }
+}
+
+#[test]
+fn heartbeats_are_not_dns_changes_but_lease_states_are() {
+    let a = catalog();
+    let mut b = a.clone();
+    let mut east = (*b.sites["east"]).clone();
+    east.last_heartbeat_ms = 99;
+    b.sites.insert("east".into(), Arc::new(east.clone()));
+    b.revision += 1;
+    assert!(same_dns_inputs(&a, &b));
+    east.state = SiteState::Stale { since_ms: 99 };
+    b.sites.insert("east".into(), Arc::new(east));
+    assert!(!same_dns_inputs(&a, &b));
+    let mut c = a.clone();
+    let e = export("east", "a", "10.0.0.1", false, 2);
+    c.exports.insert(e.key(), e);
+    assert!(same_dns_inputs(&a, &c), "same content in a new Arc");
+    let e = export("east", "a", "10.0.0.7", false, 2);
+    c.exports.insert(e.key(), e);
+    assert!(!same_dns_inputs(&a, &c));
+}
+
+#[test]
+fn size_bounds_are_never_below_the_encoded_size() {
+    let config = Config::for_test("east");
+    let index = Index::build(&config, &catalog()).unwrap();
+    let zone = Name::from_ascii("clusterset.local.").unwrap();
+    let base = service::service_name(&zone, &ServiceKey::new("ns", "db")).unwrap();
+    let mut checked = 0;
+    for name in [
+        base.to_ascii(),
+        "clusterset.local.".into(),
+        "dns-version.clusterset.local.".into(),
+    ] {
+        let lower = LowerName::new(&Name::from_ascii(&name).unwrap());
+        for rtype in [
+            RecordType::A,
+            RecordType::SRV,
+            RecordType::SOA,
+            RecordType::NS,
+            RecordType::TXT,
+        ] {
+            if let Lookup::Found(f) = index.lookup(&lower, rtype) {
+                for r in f.answers.iter().chain(f.additionals) {
+                    let mut buf = Vec::new();
+                    r.emit(&mut BinEncoder::new(&mut buf)).unwrap();
+                    assert!(wire_len(r) >= buf.len(), "{r}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 6, "{checked}");
+}
