@@ -171,3 +171,128 @@ pub type StatusRx = watch::Receiver<KeeperStatus>;
 pub fn status_channel() -> (watch::Sender<KeeperStatus>, StatusRx) {
     watch::channel(KeeperStatus::default())
 }
+
+/// A service this host or cluster exports, as written in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ExportSpec {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub headless: bool,
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PortSpec {
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: meshbridge_core::model::Protocol,
+    /// Where endpoints listen; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EndpointSpec {
+    pub address: std::net::IpAddr,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+impl ExportSpec {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(&self.namespace, &self.name)
+    }
+
+    /// The export with every endpoint marked `ready` as given.
+    pub fn to_local(&self, ready: bool) -> LocalExport {
+        LocalExport {
+            service: self.key(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| Port {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: p.protocol,
+                    target_port: p.target_port.unwrap_or(p.port),
+                })
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    address: e.address,
+                    hostname: e.hostname.clone(),
+                    ready,
+                    weight: e.weight.unwrap_or(1),
+                    identity: e.identity.clone(),
+                })
+                .collect(),
+            headless: self.headless,
+        }
+    }
+
+    /// Check it as the registry would (so a bad file fails at start, naming the field).
+    pub fn validate(&self, field: &str, p: &mut meshbridge_core::config::Problems) {
+        let export = Export {
+            site: "local".into(),
+            service: self.key(),
+            generation: 1,
+            ports: self.to_local(true).ports,
+            endpoints: self.to_local(true).endpoints,
+            headless: self.headless,
+            created_revision: 0,
+            updated_revision: 0,
+        };
+        if let Err(e) = export.validate() {
+            p.push(field, e.to_string());
+        }
+    }
+}
+
+/// How a site registers itself, as written in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Registration {
+    #[serde(default)]
+    pub kind: meshbridge_core::model::SiteKind,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    /// Where peers reach this site's tunnel (`host:port`); defaults to the tunnel listener.
+    #[serde(default)]
+    pub advertise: Vec<String>,
+    /// Lease TTL; 0 takes the registry's default.
+    #[serde(default)]
+    pub lease_ttl_ms: u64,
+    #[serde(default)]
+    pub grace_ms: u64,
+}
+
+impl Registration {
+    pub fn spec(&self, site: &str, default_advertise: &str) -> SiteSpec {
+        SiteSpec {
+            name: site.to_string(),
+            kind: self.kind,
+            locality: meshbridge_core::model::Locality {
+                region: self.region.clone(),
+                zone: self.zone.clone(),
+            },
+            gateways: if self.advertise.is_empty() {
+                vec![default_advertise.to_string()]
+            } else {
+                self.advertise.clone()
+            },
+            lease_ttl_ms: self.lease_ttl_ms,
+            grace_ms: self.grace_ms,
+        }
+    }
+}

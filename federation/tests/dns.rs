@@ -1,5 +1,6 @@
-//! The federated DNS server: real packets over real sockets (hickory's client, and raw UDP
-//! and TCP for what a client would not send), and the pure message path.
+//! The federated DNS server: real packets over real sockets (hickory's client and stub
+//! resolver, and raw UDP and TCP for what a client would not send), and the pure message
+//! path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "dns/fixture.rs"]
@@ -12,5 +13,7 @@ mod negative;
 mod pure;
 #[path = "dns/records.rs"]
 mod records;
+#[path = "dns/resolver.rs"]
+mod resolver;
 #[path = "dns/transport.rs"]
 mod transport;
