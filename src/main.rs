@@ -4,6 +4,7 @@
 
 mod ctl;
 mod dns;
+mod gateway;
 mod pki;
 mod registry;
 mod source;
@@ -40,6 +41,8 @@ enum Command {
     Ctl(ctl::Args),
     /// Run the federated DNS server on its own.
     Dns(dns::Args),
+    /// Run a site's east-west gateway.
+    Gateway(gateway::Args),
     /// Run a registry node (Raft-replicated catalog, registry API).
     Registry(registry::Args),
     /// Run the whole mesh on this machine and show it working.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
         Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),
+        Command::Gateway(args) => runtime().and_then(|rt| rt.block_on(gateway::run(args))),
         Command::Registry(args) => runtime().and_then(|rt| rt.block_on(registry::run(args))),
         Command::Demo => {
             eprintln!(

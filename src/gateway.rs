@@ -1,0 +1,142 @@
+//! `meshbridge gateway --config FILE`: a site's east-west gateway, optionally with the
+//! site's registration (lease), static exports and an embedded federated DNS server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use meshbridge_core::config::{self, Problems, RoleConfig};
+use meshbridge_core::tls::{Identity, IdentityFiles};
+use meshbridge_federation::dns;
+use meshbridge_federation::site::{self, ExportSpec, Registration};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::source::CatalogSource;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[arg(long, short = 'c', env = "MESHBRIDGE_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct File {
+    pub gateway: meshbridge_gateway::Config,
+    pub tls: IdentityFiles,
+    pub source: CatalogSource,
+    /// Register this site and keep its lease (needs a registry source).
+    #[serde(default)]
+    pub register: Option<Registration>,
+    /// Services of this site to export (sites without a Kubernetes adapter).
+    #[serde(default)]
+    pub exports: Vec<ExportSpec>,
+    /// An embedded federated DNS server (its `site` defaults to the gateway's).
+    #[serde(default)]
+    pub dns: Option<dns::Config>,
+}
+
+impl RoleConfig for File {
+    fn validate(&self, p: &mut Problems) {
+        let mut inner = Problems::default();
+        self.gateway.validate(&mut inner);
+        for pr in inner.0 {
+            p.push(format!("gateway.{}", pr.field), pr.message);
+        }
+        self.source.validate("source", p);
+        if self.register.is_some() && self.source.registry.is_empty() {
+            p.push("register", "needs source.registry");
+        }
+        if !self.exports.is_empty() && self.register.is_none() {
+            p.push(
+                "exports",
+                "exports need [register] (the site must hold a lease)",
+            );
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            e.validate(&format!("exports[{i}]"), p);
+        }
+        if let Some(d) = &self.dns {
+            let mut inner = Problems::default();
+            d.validate(&mut inner);
+            for pr in inner.0 {
+                p.push(format!("dns.{}", pr.field), pr.message);
+            }
+        }
+    }
+}
+
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let cfg: File = config::load(Some(&args.config))?;
+    tracing::info!(config = %config::effective(&cfg), "effective configuration");
+    let identity = Identity::load(cfg.tls.clone()).context("loading TLS files")?;
+    let stop = CancellationToken::new();
+    let reload = tokio::spawn(
+        identity
+            .clone()
+            .watch_files(Duration::from_secs(5), stop.clone().cancelled_owned()),
+    );
+    let (catalog, client) = cfg.source.open(&identity, None).await?;
+    let gw =
+        meshbridge_gateway::Gateway::start(cfg.gateway.clone(), identity.clone(), catalog.clone())
+            .await
+            .context("starting the gateway")?;
+    let mut keeper = None;
+    if let (Some(reg), Some(client)) = (&cfg.register, client) {
+        let spec = reg.spec(&cfg.gateway.site, &gw.tunnel_addr().to_string());
+        let exports: Vec<site::LocalExport> =
+            cfg.exports.iter().map(|e| e.to_local(true)).collect();
+        let (_exports_tx, exports_rx) = watch::channel(exports);
+        let (status_tx, _status_rx) = site::status_channel();
+        keeper = Some(tokio::spawn(site::keep(
+            client,
+            spec,
+            exports_rx,
+            status_tx,
+            stop.clone().cancelled_owned(),
+        )));
+    }
+    let dns_server = match &cfg.dns {
+        Some(d) => Some(
+            dns::DnsServer::start(d.clone(), catalog.clone())
+                .await
+                .context("starting DNS")?,
+        ),
+        None => None,
+    };
+    let admin = match gw.admin_addr() {
+        Some(a) => format!(", admin {a}"),
+        None => String::new(),
+    };
+    println!(
+        "gateway {} listening on {} (tunnel){}{}{}",
+        cfg.gateway.site,
+        gw.tunnel_addr(),
+        gw.sni_addr()
+            .map(|a| format!(", sni {a}"))
+            .unwrap_or_default(),
+        dns_server
+            .as_ref()
+            .map(|d| format!(", dns {}", d.local_addr()))
+            .unwrap_or_default(),
+        admin
+    );
+    meshbridge_core::drain::shutdown_signal().await;
+    tracing::info!("signal received; draining");
+    let outcome = gw
+        .drain(Duration::from_millis(cfg.gateway.drain_deadline_ms))
+        .await;
+    tracing::info!(?outcome, "gateway stopped");
+    stop.cancel();
+    if let Some(d) = dns_server {
+        d.shutdown(Duration::from_secs(1)).await;
+    }
+    if let Some(k) = keeper {
+        let _ = k.await;
+    }
+    let _ = reload.await;
+    Ok(ExitCode::SUCCESS)
+}
