@@ -214,11 +214,17 @@ impl Gateway {
     }
 }
 
+/// Follow the catalog in use: revision gauge, and peers that left it are dropped.
 async fn track_revision(sh: Arc<Shared>) {
     let mut rx = sh.catalog.clone();
     loop {
-        let rev = rx.borrow_and_update().revision;
-        sh.metrics.catalog_revision.set(rev as i64);
+        let catalog = rx.borrow_and_update().clone();
+        sh.metrics.catalog_revision.set(catalog.revision as i64);
+        sh.pool.retain(|site, addr| {
+            catalog
+                .site(site)
+                .is_some_and(|s| s.gateways.iter().any(|g| g == addr))
+        });
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             _ = sh.stop.cancelled() => return,

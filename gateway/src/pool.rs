@@ -411,6 +411,20 @@ impl Pool {
         out
     }
 
+    /// Forget peers for which `keep(site, addr)` is false (gone from the catalog), closing
+    /// their links.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut entries = lock(&self.entries);
+        entries.retain(|(site, addr), e| {
+            let k = keep(site, addr);
+            if !k && let Some((link, _)) = lock(&e.state).link.take() {
+                tracing::info!(peer.site = %site, peer.addr = %addr, "peer left the catalog");
+                link.close("peer left the catalog");
+            }
+            k
+        });
+    }
+
     /// Close every link.
     pub fn close_all(&self) {
         for e in lock(&self.entries).values() {

@@ -10,8 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::tcp::{H2Recv, H2Send};
 
-/// Bytes read per copy step.
-const COPY_BUF: usize = 64 * 1024;
+/// Copy buffer: starts small (idle connections stay cheap) and doubles while reads fill it,
+/// up to the size that keeps per-write overhead low on fast links.
+const COPY_BUF_MIN: usize = 16 * 1024;
+const COPY_BUF_MAX: usize = 256 * 1024;
 
 /// The sending half of a tunnel stream.
 pub enum SendHalf {
@@ -113,7 +115,7 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = vec![0u8; COPY_BUF_MIN];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -122,6 +124,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < COPY_BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 

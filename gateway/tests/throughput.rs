@@ -57,16 +57,20 @@ async fn one_way(addr: SocketAddr, bytes: u64) -> Result<f64> {
     Ok(bytes as f64 * 8.0 / secs / 1e9)
 }
 
-async fn through_pair(t: TransportKind, max_mtu: u16, bytes: u64) -> Result<f64> {
+async fn through_pair(
+    t: TransportKind,
+    tune: impl Fn(&mut meshbridge_gateway::config::TunnelConfig),
+    bytes: u64,
+) -> Result<f64> {
     let mesh = Mesh::new(t);
     let target = sink().await?;
     let mut east_cfg = mesh.config("east");
-    east_cfg.tunnel.max_mtu = max_mtu;
+    tune(&mut east_cfg.tunnel);
     let east = mesh
         .gateway_with(&site("east", "r1", "a"), east_cfg, mesh.identity("east"))
         .await?;
     let mut west_cfg = mesh.config("west");
-    west_cfg.tunnel.max_mtu = max_mtu;
+    tune(&mut west_cfg.tunnel);
     let west = mesh
         .gateway_with(&site("west", "r1", "b"), west_cfg, mesh.identity("west"))
         .await?;
@@ -91,13 +95,31 @@ async fn throughput_one_way() -> Result<()> {
     let bytes = mib << 20;
     let direct = one_way(sink().await?, bytes).await?;
     println!("direct TCP              {direct:6.2} Gbit/s");
-    for (name, t, mtu) in [
-        ("QUIC max_mtu 1452", TransportKind::Quic, 1452),
-        ("QUIC max_mtu 8952", TransportKind::Quic, 8952),
-        ("QUIC max_mtu 16384", TransportKind::Quic, 16384),
-        ("TCP+TLS+HTTP/2", TransportKind::Tcp, 1452),
-    ] {
-        let g = through_pair(t, mtu, bytes).await?;
+    type Tune = fn(&mut meshbridge_gateway::config::TunnelConfig);
+    let cases: [(&str, TransportKind, Tune); 6] = [
+        ("QUIC all defaults", TransportKind::Quic, |t| {
+            *t = meshbridge_gateway::config::TunnelConfig {
+                listen: t.listen.clone(),
+                ..Default::default()
+            };
+            t.transport = TransportKind::Quic;
+        }),
+        ("QUIC 208 KiB sockbuf", TransportKind::Quic, |t| {
+            t.socket_buffer_bytes = 212_992
+        }),
+        ("QUIC max_mtu 1452", TransportKind::Quic, |t| {
+            t.max_mtu = 1452
+        }),
+        ("QUIC max_mtu 8952", TransportKind::Quic, |t| {
+            t.max_mtu = 8952
+        }),
+        ("QUIC max_mtu 16384", TransportKind::Quic, |t| {
+            t.max_mtu = 16384
+        }),
+        ("TCP+TLS+HTTP/2", TransportKind::Tcp, |_| {}),
+    ];
+    for (name, t, tune) in cases {
+        let g = through_pair(t, tune, bytes).await?;
         println!("{name:<23} {g:6.2} Gbit/s  ({mib} MiB one way)");
     }
     Ok(())
