@@ -24,7 +24,10 @@ async fn writes_via_any_node_read_back_on_every_node() {
         // Each write goes to one node only: followers forward it to the leader.
         let site = format!("site-{id}");
         let client = cluster.admin_of(id).await;
-        let w = client.register_site(&spec(&site, "eu", "eu-1a")).await.unwrap();
+        let w = client
+            .register_site(&spec(&site, "eu", "eu-1a"))
+            .await
+            .unwrap();
         assert!(w.changed);
         let w = client
             .put_export(&export(&site, "cart", 1, &["10.0.0.1"]))
@@ -37,14 +40,29 @@ async fn writes_via_any_node_read_back_on_every_node() {
         let client = cluster.admin_of(id).await;
         for consistency in [Consistency::Linearizable, Consistency::Stale] {
             let cart = client.get_service(&key("cart"), consistency).await.unwrap();
-            let sites: Vec<&str> = cart.value.as_ref().unwrap().groups.iter().map(|g| g.site.as_str()).collect();
-            assert_eq!(sites, ["site-1", "site-2", "site-3"], "node {id} {consistency:?}");
+            let sites: Vec<&str> = cart
+                .value
+                .as_ref()
+                .unwrap()
+                .groups
+                .iter()
+                .map(|g| g.site.as_str())
+                .collect();
+            assert_eq!(
+                sites,
+                ["site-1", "site-2", "site-3"],
+                "node {id} {consistency:?}"
+            );
         }
         let status = client.status().await.unwrap();
         assert_eq!(status.leader_id, Some(leader));
         assert_eq!(status.members.len(), 3);
     }
-    let catalogs: Vec<_> = cluster.nodes.values().map(|n| visible(&n.catalog())).collect();
+    let catalogs: Vec<_> = cluster
+        .nodes
+        .values()
+        .map(|n| visible(&n.catalog()))
+        .collect();
     assert!(catalogs.windows(2).all(|w| w[0] == w[1]));
     cluster.shutdown().await;
 }
@@ -53,7 +71,10 @@ async fn writes_via_any_node_read_back_on_every_node() {
 async fn leader_kill_under_write_load_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start(3, |_| {}).await;
     let admin = cluster.admin().await;
-    admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
 
     // Writers: each puts exports with increasing generations and records what was
     // acknowledged. None of them ever retries by hand.
@@ -93,8 +114,14 @@ async fn leader_kill_under_write_load_loses_no_acknowledged_write() {
     // Every acknowledged generation is in the catalog (or a newer one is).
     let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
     for (service, generation) in &acked {
-        let stored = catalog.export(&key(service), "east").expect("export lost").generation;
-        assert!(stored >= *generation, "{service}: stored {stored} < acked {generation}");
+        let stored = catalog
+            .export(&key(service), "east")
+            .expect("export lost")
+            .generation;
+        assert!(
+            stored >= *generation,
+            "{service}: stored {stored} < acked {generation}"
+        );
     }
 
     // The killed node comes back from its data directory and catches up.
@@ -112,7 +139,10 @@ async fn node_away_past_a_log_purge_installs_a_snapshot() {
     })
     .await;
     let admin = cluster.admin().await;
-    admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
     let leader = cluster.wait_leader(T).await;
     let away = (1..=3).find(|id| *id != leader).unwrap();
     cluster.kill(away).await;
@@ -126,12 +156,19 @@ async fn node_away_past_a_log_purge_installs_a_snapshot() {
             .revision;
     }
     let purged = cluster.node(leader).raft_metrics().purged;
-    assert!(purged.is_some_and(|p| p.index > 100), "leader did not purge: {purged:?}");
+    assert!(
+        purged.is_some_and(|p| p.index > 100),
+        "leader did not purge: {purged:?}"
+    );
 
     cluster.restart(away).await;
     cluster.wait_revision(last, T).await;
     let m = cluster.node(away).raft_metrics();
-    assert!(m.snapshot.is_some_and(|s| s.index > 100), "no snapshot installed: {:?}", m.snapshot);
+    assert!(
+        m.snapshot.is_some_and(|s| s.index > 100),
+        "no snapshot installed: {:?}",
+        m.snapshot
+    );
     assert_eq!(
         visible(&cluster.node(away).catalog()),
         visible(&cluster.node(leader).catalog())
@@ -143,13 +180,24 @@ async fn node_away_past_a_log_purge_installs_a_snapshot() {
 async fn members_are_added_promoted_and_removed() {
     let mut cluster = Cluster::start(3, |_| {}).await;
     let admin = cluster.admin().await;
-    let w = admin.register_site(&spec("east", "eu", "eu-1a")).await.unwrap();
+    let w = admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
 
     // A fourth node, not among the initial members: it must not initialize anything.
     let addr = support::free_addrs(1)[0];
-    let tls = cluster.pki.issue(&format!("spiffe://{}/registry/4", support::TD), "node-4");
+    let tls = cluster
+        .pki
+        .issue(&format!("spiffe://{}/registry/4", support::TD), "node-4");
     let members = cluster.configs[&1].members();
-    let config = meshbridge_registry::Config::for_test(4, addr, cluster.data.path().join("node-4"), tls, &members);
+    let config = meshbridge_registry::Config::for_test(
+        4,
+        addr,
+        cluster.data.path().join("node-4"),
+        tls,
+        &members,
+    );
     cluster.configs.insert(4, config);
     cluster.restart(4).await;
 
@@ -158,10 +206,19 @@ async fn members_are_added_promoted_and_removed() {
     let learner = reply.members.iter().find(|m| m.node_id == 4).unwrap();
     assert!(!learner.voter);
     cluster.wait_revision(w.revision, T).await;
-    assert_eq!(cluster.node(4).catalog().sites.len(), 1, "learner replicated the catalog");
+    assert_eq!(
+        cluster.node(4).catalog().sites.len(),
+        1,
+        "learner replicated the catalog"
+    );
 
     let reply = admin.promote(4).await.unwrap();
-    let voters: BTreeSet<u64> = reply.members.iter().filter(|m| m.voter).map(|m| m.node_id).collect();
+    let voters: BTreeSet<u64> = reply
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.node_id)
+        .collect();
     assert_eq!(voters, BTreeSet::from([1, 2, 3, 4]));
 
     let reply = admin.remove_member(2).await.unwrap();

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use meshbridge_core::client::{ClientOptions, RegistryClient};
 use meshbridge_core::id::SpiffeId;
-use meshbridge_core::model::{Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec};
+use meshbridge_core::model::{
+    Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec,
+};
 use meshbridge_core::pki::Ca;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use meshbridge_registry::types::NodeId;
@@ -52,7 +54,10 @@ impl Pki {
     /// Issues `id` into `<dir>/<name>/` and returns the directory.
     pub fn issue(&self, id: &str, name: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
-        let svid = self.ca.issue(&SpiffeId::parse(id).unwrap(), DAY, &[]).unwrap();
+        let svid = self
+            .ca
+            .issue(&SpiffeId::parse(id).unwrap(), DAY, &[])
+            .unwrap();
         svid.write_to(&dir).unwrap();
         dir
     }
@@ -66,7 +71,10 @@ impl Pki {
     }
 
     pub fn site(&self, site: &str) -> Arc<Identity> {
-        self.identity(&format!("spiffe://{TD}/site/{site}/gateway"), &format!("site-{site}"))
+        self.identity(
+            &format!("spiffe://{TD}/site/{site}/gateway"),
+            &format!("site-{site}"),
+        )
     }
 }
 
@@ -100,8 +108,17 @@ impl Cluster {
             .collect();
         let mut configs = BTreeMap::new();
         for (id, addr) in (1..=n as NodeId).zip(&addrs) {
-            let tls = pki.issue(&format!("spiffe://{TD}/registry/{id}"), &format!("node-{id}"));
-            let mut config = Config::for_test(id, *addr, data.path().join(format!("node-{id}")), tls, &members);
+            let tls = pki.issue(
+                &format!("spiffe://{TD}/registry/{id}"),
+                &format!("node-{id}"),
+            );
+            let mut config = Config::for_test(
+                id,
+                *addr,
+                data.path().join(format!("node-{id}")),
+                tls,
+                &members,
+            );
             tweak(&mut config);
             configs.insert(id, config);
         }
@@ -191,7 +208,10 @@ impl Cluster {
             if revs.iter().all(|(_, r)| *r >= revision) {
                 return;
             }
-            assert!(Instant::now() < deadline, "revision {revision} not reached: {revs:?}");
+            assert!(
+                Instant::now() < deadline,
+                "revision {revision} not reached: {revs:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,0 +1,327 @@
+//! The registry API over mTLS: fencing, refusals that name the field and change nothing,
+//! authorization by SPIFFE id, resolve, stale reads.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use meshbridge_core::client::{ClientError, Consistency, RegistryClient};
+use meshbridge_core::model::{Endpoint, MAX_ENDPOINTS, Policy, Principal, Rejection, SiteRank};
+use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc};
+use support::{Cluster, export, key, spec, visible};
+use tonic::Code;
+
+fn field(err: ClientError) -> String {
+    match err {
+        ClientError::Rejected(Rejection::Invalid { field, .. }) => field,
+        other => panic!("not an invalid-argument refusal: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn older_generation_is_fenced_and_delete_then_higher_generation_works() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let east = cluster.site("east").await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    east.put_export(&export("east", "cart", 5, &["10.0.0.1"]))
+        .await
+        .unwrap();
+
+    let err = east
+        .put_export(&export("east", "cart", 4, &["10.0.0.9"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
+    assert!(matches!(
+        err,
+        ClientError::Rejected(Rejection::StaleGeneration {
+            got: 4,
+            stored: 5,
+            ..
+        })
+    ));
+
+    // The same generation again is a no-op, not an error (a retried write).
+    let again = east
+        .put_export(&export("east", "cart", 5, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    assert!(!again.changed);
+
+    east.delete_export("east", &key("cart"), 5).await.unwrap();
+    // A restarted exporter replaying an old generation cannot resurrect it...
+    let err = east
+        .put_export(&export("east", "cart", 5, &["10.0.0.1"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Rejected(Rejection::StaleGeneration { .. })
+        ),
+        "{err}"
+    );
+    // ...a newer one can.
+    east.put_export(&export("east", "cart", 6, &["10.0.0.2"]))
+        .await
+        .unwrap();
+    let cart = east
+        .get_service(&key("cart"), Consistency::Linearizable)
+        .await
+        .unwrap();
+    let group = &cart.value.unwrap().groups[0];
+    assert_eq!(group.generation, 6);
+    assert_eq!(group.endpoints[0].address.to_string(), "10.0.0.2");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    admin
+        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    let before = admin.catalog(Consistency::Linearizable).await.unwrap();
+
+    let mut bad = spec("East_1", "eu", "eu-1a");
+    assert_eq!(
+        field(admin.register_site(&bad).await.unwrap_err()),
+        "spec.name"
+    );
+    bad = spec("west", "eu", "eu-1a");
+    bad.gateways.push("no-port".into());
+    assert_eq!(
+        field(admin.register_site(&bad).await.unwrap_err()),
+        "spec.gateways[1]"
+    );
+
+    let mut e = export("east", "cart", 2, &["10.0.0.1", "10.0.0.2"]);
+    e.endpoints[1].address = "224.0.0.1".parse().unwrap();
+    assert_eq!(
+        field(admin.put_export(&e).await.unwrap_err()),
+        "export.endpoints[1].address"
+    );
+    let mut e = export("east", "cart", 2, &["10.0.0.1"]);
+    e.service.name = String::new();
+    assert_eq!(
+        field(admin.put_export(&e).await.unwrap_err()),
+        "export.service.name"
+    );
+    let mut e = export("east", "cart", 2, &["10.0.0.1"]);
+    let template = e.endpoints[0].clone();
+    e.endpoints = (0..=MAX_ENDPOINTS as u32)
+        .map(|i| Endpoint {
+            address: Ipv4Addr::from(0x0a00_0001 + i).into(),
+            ..template.clone()
+        })
+        .collect();
+    assert_eq!(
+        field(admin.put_export(&e).await.unwrap_err()),
+        "export.endpoints"
+    );
+
+    let policy = Policy {
+        name: "cart-from-west".into(),
+        service: key("cart"),
+        allow: vec![Principal::Id("not-a-spiffe-id".into())],
+    };
+    assert_eq!(
+        field(admin.put_policy(&policy).await.unwrap_err()),
+        "policy.allow[0]"
+    );
+
+    // Wire-level problems the model types cannot express, sent raw.
+    let ctl = cluster.pki.ctl();
+    let channel = meshbridge_core::client::lazy_channel(
+        &cluster.url(1),
+        &ctl,
+        meshbridge_core::client::registry_allow_list(&ctl),
+        &Default::default(),
+    )
+    .unwrap();
+    let mut raw = Grpc::new(channel);
+    let mut wire = proto::from_export(&export("east", "cart", 3, &["10.0.0.1"]));
+    wire.endpoints[0].address = "10.0.0.300".into();
+    wire.ports[0].port = 70_000;
+    let status = raw
+        .put_export(proto::PutExportRequest { export: Some(wire) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("export.ports[0].port"),
+        "{}",
+        status.message()
+    );
+    let status = raw
+        .register_site(proto::RegisterSiteRequest { spec: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("spec"), "{}", status.message());
+
+    // Unknown site: NotFound, naming it.
+    let err = admin
+        .put_export(&export("nowhere", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+    assert!(err.to_string().contains("nowhere"), "{err}");
+    let err = admin.heartbeat("nowhere").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+
+    let after = admin.catalog(Consistency::Linearizable).await.unwrap();
+    assert_eq!(
+        visible(&after),
+        visible(&before),
+        "a refused request changed the catalog"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sites_may_write_only_their_own_registration_and_exports() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let east = cluster.site("east").await;
+    let west = cluster.site("west").await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    west.register_site(&spec("west", "us", "us-1a"))
+        .await
+        .unwrap();
+
+    let err = west
+        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert_eq!(
+        west.heartbeat("east").await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    assert_eq!(
+        west.remove_site("east").await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    let policy = Policy {
+        name: "p".into(),
+        service: key("cart"),
+        allow: vec![Principal::Site("west".into())],
+    };
+    assert_eq!(
+        west.put_policy(&policy).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+    assert_eq!(
+        west.promote(7).await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+
+    // Reads are open to sites; admins may write anything.
+    assert_eq!(
+        west.list_sites(Consistency::Linearizable)
+            .await
+            .unwrap()
+            .sites
+            .len(),
+        2
+    );
+    let admin = cluster.admin().await;
+    admin.put_policy(&policy).await.unwrap();
+    assert_eq!(
+        admin
+            .list_policies(Consistency::Linearizable)
+            .await
+            .unwrap()
+            .value,
+        [policy]
+    );
+
+    // A workload identity is refused outright.
+    let workload = cluster.pki.identity(
+        &format!("spiffe://{}/ns/shop/sa/cart", support::TD),
+        "workload",
+    );
+    let client = cluster.client_as(workload).await;
+    let err = client.list_sites(Consistency::Stale).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resolve_ranks_by_locality_and_stale_reads_come_from_any_node() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    for (site, region, zone) in [
+        ("a", "eu", "eu-1a"),
+        ("b", "eu", "eu-1a"),
+        ("c", "eu", "eu-1b"),
+        ("d", "us", "us-1a"),
+    ] {
+        admin
+            .register_site(&spec(site, region, zone))
+            .await
+            .unwrap();
+        admin
+            .put_export(&export(site, "cart", 1, &["10.0.0.1"]))
+            .await
+            .unwrap();
+    }
+    let ranked = admin
+        .resolve(&key("cart"), "a", Consistency::Linearizable)
+        .await
+        .unwrap();
+    let order: Vec<(SiteRank, &str)> = ranked
+        .value
+        .iter()
+        .map(|(r, g)| (*r, g.site.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (SiteRank::SameSite, "a"),
+            (SiteRank::SameZone, "b"),
+            (SiteRank::SameRegion, "c"),
+            (SiteRank::Other, "d")
+        ]
+    );
+    let none = admin
+        .resolve(&key("nothing"), "a", Consistency::Stale)
+        .await
+        .unwrap();
+    assert!(none.value.is_empty());
+    assert!(
+        admin
+            .get_service(&key("nothing"), Consistency::Stale)
+            .await
+            .unwrap()
+            .value
+            .is_none()
+    );
+
+    // Every node answers stale reads from its own replica once it has caught up.
+    cluster
+        .wait_revision(ranked.revision, Duration::from_secs(10))
+        .await;
+    for id in 1..=3 {
+        let only: RegistryClient = cluster.admin_of(id).await;
+        let services = only.list_services(Consistency::Stale).await.unwrap();
+        assert_eq!(services.value.len(), 1);
+        assert_eq!(services.value[0].groups.len(), 4);
+        let local = only.status_of_each().await;
+        assert_eq!(local[0].1.as_ref().unwrap().node_id, id);
+    }
+    cluster.shutdown().await;
+}
