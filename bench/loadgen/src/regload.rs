@@ -1,0 +1,385 @@
+//! regload: the registry workloads of `bench/registry.sh`, matching `../shared/bench/etcd.sh`
+//! (sequential puts, concurrent puts, failover) plus linearizable reads, watch propagation
+//! and scale. Every subcommand prints one JSON line.
+//!
+//! A "put" is a `PutExport` of one service with one endpoint, about 256 bytes of JSON, to a
+//! distinct key each time, acknowledged only after the leader's quorum fsynced it.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use meshbridge_core::client::{Consistency, RegistryClient};
+use meshbridge_core::model::{
+    Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec,
+};
+use meshbridge_core::tls::{Identity, IdentityFiles};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Cli {
+    /// Registry URLs.
+    #[arg(long, value_delimiter = ',')]
+    registry: Vec<String>,
+    /// An admin SVID directory (spiffe://<td>/ctl/...).
+    #[arg(long)]
+    tls_dir: std::path::PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sequential puts on one connection to the first URL.
+    Seq {
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+    },
+    /// `clients` concurrent writers for `duration` seconds, spread over the URLs.
+    Conc {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Linearizable reads (GetService) by `clients` readers.
+    Reads {
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Time from a write (first URL) to a watcher on another node (second URL) seeing it.
+    Watch {
+        #[arg(long, default_value_t = 500)]
+        n: usize,
+    },
+    /// SIGKILL the leader (pids as URL=PID,...), then time the first successful write.
+    Failover {
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Load `sites` × `services` × `endpoints` and report how long it took.
+    Scale {
+        #[arg(long, default_value_t = 100)]
+        sites: usize,
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+    },
+}
+
+const SITE: &str = "bench";
+
+fn export(site: &str, ns: &str, name: &str, generation: u64, endpoints: usize) -> Export {
+    Export {
+        site: site.into(),
+        service: ServiceKey::new(ns, name),
+        generation,
+        ports: vec![Port {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+            target_port: 8080,
+        }],
+        endpoints: (0..endpoints)
+            .map(|i| Endpoint {
+                address: std::net::IpAddr::from([10, 1, (i >> 8) as u8, i as u8]),
+                hostname: None,
+                ready: true,
+                weight: 1,
+                identity: None,
+            })
+            .collect(),
+        headless: false,
+        created_revision: 0,
+        updated_revision: 0,
+    }
+}
+
+fn spec(name: &str) -> SiteSpec {
+    SiteSpec {
+        name: name.into(),
+        kind: SiteKind::Cluster,
+        locality: Locality {
+            region: "bench".into(),
+            zone: "bench-a".into(),
+        },
+        gateways: vec!["127.0.0.1:1".into()],
+        // Long lease: the benchmark must not see its sites lapse.
+        lease_ttl_ms: 3_600_000,
+        grace_ms: 3_600_000,
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let k = ((p / 100.0 * v.len() as f64 + 0.5).round() as usize).clamp(1, v.len()) - 1;
+    v[k]
+}
+
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    let n = ms.len();
+    let mean = ms.iter().sum::<f64>() / n.max(1) as f64;
+    json!({"n": n, "mean_ms": round(mean), "p50_ms": round(pct(&mut ms, 50.0)), "p90_ms": round(pct(&mut ms, 90.0)),
+           "p99_ms": round(pct(&mut ms, 99.0)), "max_ms": round(ms.last().copied().unwrap_or(f64::NAN))})
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn run_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn client(urls: &[String], identity: &Arc<Identity>) -> Result<RegistryClient> {
+    Ok(RegistryClient::connect(urls, identity.clone()).await?)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    meshbridge_core::install_crypto_provider();
+    let cli = Cli::parse();
+    let identity = Identity::load(IdentityFiles::in_dir(&cli.tls_dir))?;
+    if cli.registry.is_empty() {
+        bail!("--registry: at least one URL");
+    }
+    let first = client(&cli.registry[..1], &identity).await?;
+    first
+        .register_site(&spec(SITE))
+        .await
+        .context("registering the bench site")?;
+    let run = run_id();
+    let out = match cli.cmd {
+        Cmd::Seq { n } => {
+            for i in 0..50 {
+                first
+                    .put_export(&export(SITE, "warm", &format!("w{i}"), run + i as u64, 1))
+                    .await?;
+            }
+            let mut lat = Vec::with_capacity(n);
+            let t0 = Instant::now();
+            for i in 0..n {
+                let s = Instant::now();
+                first
+                    .put_export(&export(SITE, "seq", &format!("s{run}-{i}"), 1, 1))
+                    .await?;
+                lat.push(s.elapsed().as_secs_f64() * 1000.0);
+            }
+            let el = t0.elapsed().as_secs_f64();
+            let mut v = summary(lat);
+            v["puts_per_s"] = json!(round(n as f64 / el));
+            v
+        }
+        Cmd::Conc { clients, duration } => {
+            let mut tasks = Vec::new();
+            let stop = Instant::now() + Duration::from_secs(duration);
+            let t0 = Instant::now();
+            for c in 0..clients {
+                let url = cli.registry[c % cli.registry.len()].clone();
+                let cl = client(&[url], &identity).await?;
+                tasks.push(tokio::spawn(async move {
+                    let (mut lat, mut errs, mut i) = (Vec::new(), 0u64, 0u64);
+                    while Instant::now() < stop {
+                        let s = Instant::now();
+                        match cl
+                            .put_export(&export(SITE, "conc", &format!("c{run}-{c}-{i}"), 1, 1))
+                            .await
+                        {
+                            Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1000.0),
+                            Err(_) => errs += 1,
+                        }
+                        i += 1;
+                    }
+                    (lat, errs)
+                }));
+            }
+            let (mut all, mut errs) = (Vec::new(), 0);
+            for t in tasks {
+                let (l, e) = t.await?;
+                all.extend(l);
+                errs += e;
+            }
+            let el = t0.elapsed().as_secs_f64();
+            let n = all.len();
+            let mut v = summary(all);
+            v["puts_per_s"] = json!(round(n as f64 / el));
+            v["errors"] = json!(errs);
+            v["clients"] = json!(clients);
+            v
+        }
+        Cmd::Reads { clients, duration } => {
+            first
+                .put_export(&export(SITE, "read", "target", run, 1))
+                .await?;
+            let key = ServiceKey::new("read", "target");
+            let stop = Instant::now() + Duration::from_secs(duration);
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let url = cli.registry[c % cli.registry.len()].clone();
+                let cl = client(&[url], &identity).await?;
+                let key = key.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut lat, mut errs) = (Vec::new(), 0u64);
+                    while Instant::now() < stop {
+                        let s = Instant::now();
+                        match cl.get_service(&key, Consistency::Linearizable).await {
+                            Ok(r) if r.value.is_some() => {
+                                lat.push(s.elapsed().as_secs_f64() * 1000.0)
+                            }
+                            _ => errs += 1,
+                        }
+                    }
+                    (lat, errs)
+                }));
+            }
+            let (mut all, mut errs) = (Vec::new(), 0);
+            for t in tasks {
+                let (l, e) = t.await?;
+                all.extend(l);
+                errs += e;
+            }
+            let el = t0.elapsed().as_secs_f64();
+            let n = all.len();
+            let mut v = summary(all);
+            v["reads_per_s"] = json!(round(n as f64 / el));
+            v["errors"] = json!(errs);
+            v
+        }
+        Cmd::Watch { n } => {
+            let other = cli
+                .registry
+                .get(1)
+                .context("watch needs two URLs: writer, watcher")?
+                .clone();
+            let watcher = client(&[other], &identity).await?;
+            let mut rx = watcher.watch_catalog();
+            // Wait for the replica to be live.
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.revision > 0))
+                .await??;
+            let mut lat = Vec::with_capacity(n);
+            for i in 0..n {
+                let key = ServiceKey::new("watch", format!("w{run}-{i}"));
+                let s = Instant::now();
+                first
+                    .put_export(&export(SITE, "watch", &key.name, 1, 1))
+                    .await?;
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rx.wait_for(|c| c.export(&key, SITE).is_some()),
+                )
+                .await??;
+                lat.push(s.elapsed().as_secs_f64() * 1000.0);
+            }
+            summary(lat)
+        }
+        Cmd::Failover { pids, timeout } => {
+            let status = first.status().await?;
+            let leader_url = status.leader_url.clone();
+            let pid = pids
+                .iter()
+                .find_map(|p| {
+                    p.split_once('=')
+                        .filter(|(u, _)| *u == leader_url)
+                        .map(|(_, pid)| pid.to_string())
+                })
+                .with_context(|| format!("no pid given for the leader {leader_url}"))?;
+            let survivors: Vec<String> = cli
+                .registry
+                .iter()
+                .filter(|u| **u != leader_url)
+                .cloned()
+                .collect();
+            let t0 = Instant::now();
+            std::process::Command::new("kill")
+                .args(["-9", &pid])
+                .status()?;
+            // A fresh put every 20 ms (own client, alternating survivors) until one succeeds.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut n = 0u64;
+            let deadline = t0 + Duration::from_secs(timeout);
+            let first_ok = loop {
+                if let Ok(t) = rx.try_recv() {
+                    break Some(t);
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                let url = survivors[n as usize % survivors.len()].clone();
+                let (tx, identity) = (tx.clone(), identity.clone());
+                tokio::spawn(async move {
+                    let Ok(c) = RegistryClient::connect(&[url], identity).await else {
+                        return;
+                    };
+                    if c.put_export(&export(SITE, "failover", "f", run + n + 1, 1))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tx.send(t0.elapsed().as_secs_f64());
+                    }
+                });
+                n += 1;
+                tokio::select! {
+                    t = rx.recv() => break t,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            };
+            json!({"killed": leader_url, "first_write_ok_s": first_ok.map(round)})
+        }
+        Cmd::Scale {
+            sites,
+            services,
+            endpoints,
+            clients,
+        } => {
+            let t0 = Instant::now();
+            let mut tasks = Vec::new();
+            let urls = cli.registry.clone();
+            let per = sites.div_ceil(clients);
+            for c in 0..clients {
+                let cl = client(&[urls[c % urls.len()].clone()], &identity).await?;
+                tasks.push(tokio::spawn(async move {
+                    for s in (c * per)..((c + 1) * per).min(sites) {
+                        let site = format!("scale-{s}");
+                        cl.register_site(&spec(&site)).await?;
+                        for v in 0..services {
+                            cl.put_export(&export(
+                                &site,
+                                "scale",
+                                &format!("svc{v}"),
+                                run,
+                                endpoints,
+                            ))
+                            .await?;
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            let el = t0.elapsed().as_secs_f64();
+            let total = sites * services * endpoints;
+            json!({"sites": sites, "services": services, "endpoints_total": total, "load_s": round(el),
+                   "exports_per_s": round((sites * services) as f64 / el)})
+        }
+    };
+    println!("{out}");
+    Ok(())
+}
