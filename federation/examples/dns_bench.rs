@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:5353".into());
     let n: u32 = args.next().map_or(Ok(10_000), |s| s.parse())?;
     let started = std::time::Instant::now();
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(catalog(n)));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(catalog(n)));
     let config = Config {
         listen,
         site: "bench".into(),
@@ -103,7 +103,68 @@ async fn main() -> anyhow::Result<()> {
         dns.local_addr(),
         started.elapsed()
     );
+    if let Some(rounds) = std::env::var("CHANGE_LATENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        change_latency(&tx, cat, dns.local_addr(), rounds).await?;
+    }
     meshbridge_core::drain::shutdown_signal().await;
     dns.shutdown(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+/// Change one export `rounds` times; each time, how long until the DNS answer shows it.
+async fn change_latency(
+    tx: &tokio::sync::watch::Sender<Arc<Catalog>>,
+    mut cat: Catalog,
+    addr: std::net::SocketAddr,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let key = (ServiceKey::new("ns42", "svc00042"), "bench".to_string());
+    let name = Name::from_ascii("svc00042.ns42.svc.clusterset.local.")?;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(addr).await?;
+    let mut took = Vec::new();
+    let mut buf = vec![0u8; 1500];
+    for round in 0..rounds {
+        let want = Ipv4Addr::new(10, 251, (round >> 8) as u8, round as u8);
+        if let Some(e) = cat.exports.get_mut(&key) {
+            let mut changed = (**e).clone();
+            changed.generation += 1;
+            changed.endpoints[0].address = IpAddr::V4(want);
+            *e = Arc::new(changed);
+        }
+        cat.revision += 1;
+        let started = std::time::Instant::now();
+        tx.send_replace(Arc::new(cat.clone()));
+        loop {
+            let mut q = Message::query();
+            q.metadata.id = round as u16;
+            q.add_query(Query::query(name.clone(), RecordType::A));
+            socket.send(&q.to_vec()?).await?;
+            let n = socket.recv(&mut buf).await?;
+            let answer = Message::from_vec(&buf[..n])?;
+            if answer
+                .answers
+                .iter()
+                .any(|r| r.data == RData::A(want.into()))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+    eprintln!(
+        "export change -> answer, {rounds} rounds: p50 {:?}, p99 {:?}, max {:?}",
+        pct(50),
+        pct(99),
+        took[took.len() - 1]
+    );
     Ok(())
 }

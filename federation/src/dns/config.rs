@@ -232,6 +232,18 @@ mod tests {
     }
 
     #[test]
+    fn the_effective_config_parses_back() {
+        let cfg = Config {
+            vip_range: Some("127.240.0.0/16".parse().unwrap()),
+            upstream: Some("10.0.0.2:53".into()),
+            ..Config::for_test("east")
+        };
+        let text = meshbridge_core::config::effective(&cfg);
+        let back: Config = parse_with_env("dump", &text, &[]).unwrap();
+        assert_eq!(back, cfg, "{text}");
+    }
+
+    #[test]
     fn forwarding_to_itself_is_refused() {
         let text = "site = \"east\"\nlisten = \"127.0.0.1:53\"\nupstream = \"127.0.0.1:53\"\n";
         let err = parse_with_env::<Config>("dns.toml", text, &[]).unwrap_err();
