@@ -73,24 +73,23 @@ impl AsyncWrite for H2Send {
             return Poll::Ready(Ok(0));
         }
         this.0.reserve_capacity(buf.len());
-        let mut cap = this.0.capacity();
-        if cap == 0 {
-            cap = match ready!(this.0.poll_capacity(cx)) {
-                Some(Ok(n)) => n,
-                _ => 0,
-            };
-        }
-        if cap > 0 {
-            let n = cap.min(buf.len());
-            if this
-                .0
-                .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                .is_ok()
-            {
-                return Poll::Ready(Ok(n));
+        loop {
+            let cap = this.0.capacity();
+            if cap > 0 {
+                let n = cap.min(buf.len());
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                if this.0.send_data(data, false).is_ok() {
+                    return Poll::Ready(Ok(n));
+                }
+                return this.reset_error(cx).map(Err);
+            }
+            // Ready once per capacity increase; Pending (waker set) until the next one.
+            match ready!(this.0.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return this.reset_error(cx).map(Err),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
         }
-        this.reset_error(cx).map(Err)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
