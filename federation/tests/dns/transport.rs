@@ -152,8 +152,21 @@ async fn over_the_rate_limit_udp_gets_an_empty_truncated_answer_and_tcp_is_refus
         let ok = ask_raw(dns.local_addr(), Transport::Udp, &q).await;
         assert_eq!(ok.answers.len(), 1);
     }
-    let limited = ask_raw(dns.local_addr(), Transport::Udp, &q).await;
-    assert!(limited.metadata.truncation && limited.answers.is_empty());
-    let refused = ask_raw(dns.local_addr(), Transport::Tcp, &q).await;
-    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+    // The bucket is empty (a slow machine may have refilled one token meanwhile).
+    let mut limited = None;
+    for _ in 0..3 {
+        let reply = ask_raw(dns.local_addr(), Transport::Udp, &q).await;
+        if reply.metadata.truncation {
+            limited = Some(reply);
+            break;
+        }
+    }
+    let limited = limited.expect("no query was limited");
+    assert!(limited.answers.is_empty());
+    let mut refused = false;
+    for _ in 0..3 {
+        let reply = ask_raw(dns.local_addr(), Transport::Tcp, &q).await;
+        refused |= reply.metadata.response_code == ResponseCode::Refused;
+    }
+    assert!(refused);
 }
