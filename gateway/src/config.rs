@@ -326,16 +326,33 @@ mod tests {
     fn example_config_parses_with_defaults() {
         let text = r#"
 site = "east"
-data_dir = "/var/lib/meshbridge"
+data_dir = "/var/lib/meshbridge/gateway"
+zone = "clusterset.local"
+admin_listen = "0.0.0.0:15021"
+drain_deadline_ms = 30000
+
 [tunnel]
 listen = "0.0.0.0:15008"
 transport = "auto"
 peer_transport = { legacy = "tcp" }
+peers_allowed = ["spiffe://corp.example/site/"]
+keepalive_ms = 1000
+idle_timeout_ms = 5000
+max_mtu = 1452
+
 [listeners]
 vip_range = "127.240.0.0/16"
 sni = "0.0.0.0:15443"
+connect = "127.0.0.1:15080"
+
 [policy]
 default = "deny"
+
+[failover]
+max_attempts = 3
+eject_after = 3
+eject_base_ms = 5000
+eject_max_ms = 60000
 "#;
         let cfg: Config = parse_with_env("gw.toml", text, &[]).unwrap();
         assert_eq!(cfg.tunnel.transport_for("legacy"), TransportKind::Tcp);

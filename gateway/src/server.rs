@@ -1,5 +1,7 @@
 //! Accepting tunnels from peer gateways: QUIC connections on UDP and TLS+HTTP/2 connections
-//! on TCP, same port. Every stream goes to [`outbound::serve_stream`].
+//! on TCP, same port. Every stream goes to [`outbound::serve_stream`]. Only site identities
+//! (`spiffe://<td>/site/<site>/...`: gateways and VM agents) may open tunnels; workloads and
+//! registry nodes of a trusted domain may not.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +39,11 @@ pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
                 conn.close(quinn::VarInt::from_u32(1), b"no SPIFFE id");
                 return handshake_failed(&sh2, addr, Carrier::Quic, "no SPIFFE id".into());
             };
+            if id.site().is_none() {
+                conn.close(quinn::VarInt::from_u32(1), b"not a site identity");
+                let reason = format!("{id} is not a site identity (spiffe://<td>/site/<site>/...)");
+                return handshake_failed(&sh2, addr, Carrier::Quic, reason);
+            }
             let peer = Arc::new(Peer::new(id, Carrier::Quic, addr));
             let labels = link_up(&sh2, &peer, began.elapsed());
             loop {
@@ -101,6 +108,10 @@ pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
             let Some(id) = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates()) else {
                 return handshake_failed(&sh2, addr, Carrier::Tcp, "no SPIFFE id".into());
             };
+            if id.site().is_none() {
+                let reason = format!("{id} is not a site identity (spiffe://<td>/site/<site>/...)");
+                return handshake_failed(&sh2, addr, Carrier::Tcp, reason);
+            }
             let peer = Arc::new(Peer::new(id, Carrier::Tcp, addr));
             let labels = link_up(&sh2, &peer, began.elapsed());
             let t = &sh2.cfg.tunnel;

@@ -177,6 +177,14 @@ async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
         ),
     ];
     let cfg = mesh.config("probe").tunnel;
+    let workload = mesh
+        .pki
+        .identity("workload", &format!("spiffe://{TD}/ns/shop/sa/web"));
+    let cases = [
+        cases[0].clone(),
+        cases[1].clone(),
+        ("a workload, not a site", workload),
+    ];
     for (what, identity) in cases {
         let dialer = Dialer::standalone(&identity, &cfg, localhost(0))?;
         let r = dialer.connect(east.tunnel_addr(), carrier(t)).await;
@@ -188,7 +196,7 @@ async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
     }
     let m = metrics_text(&east);
     assert!(
-        m.contains("meshbridge_gateway_failures_total{site=\"east\",peer_site=\"-\",reason=\"handshake\"} 2"),
+        m.contains("meshbridge_gateway_failures_total{site=\"east\",peer_site=\"-\",reason=\"handshake\"} 3"),
         "{m}"
     );
     // The mesh's own gateways are unaffected.
