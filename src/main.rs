@@ -52,7 +52,7 @@ enum Command {
 fn main() -> ExitCode {
     meshbridge_core::install_crypto_provider();
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "info,openraft=warn");
+    telemetry::init(cli.log_format, "info,openraft=warn,hickory_server=warn,hickory_proto=warn");
     let result = match cli.command {
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
