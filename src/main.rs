@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 mod ctl;
+mod demo;
 mod dns;
+mod echo;
 mod gateway;
 mod pki;
 mod registry;
@@ -41,31 +43,32 @@ enum Command {
     Ctl(ctl::Args),
     /// Run the federated DNS server on its own.
     Dns(dns::Args),
+    /// A tiny TCP echo service (replies prefixed with --name), for the demo and trials.
+    #[command(hide = true)]
+    Echo(echo::Args),
     /// Run a site's east-west gateway.
     Gateway(gateway::Args),
     /// Run a registry node (Raft-replicated catalog, registry API).
     Registry(registry::Args),
     /// Run the whole mesh on this machine and show it working.
-    Demo,
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
     meshbridge_core::install_crypto_provider();
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, "info,openraft=warn,hickory_server=warn,hickory_proto=warn");
+    telemetry::init(
+        cli.log_format,
+        "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
+    );
     let result = match cli.command {
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
         Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),
+        Command::Echo(args) => runtime().and_then(|rt| rt.block_on(echo::run(args))),
         Command::Gateway(args) => runtime().and_then(|rt| rt.block_on(gateway::run(args))),
         Command::Registry(args) => runtime().and_then(|rt| rt.block_on(registry::run(args))),
-        Command::Demo => {
-            eprintln!(
-                "meshbridge demo: the one-command demo arrives with the demo change (issue 6); \
-                 until then, `meshbridge pki` works and `cargo test` runs the suites."
-            );
-            Ok(ExitCode::from(2))
-        }
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,349 @@
+//! Setting up the demo mesh: PKI, configuration files, processes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshbridge_core::client::RegistryClient;
+use meshbridge_core::id::SpiffeId;
+use meshbridge_core::pki::Ca;
+use meshbridge_core::tls::{Identity, IdentityFiles};
+
+use super::probe;
+use super::procs::{Proc, free_port};
+
+const TD: &str = "demo.local";
+const READY: Duration = Duration::from_secs(30);
+const SERVICE_PORT: u16 = 7000;
+
+pub struct Mesh {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    registry: Vec<(u64, Proc)>,
+    urls: Vec<String>,
+    others: Vec<Proc>,
+    east_echo: Option<Proc>,
+    west_dns: SocketAddr,
+    client: RegistryClient,
+    ctl_dir: PathBuf,
+    admin: Vec<(String, SocketAddr)>,
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn tls_section(dir: &Path) -> String {
+    format!(
+        "[tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\nbundle = \"{0}/bundle.pem\"\n",
+        dir.display()
+    )
+}
+
+impl Mesh {
+    pub async fn start() -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("meshbridge-demo-")
+            .tempdir()?;
+        let root = tmp.path().to_path_buf();
+        let ca = Ca::generate(TD, Duration::from_secs(30 * 86400))?;
+        ca.write_to(&root.join("ca"))?;
+        let issue = |name: &str, id: &str| -> Result<PathBuf> {
+            let dir = root.join("certs").join(name);
+            ca.issue(&SpiffeId::parse(id)?, Duration::from_secs(30 * 86400), &[])?
+                .write_to(&dir)?;
+            Ok(dir)
+        };
+
+        // Registry: three nodes.
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("https://127.0.0.1:{p}"))
+            .collect();
+        let members: String = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{} = \"{u}\"\n", i + 1))
+            .collect();
+        let mut registry = Vec::new();
+        let mut admin = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let certs = issue(
+                &format!("registry-{id}"),
+                &format!("spiffe://{TD}/registry/{id}"),
+            )?;
+            let admin_port = free_port()?;
+            let cfg = root.join(format!("registry-{id}.toml"));
+            write(
+                &cfg,
+                &format!(
+                    "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+                     data_dir = \"{}\"\n{}[leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
+                    root.join(format!("registry-{id}-data")).display(),
+                    tls_section(&certs),
+                ),
+            )?;
+            let p = Proc::spawn(
+                &root,
+                &format!("registry-{id}"),
+                &["registry", "--config", path_str(&cfg)?],
+            )?;
+            registry.push((id, p));
+            admin.push((
+                format!("registry-{id}"),
+                SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            ));
+        }
+        for (_, p) in &mut registry {
+            p.wait_for("listening on", READY).await?;
+        }
+
+        let ctl_dir = issue("ctl", &format!("spiffe://{TD}/ctl/demo"))?;
+        let identity = Identity::load(IdentityFiles::in_dir(&ctl_dir))?;
+        let client = RegistryClient::connect(&urls, identity).await?;
+
+        // Echo services: one in east, one on the VM.
+        let east_echo_port = free_port()?;
+        let vm_echo_port = free_port()?;
+        let mut east_echo = Proc::spawn(
+            &root,
+            "echo-east",
+            &[
+                "echo",
+                "--listen",
+                &format!("127.0.0.1:{east_echo_port}"),
+                "--name",
+                "east",
+            ],
+        )?;
+        east_echo.wait_for("listening on", READY).await?;
+        let mut vm_echo = Proc::spawn(
+            &root,
+            "echo-vm",
+            &[
+                "echo",
+                "--listen",
+                &format!("127.0.0.1:{vm_echo_port}"),
+                "--name",
+                "vm",
+            ],
+        )?;
+        vm_echo.wait_for("listening on", READY).await?;
+
+        let registry_list = urls
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut others = vec![vm_echo];
+        let west_dns = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        for (site, region, zone, echo_port, vip, dns) in [
+            (
+                "east",
+                "us-east",
+                "us-east-1a",
+                Some(east_echo_port),
+                None,
+                None,
+            ),
+            (
+                "vm",
+                "us-east",
+                "us-east-1b",
+                Some(vm_echo_port),
+                None,
+                None,
+            ),
+            (
+                "west",
+                "us-west",
+                "us-west-1a",
+                None,
+                Some("127.242.0.0/16"),
+                Some(west_dns),
+            ),
+        ] {
+            let certs = issue(
+                &format!("gateway-{site}"),
+                &format!("spiffe://{TD}/site/{site}/gateway"),
+            )?;
+            let admin_port = free_port()?;
+            let mut cfg = format!(
+                "[gateway]\nsite = \"{site}\"\ndata_dir = \"{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ndrain_deadline_ms = 2000\n\
+                 [gateway.tunnel]\nlisten = \"127.0.0.1:{}\"\n",
+                root.join(format!("gateway-{site}-data")).display(),
+                free_port()?,
+            );
+            if let Some(range) = vip {
+                cfg += &format!("[gateway.listeners]\nvip_range = \"{range}\"\n");
+            }
+            cfg += &tls_section(&certs);
+            cfg += &format!("[source]\nregistry = [{registry_list}]\n");
+            cfg += &format!(
+                "[register]\nkind = \"{}\"\nregion = \"{region}\"\nzone = \"{zone}\"\nlease_ttl_ms = 3000\ngrace_ms = 60000\n",
+                if site == "vm" { "vm" } else { "cluster" }
+            );
+            if let Some(port) = echo_port {
+                cfg += &format!(
+                    "[[exports]]\nnamespace = \"demo\"\nname = \"echo\"\nports = [{{ name = \"tcp\", port = {SERVICE_PORT}, target_port = {port} }}]\n\
+                     endpoints = [{{ address = \"127.0.0.1\" }}]\n"
+                );
+            }
+            if let (Some(dns), Some(range)) = (dns, vip) {
+                cfg += &format!(
+                    "[dns]\nlisten = \"{dns}\"\nsite = \"{site}\"\nvip_range = \"{range}\"\n[dns.rate_limit]\nper_client_qps = 0\n"
+                );
+            }
+            let path = root.join(format!("gateway-{site}.toml"));
+            write(&path, &cfg)?;
+            let mut p = Proc::spawn(
+                &root,
+                &format!("gateway-{site}"),
+                &["gateway", "--config", path_str(&path)?],
+            )?;
+            p.wait_for("listening on", READY).await?;
+            others.push(p);
+            admin.push((
+                format!("gateway-{site}"),
+                SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            ));
+        }
+        let mesh = Self {
+            path: root,
+            dir: Some(tmp),
+            registry,
+            urls,
+            others,
+            east_echo: Some(east_echo),
+            west_dns,
+            client,
+            ctl_dir,
+            admin,
+        };
+        mesh.wait_until_west_sees_both().await?;
+        Ok(mesh)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The echo service is exported by east and the VM, and west's DNS answers for it.
+    async fn wait_until_west_sees_both(&self) -> Result<()> {
+        let key = meshbridge_core::model::ServiceKey::new("demo", "echo");
+        for _ in 0..150 {
+            let ok = self
+                .client
+                .get_service(&key, meshbridge_core::client::Consistency::Linearizable)
+                .await
+                .ok()
+                .and_then(|v| v.value)
+                .is_some_and(|s| s.groups.len() == 2);
+            if ok
+                && probe::resolve_a(self.west_dns, "echo.demo.svc.clusterset.local")
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the echo service did not show up in west within 15 s")
+    }
+
+    pub async fn resolve_from_west(&self, name: &str) -> Result<std::net::Ipv4Addr> {
+        probe::resolve_a(self.west_dns, name).await
+    }
+
+    pub async fn request_from_west(&self, line: &str) -> Result<String> {
+        let vip = self
+            .resolve_from_west("echo.demo.svc.clusterset.local")
+            .await?;
+        probe::echo(SocketAddr::from((vip, SERVICE_PORT)), line).await
+    }
+
+    pub async fn stop_east_echo(&mut self) {
+        if let Some(mut p) = self.east_echo.take() {
+            p.kill9().await;
+        }
+    }
+
+    /// SIGKILL the current leader; returns its node id.
+    pub async fn kill_registry_leader(&mut self) -> Result<u64> {
+        let leader = self.client.status().await?.leader_id.context("no leader")?;
+        let (_, p) = self
+            .registry
+            .iter_mut()
+            .find(|(id, _)| *id == leader)
+            .context("leader process")?;
+        p.kill9().await;
+        Ok(leader)
+    }
+
+    pub async fn wait_new_leader(&self, killed: u64, within: Duration) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            for (_, r) in self.client.status_of_each().await {
+                if let Ok(s) = r
+                    && let Some(l) = s.leader_id
+                    && l != killed
+                {
+                    return Ok(l);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no new leader within {within:?}")
+    }
+
+    pub fn try_next(&self) -> Vec<String> {
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or("meshbridge".into());
+        let ctl = format!(
+            "{exe} ctl --registry {} --tls-dir {}",
+            self.urls.join(","),
+            self.ctl_dir.display()
+        );
+        let mut v = vec![
+            format!("{ctl} status"),
+            format!("{ctl} services"),
+            format!("{ctl} service demo/echo"),
+            format!(
+                "dig @{} -p {} echo.demo.svc.clusterset.local",
+                self.west_dns.ip(),
+                self.west_dns.port()
+            ),
+            format!(
+                "echo hi | nc -q1 $(dig +short @{} -p {} echo.demo.svc.clusterset.local) {SERVICE_PORT}",
+                self.west_dns.ip(),
+                self.west_dns.port()
+            ),
+        ];
+        for (name, addr) in &self.admin {
+            v.push(format!("curl http://{addr}/metrics   # {name}"));
+        }
+        v
+    }
+
+    pub async fn stop(mut self, keep: bool) {
+        for p in self.others.iter_mut().chain(self.east_echo.iter_mut()) {
+            p.terminate(Duration::from_secs(3)).await;
+        }
+        for (_, p) in &mut self.registry {
+            p.terminate(Duration::from_secs(3)).await;
+        }
+        if keep && let Some(d) = self.dir.take() {
+            let kept = d.keep();
+            println!("kept {}", kept.display());
+        }
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
