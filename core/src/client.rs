@@ -13,6 +13,7 @@
 //! (registering, heartbeats, puts of the same generation, policies); a retried delete may
 //! answer `NotFound` for an export or policy that its first attempt deleted.
 
+mod join;
 mod replica;
 mod transport;
 
@@ -30,6 +31,7 @@ use crate::model::{
 use crate::proto::{self, registry_client::RegistryClient as Grpc};
 use crate::tls::{AllowList, AllowRule, Identity};
 
+pub use join::{Issued, JoinError, JoinToken, anonymous_channel, join};
 pub use replica::apply_changes;
 pub use transport::{
     ALPN_H2, BadUrl, ChannelOptions, MAX_MESSAGE_BYTES, MtlsConnector, endpoint_uri, lazy_channel,

@@ -40,6 +40,13 @@ pub struct Config {
     pub leases: LeaseConfig,
     #[serde(default)]
     pub raft: RaftConfig,
+    /// The trust domain's CA (`ca.pem`, `ca.key`), to mint join tokens and sign the SVIDs
+    /// of joining sites. Without it, `CreateJoinToken`, `Join` and `Renew` are refused.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// Validity of SVIDs issued by `Join` and `Renew` (holders renew at about half of it).
+    #[serde(default = "default_svid_ttl_ms")]
+    pub svid_ttl_ms: u64,
 }
 
 /// Site leases.
@@ -112,6 +119,10 @@ fn default_drain_ms() -> u64 {
     5_000
 }
 
+fn default_svid_ttl_ms() -> u64 {
+    24 * 3_600_000
+}
+
 /// Parses an id → URL map whose keys are decimal node ids.
 fn parse_members(
     map: &BTreeMap<String, String>,
@@ -180,6 +191,8 @@ impl Config {
                 election_timeout_max_ms: 1_200,
                 ..RaftConfig::default()
             },
+            ca_dir: None,
+            svid_ttl_ms: default_svid_ttl_ms(),
         }
     }
 }
@@ -242,6 +255,18 @@ impl RoleConfig for Config {
             "raft.watch_history",
             "must be more than 0",
         );
+        p.check(
+            self.svid_ttl_ms >= 1_000,
+            "svid_ttl_ms",
+            "must be at least 1000 (one second)",
+        );
+        if let Some(dir) = &self.ca_dir {
+            p.check(
+                !dir.as_os_str().is_empty(),
+                "ca_dir",
+                "must not be empty (leave it out to disable joining)",
+            );
+        }
     }
 }
 

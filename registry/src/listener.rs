@@ -1,5 +1,10 @@
-//! The gRPC listener: TCP accept, a TLS 1.3 handshake that requires a client SVID, and the
-//! verified peer identity attached to every request ([`Peer`] in the request extensions).
+//! The gRPC listener: TCP accept, a TLS 1.3 handshake, and the verified peer identity
+//! attached to every request ([`Peer`] in the request extensions).
+//!
+//! A client certificate is optional at the TLS layer, so that a joining agent (which has no
+//! SVID yet) can call `Join` with a token; a client that presents one is fully verified in
+//! the handshake. Every other call requires a verified SVID: [`crate::authz::Caller::of`]
+//! answers `Unauthenticated` when [`Peer::id`] is `None`.
 
 use std::future::Future;
 use std::io;
@@ -29,7 +34,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// The SPIFFE id of the verified client SVID.
+    /// The SPIFFE id of the verified client SVID; `None` when the client sent none.
     pub id: Option<SpiffeId>,
 }
 
@@ -119,7 +124,9 @@ pub fn incoming(
     stop: CancellationToken,
     kill: CancellationToken,
 ) -> impl Stream<Item = io::Result<TlsIo>> + Send + 'static {
-    let acceptor = TlsAcceptor::from(Arc::new(identity.server_config(allow, &[ALPN_H2])));
+    let acceptor = TlsAcceptor::from(Arc::new(
+        identity.server_config_optional_client(allow, &[ALPN_H2]),
+    ));
     let (tx, rx) = mpsc::channel::<io::Result<TlsIo>>(64);
     tokio::spawn(async move {
         let mut handshakes = JoinSet::new();

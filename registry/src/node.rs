@@ -53,6 +53,8 @@ pub enum StartError {
     RaftConfig(#[from] openraft::ConfigError),
     #[error("start raft: {0}")]
     Raft(String),
+    #[error("ca_dir: {0}")]
+    Ca(#[source] meshbridge_core::pki::PkiError),
 }
 
 /// Entry point: [`Node::start`].
@@ -111,6 +113,12 @@ impl Node {
         let addr = local_addr(&grpc_listener, listen)?;
         let admin_addr = local_addr(&admin_listener, admin_listen)?;
 
+        let issuer = crate::service::Issuer::load(
+            config.ca_dir.as_deref(),
+            Duration::from_millis(config.svid_ttl_ms),
+            &identity,
+        )
+        .map_err(StartError::Ca)?;
         let dir = config.data_dir.clone();
         let options = Options {
             delta_capacity: config.raft.watch_history,
@@ -165,7 +173,7 @@ impl Node {
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(
-                RegistryServer::new(RegistryApi::new(shared.clone()))
+                RegistryServer::new(RegistryApi::new(shared.clone()).with_issuer(issuer))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )

@@ -6,6 +6,7 @@
 //! Reads are linearizable unless `stale` is set, in which case this node answers from its
 //! own replica.
 
+mod join;
 mod members;
 
 use std::sync::Arc;
@@ -20,16 +21,28 @@ use crate::authz::Caller;
 use crate::shared::{Shared, now_ms};
 use crate::watch::{WatchStream, watch_stream};
 
+pub use join::Issuer;
+
 type Grpc = proto::registry_client::RegistryClient<Channel>;
 
 /// The registry API of one node.
 pub struct RegistryApi {
     shared: Arc<Shared>,
+    issuer: Option<Arc<Issuer>>,
 }
 
 impl RegistryApi {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            issuer: None,
+        }
+    }
+
+    /// Serve join tokens, joins and renewals with `issuer` (the node's `ca_dir`).
+    pub fn with_issuer(mut self, issuer: Option<Issuer>) -> Self {
+        self.issuer = issuer.map(Arc::new);
+        self
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
@@ -385,5 +398,33 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::MembershipReply>, Status> {
         self.caller(&req)?.require_admin("change the membership")?;
         members::remove(&self.shared, req).await
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<proto::CreateJoinTokenRequest>,
+    ) -> Result<Response<proto::CreateJoinTokenReply>, Status> {
+        self.caller(&req)?.require_admin("create join tokens")?;
+        let issuer = join::need(self.issuer.as_ref())?;
+        issuer.create_token(req.get_ref()).map(Response::new)
+    }
+
+    /// The one call open to clients without a certificate: the token authenticates.
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::SvidReply>, Status> {
+        join::need(self.issuer.as_ref())?
+            .join(&self.shared, req)
+            .await
+    }
+
+    async fn renew(
+        &self,
+        req: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::SvidReply>, Status> {
+        let caller = self.caller(&req)?;
+        let issuer = join::need(self.issuer.as_ref())?;
+        issuer.renew(&caller, req.get_ref()).map(Response::new)
     }
 }

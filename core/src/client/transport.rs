@@ -45,6 +45,15 @@ impl MtlsConnector {
             connect_timeout,
         }
     }
+
+    /// A connector with a ready-made client config, e.g. one that presents no certificate
+    /// (joining with a token). The config must offer ALPN `h2`.
+    pub fn with_config(config: rustls::ClientConfig, connect_timeout: Duration) -> Self {
+        Self {
+            tls: TlsConnector::from(Arc::new(config)),
+            connect_timeout,
+        }
+    }
 }
 
 impl tower_service::Service<Uri> for MtlsConnector {
