@@ -186,6 +186,10 @@ pub fn registry_allow_list(identity: &Identity) -> AllowList {
     ))])
 }
 
+/// Response metadata with the leader's URL, set by the registry on calls the leader
+/// served: the client sends its next calls there directly.
+pub const LEADER_HINT: &str = "x-meshbridge-leader";
+
 fn retryable(code: Code) -> bool {
     matches!(
         code,
@@ -275,7 +279,14 @@ impl RegistryClient {
             let outcome = tokio::time::timeout(o.attempt_timeout, call(self.grpc(node))).await;
             let last = match outcome {
                 Ok(Ok(reply)) => {
-                    self.inner.preferred.store(node, Ordering::Relaxed);
+                    let leader = reply
+                        .metadata()
+                        .get(LEADER_HINT)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|url| self.inner.nodes.iter().position(|n| n.url == url));
+                    self.inner
+                        .preferred
+                        .store(leader.unwrap_or(node), Ordering::Relaxed);
                     return Ok(reply.into_inner());
                 }
                 Ok(Err(status)) if !retryable(status.code()) => {

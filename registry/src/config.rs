@@ -77,6 +77,9 @@ impl Default for LeaseConfig {
 pub struct RaftConfig {
     /// Also the timeout of one append-entries RPC (openraft's rule).
     pub heartbeat_interval_ms: u64,
+    /// A follower that has not heard from the leader for the leader lease (openraft: the
+    /// maximum election timeout) plus a random election timeout in `[min, max)` starts an
+    /// election: a lost leader is replaced after about 1.5 × max to 2 × max.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Build a snapshot every this many log entries (the catalog reaches disk only in
@@ -98,9 +101,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 250,
-            election_timeout_min_ms: 1_000,
-            election_timeout_max_ms: 2_000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_every_logs: 5_000,
             keep_logs_after_snapshot: 1_000,
             snapshot_chunk_timeout_ms: 10_000,
@@ -161,7 +164,7 @@ impl Config {
     }
 
     /// A config for tests: node `node_id` listening on `listen`, data in `data_dir`,
-    /// TLS files in `tls_dir`, fast elections and short leases.
+    /// TLS files in `tls_dir`, default Raft timing and a fast lease tick.
     pub fn for_test(
         node_id: NodeId,
         listen: SocketAddr,
@@ -185,12 +188,7 @@ impl Config {
                 default_grace_ms: 600_000,
                 tick_interval_ms: 100,
             },
-            raft: RaftConfig {
-                heartbeat_interval_ms: 150,
-                election_timeout_min_ms: 600,
-                election_timeout_max_ms: 1_200,
-                ..RaftConfig::default()
-            },
+            raft: RaftConfig::default(),
             ca_dir: None,
             svid_ttl_ms: default_svid_ttl_ms(),
         }

@@ -50,7 +50,7 @@ pub enum StartError {
     #[error("raft store in {dir}: {source}")]
     Store { dir: String, source: StoreError },
     #[error("raft config: {0}")]
-    RaftConfig(#[from] openraft::ConfigError),
+    RaftConfig(String),
     #[error("start raft: {0}")]
     Raft(String),
     #[error("ca_dir: {0}")]
@@ -80,7 +80,10 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, StartError> {
         max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
         ..openraft::Config::default()
     };
-    Ok(Arc::new(config.validate()?))
+    let config = config
+        .validate()
+        .map_err(|e| StartError::RaftConfig(e.to_string()))?;
+    Ok(Arc::new(config))
 }
 
 impl Node {

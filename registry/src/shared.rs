@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshbridge_core::client::MAX_MESSAGE_BYTES;
+use meshbridge_core::client::{LEADER_HINT, MAX_MESSAGE_BYTES};
 use meshbridge_core::model::{Catalog, Command};
 use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc, rejection_to_status};
 use openraft::error::{CheckIsLeaderError, ClientWriteError};
@@ -150,7 +150,7 @@ impl Shared {
         loop {
             match self.route(forwarded, deadline).await? {
                 Route::Local => match local().await {
-                    Ok(v) => return Ok(Response::new(v)),
+                    Ok(v) => return Ok(self.with_leader_hint(Response::new(v))),
                     Err(Attempt::Failed(status)) => return Err(status),
                     Err(Attempt::NotLeader) => {
                         if forwarded || Instant::now() >= deadline {
@@ -181,6 +181,23 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Adds this node's membership URL as the leader hint, so clients send their next
+    /// leader-bound call here directly instead of through a follower.
+    fn with_leader_hint<T>(&self, mut resp: Response<T>) -> Response<T> {
+        let url = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.node_id)
+            .map(|n| n.addr.clone());
+        if let Some(v) = url.and_then(|u| tonic::metadata::MetadataValue::try_from(u).ok()) {
+            resp.metadata_mut().insert(LEADER_HINT, v);
+        }
+        resp
     }
 
     /// Proposes `cmd` (this node must lead) and answers its applied result.

@@ -87,6 +87,13 @@ async fn silent_site_turns_stale_then_withdrawn_and_a_resumed_site_is_fresh() {
         lapsed_after >= Duration::from_millis(TTL_MS),
         "stale after {lapsed_after:?}, before the TTL"
     );
+    wait_state(
+        &mut replica,
+        "west",
+        |s| matches!(s, SiteState::Stale { .. }),
+        Duration::from_secs(10),
+    )
+    .await;
 
     // Stale endpoints stay, ranked last, and the staleness is visible.
     let ranked = east

@@ -93,12 +93,24 @@ pub struct Cluster {
     pub data: TempDir,
     pub configs: BTreeMap<NodeId, Config>,
     pub nodes: BTreeMap<NodeId, NodeHandle>,
+    /// Fault proxies between nodes (see [`Cluster::start_with_links`]).
+    pub links: Option<proxy::Links>,
 }
 
 impl Cluster {
     /// Starts `n` nodes (ids 1..=n) with test configs adjusted by `tweak`, and waits for a
     /// leader.
     pub async fn start(n: usize, tweak: impl Fn(&mut Config)) -> Self {
+        Self::build(n, tweak, false).await
+    }
+
+    /// Like [`Cluster::start`], with node-to-node traffic going through fault proxies
+    /// ([`proxy::Links`]) so that nodes can be partitioned. Clients dial nodes directly.
+    pub async fn start_with_links(n: usize, tweak: impl Fn(&mut Config)) -> Self {
+        Self::build(n, tweak, true).await
+    }
+
+    async fn build(n: usize, tweak: impl Fn(&mut Config), with_links: bool) -> Self {
         let pki = Pki::new();
         let data = tempfile::tempdir().unwrap();
         let addrs = free_addrs(n);
@@ -106,6 +118,12 @@ impl Cluster {
             .zip(&addrs)
             .map(|(id, a)| (id, format!("https://{a}")))
             .collect();
+        let links = if with_links {
+            let by_id = (1..=n as NodeId).zip(addrs.iter().copied()).collect();
+            Some(proxy::Links::new(&by_id).await)
+        } else {
+            None
+        };
         let mut configs = BTreeMap::new();
         for (id, addr) in (1..=n as NodeId).zip(&addrs) {
             let tls = pki.issue(
@@ -119,6 +137,9 @@ impl Cluster {
                 tls,
                 &members,
             );
+            if let Some(links) = &links {
+                config.raft.dial_overrides = links.overrides_for(id);
+            }
             tweak(&mut config);
             configs.insert(id, config);
         }
@@ -127,6 +148,7 @@ impl Cluster {
             data,
             configs,
             nodes: BTreeMap::new(),
+            links,
         };
         for id in 1..=n as NodeId {
             cluster.restart(id).await;
