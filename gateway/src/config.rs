@@ -95,9 +95,11 @@ pub struct TunnelConfig {
 }
 
 /// Listeners for local clients.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ListenersConfig {
+    /// Local client connections open at once, over all listeners; more wait in the backlog.
+    pub max_connections: usize,
     /// Service listeners: one VIP per imported service from this range, one listener per port.
     pub vip_range: Option<VipRange>,
     /// SNI passthrough listener (like Istio's 15443).
@@ -151,6 +153,17 @@ impl Default for TunnelConfig {
             connection_window_bytes: 32 << 20,
             initial_mtu: 1_200,
             max_mtu: 1_452,
+        }
+    }
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            vip_range: None,
+            sni: None,
+            connect: None,
         }
     }
 }
@@ -289,6 +302,11 @@ impl RoleConfig for Config {
                 p.socket_addr(field, a);
             }
         }
+        p.check(
+            self.listeners.max_connections > 0,
+            "listeners.max_connections",
+            "must be more than 0",
+        );
         let f = &self.failover;
         p.check(
             f.max_attempts > 0,

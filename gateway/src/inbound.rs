@@ -59,6 +59,14 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((client, addr)) => {
+                // At the connection limit, hold this client (unread) and accept no more:
+                // later ones wait in the kernel's backlog.
+                let slot = tokio::select! {
+                    s = sh.client_slots.clone().acquire_owned() => s,
+                    _ = stop.cancelled() => break,
+                    _ = sh.accept_stop.cancelled() => break,
+                };
+                let Ok(slot) = slot else { break };
                 sh.metrics
                     .client_connections
                     .get_or_create(&KindLabel { kind: kind.name() })
@@ -68,6 +76,7 @@ pub async fn accept_loop(
                 let guard = sh.drain.guard();
                 sh.tasks.spawn(async move {
                     let _guard = guard;
+                    let _slot = slot;
                     let stop = sh2.stop.clone();
                     tokio::select! {
                         _ = handle(&sh2, client, addr, kind) => {}

@@ -33,6 +33,8 @@ pub struct Shared {
     pub accept_stop: CancellationToken,
     /// Stops everything (last step).
     pub stop: CancellationToken,
+    /// One permit per open local client connection.
+    pub client_slots: Arc<tokio::sync::Semaphore>,
     rr: Mutex<HashMap<(ServiceKey, u16), usize>>,
     roll: AtomicU64,
 }
@@ -65,6 +67,7 @@ impl Shared {
             std::time::Duration::from_millis(f.eject_max_ms),
         );
         Self {
+            client_slots: Arc::new(tokio::sync::Semaphore::new(cfg.listeners.max_connections)),
             endpoint_ejections: Mutex::new(endpoint_ejections),
             site: cfg.site.clone(),
             cfg,

@@ -283,3 +283,45 @@ async fn auto_transport_falls_back_to_tcp_when_udp_gets_no_answer() -> Result<()
     ping(vip, "", b"and it stays on tcp").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connection_limit_holds_new_clients_until_a_slot_frees() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(None).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let mut cfg = mesh.config("west");
+    cfg.listeners.max_connections = 1;
+    let west = mesh
+        .gateway_with(&site("west", "r1", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed
+        .export("east", &key("echo"), ECHO_PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("no service listener")?;
+    let mut first = TcpStream::connect(vip).await?;
+    first.write_all(b"one").await?;
+    let mut buf = [0u8; 3];
+    tokio::time::timeout(WAIT, first.read_exact(&mut buf))
+        .await
+        .context("first client not served")??;
+    let mut second = TcpStream::connect(vip).await?; // sits in the backlog
+    second.write_all(b"two").await?;
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        second.read_exact(&mut buf),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "second client served while the limit is reached"
+    );
+    drop(first);
+    tokio::time::timeout(WAIT, second.read_exact(&mut buf))
+        .await
+        .context("second client never served")??;
+    assert_eq!(&buf, b"two");
+    Ok(())
+}
