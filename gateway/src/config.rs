@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use meshbridge_core::config::{Problems, RoleConfig};
-use meshbridge_core::tls::AllowList;
+use meshbridge_core::tls::{AllowList, AllowRule, Identity};
 use meshbridge_core::vip::VipRange;
 use serde::{Deserialize, Serialize};
 
@@ -70,7 +70,8 @@ pub struct TunnelConfig {
     pub transport: TransportKind,
     pub peer_transport: BTreeMap<String, TransportKind>,
     /// Peer SPIFFE ids accepted, in either direction (`*`, `spiffe://td`, a prefix ending in
-    /// `/` or `*`, or an exact id); trust bundles decide which trust domains are trusted.
+    /// `/` or `*`, or an exact id); `*` and `spiffe://td` only cover site identities
+    /// (`/site/<site>/...`: gateways, agents). Trust bundles decide which domains are trusted.
     pub peers_allowed: Vec<String>,
     pub keepalive_ms: u64,
     /// A link silent for this long is dead: the bound on detecting a lost peer site.
@@ -209,9 +210,27 @@ impl TunnelConfig {
             .copied()
             .unwrap_or(self.transport)
     }
-    /// The parsed `peers_allowed` (validated at load; an invalid list allows nobody).
-    pub fn allow_list(&self) -> AllowList {
-        AllowList::parse(&self.peers_allowed).unwrap_or_default()
+    /// The peers a tunnel accepts, in either direction: `peers_allowed` (validated at load;
+    /// an invalid list allows nobody), with `*` and whole trust domains narrowed to site
+    /// identities (`spiffe://<td>/site/...`), so workloads and registry nodes fail the TLS
+    /// handshake. `*` means the trust domains of `identity` at start.
+    pub fn allow_list(&self, identity: &Identity) -> AllowList {
+        let parsed = AllowList::parse(&self.peers_allowed).unwrap_or_default();
+        let sites = |td: &str| AllowRule::Prefix(format!("spiffe://{td}/site/"));
+        let rules = parsed
+            .0
+            .into_iter()
+            .flat_map(|rule| match rule {
+                AllowRule::Any => identity
+                    .trust_domains()
+                    .iter()
+                    .map(|td| sites(td))
+                    .collect(),
+                AllowRule::TrustDomain(td) => vec![sites(&td)],
+                other => vec![other],
+            })
+            .collect();
+        AllowList(rules)
     }
 }
 
@@ -406,6 +425,33 @@ sni = "x"
         ] {
             assert!(fields.contains(&want), "{want} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn wildcards_only_allow_site_identities() {
+        let pki = meshbridge_testkit::pki::TestPki::new("corp.example");
+        let me = pki.identity("gw", "spiffe://corp.example/site/east/gateway");
+        let id = |s: &str| meshbridge_core::id::SpiffeId::parse(s).unwrap();
+        let t = TunnelConfig::default();
+        let allow = t.allow_list(&me);
+        assert!(allow.allows(&id("spiffe://corp.example/site/west/gateway")));
+        assert!(allow.allows(&id("spiffe://corp.example/site/vm-1/agent")));
+        assert!(!allow.allows(&id("spiffe://corp.example/ns/shop/sa/web")));
+        assert!(!allow.allows(&id("spiffe://other.example/site/west/gateway")));
+        let t = TunnelConfig {
+            peers_allowed: vec![
+                "spiffe://other.example".into(),
+                "spiffe://corp.example/registry/r1".into(),
+            ],
+            ..TunnelConfig::default()
+        };
+        let allow = t.allow_list(&me);
+        assert!(allow.allows(&id("spiffe://other.example/site/west/gateway")));
+        assert!(!allow.allows(&id("spiffe://other.example/ns/a/sa/b")));
+        assert!(
+            allow.allows(&id("spiffe://corp.example/registry/r1")),
+            "exact ids stay"
+        );
     }
 
     #[test]

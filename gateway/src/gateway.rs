@@ -51,8 +51,8 @@ fn bind_tunnel(
     let tries = if want.port() == 0 { 20 } else { 1 };
     let mut last = None;
     for _ in 0..tries {
-        let server = identity.server_config(cfg.tunnel.allow_list(), &[quic::ALPN]);
-        let client = identity.client_config(cfg.tunnel.allow_list(), &[quic::ALPN]);
+        let server = identity.server_config(cfg.tunnel.allow_list(identity), &[quic::ALPN]);
+        let client = identity.client_config(cfg.tunnel.allow_list(identity), &[quic::ALPN]);
         let endpoint = quic::endpoint(want, &cfg.tunnel, Some(server), client)?;
         let udp = endpoint.local_addr().map_err(|source| Error::Bind {
             what: "tunnel (udp)",

@@ -79,7 +79,7 @@ pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
 pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
     let tls = sh
         .identity
-        .server_config(sh.cfg.tunnel.allow_list(), &[tcp::ALPN_H2]);
+        .server_config(sh.cfg.tunnel.allow_list(&sh.identity), &[tcp::ALPN_H2]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     loop {
         let accepted = tokio::select! {

@@ -215,7 +215,7 @@ impl Dialer {
         tasks: TaskTracker,
         stop: CancellationToken,
     ) -> Self {
-        let tls = identity.client_config(cfg.allow_list(), &[tcp::ALPN_H2]);
+        let tls = identity.client_config(cfg.allow_list(identity), &[tcp::ALPN_H2]);
         Self {
             endpoint,
             tls: Arc::new(tls),
@@ -231,7 +231,7 @@ impl Dialer {
         cfg: &TunnelConfig,
         bind: SocketAddr,
     ) -> Result<Self, QuicSetupError> {
-        let client = identity.client_config(cfg.allow_list(), &[quic::ALPN]);
+        let client = identity.client_config(cfg.allow_list(identity), &[quic::ALPN]);
         let endpoint = quic::endpoint(bind, cfg, None, client)?;
         Ok(Self::new(
             endpoint,
