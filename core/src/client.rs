@@ -8,10 +8,12 @@
 //! sees an error only when no node could serve the call in that time, or when the registry
 //! refused the request ([`ClientError::Rejected`]).
 //!
-//! A write retried after an ambiguous failure (the connection dropped after the leader
-//! accepted it) may be applied twice. The registry's writes are idempotent by design
-//! (registering, heartbeats, puts of the same generation, policies); a retried delete may
-//! answer `NotFound` for an export or policy that its first attempt deleted.
+//! Every write carries a request id ([`REQUEST_ID`]: a random client id and a sequence
+//! number), the same on each retry: a write retried after an ambiguous failure (the
+//! connection dropped after the leader took it) is applied once, and the retry gets the
+//! first application's answer (with `changed: false`). The registry keeps the answers of
+//! each client's recent writes only; a write retried much later is applied again, which
+//! the registry's writes tolerate (the same generation again changes nothing).
 
 mod join;
 mod replica;
@@ -19,7 +21,7 @@ mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -158,6 +160,9 @@ struct Node {
 
 struct Inner {
     nodes: Vec<Node>,
+    /// Random; with `seq`, names each write for exactly-once application.
+    client_id: u64,
+    seq: AtomicU64,
     /// The node that answered last: tried first.
     preferred: AtomicUsize,
     opts: ClientOptions,
@@ -185,6 +190,10 @@ pub fn registry_allow_list(identity: &Identity) -> AllowList {
         identity.id().trust_domain()
     ))])
 }
+
+/// Request metadata identifying one write across its retries (`<client hex>-<seq>`): the
+/// registry applies it once, and answers a retry of an applied write from its sessions.
+pub const REQUEST_ID: &str = "x-meshbridge-request-id";
 
 /// Response metadata with the leader's URL, set by the registry on calls the leader
 /// served: the client sends its next calls there directly.
@@ -234,6 +243,8 @@ impl RegistryClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 nodes,
+                client_id: rand::random(),
+                seq: AtomicU64::new(0),
                 preferred: AtomicUsize::new(start),
                 opts,
             }),
@@ -319,12 +330,35 @@ impl RegistryClient {
         }
     }
 
-    async fn write<F, Fut>(&self, method: &'static str, call: F) -> Result<WriteResult, ClientError>
+    /// Sends the write `msg` with a request id of its own, the same on every retry: the
+    /// registry applies it once however often it arrives.
+    async fn write<T, F, Fut>(
+        &self,
+        method: &'static str,
+        msg: T,
+        send: F,
+    ) -> Result<WriteResult, ClientError>
     where
-        F: FnMut(Grpc<Channel>) -> Fut,
+        T: Clone,
+        F: Fn(Grpc<Channel>, tonic::Request<T>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<proto::WriteReply>, Status>>,
     {
-        let r = self.call(method, call).await?;
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{:016x}-{seq}", self.inner.client_id);
+        let id = tonic::metadata::MetadataValue::try_from(id.as_str()).map_err(|_| {
+            ClientError::Status {
+                method,
+                code: Code::Internal,
+                message: format!("request id {id:?} is not a header value"),
+            }
+        })?;
+        let r = self
+            .call(method, |c| {
+                let mut req = tonic::Request::new(msg.clone());
+                req.metadata_mut().insert(REQUEST_ID, id.clone());
+                send(c, req)
+            })
+            .await?;
         Ok(WriteResult {
             revision: r.revision,
             changed: r.changed,
@@ -338,27 +372,26 @@ impl RegistryClient {
         let req = proto::RegisterSiteRequest {
             spec: Some(proto::from_site_spec(spec)),
         };
-        self.write("RegisterSite", |mut c| {
-            let req = req.clone();
-            async move { c.register_site(req).await }
+        self.write("RegisterSite", req, |mut c, r| async move {
+            c.register_site(r).await
         })
         .await
     }
 
     pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
         let req = proto::HeartbeatRequest { site: site.into() };
-        self.write("Heartbeat", |mut c| {
-            let req = req.clone();
-            async move { c.heartbeat(req).await }
-        })
+        self.write(
+            "Heartbeat",
+            req,
+            |mut c, r| async move { c.heartbeat(r).await },
+        )
         .await
     }
 
     pub async fn remove_site(&self, site: &str) -> Result<WriteResult, ClientError> {
         let req = proto::RemoveSiteRequest { site: site.into() };
-        self.write("RemoveSite", |mut c| {
-            let req = req.clone();
-            async move { c.remove_site(req).await }
+        self.write("RemoveSite", req, |mut c, r| async move {
+            c.remove_site(r).await
         })
         .await
     }
@@ -367,10 +400,11 @@ impl RegistryClient {
         let req = proto::PutExportRequest {
             export: Some(proto::from_export(export)),
         };
-        self.write("PutExport", |mut c| {
-            let req = req.clone();
-            async move { c.put_export(req).await }
-        })
+        self.write(
+            "PutExport",
+            req,
+            |mut c, r| async move { c.put_export(r).await },
+        )
         .await
     }
 
@@ -385,9 +419,8 @@ impl RegistryClient {
             service: Some(proto::from_service_key(service)),
             generation,
         };
-        self.write("DeleteExport", |mut c| {
-            let req = req.clone();
-            async move { c.delete_export(req).await }
+        self.write("DeleteExport", req, |mut c, r| async move {
+            c.delete_export(r).await
         })
         .await
     }
@@ -396,18 +429,18 @@ impl RegistryClient {
         let req = proto::PutPolicyRequest {
             policy: Some(proto::from_policy(policy)),
         };
-        self.write("PutPolicy", |mut c| {
-            let req = req.clone();
-            async move { c.put_policy(req).await }
-        })
+        self.write(
+            "PutPolicy",
+            req,
+            |mut c, r| async move { c.put_policy(r).await },
+        )
         .await
     }
 
     pub async fn delete_policy(&self, name: &str) -> Result<WriteResult, ClientError> {
         let req = proto::DeletePolicyRequest { name: name.into() };
-        self.write("DeletePolicy", |mut c| {
-            let req = req.clone();
-            async move { c.delete_policy(req).await }
+        self.write("DeletePolicy", req, |mut c, r| async move {
+            c.delete_policy(r).await
         })
         .await
     }

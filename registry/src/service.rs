@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Caller;
-use crate::shared::{Shared, now_ms};
+use crate::shared::{Shared, now_ms, request_id};
 use crate::watch::{WatchStream, watch_stream};
 
 pub use join::Issuer;
@@ -50,7 +50,7 @@ impl RegistryApi {
     }
 
     /// Validates `cmd` (stamped later with the leader's clock), then proposes it on the
-    /// leader.
+    /// leader with the client's request id, so a retry is applied once.
     async fn write<R, F, FFut>(
         &self,
         method: &'static str,
@@ -64,9 +64,15 @@ impl RegistryApi {
         FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
     {
         cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
+        let id = request_id(&req)?;
         let s = &self.shared;
-        s.on_leader(method, req, || s.propose(cmd(now_ms())), forward)
-            .await
+        let local = || {
+            s.propose_request(crate::types::Request {
+                id,
+                command: cmd(now_ms()),
+            })
+        };
+        s.on_leader(method, req, local, forward).await
     }
 
     /// A view of the catalog: from this node's replica when `stale`, else on the leader

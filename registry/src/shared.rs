@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshbridge_core::client::{LEADER_HINT, MAX_MESSAGE_BYTES};
+use meshbridge_core::client::{LEADER_HINT, MAX_MESSAGE_BYTES, REQUEST_ID};
 use meshbridge_core::model::{Catalog, Command};
 use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc, rejection_to_status};
 use openraft::error::{CheckIsLeaderError, ClientWriteError};
@@ -17,12 +17,27 @@ use crate::config::LeaseConfig;
 use crate::metrics::{MethodLabel, Metrics};
 use crate::network::Peers;
 use crate::store::Feed;
-use crate::types::{NodeId, Raft, RaftError};
+use crate::types::{NodeId, Raft, RaftError, Request as Write, RequestId};
 
 /// Metadata key set on requests a node forwards to the leader: the leader must serve them
 /// itself (never forward again), so two nodes with different ideas of the leader cannot
 /// bounce a request between them.
 pub const FORWARDED: &str = "x-meshbridge-forwarded";
+
+/// The client's request id of a write, read from the request metadata
+/// ([`REQUEST_ID`](meshbridge_core::client::REQUEST_ID)); `None` when absent. A malformed
+/// id is refused.
+pub fn request_id<T>(req: &Request<T>) -> Result<Option<RequestId>, Status> {
+    let Some(value) = req.metadata().get(REQUEST_ID) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| Status::invalid_argument(format!("{REQUEST_ID}: not ASCII")))?;
+    text.parse()
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{REQUEST_ID}: {e}")))
+}
 
 /// How one attempt on the leader went.
 pub enum Attempt {
@@ -145,6 +160,7 @@ impl Shared {
         FFut: Future<Output = Result<Response<T>, Status>>,
     {
         let forwarded = req.metadata().contains_key(FORWARDED);
+        let request_id = req.metadata().get(REQUEST_ID).cloned();
         let body = req.into_inner();
         let deadline = Instant::now() + self.leader_wait;
         loop {
@@ -169,8 +185,11 @@ impl Shared {
                         .get_or_create(&MethodLabel { method })
                         .inc();
                     let mut req = Request::new(body);
-                    req.metadata_mut()
-                        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                    let meta = req.metadata_mut();
+                    meta.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                    if let Some(id) = request_id {
+                        meta.insert(REQUEST_ID, id);
+                    }
                     let budget = self.leader_wait + Duration::from_secs(5);
                     return match tokio::time::timeout(budget, forward(client, req)).await {
                         Ok(r) => r,
@@ -200,11 +219,18 @@ impl Shared {
         resp
     }
 
-    /// Proposes `cmd` (this node must lead) and answers its applied result.
+    /// Proposes the node's own `cmd` (this node must lead) and answers its applied result.
     pub async fn propose(&self, cmd: Command) -> Result<proto::WriteReply, Attempt> {
-        cmd.validate().map_err(|r| rejection_to_status(&r))?;
+        self.propose_request(Write::from(cmd)).await
+    }
+
+    /// Proposes a client's write; a repeated request id is answered, not applied again.
+    pub async fn propose_request(&self, req: Write) -> Result<proto::WriteReply, Attempt> {
+        req.command
+            .validate()
+            .map_err(|r| rejection_to_status(&r))?;
         let start = Instant::now();
-        let resp = self.raft.client_write(cmd).await.map_err(write_error)?;
+        let resp = self.raft.client_write(req).await.map_err(write_error)?;
         self.metrics.observe_apply(start.elapsed());
         match resp.data {
             Ok(applied) => Ok(proto::WriteReply {

@@ -1,16 +1,20 @@
 //! The openraft type configuration of the registry, and short aliases for its generic types.
 //!
-//! Log entries carry a [`Command`]; applying one yields a [`Response`]. Nodes are
-//! [`openraft::BasicNode`]s whose `addr` is the node's gRPC URL (`https://10.0.0.1:7443`).
+//! Log entries carry a [`Request`] (a [`Command`] and the client's request id); applying
+//! one yields a [`Response`]. Nodes are [`openraft::BasicNode`]s whose `addr` is the
+//! node's gRPC URL (`https://10.0.0.1:7443`).
 
+use std::fmt;
 use std::io::Cursor;
+use std::str::FromStr;
 
 use meshbridge_core::model::{Applied, Command, Rejection};
+use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
     /// The registry's Raft types: catalog commands in, apply results out.
     pub TypeConfig:
-        D = Command,
+        D = Request,
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
@@ -23,6 +27,61 @@ openraft::declare_raft_types!(
 /// current revision and no changes; a command the catalog refused answers its [`Rejection`]
 /// (the refusal is replicated and deterministic, not a storage failure).
 pub type Response = Result<Applied, Rejection>;
+
+/// Identifies one write of one client across its retries, so that a write retried after an
+/// ambiguous failure (the connection dropped after the leader took it) is applied once:
+/// the state machine answers a repeated id from its sessions instead of applying it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// Random per client instance.
+    pub client: u64,
+    /// Increases with every write of that client.
+    pub seq: u64,
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}-{}", self.client, self.seq)
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = String;
+
+    /// `<client as 16 hex digits>-<seq>`, as written by [`fmt::Display`].
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not <client hex>-<seq>");
+        let (client, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self {
+            client: u64::from_str_radix(client, 16).map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// A log entry's application data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Set for client writes; `None` for the leader's own commands (lease ticks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    pub command: Command,
+}
+
+impl From<Command> for Request {
+    fn from(command: Command) -> Self {
+        Self { id: None, command }
+    }
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.id {
+            Some(id) => write!(f, "request {id}"),
+            None => f.write_str("request"),
+        }
+    }
+}
 
 /// A Raft node id.
 pub type NodeId = u64;

@@ -325,3 +325,49 @@ async fn resolve_ranks_by_locality_and_stale_reads_come_from_any_node() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_write_is_applied_once_and_answered_again() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    let policy = Policy {
+        name: "cart-from-west".into(),
+        service: key("cart"),
+        allow: vec![Principal::Site("west".into())],
+    };
+    admin.put_policy(&policy).await.unwrap();
+
+    // The same request id twice, through a follower and through the leader, as a client
+    // does when its first attempt's connection broke after the leader took the write.
+    let ctl = cluster.pki.ctl();
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let delete = |node| {
+        let channel = meshbridge_core::client::lazy_channel(
+            &cluster.url(node),
+            &ctl,
+            meshbridge_core::client::registry_allow_list(&ctl),
+            &Default::default(),
+        )
+        .unwrap();
+        async move {
+            let mut req = tonic::Request::new(proto::DeletePolicyRequest {
+                name: "cart-from-west".into(),
+            });
+            req.metadata_mut().insert(
+                meshbridge_core::client::REQUEST_ID,
+                "00000000000000aa-7".parse().unwrap(),
+            );
+            Grpc::new(channel).delete_policy(req).await
+        }
+    };
+    let first = delete(follower).await.unwrap().into_inner();
+    assert!(first.changed);
+    let again = delete(leader).await.unwrap().into_inner();
+    assert!(!again.changed, "applied twice");
+    assert_eq!(again.revision, first.revision);
+    // A new write (a new id) of the same delete is refused: the policy is gone.
+    let err = admin.delete_policy("cart-from-west").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+    cluster.shutdown().await;
+}

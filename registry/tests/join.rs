@@ -174,7 +174,7 @@ async fn expired_forged_and_malformed_tokens_are_refused_with_the_reason() {
     // Forged: same trust domain, another CA's key.
     let rogue = Ca::generate(TD, HOUR).unwrap();
     let (_, forged) = rogue.mint_join_token("vm1", "agent", HOUR).unwrap();
-    let err = join(&[url.clone()], &j.bundle(), &forged, &opts())
+    let err = join(std::slice::from_ref(&url), &j.bundle(), &forged, &opts())
         .await
         .unwrap_err();
     let meshbridge_core::client::JoinError::Registry(err) = err else {
@@ -189,7 +189,7 @@ async fn expired_forged_and_malformed_tokens_are_refused_with_the_reason() {
     while now_unix() <= claims.expires as i64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let err = join(&[url.clone()], &j.bundle(), &short, &opts())
+    let err = join(std::slice::from_ref(&url), &j.bundle(), &short, &opts())
         .await
         .unwrap_err();
     let meshbridge_core::client::JoinError::Registry(err) = err else {

@@ -3,7 +3,7 @@
 //! JSON, with every map written as a list of `[key, value]` pairs (the export map is keyed
 //! by `(service, site)`, which JSON objects cannot key). Both directions name every
 //! [`Catalog`] field, so adding a field to the catalog fails to compile here until the
-//! image carries it.
+//! image carries it. The client [`Sessions`] ride along (absent in older images: empty).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use meshbridge_core::model::{Catalog, Export, Policy, ServiceKey, Site, TokenUse
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::StoreError;
+use super::sessions::Sessions;
 
 /// Bumped on any incompatible change of the image.
 const FORMAT: u32 = 1;
@@ -25,6 +26,7 @@ struct ImageRef<'a> {
     policies: Pairs<'a, String, Arc<Policy>>,
     tokens: Pairs<'a, String, TokenUse>,
     export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
+    sessions: &'a Sessions,
 }
 
 struct Pairs<'a, K, V>(&'a BTreeMap<K, V>);
@@ -49,10 +51,12 @@ struct Image {
     tokens: Vec<(String, TokenUse)>,
     #[serde(default)]
     export_tombstones: Vec<((ServiceKey, String), u64)>,
+    #[serde(default)]
+    sessions: Sessions,
 }
 
-/// Serializes the catalog for a snapshot.
-pub(super) fn encode(catalog: &Catalog) -> Result<Vec<u8>, StoreError> {
+/// Serializes the catalog and the sessions for a snapshot.
+pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, StoreError> {
     let Catalog {
         revision,
         sites,
@@ -69,12 +73,13 @@ pub(super) fn encode(catalog: &Catalog) -> Result<Vec<u8>, StoreError> {
         policies: Pairs(policies),
         tokens: Pairs(tokens),
         export_tombstones: Pairs(export_tombstones),
+        sessions,
     };
     super::encode("catalog image", &image)
 }
 
-/// Reads a catalog from snapshot data.
-pub(super) fn decode(bytes: &[u8]) -> Result<Catalog, StoreError> {
+/// Reads a catalog and the sessions from snapshot data.
+pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
     let Header { format } = super::decode("catalog image header", bytes)?;
     if format != FORMAT {
         return Err(StoreError::Format {
@@ -90,15 +95,17 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Catalog, StoreError> {
         policies,
         tokens,
         export_tombstones,
+        sessions,
     } = super::decode("catalog image", bytes)?;
-    Ok(Catalog {
+    let catalog = Catalog {
         revision,
         sites: sites.into_iter().collect(),
         exports: exports.into_iter().collect(),
         policies: policies.into_iter().collect(),
         tokens: tokens.into_iter().collect(),
         export_tombstones: export_tombstones.into_iter().collect(),
-    })
+    };
+    Ok((catalog, sessions))
 }
 
 #[cfg(test)]
@@ -153,8 +160,11 @@ mod tests {
             tokens: [("t1".to_string(), token)].into(),
             export_tombstones: [((service, "west".to_string()), 7)].into(),
         };
-        let bytes = encode(&catalog).expect("encode");
-        assert_eq!(decode(&bytes).expect("decode"), catalog);
+        let mut sessions = Sessions::default();
+        let id = crate::types::RequestId { client: 9, seq: 4 };
+        sessions.record(&id, 12, &Ok(meshbridge_core::model::Applied::default()));
+        let bytes = encode(&catalog, &sessions).expect("encode");
+        assert_eq!(decode(&bytes).expect("decode"), (catalog, sessions));
     }
 
     #[test]

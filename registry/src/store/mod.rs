@@ -21,6 +21,7 @@
 
 mod image;
 mod log;
+mod sessions;
 mod state_machine;
 mod watch;
 
@@ -35,6 +36,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use self::log::LogStore;
+pub use self::sessions::{Session, Sessions};
 pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
 pub use self::watch::{Compacted, DEFAULT_DELTA_CAPACITY, Delta, Feed};
 

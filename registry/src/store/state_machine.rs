@@ -11,6 +11,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use tracing::info;
 
+use super::sessions::Sessions;
 use super::watch::{Delta, Feed};
 use super::{
     KEY_SNAPSHOT_DATA, KEY_SNAPSHOT_META, SNAPSHOT, StoreError, begin_write, blocking, decode,
@@ -27,6 +28,7 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     catalog: Arc<Catalog>,
+    sessions: Arc<Sessions>,
     feed: Arc<Feed>,
 }
 
@@ -36,6 +38,7 @@ pub struct SnapshotBuilder {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     catalog: Arc<Catalog>,
+    sessions: Arc<Sessions>,
 }
 
 /// Makes snapshot ids unique within the process even for the same last log id.
@@ -44,9 +47,9 @@ static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
 impl StateMachineStore {
     /// Starts from the current snapshot, or empty when there is none.
     pub(super) fn load(db: Arc<Database>, delta_capacity: usize) -> Result<Self, StoreError> {
-        let (last_applied, membership, catalog) = match read_snapshot(&db)? {
+        let (last_applied, membership, (catalog, sessions)) = match read_snapshot(&db)? {
             Some((meta, data)) => {
-                let catalog = image::decode(&data)?;
+                let (catalog, sessions) = image::decode(&data)?;
                 info!(
                     snapshot.id = %meta.snapshot_id,
                     last_log_id = ?meta.last_log_id,
@@ -54,9 +57,13 @@ impl StateMachineStore {
                     bytes = data.len(),
                     "state machine restored from snapshot"
                 );
-                (meta.last_log_id, meta.last_membership, catalog)
+                (meta.last_log_id, meta.last_membership, (catalog, sessions))
             }
-            None => (None, StoredMembership::default(), Catalog::default()),
+            None => (
+                None,
+                StoredMembership::default(),
+                (Catalog::default(), Sessions::default()),
+            ),
         };
         let catalog = Arc::new(catalog);
         let feed = Arc::new(Feed::new(catalog.clone(), delta_capacity));
@@ -65,6 +72,7 @@ impl StateMachineStore {
             last_applied,
             membership,
             catalog,
+            sessions: Arc::new(sessions),
             feed,
         })
     }
@@ -111,9 +119,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Ok(self.unchanged())
                 }
-                EntryPayload::Normal(command) => {
+                EntryPayload::Normal(request) => {
+                    let index = entry.log_id.index;
+                    Arc::make_mut(&mut self.sessions).sweep(index);
+                    if let Some(id) = &request.id
+                        && let Some(reply) = self.sessions.replay(id)
+                    {
+                        // Applied already: a retry after an ambiguous failure.
+                        replies.push(reply);
+                        continue;
+                    }
                     // Copy-on-write: the feed and snapshot builders keep the previous catalog.
-                    let reply = Arc::make_mut(&mut self.catalog).apply(&command);
+                    let reply = Arc::make_mut(&mut self.catalog).apply(&request.command);
+                    if let Some(id) = &request.id {
+                        Arc::make_mut(&mut self.sessions).record(id, index, &reply);
+                    }
                     if let Ok(applied) = &reply
                         && !applied.changes.is_empty()
                     {
@@ -139,6 +159,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             catalog: self.catalog.clone(),
+            sessions: self.sessions.clone(),
         }
     }
 
@@ -154,10 +175,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let bytes = data.len();
         let stored_meta = meta.clone();
-        let catalog = blocking(&self.db, move |db| {
-            let catalog = image::decode(&data)?;
+        let (catalog, sessions) = blocking(&self.db, move |db| {
+            let decoded = image::decode(&data)?;
             write_snapshot(db, &stored_meta, &data, false)?;
-            Ok(catalog)
+            Ok(decoded)
         })
         .await
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
@@ -172,6 +193,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.catalog = Arc::new(catalog);
+        self.sessions = Arc::new(sessions);
         self.feed.reset(self.catalog.clone());
         Ok(())
     }
@@ -203,9 +225,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let catalog = self.catalog.clone();
+        let sessions = self.sessions.clone();
         let stored_meta = meta.clone();
         let (data, stored) = blocking(&self.db, move |db| {
-            let data = image::encode(&catalog)?;
+            let data = image::encode(&catalog, &sessions)?;
             let stored = write_snapshot(db, &stored_meta, &data, true)?;
             Ok((data, stored))
         })

@@ -63,7 +63,7 @@ fn entries() -> Vec<Entry> {
     ];
     for (i, site) in ["east", "west", "north"].into_iter().enumerate() {
         let index = 3 + i as u64;
-        let payload = EntryPayload::Normal(register(site, 1_000 * index));
+        let payload = EntryPayload::Normal(register(site, 1_000 * index).into());
         entries.push(Entry {
             log_id: log_id(1, index),
             payload,
@@ -147,7 +147,7 @@ async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()>
     };
     let entry = Entry {
         log_id: log_id(1, 1),
-        payload: EntryPayload::Normal(heartbeat),
+        payload: EntryPayload::Normal(heartbeat.into()),
     };
     let replies = sm.apply([entry]).await?;
     assert!(matches!(replies.as_slice(), [Err(_)]), "{replies:?}");
