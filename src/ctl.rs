@@ -13,6 +13,8 @@ use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use serde_json::{Value, json};
 
+mod token;
+
 #[derive(ClapArgs)]
 pub struct Args {
     /// Registry URLs (comma-separated or repeated), e.g. https://127.0.0.1:7443.
@@ -57,6 +59,11 @@ enum Cmd {
     Members {
         #[command(subcommand)]
         cmd: MembersCmd,
+    },
+    /// Join tokens for new VM agents and gateways (the registry needs its ca_dir).
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCmd,
     },
 }
 
@@ -124,6 +131,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 print_service_detail(&svc, &out);
             }
         }
+        Cmd::Token { cmd } => token::run(&client, cmd, json_out).await?,
         Cmd::Members { cmd } => {
             let reply = match cmd {
                 MembersCmd::Add {

@@ -2,6 +2,7 @@
 //! library crates.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod ctl;
 mod demo;
 mod dns;
@@ -37,6 +38,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the VM agent of a legacy host (joins with a token, exports health-checked
+    /// services, DNS stub, VIP listeners for imports, inbound tunnels).
+    Agent(agent::Args),
     /// Development PKI: a CA per trust domain, SVIDs, inspection.
     Pki(pki::Args),
     /// The operator's view: status, sites, services, membership.
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
     );
     let result = match cli.command {
+        Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent::run(args))),
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
         Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),

@@ -1,6 +1,8 @@
 //! meshbridge-federation: what a site runs beside the gateway to join the federation —
-//! the federated DNS server (`dns`), and later the VM agent and the Kubernetes adapter.
+//! the federated DNS server (`dns`), the VM agent (`agent`), and later the Kubernetes
+//! adapter.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod dns;
 pub mod site;

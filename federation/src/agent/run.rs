@@ -1,0 +1,186 @@
+//! Starting the agent and stopping it in order.
+//!
+//! Start: identity (load, or join once) → registry client → catalog replica (the persisted
+//! catalog until the registry answers) → the embedded gateway (VIP listeners for imports,
+//! inbound tunnels for this host's services) → DNS stub → health checks → exports → the
+//! site keeper (register, heartbeat, reconcile exports) → SVID renewal.
+//!
+//! Stop: not ready, stop accepting, drain tunnels and client connections up to the
+//! deadline, then DNS, the keeper and the rest.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshbridge_core::client::{ClientError, ClientOptions, RegistryClient};
+use meshbridge_core::drain::Outcome;
+use meshbridge_core::model::Catalog;
+use meshbridge_core::tls::Identity;
+use meshbridge_gateway::{Gateway, GatewayHandle, snapshot};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::config::Config;
+use super::exports;
+use super::identity::{self, IdentityError};
+use crate::dns::{DnsError, DnsHandle, DnsServer};
+use crate::site::{self, KeeperStatus};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("registry client: {0}")]
+    Registry(#[from] ClientError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] meshbridge_gateway::Error),
+    #[error("dns: {0}")]
+    Dns(#[from] DnsError),
+}
+
+/// Entry point: [`Agent::start`].
+pub struct Agent;
+
+/// A running agent.
+pub struct AgentHandle {
+    gateway: GatewayHandle,
+    dns: Option<DnsHandle>,
+    identity: Arc<Identity>,
+    keeper: watch::Receiver<KeeperStatus>,
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+}
+
+/// The replica as seen by the gateway and the DNS stub: the persisted catalog until the
+/// registry's first answer, then the registry's.
+fn statically_stable(
+    cfg: &Config,
+    mut source: watch::Receiver<Arc<Catalog>>,
+    tasks: &mut JoinSet<()>,
+) -> watch::Receiver<Arc<Catalog>> {
+    let (tx, rx) = watch::channel(snapshot::initial(&cfg.data_dir, &source));
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                r = source.changed() => if r.is_err() { return },
+            }
+            let next = source.borrow_and_update().clone();
+            tx.send_replace(next);
+        }
+    });
+    rx
+}
+
+impl Agent {
+    /// Start everything; returns once every listener is bound. A refused join token, an
+    /// unusable certificate or a port in use is an error naming the cause.
+    pub async fn start(cfg: Config) -> Result<AgentHandle, AgentError> {
+        meshbridge_core::install_crypto_provider();
+        let opts = ClientOptions::default();
+        let id = identity::obtain(&cfg, &opts).await?;
+        let identity = id.identity.clone();
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let client = RegistryClient::with_options(&cfg.registry, identity.clone(), opts).await?;
+        let replica = client.clone().watch_catalog();
+        let catalog = statically_stable(&cfg, replica, &mut tasks);
+        let gateway = Gateway::start(cfg.gateway(), identity.clone(), catalog.clone()).await?;
+        let dns = match cfg.dns() {
+            Some(d) => Some(DnsServer::start(d, catalog.clone()).await?),
+            None => None,
+        };
+
+        let exports = exports::follow(&cfg.services, &mut tasks, &stop);
+        let (status_tx, keeper) = site::status_channel();
+        let spec = cfg.site_spec(gateway.tunnel_addr());
+        let stopped = stop.clone();
+        tasks.spawn(site::keep(
+            client.clone(),
+            spec,
+            exports,
+            status_tx,
+            async move { stopped.cancelled().await },
+        ));
+
+        let stopped = stop.clone();
+        if id.self_managed {
+            tasks.spawn(identity::renew_loop(
+                cfg.clone(),
+                identity.clone(),
+                client,
+                async move { stopped.cancelled().await },
+            ));
+        } else {
+            tasks.spawn(
+                identity
+                    .clone()
+                    .watch_files(
+                        Duration::from_secs(5),
+                        async move { stopped.cancelled().await },
+                    ),
+            );
+        }
+        info!(site = %cfg.site, id = %identity.id(), tunnel = %gateway.tunnel_addr(), dns = ?dns.as_ref().map(DnsHandle::local_addr), services = cfg.services.len(), "agent started");
+        Ok(AgentHandle {
+            gateway,
+            dns,
+            identity,
+            keeper,
+            tasks,
+            stop,
+        })
+    }
+}
+
+impl AgentHandle {
+    /// Where peers' tunnels arrive (UDP for QUIC, TCP for the fallback).
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.gateway.tunnel_addr()
+    }
+
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(DnsHandle::local_addr)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.gateway.admin_addr()
+    }
+
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    /// Registration and export status.
+    pub fn keeper(&self) -> watch::Receiver<KeeperStatus> {
+        self.keeper.clone()
+    }
+
+    pub fn gateway(&self) -> &GatewayHandle {
+        &self.gateway
+    }
+
+    /// Stop in order: drain the data plane (peers fail over) up to `deadline`, then DNS,
+    /// the keeper, health checks and renewal.
+    pub async fn drain(mut self, deadline: Duration) -> Outcome {
+        let outcome = self.gateway.drain(deadline).await;
+        if let Some(d) = self.dns.take() {
+            d.shutdown(Duration::from_secs(1)).await;
+        }
+        self.stop.cancel();
+        let tasks = &mut self.tasks;
+        let wait = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        info!(?outcome, "agent stopped");
+        outcome
+    }
+}

@@ -1,0 +1,57 @@
+//! `meshbridge ctl token create --site S [--role agent] [--ttl 1h]`: mint a single-use join
+//! token. The token alone goes to stdout (so `TOKEN=$(meshbridge ctl token create ...)`
+//! works); what it grants and until when goes to stderr, or everything as JSON with `-o json`.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Subcommand;
+use meshbridge_core::client::RegistryClient;
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Mint a single-use join token for a new VM agent (or gateway) of site S.
+    Create {
+        /// The site the joiner becomes (a DNS label).
+        #[arg(long)]
+        site: String,
+        /// agent or gateway.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// Validity, like 15m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    meshbridge_core::pki::parse_duration(s)
+}
+
+pub async fn run(client: &RegistryClient, cmd: TokenCmd, json_out: bool) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { site, role, ttl } => {
+            let t = client.create_join_token(&site, &role, ttl).await?;
+            if json_out {
+                let v = json!({
+                    "token": t.token,
+                    "id": t.id,
+                    "spiffe_id": t.spiffe_id,
+                    "expires": meshbridge_core::tls::rfc3339(t.expires_unix as i64),
+                    "expires_unix": t.expires_unix,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "join token {} for {}, single use, expires {}",
+                    t.id,
+                    t.spiffe_id,
+                    meshbridge_core::tls::rfc3339(t.expires_unix as i64)
+                );
+            }
+        }
+    }
+    Ok(())
+}
