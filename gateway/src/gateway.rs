@@ -123,12 +123,13 @@ impl Gateway {
             tracing::warn!(error = %e, "cannot persist the catalog");
         }
         let (effective_tx, effective_rx) = watch::channel(start_catalog);
-        tasks.spawn(snapshot::follow(
+        tasks.spawn(snapshot::persist(
             config.data_dir.clone(),
-            catalog,
-            effective_tx,
+            effective_rx.clone(),
+            Duration::from_secs(1),
             stop.clone(),
         ));
+        tasks.spawn(snapshot::follow(catalog, effective_tx, stop.clone()));
 
         let dialer = Dialer::new(
             endpoint.clone(),

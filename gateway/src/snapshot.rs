@@ -84,10 +84,9 @@ pub fn initial(data_dir: &Path, source: &watch::Receiver<Arc<Catalog>>) -> Arc<C
     }
 }
 
-/// Follow the source into `effective`, persisting each new catalog, until the source is
-/// dropped (then keep serving the last one) or `stop` fires.
+/// Follow the source into `effective` until the source is dropped (then keep serving the
+/// last catalog) or `stop` fires.
 pub async fn follow(
-    data_dir: PathBuf,
     mut source: watch::Receiver<Arc<Catalog>>,
     effective: watch::Sender<Arc<Catalog>>,
     stop: tokio_util::sync::CancellationToken,
@@ -106,16 +105,42 @@ pub async fn follow(
             _ = stop.cancelled() => return,
         }
         let next = source.borrow_and_update().clone();
-        if is_placeholder(&next) {
-            continue;
+        if !is_placeholder(&next) {
+            effective.send_replace(next);
         }
-        effective.send_replace(next.clone());
-        let dir = data_dir.clone();
-        let saved = tokio::task::spawn_blocking(move || save(&dir, &next)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist the catalog"),
-            Err(e) => tracing::warn!(error = %e, "catalog persistence task failed"),
+    }
+}
+
+/// Persist each catalog put in use, at most once per `min_interval` (always the latest).
+pub async fn persist(
+    data_dir: PathBuf,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    min_interval: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut saved = catalog.borrow_and_update().revision;
+    loop {
+        let stopping = tokio::select! {
+            r = catalog.changed() => if r.is_err() { return } else { false },
+            _ = stop.cancelled() => true,
+        };
+        let next = catalog.borrow_and_update().clone();
+        if next.revision != saved {
+            let dir = data_dir.clone();
+            let rev = next.revision;
+            match tokio::task::spawn_blocking(move || save(&dir, &next)).await {
+                Ok(Ok(())) => saved = rev,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist the catalog"),
+                Err(e) => tracing::warn!(error = %e, "catalog persistence task failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(min_interval) => {}
+            // Stopping: one last save of whatever came in meanwhile.
+            _ = stop.cancelled() => {}
         }
     }
 }

@@ -124,3 +124,73 @@ async fn throughput_one_way() -> Result<()> {
     }
     Ok(())
 }
+
+/// Keep-alive round-trip latency (p50/p99 of 1-byte echoes) and new connections per second,
+/// direct and through the pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run in release"]
+async fn latency_and_connection_rate() -> Result<()> {
+    init();
+    let echo = Echo::start(None).await?;
+    println!(
+        "{:<16} {:>9} {:>9} {:>12}",
+        "path", "p50 µs", "p99 µs", "conn/s"
+    );
+    let (p50, p99, rate) = measure(echo.addr).await?;
+    println!("{:<16} {p50:>9.0} {p99:>9.0} {rate:>12.0}", "direct TCP");
+    for (name, t) in [
+        ("QUIC pair", TransportKind::Quic),
+        ("TCP pair", TransportKind::Tcp),
+    ] {
+        let mesh = Mesh::new(t);
+        let east = mesh.gateway(&site("east", "r1", "a")).await?;
+        let west = mesh.gateway(&site("west", "r1", "b")).await?;
+        mesh.feed.export("east", &key("echo"), 7, &[echo.addr]);
+        mesh.feed.synced(&[&east, &west]).await;
+        let vip = west
+            .service_addr(&key("echo"), 7, WAIT)
+            .await
+            .context("vip")?;
+        let (p50, p99, rate) = measure(vip).await?;
+        println!("{name:<16} {p50:>9.0} {p99:>9.0} {rate:>12.0}");
+    }
+    Ok(())
+}
+
+async fn measure(addr: SocketAddr) -> Result<(f64, f64, f64)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let mut samples = Vec::with_capacity(5000);
+    let mut b = [0u8; 1];
+    for i in 0..5200 {
+        let t0 = Instant::now();
+        s.write_all(&[i as u8]).await?;
+        s.read_exact(&mut b).await?;
+        if i >= 200 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[samples.len() * 99 / 100];
+    // New connections: 16 clients in parallel, 250 sequential connections each.
+    let (clients, each) = (16, 250);
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        set.spawn(async move {
+            let mut b = [0u8; 1];
+            for _ in 0..each {
+                let mut c = TcpStream::connect(addr).await?;
+                c.write_all(b"x").await?;
+                c.read_exact(&mut b).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let rate = (clients * each) as f64 / t0.elapsed().as_secs_f64();
+    Ok((p50, p99, rate))
+}
