@@ -1,8 +1,9 @@
 //! Throughput through a gateway pair on loopback (measurement, not a pass/fail test):
-//! `cargo test --release -p meshbridge-gateway --test throughput -- --ignored --nocapture`.
+//! `cargo run --release -p meshbridge-gateway --example throughput`.
 //! `MESHBRIDGE_THROUGHPUT_MIB` sets the size (default 1024).
 #![allow(clippy::unwrap_used)]
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -84,8 +85,6 @@ async fn through_pair(
     one_way(vip, bytes).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run in release"]
 async fn throughput_one_way() -> Result<()> {
     init();
     let mib: u64 = std::env::var("MESHBRIDGE_THROUGHPUT_MIB")
@@ -127,8 +126,6 @@ async fn throughput_one_way() -> Result<()> {
 
 /// Keep-alive round-trip latency (p50/p99 of 1-byte echoes) and new connections per second,
 /// direct and through the pair.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; run in release"]
 async fn latency_and_connection_rate() -> Result<()> {
     init();
     let echo = Echo::start(None).await?;
@@ -193,4 +190,11 @@ async fn measure(addr: SocketAddr) -> Result<(f64, f64, f64)> {
     }
     let rate = (clients * each) as f64 / t0.elapsed().as_secs_f64();
     Ok((p50, p99, rate))
+}
+
+/// `cargo run --release -p meshbridge-gateway --example throughput`
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    throughput_one_way().await?;
+    latency_and_connection_rate().await
 }

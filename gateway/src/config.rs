@@ -107,6 +107,29 @@ pub struct ListenersConfig {
     pub sni: Option<String>,
     /// HTTP CONNECT listener.
     pub connect: Option<String>,
+    /// Service listeners at fixed addresses (like a ServiceImport's IP in a cluster, or a
+    /// port on a host that cannot use VIPs): bound at start, whatever the catalog says.
+    pub fixed: Vec<FixedListener>,
+}
+
+/// One fixed service listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FixedListener {
+    /// `ip:port` to listen on.
+    pub listen: String,
+    /// `namespace/name` of the service.
+    pub service: String,
+    /// The service port to reach.
+    pub port: u16,
+}
+
+impl FixedListener {
+    /// (namespace, name) of `service`, when it is `namespace/name`.
+    pub fn service_key(&self) -> Option<(String, String)> {
+        let (ns, name) = self.service.split_once('/')?;
+        (meshbridge_core::model::is_dns_label(ns) && meshbridge_core::model::is_dns_label(name))
+            .then(|| (ns.to_string(), name.to_string()))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +188,7 @@ impl Default for ListenersConfig {
             vip_range: None,
             sni: None,
             connect: None,
+            fixed: Vec::new(),
         }
     }
 }
@@ -320,6 +344,19 @@ impl RoleConfig for Config {
             if let Some(a) = addr {
                 p.socket_addr(field, a);
             }
+        }
+        for (i, f) in self.listeners.fixed.iter().enumerate() {
+            p.socket_addr(&format!("listeners.fixed[{i}].listen"), &f.listen);
+            p.check(
+                f.service_key().is_some(),
+                format!("listeners.fixed[{i}].service"),
+                format!("{:?} is not namespace/name (DNS labels)", f.service),
+            );
+            p.check(
+                f.port > 0,
+                format!("listeners.fixed[{i}].port"),
+                "must be more than 0",
+            );
         }
         p.check(
             self.listeners.max_connections > 0,

@@ -35,6 +35,7 @@ pub struct GatewayHandle {
     tunnel_addr: SocketAddr,
     sni_addr: Option<SocketAddr>,
     connect_addr: Option<SocketAddr>,
+    fixed_addrs: Vec<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     readiness: Readiness,
     registry: Arc<Registry>,
@@ -164,6 +165,36 @@ impl Gateway {
         if let Some(range) = config.listeners.vip_range {
             tasks.spawn(services::reconcile(sh.clone(), range, services_tx));
         }
+        let mut fixed_addrs = Vec::new();
+        for f in &config.listeners.fixed {
+            let Some((namespace, name)) = f.service_key() else {
+                return Err(Error::Config {
+                    field: "listeners.fixed.service",
+                    reason: format!("{:?} is not namespace/name", f.service),
+                });
+            };
+            let l = bind_tcp(
+                "listeners.fixed.listen",
+                "fixed service listener",
+                &f.listen,
+            )
+            .await?;
+            let addr = local(&l, "fixed service listener")?;
+            fixed_addrs.push(addr);
+            tracing::info!(%addr, service = %f.service, port = f.port, "fixed service listener up");
+            let target = crate::preamble::Target::Service {
+                namespace,
+                name,
+                port: f.port,
+            };
+            let stop = sh.accept_stop.child_token();
+            tasks.spawn(inbound::accept_loop(
+                sh.clone(),
+                l,
+                Kind::Service(target),
+                stop,
+            ));
+        }
         let mut sni_addr = None;
         if let Some(a) = &config.listeners.sni {
             let l = bind_tcp("listeners.sni", "SNI listener", a).await?;
@@ -188,6 +219,7 @@ impl Gateway {
             tunnel_addr,
             sni_addr,
             connect_addr,
+            fixed_addrs,
             admin_addr: None,
             readiness: readiness.clone(),
             registry,
@@ -243,6 +275,10 @@ impl GatewayHandle {
     }
     pub fn connect_addr(&self) -> Option<SocketAddr> {
         self.connect_addr
+    }
+    /// The fixed service listeners' addresses, in the order of `listeners.fixed`.
+    pub fn fixed_addrs(&self) -> &[SocketAddr] {
+        &self.fixed_addrs
     }
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr

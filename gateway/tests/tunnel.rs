@@ -325,3 +325,24 @@ async fn client_connection_limit_holds_new_clients_until_a_slot_frees() -> Resul
     assert_eq!(&buf, b"two");
     Ok(())
 }
+
+async fn fixed_listener_reaches_echo(t: TransportKind) -> Result<()> {
+    let (mesh, _east, _west, _echo) = east_west(t).await?;
+    // A third gateway in west's place with a fixed listener instead of VIPs.
+    let mut cfg = mesh.config("west2");
+    cfg.listeners.vip_range = None;
+    cfg.listeners.fixed = vec![meshbridge_gateway::config::FixedListener {
+        listen: "127.0.0.1:0".into(),
+        service: "demo/echo".into(),
+        port: ECHO_PORT,
+    }];
+    let site = site("west2", "r3", "c");
+    let gw = mesh
+        .gateway_with(&site, cfg, mesh.identity("west2"))
+        .await?;
+    mesh.feed.synced(&[&gw]).await;
+    let addr = *gw.fixed_addrs().first().context("no fixed listener")?;
+    ping(addr, "", b"through a fixed listener").await?;
+    Ok(())
+}
+both_transports!(fixed_listener_reaches_echo);
