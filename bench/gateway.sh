@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# gateway.sh -- the meshbridge gateway pair beside direct TCP, stunnel and haproxy, measured
+# by ../shared/bench/tunnel.sh (iperf3 throughput) and latency.sh (wrk), in one invocation
+# per transport so the peers are measured in the same run (runs interleaved).
+#   bench/gateway.sh            Env: RUNS=3 TRANSPORTS="quic tcp" TESTS="tunnel latency"
+# Also: gateway RSS idle and with 10,000 open connections, CPU seconds per Gbit/s.
+# Results: ../shared/bench's TSVs in /tmp/bench/results; summaries on stdout.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+SHARED=${SHARED:-$HERE/../../shared/bench}
+TRANSPORTS=${TRANSPORTS:-quic tcp}
+TESTS=${TESTS:-tunnel latency rss}
+want() { [[ " $TESTS " == *" $1 "* ]]; }
+[ -x "$HERE/../target/release/meshbridge" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+[ -f /tmp/bench/pki/ca.crt ] || bash "$SHARED/pki.sh"
+first=1
+for t in $TRANSPORTS; do
+  peers="stunnel haproxy"; [ $first = 1 ] && peers="direct stunnel haproxy"
+  proto=udp; [ "$t" = tcp ] && proto=tcp
+  cmd="bash $HERE/gateway-pair.sh {ENTRY_PORT} {TUNNEL_PORT} {BACKEND_PORT} $t"
+  want tunnel && CUSTOM_NAME="meshbridge-$t" TUNNEL_PROTO=$proto bash "$SHARED/tunnel.sh" $peers custom -- "$cmd"
+  want latency && CUSTOM_NAME="meshbridge-$t" TUNNEL_PROTO=$proto bash "$SHARED/latency.sh" $peers custom -- "$cmd"
+  first=0
+done
+if want rss; then
+  python3 "$HERE/gateway_rss.py" "$HERE/gateway-pair.sh"
+fi
