@@ -159,6 +159,8 @@ impl Node {
             leases: config.leases.clone(),
             metrics,
             leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms * 3),
+            detach_after: Duration::from_millis(config.raft.election_timeout_max_ms * 4)
+                .max(Duration::from_secs(3)),
             stop: stop.clone(),
         });
 

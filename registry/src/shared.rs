@@ -74,6 +74,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// How long a call waits for a leader to be elected before answering `Unavailable`.
     pub leader_wait: Duration,
+    /// A node out of touch with the cluster for this long ends its watch streams, so that
+    /// watchers move to a node that still learns of new revisions (see
+    /// [`Shared::in_touch`]).
+    pub detach_after: Duration,
     /// Cancelled at shutdown: ends watch streams.
     pub stop: CancellationToken,
 }
@@ -94,6 +98,24 @@ impl Shared {
     /// The catalog as applied on this node.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.feed.latest()
+    }
+
+    /// Whether this node is in touch with a working cluster: it follows a known leader, or
+    /// it leads and a quorum acknowledged it recently. A node cut off from the majority is
+    /// not (a follower loses its leader at its next election timeout; a leader stops being
+    /// acknowledged), and its replica stops moving without it being able to tell a quiet
+    /// catalog from a partition.
+    pub fn in_touch(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        match m.current_leader {
+            None => false,
+            Some(l) if l == self.node_id => {
+                let alone = m.membership_config.membership().voter_ids().count() == 1;
+                let limit = u64::try_from(self.detach_after.as_millis()).unwrap_or(u64::MAX) / 2;
+                alone || m.millis_since_quorum_ack.is_some_and(|ms| ms < limit)
+            }
+            Some(_) => true,
+        }
     }
 
     /// Where calls go now; waits for a leader until `deadline`.

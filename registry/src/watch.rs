@@ -6,9 +6,15 @@
 //! revision. Then every revision follows in order, without gaps: the stream reads the
 //! feed's ring from the last revision it sent, so a burst of applies between two wake-ups
 //! loses nothing. A watcher too slow for the ring gets a new reset.
+//!
+//! A node that loses touch with the cluster (partitioned away: see
+//! [`Shared::in_touch`]) ends its streams with `Unavailable` after `detach_after`, so a
+//! watcher is never left silently on a replica that stopped moving: it reconnects to
+//! another node, from its last revision.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use meshbridge_core::proto::{self, watch_event::Event};
@@ -51,6 +57,8 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
     let mut changed = s.feed.subscribe();
     let mut sent = from;
     let mut reset = from == 0;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut out_of_touch: Option<Instant> = None;
     loop {
         // Marked seen before reading, so an apply after this point wakes us again.
         changed.borrow_and_update();
@@ -97,6 +105,23 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
             _ = s.stop.cancelled() => return,
             _ = tx.closed() => return,
             r = changed.changed() => if r.is_err() { return },
+            _ = check.tick() => {
+                if s.in_touch() {
+                    out_of_touch = None;
+                } else {
+                    let since = *out_of_touch.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= s.detach_after {
+                        let why = format!(
+                            "node {} lost touch with the cluster {:?} ago; watch from another node",
+                            s.node_id,
+                            since.elapsed()
+                        );
+                        tracing::info!(node = s.node_id, "ending a watch stream: out of touch with the cluster");
+                        let _ = send(&tx, Err(Status::unavailable(why))).await;
+                        return;
+                    }
+                }
+            }
         }
     }
 }

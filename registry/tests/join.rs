@@ -332,6 +332,35 @@ async fn without_a_certificate_every_call_but_join_is_unauthenticated() {
         let status = result.expect_err(method);
         assert_eq!(status.code(), Code::Unauthenticated, "{method}: {status:?}");
     }
+
+    // Optional at the TLS layer means absent, not unchecked: a certificate from another CA
+    // (of the same trust domain name) still fails the handshake.
+    let rogue = Ca::generate(TD, HOUR).unwrap();
+    let mut svid = rogue
+        .issue(
+            &meshbridge_core::id::SpiffeId::parse(&format!("spiffe://{TD}/ctl/mallory")).unwrap(),
+            HOUR,
+            &[],
+        )
+        .unwrap();
+    svid.bundle_pem = std::fs::read_to_string(j.bundle()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let quick = ClientOptions {
+        retry_deadline: Duration::from_secs(2),
+        ..ClientOptions::default()
+    };
+    let mallory = meshbridge_core::client::RegistryClient::with_options(
+        &j.cluster.urls(),
+        load(&svid, &dir).await,
+        quick,
+    )
+    .await
+    .unwrap();
+    let err = mallory
+        .create_join_token("vm1", "agent", HOUR)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
     j.cluster.shutdown().await;
 }
 

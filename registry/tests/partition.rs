@@ -65,6 +65,19 @@ async fn isolated_leader_refuses_while_the_majority_serves_and_heal_converges() 
 
     let old = cluster.wait_leader(T).await;
     let others: Vec<NodeId> = (1..=3).filter(|id| *id != old).collect();
+
+    // A watcher on the leader-to-be-isolated (a write teaches the client the leader).
+    let watcher = client_of(&cluster, &[old, others[0], others[1]], T).await;
+    let w0 = watcher
+        .put_export(&export("east", "watched", 1, &["10.0.0.5"]))
+        .await
+        .unwrap();
+    let mut replica = watcher.clone().watch_catalog();
+    tokio::time::timeout(T, replica.wait_for(|c| c.revision >= w0.revision))
+        .await
+        .unwrap()
+        .unwrap();
+
     let links = cluster.links.as_ref().unwrap();
     links.isolate(old);
     let new = majority_leader(&cluster, old).await;
@@ -81,6 +94,11 @@ async fn isolated_leader_refuses_while_the_majority_serves_and_heal_converges() 
         .await
         .unwrap();
     assert!(seen.value.is_some());
+
+    // The isolated node ends its watch streams once it knows it is out of touch: the
+    // watcher moves to the majority and sees the new write, instead of stalling silently.
+    let moved = tokio::time::timeout(T, replica.wait_for(|c| c.revision >= w.revision)).await;
+    assert!(moved.is_ok(), "the watcher stayed on the isolated node");
 
     // The isolated node refuses both: it cannot reach a quorum.
     let minority = client_of(&cluster, &[old], Duration::from_secs(3)).await;
