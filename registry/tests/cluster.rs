@@ -232,3 +232,64 @@ async fn members_are_added_promoted_and_removed() {
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restarts_from_its_data_dirs() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    let w = admin
+        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    cluster.wait_revision(w.revision, T).await;
+    let before = visible(&cluster.node(1).catalog());
+    for id in 1..=3 {
+        let node = cluster.nodes.remove(&id).unwrap();
+        node.shutdown().await;
+    }
+    // Initialization is not repeated: the nodes come back with their logs and elect.
+    for id in [3, 2, 1] {
+        cluster.restart(id).await;
+    }
+    cluster.wait_leader(T).await;
+    let after = admin.catalog(Consistency::Linearizable).await.unwrap();
+    assert_eq!(visible(&after), before);
+    admin
+        .put_export(&export("east", "cart", 2, &["10.0.0.2"]))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lowest_node_with_a_wiped_disk_rejoins_instead_of_forming_a_second_cluster() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    let w = admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    cluster.wait_revision(w.revision, T).await;
+    cluster.kill(1).await;
+    std::fs::remove_dir_all(&cluster.configs[&1].data_dir).unwrap();
+    cluster.restart(1).await;
+    // Node 1 finds the others in a cluster and does not initialize; the leader, which
+    // still counts it as a member, brings it back up to date.
+    cluster.wait_revision(w.revision, T).await;
+    let leader = cluster.wait_leader(T).await;
+    let terms: BTreeSet<u64> = cluster
+        .nodes
+        .values()
+        .map(|n| n.raft_metrics().current_term)
+        .collect();
+    assert_eq!(terms.len(), 1, "nodes in different terms: {terms:?}");
+    assert_eq!(
+        visible(&cluster.node(1).catalog()),
+        visible(&cluster.node(leader).catalog())
+    );
+    cluster.shutdown().await;
+}
