@@ -76,3 +76,73 @@ fn exports(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::health::{CheckSpec, Probe};
+    use crate::site::PortSpec;
+
+    fn service(name: &str, check: Option<CheckSpec>) -> ServiceConfig {
+        ServiceConfig {
+            namespace: "shop".into(),
+            name: name.into(),
+            address: "127.0.0.1".parse().unwrap(),
+            ports: vec![PortSpec {
+                name: "tcp".into(),
+                port: 7000,
+                protocol: Default::default(),
+                target_port: None,
+            }],
+            hostname: None,
+            weight: None,
+            check,
+        }
+    }
+
+    fn ready(exports: &[LocalExport], name: &str) -> bool {
+        exports
+            .iter()
+            .find(|e| e.service.name == name)
+            .is_some_and(|e| e.endpoints.iter().all(|ep| ep.ready))
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_is_ready_only_while_its_check_passes() {
+        let flag = std::env::temp_dir().join(format!(
+            "meshbridge-exports-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let check = CheckSpec {
+            probe: Probe::Command {
+                argv: vec!["test".into(), "-f".into(), flag.display().to_string()],
+            },
+            interval_ms: 100,
+            timeout_ms: 100,
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        };
+        let services = [service("checked", Some(check)), service("unchecked", None)];
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut rx = follow(&services, &mut tasks, &stop);
+        let within = Duration::from_secs(5);
+        // Unhealthy until a probe passes; a service without a check is always ready.
+        assert!(!ready(&rx.borrow(), "checked"));
+        assert!(ready(&rx.borrow(), "unchecked"));
+
+        std::fs::write(&flag, b"").unwrap();
+        let up = rx.wait_for(|e| ready(e, "checked"));
+        tokio::time::timeout(within, up).await.unwrap().unwrap();
+        std::fs::remove_file(&flag).unwrap();
+        let down = rx.wait_for(|e| !ready(e, "checked"));
+        tokio::time::timeout(within, down).await.unwrap().unwrap();
+        assert!(ready(&rx.borrow(), "unchecked"));
+
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+}
