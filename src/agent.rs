@@ -19,6 +19,16 @@ pub struct Args {
     print_config: bool,
 }
 
+/// The agent's runtime: two worker threads whatever the host's size (the agent is a
+/// guest on the host; its load is a few connections, checks and heartbeats).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("meshbridge-agent")
+        .enable_all()
+        .build()?)
+}
+
 /// The effective configuration without secrets.
 fn shown(cfg: &Config) -> String {
     let mut c = cfg.clone();

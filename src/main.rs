@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
     );
     let result = match cli.command {
-        Command::Agent(args) => runtime().and_then(|rt| rt.block_on(agent::run(args))),
+        Command::Agent(args) => agent::runtime().and_then(|rt| rt.block_on(agent::run(args))),
         Command::Pki(args) => pki::run(args),
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
         Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),
