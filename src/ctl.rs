@@ -3,7 +3,6 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
@@ -13,6 +12,7 @@ use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use serde_json::{Value, json};
 
+mod status;
 mod token;
 
 #[derive(ClapArgs)]
@@ -96,7 +96,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         color: !json_out && std::io::stdout().is_terminal(),
     };
     match args.cmd {
-        Cmd::Status => return status(&client, &identity, consistency, json_out, &out).await,
+        Cmd::Status => {
+            return status::status(&client, &identity, consistency, json_out, &out).await;
+        }
         Cmd::Sites => {
             let list = client.list_sites(consistency).await?;
             if json_out {
@@ -166,11 +168,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn member_json(m: &proto::MemberStatus) -> Value {
+pub(crate) fn member_json(m: &proto::MemberStatus) -> Value {
     json!({"node_id": m.node_id, "url": m.url, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag})
 }
 
-fn state_name(s: &SiteState) -> &'static str {
+pub(crate) fn state_name(s: &SiteState) -> &'static str {
     match s {
         SiteState::Fresh => "fresh",
         SiteState::Stale { .. } => "stale",
@@ -178,7 +180,7 @@ fn state_name(s: &SiteState) -> &'static str {
     }
 }
 
-fn sites_json(sites: &[Site], now_ms: u64) -> Value {
+pub(crate) fn sites_json(sites: &[Site], now_ms: u64) -> Value {
     Value::Array(
         sites
             .iter()
@@ -194,26 +196,26 @@ fn sites_json(sites: &[Site], now_ms: u64) -> Value {
     )
 }
 
-struct Printer {
-    color: bool,
+pub(crate) struct Printer {
+    pub(crate) color: bool,
 }
 
 impl Printer {
-    fn red(&self, s: &str) -> String {
+    pub(crate) fn red(&self, s: &str) -> String {
         if self.color {
             format!("\x1b[31m{s}\x1b[0m")
         } else {
             s.to_string()
         }
     }
-    fn green(&self, s: &str) -> String {
+    pub(crate) fn green(&self, s: &str) -> String {
         if self.color {
             format!("\x1b[32m{s}\x1b[0m")
         } else {
             s.to_string()
         }
     }
-    fn yellow(&self, s: &str) -> String {
+    pub(crate) fn yellow(&self, s: &str) -> String {
         if self.color {
             format!("\x1b[33m{s}\x1b[0m")
         } else {
@@ -222,7 +224,7 @@ impl Printer {
     }
 }
 
-fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
+pub(crate) fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
     println!(
         "{:<18} {:<8} {:<22} {:<10} {:>9} {:>10}  GATEWAYS",
         "SITE", "KIND", "LOCALITY", "STATE", "LEASE AGE", "STALE FOR"
@@ -247,7 +249,7 @@ fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
     }
 }
 
-fn print_services(services: &[MergedService]) {
+pub(crate) fn print_services(services: &[MergedService]) {
     println!(
         "{:<32} {:<24} {:<9} SITES (ready endpoints)",
         "SERVICE", "PORTS", "CONFLICTS"
@@ -322,160 +324,4 @@ fn print_service_detail(s: &MergedService, out: &Printer) {
             );
         }
     }
-}
-
-async fn status(
-    client: &RegistryClient,
-    identity: &Identity,
-    consistency: Consistency,
-    json_out: bool,
-    out: &Printer,
-) -> Result<ExitCode> {
-    let mut problems: Vec<String> = Vec::new();
-    let nodes = client.status_of_each().await;
-    let mut node_rows = Vec::new();
-    let mut leader: Option<(u64, u64)> = None;
-    for (url, r) in &nodes {
-        match r {
-            Ok(s) => {
-                if let Some(l) = s.leader_id {
-                    leader = Some((l, s.term));
-                }
-                node_rows.push(
-                    json!({"url": url, "reachable": true, "node_id": s.node_id, "state": s.state,
-                    "term": s.term, "leader_id": s.leader_id, "commit_index": s.commit_index,
-                    "applied_index": s.applied_index, "revision": s.revision,
-                    "members": s.members.iter().map(member_json).collect::<Vec<_>>()}),
-                );
-                for m in &s.members {
-                    if m.lag > 100 {
-                        problems.push(format!(
-                            "registry node {} is {} entries behind the leader",
-                            m.node_id, m.lag
-                        ));
-                    }
-                }
-            }
-            Err(e) => {
-                problems.push(format!("registry node {url} is unreachable: {e}"));
-                node_rows.push(json!({"url": url, "reachable": false, "error": e.to_string()}));
-            }
-        }
-    }
-    if leader.is_none() {
-        problems.push("no registry node knows a leader: writes and linearizable reads fail".into());
-    }
-    let sites = client.list_sites(consistency).await.ok();
-    let services = client.list_services(consistency).await.ok();
-    if let Some(list) = &sites {
-        for s in &list.sites {
-            match s.state {
-                SiteState::Stale { .. } => problems.push(format!(
-                    "site {} is stale for {} s (lease lapsed): its endpoints rank last and are withdrawn after {} s",
-                    s.name,
-                    s.staleness_seconds(list.now_ms),
-                    s.grace_ms / 1000
-                )),
-                SiteState::Withdrawn { .. } => problems.push(format!("site {} is withdrawn: its endpoints are gone", s.name)),
-                SiteState::Fresh => {}
-            }
-        }
-    }
-    if let Some(list) = &services {
-        for s in &list.value {
-            for c in &s.conflicts {
-                problems.push(format!(
-                    "service {}: port {:?} conflicts: site {} says {}/{}, site {} (older, wins) says {}/{}",
-                    s.key, c.port_name, c.loser_site, c.loser.port, c.loser.protocol, c.winner_site, c.winner.port, c.winner.protocol
-                ));
-            }
-        }
-    }
-    let cert = identity.cert_info();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64;
-    let days_left = cert.seconds_left(now) / 86400;
-    if cert.seconds_left(now) < 7 * 86400 {
-        problems.push(format!(
-            "this operator's certificate expires in {days_left} days ({})",
-            meshbridge_core::tls::rfc3339(cert.not_after)
-        ));
-    }
-    if json_out {
-        let v = json!({
-            "ok": problems.is_empty(),
-            "problems": problems,
-            "registry": {"leader_id": leader.map(|l| l.0), "term": leader.map(|l| l.1), "nodes": node_rows},
-            "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
-            "services": services.as_ref().map(|l| &l.value),
-            "certificates": [{"id": identity.id().to_string(), "not_after": meshbridge_core::tls::rfc3339(cert.not_after), "days_left": days_left}],
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        if problems.is_empty() {
-            println!("{}", out.green("no problems found"));
-        } else {
-            println!(
-                "{}",
-                out.red(&format!(
-                    "{} problem{}:",
-                    problems.len(),
-                    if problems.len() == 1 { "" } else { "s" }
-                ))
-            );
-            for p in &problems {
-                println!("  {}", out.red(&format!("✗ {p}")));
-            }
-        }
-        println!();
-        println!(
-            "REGISTRY  leader {}  term {}",
-            leader.map(|l| l.0.to_string()).unwrap_or("none".into()),
-            leader.map(|l| l.1).unwrap_or(0)
-        );
-        for (url, r) in &nodes {
-            match r {
-                Ok(s) => println!(
-                    "  node {:<3} {:<10} {:<28} commit {:<7} applied {:<7} revision {}",
-                    s.node_id, s.state, url, s.commit_index, s.applied_index, s.revision
-                ),
-                Err(_) => println!("  {:<14} {:<28} {}", "", url, out.red("unreachable")),
-            }
-        }
-        if let Some(s) = nodes
-            .iter()
-            .find_map(|(_, r)| r.as_ref().ok().filter(|s| !s.members.is_empty()))
-        {
-            for m in &s.members {
-                println!(
-                    "    member {:<3} {:<8} lag {}",
-                    m.node_id,
-                    if m.voter { "voter" } else { "learner" },
-                    m.lag
-                );
-            }
-        }
-        println!();
-        if let Some(list) = &sites {
-            print_sites(&list.sites, list.now_ms, out);
-            println!();
-        }
-        if let Some(list) = &services {
-            print_services(&list.value);
-            println!();
-        }
-        println!(
-            "CERTIFICATE  {}  expires {} ({} days)",
-            identity.id(),
-            meshbridge_core::tls::rfc3339(cert.not_after),
-            days_left
-        );
-    }
-    Ok(if problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
 }

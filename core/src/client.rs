@@ -16,8 +16,10 @@
 //! the registry's writes tolerate (the same generation again changes nothing).
 
 mod join;
+mod reads;
 mod replica;
 mod transport;
+mod writes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,9 +29,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::model::{
-    EndpointGroup, Export, Policy, Rejection, ServiceKey, Site, SiteRank, SiteSpec,
-};
+use crate::model::{EndpointGroup, Rejection, Site, SiteRank};
 use crate::proto::{self, registry_client::RegistryClient as Grpc};
 use crate::tls::{AllowList, AllowRule, Identity};
 
@@ -275,7 +275,23 @@ impl RegistryClient {
     }
 
     /// Runs `call` on the preferred node, moving to the next node on retryable failures.
-    async fn call<T, F, Fut>(&self, method: &'static str, mut call: F) -> Result<T, ClientError>
+    async fn call<T, F, Fut>(&self, method: &'static str, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Grpc<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_timed(method, self.inner.opts.attempt_timeout, call)
+            .await
+    }
+
+    /// [`RegistryClient::call`] with its own attempt timeout, for calls that take long by
+    /// nature (adding a learner that must catch up first).
+    async fn call_timed<T, F, Fut>(
+        &self,
+        method: &'static str,
+        attempt_timeout: Duration,
+        mut call: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(Grpc<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -287,7 +303,7 @@ impl RegistryClient {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let outcome = tokio::time::timeout(o.attempt_timeout, call(self.grpc(node))).await;
+            let outcome = tokio::time::timeout(attempt_timeout, call(self.grpc(node))).await;
             let last = match outcome {
                 Ok(Ok(reply)) => {
                     let leader = reply
@@ -310,8 +326,8 @@ impl RegistryClient {
                     status.message()
                 ),
                 Err(_) => format!(
-                    "{}: no answer in {:?}",
-                    self.inner.nodes[node].url, o.attempt_timeout
+                    "{}: no answer in {attempt_timeout:?}",
+                    self.inner.nodes[node].url
                 ),
             };
             tracing::debug!(method, attempt = attempts, error = %last, "registry call failed; trying the next node");
@@ -365,88 +381,7 @@ impl RegistryClient {
             log_index: r.log_index,
         })
     }
-
-    /// Registers (or re-registers) a site and renews its lease. A zero `lease_ttl_ms` takes
-    /// the registry's default lease and grace.
-    pub async fn register_site(&self, spec: &SiteSpec) -> Result<WriteResult, ClientError> {
-        let req = proto::RegisterSiteRequest {
-            spec: Some(proto::from_site_spec(spec)),
-        };
-        self.write("RegisterSite", req, |mut c, r| async move {
-            c.register_site(r).await
-        })
-        .await
-    }
-
-    pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
-        let req = proto::HeartbeatRequest { site: site.into() };
-        self.write(
-            "Heartbeat",
-            req,
-            |mut c, r| async move { c.heartbeat(r).await },
-        )
-        .await
-    }
-
-    pub async fn remove_site(&self, site: &str) -> Result<WriteResult, ClientError> {
-        let req = proto::RemoveSiteRequest { site: site.into() };
-        self.write("RemoveSite", req, |mut c, r| async move {
-            c.remove_site(r).await
-        })
-        .await
-    }
-
-    pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
-        let req = proto::PutExportRequest {
-            export: Some(proto::from_export(export)),
-        };
-        self.write(
-            "PutExport",
-            req,
-            |mut c, r| async move { c.put_export(r).await },
-        )
-        .await
-    }
-
-    pub async fn delete_export(
-        &self,
-        site: &str,
-        service: &ServiceKey,
-        generation: u64,
-    ) -> Result<WriteResult, ClientError> {
-        let req = proto::DeleteExportRequest {
-            site: site.into(),
-            service: Some(proto::from_service_key(service)),
-            generation,
-        };
-        self.write("DeleteExport", req, |mut c, r| async move {
-            c.delete_export(r).await
-        })
-        .await
-    }
-
-    pub async fn put_policy(&self, policy: &Policy) -> Result<WriteResult, ClientError> {
-        let req = proto::PutPolicyRequest {
-            policy: Some(proto::from_policy(policy)),
-        };
-        self.write(
-            "PutPolicy",
-            req,
-            |mut c, r| async move { c.put_policy(r).await },
-        )
-        .await
-    }
-
-    pub async fn delete_policy(&self, name: &str) -> Result<WriteResult, ClientError> {
-        let req = proto::DeletePolicyRequest { name: name.into() };
-        self.write("DeletePolicy", req, |mut c, r| async move {
-            c.delete_policy(r).await
-        })
-        .await
-    }
 }
-
-mod reads;
 
 fn status_error(method: &'static str, status: Status) -> ClientError {
     match proto::rejection_from_status(&status) {

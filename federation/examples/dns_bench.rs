@@ -25,6 +25,7 @@ fn catalog(n: u32) -> Catalog {
         last_heartbeat_ms: 0,
         state: SiteState::Fresh,
         created_revision: 1,
+        links: Vec::new(),
     };
     c.sites.insert("bench".into(), Arc::new(site));
     for i in 0..n {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshbridge_core::client::{ClientError, RegistryClient};
-use meshbridge_core::model::{Endpoint, Export, Port, ServiceKey, SiteSpec};
+use meshbridge_core::model::{Endpoint, Export, Link, Port, ServiceKey, SiteSpec};
 use serde::Serialize;
 use tokio::sync::watch;
 use tonic::Code;
@@ -55,8 +55,29 @@ impl Generations {
 pub async fn keep(
     client: RegistryClient,
     spec: SiteSpec,
+    exports: watch::Receiver<Vec<LocalExport>>,
+    status: watch::Sender<KeeperStatus>,
+    stop: impl Future<Output = ()>,
+) {
+    keep_reporting(
+        client,
+        spec,
+        exports,
+        status,
+        None::<fn() -> Vec<Link>>,
+        stop,
+    )
+    .await
+}
+
+/// Like [`keep`], and with every heartbeat also report the site's tunnel links (so `ctl
+/// status` and the registry's status page can show them).
+pub async fn keep_reporting<L: Fn() -> Vec<Link>>(
+    client: RegistryClient,
+    spec: SiteSpec,
     mut exports: watch::Receiver<Vec<LocalExport>>,
     status: watch::Sender<KeeperStatus>,
+    links: Option<L>,
     stop: impl Future<Output = ()>,
 ) {
     let mut stop = std::pin::pin!(stop);
@@ -88,7 +109,10 @@ pub async fn keep(
                 registered = true;
                 put.clear();
                 tracing::info!(site = %spec.name, "site registered");
-            } else if let Err(e) = client.heartbeat(&spec.name).await {
+            } else if let Err(e) = client
+                .heartbeat_with_links(&spec.name, links.as_ref().map(|l| l()).as_deref())
+                .await
+            {
                 // A withdrawn or forgotten site registers again, then re-exports everything.
                 if matches!(e.code(), Some(Code::NotFound | Code::FailedPrecondition)) {
                     tracing::warn!(site = %spec.name, error = %e, "lease lost; registering again");

@@ -321,6 +321,12 @@ impl GatewayHandle {
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared.pool.status()
     }
+    /// A function returning [`GatewayHandle::peers`], usable after the handle moves (for
+    /// reporting links with heartbeats).
+    pub fn peers_handle(&self) -> impl Fn() -> Vec<PeerStatus> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.pool.status()
+    }
     /// Streams and client connections in flight.
     pub fn inflight(&self) -> usize {
         self.shared.drain.inflight()

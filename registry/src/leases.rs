@@ -94,6 +94,7 @@ mod tests {
             last_heartbeat_ms: last,
             state,
             created_revision: 1,
+            links: Vec::new(),
         };
         (name.into(), Arc::new(site))
     }

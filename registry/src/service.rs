@@ -8,6 +8,7 @@
 
 mod join;
 mod members;
+mod route;
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Caller;
-use crate::shared::{Shared, now_ms, request_id};
+use crate::shared::{Shared, now_ms};
 use crate::watch::{WatchStream, watch_stream};
 
 pub use join::Issuer;
@@ -47,59 +48,6 @@ impl RegistryApi {
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         Caller::of(req, &self.shared.trust_domain)
-    }
-
-    /// Validates `cmd` (stamped later with the leader's clock), then proposes it on the
-    /// leader with the client's request id, so a retry is applied once.
-    async fn write<R, F, FFut>(
-        &self,
-        method: &'static str,
-        req: Request<R>,
-        cmd: impl Fn(u64) -> Command,
-        forward: F,
-    ) -> Result<Response<proto::WriteReply>, Status>
-    where
-        R: Clone,
-        F: FnOnce(Grpc, Request<R>) -> FFut,
-        FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
-    {
-        cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
-        let id = request_id(&req)?;
-        let s = &self.shared;
-        let local = || {
-            s.propose_request(crate::types::Request {
-                id,
-                command: cmd(now_ms()),
-            })
-        };
-        s.on_leader(method, req, local, forward).await
-    }
-
-    /// A view of the catalog: from this node's replica when `stale`, else on the leader
-    /// after confirming its leadership.
-    async fn read<R, T, F, FFut>(
-        &self,
-        method: &'static str,
-        req: Request<R>,
-        stale: bool,
-        view: impl Fn(&Catalog) -> Result<T, Status>,
-        forward: F,
-    ) -> Result<Response<T>, Status>
-    where
-        R: Clone,
-        F: FnOnce(Grpc, Request<R>) -> FFut,
-        FFut: Future<Output = Result<Response<T>, Status>>,
-    {
-        self.caller(&req)?;
-        if stale {
-            return view(&self.shared.catalog()).map(Response::new);
-        }
-        let s = &self.shared;
-        let local = || async {
-            s.linearize().await?;
-            Ok(view(&s.catalog())?)
-        };
-        s.on_leader(method, req, local, forward).await
     }
 }
 
@@ -143,9 +91,14 @@ impl Registry for RegistryApi {
         let caller = self.caller(&req)?;
         let site = req.get_ref().site.clone();
         caller.require_site(&site, "renew the lease")?;
+        let links = req
+            .get_ref()
+            .report_links
+            .then(|| proto::to_links(&req.get_ref().links));
         let cmd = |at_ms| Command::Heartbeat {
             site: site.clone(),
             at_ms,
+            links: links.clone(),
         };
         self.write("Heartbeat", req, cmd, |mut c, r| async move {
             c.heartbeat(r).await

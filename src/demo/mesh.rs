@@ -141,26 +141,14 @@ impl Mesh {
             .join(", ");
         let mut others = vec![vm_echo];
         let west_dns = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        // east and west share a region and the VM is on premises: from west, east ranks
+        // first (same region), the VM second (another region) and takes over on failure.
         for (site, region, zone, echo_port, vip, dns) in [
-            (
-                "east",
-                "us-east",
-                "us-east-1a",
-                Some(east_echo_port),
-                None,
-                None,
-            ),
-            (
-                "vm",
-                "us-east",
-                "us-east-1b",
-                Some(vm_echo_port),
-                None,
-                None,
-            ),
+            ("east", "us", "us-east-1a", Some(east_echo_port), None, None),
+            ("vm", "onprem", "dc1", Some(vm_echo_port), None, None),
             (
                 "west",
-                "us-west",
+                "us",
                 "us-west-1a",
                 None,
                 Some("127.242.0.0/16"),

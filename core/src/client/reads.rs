@@ -1,6 +1,7 @@
 //! Reads, status and membership calls of [`RegistryClient`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::Code;
 
@@ -168,7 +169,7 @@ impl RegistryClient {
     }
 
     /// Adds a node as a learner (it replicates but does not vote). With `wait`, returns
-    /// once it has caught up.
+    /// once it has caught up (each attempt may then take up to ten minutes).
     pub async fn add_learner(
         &self,
         node_id: u64,
@@ -180,7 +181,12 @@ impl RegistryClient {
             url: url.into(),
             wait,
         };
-        self.call("AddLearner", |mut c| {
+        let timeout = if wait {
+            Duration::from_secs(600)
+        } else {
+            self.inner.opts.attempt_timeout
+        };
+        self.call_timed("AddLearner", timeout, |mut c| {
             let req = req.clone();
             async move { c.add_learner(req).await }
         })

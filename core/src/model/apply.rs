@@ -20,6 +20,9 @@ pub enum Command {
     Heartbeat {
         site: String,
         at_ms: u64,
+        /// The site's view of its tunnel links; `None` keeps the last report.
+        #[serde(default)]
+        links: Option<Vec<Link>>,
     },
     /// Remove a site and all its exports.
     RemoveSite {
@@ -115,7 +118,9 @@ impl Catalog {
         let next = self.revision.saturating_add(1);
         let changes = match cmd {
             Command::RegisterSite { spec, at_ms } => Ok(self.register_site(spec, *at_ms, next)),
-            Command::Heartbeat { site, at_ms } => self.heartbeat(site, *at_ms),
+            Command::Heartbeat { site, at_ms, links } => {
+                self.heartbeat(site, *at_ms, links.as_deref())
+            }
             Command::RemoveSite { site } => self.remove_site(site),
             Command::PutExport { export } => self.put_export(export, next),
             Command::DeleteExport {
@@ -168,11 +173,17 @@ impl Catalog {
             last_heartbeat_ms: Self::renewed(old, at_ms),
             state: SiteState::Fresh,
             created_revision: old.map_or(next, |s| s.created_revision),
+            links: old.map_or_else(Vec::new, |s| s.links.clone()),
         };
         self.upsert_site(site)
     }
 
-    fn heartbeat(&mut self, name: &str, at_ms: u64) -> Result<Vec<Change>, Rejection> {
+    fn heartbeat(
+        &mut self,
+        name: &str,
+        at_ms: u64,
+        links: Option<&[Link]>,
+    ) -> Result<Vec<Change>, Rejection> {
         let old = self
             .sites
             .get(name)
@@ -186,6 +197,9 @@ impl Catalog {
         let mut site = (**old).clone();
         site.last_heartbeat_ms = Self::renewed(Some(old), at_ms);
         site.state = SiteState::Fresh;
+        if let Some(links) = links {
+            site.links = links.to_vec();
+        }
         Ok(self.upsert_site(site))
     }
 

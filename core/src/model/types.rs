@@ -76,7 +76,33 @@ pub struct Site {
     pub state: SiteState,
     /// Revision at which the site was first registered.
     pub created_revision: u64,
+    /// The site's tunnel links to peer sites, as its gateway last reported them.
+    #[serde(default)]
+    pub links: Vec<Link>,
 }
+
+/// One tunnel link as seen from a site's gateway, reported with its heartbeats.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub peer_site: String,
+    pub connected: bool,
+    /// `quic` or `tcp` while connected.
+    #[serde(default)]
+    pub transport: Option<String>,
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// Consecutive failures to reach the peer.
+    #[serde(default)]
+    pub failures: u32,
+    /// The last error (TLS refusals name their reason), at most 512 bytes.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// Most links one site may report.
+pub const MAX_LINKS: usize = 256;
+/// Longest link error kept.
+pub const MAX_LINK_ERROR: usize = 512;
 
 impl Site {
     /// When the lease lapses if no heartbeat arrives.

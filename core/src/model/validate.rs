@@ -363,9 +363,31 @@ impl Command {
     pub fn validate(&self) -> Result<(), Rejection> {
         match self {
             Command::RegisterSite { spec, .. } => spec.validate(),
-            Command::Heartbeat { site, .. } | Command::RemoveSite { site } => {
-                check_label(site).map_err(|r| invalid("site", r))
+            Command::Heartbeat { site, links, .. } => {
+                check_label(site).map_err(|r| invalid("site", r))?;
+                let links = links.as_deref().unwrap_or_default();
+                if links.len() > super::MAX_LINKS {
+                    return Err(invalid(
+                        "links",
+                        format!("{} links, at most {}", links.len(), super::MAX_LINKS),
+                    ));
+                }
+                for (i, l) in links.iter().enumerate() {
+                    check_label(&l.peer_site)
+                        .map_err(|r| invalid(format!("links[{i}].peer_site"), r))?;
+                    if l.last_error
+                        .as_ref()
+                        .is_some_and(|e| e.len() > super::MAX_LINK_ERROR)
+                    {
+                        return Err(invalid(
+                            format!("links[{i}].last_error"),
+                            format!("longer than {} bytes", super::MAX_LINK_ERROR),
+                        ));
+                    }
+                }
+                Ok(())
             }
+            Command::RemoveSite { site } => check_label(site).map_err(|r| invalid("site", r)),
             Command::PutExport { export } => export.validate(),
             Command::DeleteExport { site, service, .. } => {
                 check_label(site).map_err(|r| invalid("site", r))?;

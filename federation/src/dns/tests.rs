@@ -27,6 +27,7 @@ fn site(name: &str, state: SiteState) -> Arc<Site> {
         last_heartbeat_ms: 0,
         state,
         created_revision: 1,
+        links: Vec::new(),
     })
 }
 

@@ -46,6 +46,7 @@ impl World {
             last_heartbeat_ms: 0,
             state,
             created_revision: self.catalog.revision,
+            links: Vec::new(),
         };
         self.catalog.sites.insert(name.into(), Arc::new(site));
         self

@@ -126,6 +126,7 @@ impl Feed {
             last_heartbeat_ms: 1,
             state: SiteState::Fresh,
             created_revision: 1,
+            links: Vec::new(),
         };
         self.edit(|c| {
             c.sites.insert(s.name.clone(), Arc::new(site));

@@ -21,27 +21,32 @@ fn state_name(s: ServerState) -> &'static str {
     }
 }
 
-/// Every member with its matched index and lag, as far as `m` (a leader's metrics) knows.
+/// Every member with its matched index and lag. Only a leader knows the others' matched
+/// indexes; elsewhere they are unset, with a lag of 0.
 fn members_of(m: &RaftMetrics, membership: &Membership) -> Vec<proto::MemberStatus> {
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let last = m.last_log_index.unwrap_or(0);
     membership
         .nodes()
         .map(|(id, node)| {
-            let matched = if *id == m.id {
-                m.last_log_index
+            let (matched, lag) = if *id == m.id {
+                (m.last_log_index, 0)
             } else {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned().flatten())
-                    .map(|l| l.index)
+                match &m.replication {
+                    // The leader's view: nothing matched yet means all of it is missing.
+                    Some(r) => {
+                        let matched = r.get(id).cloned().flatten().map(|l| l.index);
+                        (matched, matched.map_or(last, |i| last.saturating_sub(i)))
+                    }
+                    None => (None, 0),
+                }
             };
             proto::MemberStatus {
                 node_id: *id,
                 url: node.addr.clone(),
                 voter: voters.contains(id),
                 matched_index: matched,
-                lag: matched.map_or(last, |i| last.saturating_sub(i)),
+                lag,
             }
         })
         .collect()

@@ -130,6 +130,7 @@ mod tests {
             last_heartbeat_ms: 1_000,
             state: SiteState::Stale { since_ms: 40_000 },
             created_revision: 1,
+            links: Vec::new(),
         };
         let export = Export {
             site: "east".into(),

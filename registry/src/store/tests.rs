@@ -144,6 +144,7 @@ async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()>
     let heartbeat = Command::Heartbeat {
         site: "nowhere".into(),
         at_ms: 1,
+        links: None,
     };
     let entry = Entry {
         log_id: log_id(1, 1),

@@ -52,6 +52,7 @@ fn revision_moves_by_one_per_command_with_changes() {
             Command::Heartbeat {
                 site: "a".into(),
                 at_ms: 1_000,
+                links: None,
             },
             4,
             vec!["site+"],
@@ -60,6 +61,7 @@ fn revision_moves_by_one_per_command_with_changes() {
             Command::Heartbeat {
                 site: "a".into(),
                 at_ms: 1_000,
+                links: None,
             },
             4,
             vec![],
@@ -319,4 +321,53 @@ fn deleted_export_cannot_be_resurrected_by_an_older_or_equal_generation() {
     let json = serde_json::to_string(&c).unwrap();
     let back: Catalog = serde_json::from_str(&json).unwrap();
     assert_eq!(back, c);
+}
+
+#[test]
+fn heartbeats_carry_link_reports_and_bad_ones_name_the_field() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    let link = |peer: &str, up: bool| Link {
+        peer_site: peer.into(),
+        connected: up,
+        transport: up.then(|| "quic".to_string()),
+        rtt_us: up.then_some(250),
+        failures: if up { 0 } else { 3 },
+        last_error: (!up).then(|| "peer b: unknown issuer".to_string()),
+    };
+    let hb = |links: Option<Vec<Link>>, at_ms| Command::Heartbeat {
+        site: "a".into(),
+        at_ms,
+        links,
+    };
+    c.apply(&hb(Some(vec![link("b", true), link("c", false)]), 10))
+        .unwrap();
+    assert_eq!(
+        c.site("a").unwrap().links,
+        vec![link("b", true), link("c", false)]
+    );
+    // A heartbeat without a report keeps the last one.
+    c.apply(&hb(None, 20)).unwrap();
+    assert_eq!(c.site("a").unwrap().links.len(), 2);
+    let before = c.clone();
+    let too_many = (0..=MAX_LINKS)
+        .map(|i| link(&format!("s{i}"), true))
+        .collect();
+    for (links, field) in [
+        (too_many, "links"),
+        (vec![link("Bad_Site", true)], "links[0].peer_site"),
+        (
+            vec![Link {
+                last_error: Some("x".repeat(MAX_LINK_ERROR + 1)),
+                ..link("b", false)
+            }],
+            "links[0].last_error",
+        ),
+    ] {
+        match c.apply(&hb(Some(links), 30)) {
+            Err(Rejection::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+        assert_eq!(c, before);
+    }
 }

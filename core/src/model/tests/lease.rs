@@ -96,6 +96,7 @@ fn stale_then_heartbeat_is_fresh_again() {
         .apply(&Command::Heartbeat {
             site: "a".into(),
             at_ms: TTL + 10,
+            links: None,
         })
         .unwrap();
     let site = c.site("a").unwrap();

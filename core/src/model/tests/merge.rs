@@ -22,6 +22,7 @@ fn group(site: &str, region: &str, zone: &str, state: SiteState, ready: usize) -
         last_heartbeat_ms: 0,
         state,
         created_revision: 1,
+        links: Vec::new(),
     };
     EndpointGroup::from_export(&e, Some(&site))
 }

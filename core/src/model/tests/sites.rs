@@ -27,6 +27,7 @@ fn register_site_updates_and_heartbeat_rules() {
     let hb = |site: &str, at_ms| Command::Heartbeat {
         site: site.into(),
         at_ms,
+        links: None,
     };
     assert_eq!(
         c.apply(&hb("zz", 300)),
@@ -210,6 +211,7 @@ fn rejections_leave_the_catalog_unchanged() {
             Command::Heartbeat {
                 site: "zz".into(),
                 at_ms: 5,
+                links: None,
             },
         ),
         ("remove unknown", Command::RemoveSite { site: "zz".into() }),

@@ -187,6 +187,7 @@ fn invalid_commands_name_the_field() {
             Command::Heartbeat {
                 site: "B".into(),
                 at_ms: 0,
+                links: None,
             },
             "site",
         ),

@@ -1,0 +1,103 @@
+//! Typed writes of [`RegistryClient`].
+
+use super::{ClientError, RegistryClient, WriteResult};
+use crate::model::{Export, Policy, ServiceKey, SiteSpec};
+use crate::proto;
+
+impl RegistryClient {
+    /// Registers (or re-registers) a site and renews its lease. A zero `lease_ttl_ms` takes
+    /// the registry's default lease and grace.
+    pub async fn register_site(&self, spec: &SiteSpec) -> Result<WriteResult, ClientError> {
+        let req = proto::RegisterSiteRequest {
+            spec: Some(proto::from_site_spec(spec)),
+        };
+        self.write("RegisterSite", req, |mut c, r| async move {
+            c.register_site(r).await
+        })
+        .await
+    }
+
+    pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
+        self.heartbeat_with_links(site, None).await
+    }
+
+    /// Renews the lease and, when `links` is given, replaces the site's reported links.
+    pub async fn heartbeat_with_links(
+        &self,
+        site: &str,
+        links: Option<&[crate::model::Link]>,
+    ) -> Result<WriteResult, ClientError> {
+        let req = proto::HeartbeatRequest {
+            site: site.into(),
+            report_links: links.is_some(),
+            links: links
+                .unwrap_or_default()
+                .iter()
+                .map(proto::from_link)
+                .collect(),
+        };
+        self.write(
+            "Heartbeat",
+            req,
+            |mut c, r| async move { c.heartbeat(r).await },
+        )
+        .await
+    }
+
+    pub async fn remove_site(&self, site: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::RemoveSiteRequest { site: site.into() };
+        self.write("RemoveSite", req, |mut c, r| async move {
+            c.remove_site(r).await
+        })
+        .await
+    }
+
+    pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
+        let req = proto::PutExportRequest {
+            export: Some(proto::from_export(export)),
+        };
+        self.write(
+            "PutExport",
+            req,
+            |mut c, r| async move { c.put_export(r).await },
+        )
+        .await
+    }
+
+    pub async fn delete_export(
+        &self,
+        site: &str,
+        service: &ServiceKey,
+        generation: u64,
+    ) -> Result<WriteResult, ClientError> {
+        let req = proto::DeleteExportRequest {
+            site: site.into(),
+            service: Some(proto::from_service_key(service)),
+            generation,
+        };
+        self.write("DeleteExport", req, |mut c, r| async move {
+            c.delete_export(r).await
+        })
+        .await
+    }
+
+    pub async fn put_policy(&self, policy: &Policy) -> Result<WriteResult, ClientError> {
+        let req = proto::PutPolicyRequest {
+            policy: Some(proto::from_policy(policy)),
+        };
+        self.write(
+            "PutPolicy",
+            req,
+            |mut c, r| async move { c.put_policy(r).await },
+        )
+        .await
+    }
+
+    pub async fn delete_policy(&self, name: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::DeletePolicyRequest { name: name.into() };
+        self.write("DeletePolicy", req, |mut c, r| async move {
+            c.delete_policy(r).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,64 @@
+//! The two shapes of a registry call: a write proposed on the leader, and a read of the
+//! catalog (linearizable on the leader, or stale from this node).
+
+use meshbridge_core::model::{Catalog, Command};
+use meshbridge_core::proto::{self, rejection_to_status};
+use tonic::{Request, Response, Status};
+
+use super::{Grpc, RegistryApi};
+use crate::shared::{now_ms, request_id};
+
+impl RegistryApi {
+    /// Validates `cmd` (stamped later with the leader's clock), then proposes it on the
+    /// leader with the client's request id, so a retry is applied once.
+    pub(super) async fn write<R, F, FFut>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        cmd: impl Fn(u64) -> Command,
+        forward: F,
+    ) -> Result<Response<proto::WriteReply>, Status>
+    where
+        R: Clone,
+        F: FnOnce(Grpc, Request<R>) -> FFut,
+        FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
+    {
+        cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
+        let id = request_id(&req)?;
+        let s = &self.shared;
+        let local = || {
+            s.propose_request(crate::types::Request {
+                id,
+                command: cmd(now_ms()),
+            })
+        };
+        s.on_leader(method, req, local, forward).await
+    }
+
+    /// A view of the catalog: from this node's replica when `stale`, else on the leader
+    /// after confirming its leadership.
+    pub(super) async fn read<R, T, F, FFut>(
+        &self,
+        method: &'static str,
+        req: Request<R>,
+        stale: bool,
+        view: impl Fn(&Catalog) -> Result<T, Status>,
+        forward: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Clone,
+        F: FnOnce(Grpc, Request<R>) -> FFut,
+        FFut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.caller(&req)?;
+        if stale {
+            return view(&self.shared.catalog()).map(Response::new);
+        }
+        let s = &self.shared;
+        let local = || async {
+            s.linearize().await?;
+            Ok(view(&s.catalog())?)
+        };
+        s.on_leader(method, req, local, forward).await
+    }
+}

@@ -1,0 +1,265 @@
+//! `ctl status`: the one-screen diagnosis. Anything wrong comes first.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use meshbridge_core::client::{Consistency, RegistryClient};
+use meshbridge_core::model::{Site, SiteState};
+use meshbridge_core::tls::Identity;
+use serde_json::{Value, json};
+
+use super::{Printer, member_json, print_services, print_sites, sites_json};
+
+pub(super) async fn status(
+    client: &RegistryClient,
+    identity: &Identity,
+    consistency: Consistency,
+    json_out: bool,
+    out: &Printer,
+) -> Result<ExitCode> {
+    let mut problems: Vec<String> = Vec::new();
+    let nodes = client.status_of_each().await;
+    let mut node_rows = Vec::new();
+    let mut leader: Option<(u64, u64)> = None;
+    for (url, r) in &nodes {
+        match r {
+            Ok(s) => {
+                if let Some(l) = s.leader_id {
+                    leader = Some((l, s.term));
+                }
+                node_rows.push(
+                    json!({"url": url, "reachable": true, "node_id": s.node_id, "state": s.state,
+                    "term": s.term, "leader_id": s.leader_id, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index, "revision": s.revision,
+                    "members": s.members.iter().map(member_json).collect::<Vec<_>>()}),
+                );
+                for m in &s.members {
+                    if m.lag > 100 {
+                        problems.push(format!(
+                            "registry node {} is {} entries behind the leader",
+                            m.node_id, m.lag
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                problems.push(format!("registry node {url} is unreachable: {e}"));
+                node_rows.push(json!({"url": url, "reachable": false, "error": e.to_string()}));
+            }
+        }
+    }
+    if leader.is_none() {
+        problems.push("no registry node knows a leader: writes and linearizable reads fail".into());
+    }
+    let sites = client.list_sites(consistency).await.ok();
+    let services = client.list_services(consistency).await.ok();
+    if let Some(list) = &sites {
+        for s in &list.sites {
+            match s.state {
+                SiteState::Stale { .. } => problems.push(format!(
+                    "site {} is stale for {} s (lease lapsed): its endpoints rank last and are withdrawn after {} s",
+                    s.name,
+                    s.staleness_seconds(list.now_ms),
+                    s.grace_ms / 1000
+                )),
+                SiteState::Withdrawn { .. } => problems.push(format!("site {} is withdrawn: its endpoints are gone", s.name)),
+                SiteState::Fresh => {}
+            }
+        }
+    }
+    let mut link_rows = Vec::new();
+    if let Some(list) = &sites {
+        let (p, rows) = link_findings(&list.sites);
+        problems.extend(p);
+        link_rows = rows;
+    }
+    if let Some(list) = &services {
+        for s in &list.value {
+            for c in &s.conflicts {
+                problems.push(format!(
+                    "service {}: port {:?} conflicts: site {} says {}/{}, site {} (older, wins) says {}/{}",
+                    s.key, c.port_name, c.loser_site, c.loser.port, c.loser.protocol, c.winner_site, c.winner.port, c.winner.protocol
+                ));
+            }
+        }
+    }
+    let cert = identity.cert_info();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
+    let days_left = cert.seconds_left(now) / 86400;
+    if cert.seconds_left(now) < 7 * 86400 {
+        problems.push(format!(
+            "this operator's certificate expires in {days_left} days ({})",
+            meshbridge_core::tls::rfc3339(cert.not_after)
+        ));
+    }
+    if json_out {
+        let v = json!({
+            "ok": problems.is_empty(),
+            "problems": problems,
+            "registry": {"leader_id": leader.map(|l| l.0), "term": leader.map(|l| l.1), "nodes": node_rows},
+            "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
+            "links": link_rows,
+            "services": services.as_ref().map(|l| &l.value),
+            "certificates": [{"id": identity.id().to_string(), "not_after": meshbridge_core::tls::rfc3339(cert.not_after), "days_left": days_left}],
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        if problems.is_empty() {
+            println!("{}", out.green("no problems found"));
+        } else {
+            println!(
+                "{}",
+                out.red(&format!(
+                    "{} problem{}:",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ))
+            );
+            for p in &problems {
+                println!("  {}", out.red(&format!("✗ {p}")));
+            }
+        }
+        println!();
+        println!(
+            "REGISTRY  leader {}  term {}",
+            leader.map(|l| l.0.to_string()).unwrap_or("none".into()),
+            leader.map(|l| l.1).unwrap_or(0)
+        );
+        for (url, r) in &nodes {
+            match r {
+                Ok(s) => println!(
+                    "  node {:<3} {:<10} {:<28} commit {:<7} applied {:<7} revision {}",
+                    s.node_id, s.state, url, s.commit_index, s.applied_index, s.revision
+                ),
+                Err(_) => println!("  {:<14} {:<28} {}", "", url, out.red("unreachable")),
+            }
+        }
+        if let Some(s) = nodes
+            .iter()
+            .find_map(|(_, r)| r.as_ref().ok().filter(|s| !s.members.is_empty()))
+        {
+            for m in &s.members {
+                println!(
+                    "    member {:<3} {:<8} lag {}",
+                    m.node_id,
+                    if m.voter { "voter" } else { "learner" },
+                    m.lag
+                );
+            }
+        }
+        println!();
+        if let Some(list) = &sites {
+            print_sites(&list.sites, list.now_ms, out);
+            println!();
+        }
+        if !link_rows.is_empty() {
+            println!(
+                "{:<24} {:<6} {:<10} {:>9} {:>8}  LAST ERROR",
+                "LINK", "TRANS", "STATE", "RTT", "FAILURES"
+            );
+            for l in &link_rows {
+                let up = l["connected"].as_bool().unwrap_or(false);
+                let state = if up { out.green("up") } else { out.red("down") };
+                let pad = 10 + state.len() - if up { 2 } else { 4 };
+                println!(
+                    "{:<24} {:<6} {:<pad$} {:>9} {:>8}  {}",
+                    format!(
+                        "{} → {}",
+                        l["from"].as_str().unwrap_or(""),
+                        l["to"].as_str().unwrap_or("")
+                    ),
+                    l["transport"].as_str().unwrap_or("-"),
+                    state,
+                    l["rtt_ms"]
+                        .as_f64()
+                        .map(|r| format!("{r:.2}ms"))
+                        .unwrap_or_else(|| "-".into()),
+                    l["failures"],
+                    l["last_error"].as_str().unwrap_or(""),
+                );
+            }
+            println!();
+        }
+        if let Some(list) = &services {
+            print_services(&list.value);
+            println!();
+        }
+        println!(
+            "CERTIFICATE  {}  expires {} ({} days)",
+            identity.id(),
+            meshbridge_core::tls::rfc3339(cert.not_after),
+            days_left
+        );
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+/// Problems and rows from the links every site reported with its heartbeats: links down
+/// (with the peer's TLS reason), links down in one direction only, and stale sites that a
+/// peer still reaches (the control plane lost them, the data plane did not).
+fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
+    let mut problems = Vec::new();
+    let mut rows = Vec::new();
+    let up = |from: &str, to: &str| -> Option<bool> {
+        sites
+            .iter()
+            .find(|s| s.name == from)?
+            .links
+            .iter()
+            .find(|l| l.peer_site == to)
+            .map(|l| l.connected)
+    };
+    for s in sites {
+        for l in &s.links {
+            rows.push(json!({
+                "from": s.name, "to": l.peer_site, "connected": l.connected, "transport": l.transport,
+                "rtt_ms": l.rtt_us.map(|us| us as f64 / 1000.0), "failures": l.failures, "last_error": l.last_error,
+                "reporter_state": state_label(&s.state),
+            }));
+            if !matches!(s.state, SiteState::Fresh) {
+                continue; // a stale site's reports are old; its staleness is reported already
+            }
+            if !l.connected && l.failures > 0 {
+                let reason = l.last_error.as_deref().unwrap_or("no error recorded");
+                match up(&l.peer_site, &s.name) {
+                    Some(true) => problems.push(format!(
+                        "link {} → {} is down in one direction ({} → {} is up): {reason}",
+                        s.name, l.peer_site, l.peer_site, s.name
+                    )),
+                    _ => problems.push(format!(
+                        "link {} → {} is down: {reason}",
+                        s.name, l.peer_site
+                    )),
+                }
+            }
+            if l.connected
+                && let Some(peer) = sites.iter().find(|p| p.name == l.peer_site)
+                && !matches!(peer.state, SiteState::Fresh)
+            {
+                problems.push(format!(
+                    "site {} is {} in the registry, but {} still has a live link to it: its gateway runs and lost the registry",
+                    peer.name,
+                    state_label(&peer.state),
+                    s.name
+                ));
+            }
+        }
+    }
+    (problems, rows)
+}
+
+fn state_label(s: &SiteState) -> &'static str {
+    match s {
+        SiteState::Fresh => "fresh",
+        SiteState::Stale { .. } => "stale",
+        SiteState::Withdrawn { .. } => "withdrawn",
+    }
+}
