@@ -270,6 +270,44 @@ pub fn rejection_from_status(status: &Status) -> Option<Rejection> {
     }
 }
 
+/// A link report for the wire.
+pub fn from_link(l: &model::Link) -> pb::LinkReport {
+    pb::LinkReport {
+        peer_site: l.peer_site.clone(),
+        connected: l.connected,
+        transport: l.transport.clone().unwrap_or_default(),
+        rtt_us: l.rtt_us,
+        failures: l.failures,
+        last_error: l.last_error.clone().unwrap_or_default(),
+    }
+}
+
+/// Link reports from the wire: over-long errors are cut (at a character boundary) rather
+/// than refused, so a chatty TLS error never costs a site its lease renewal.
+pub fn to_links(links: &[pb::LinkReport]) -> Vec<model::Link> {
+    links
+        .iter()
+        .map(|l| {
+            let mut err = l.last_error.clone();
+            if err.len() > model::MAX_LINK_ERROR {
+                let mut cut = model::MAX_LINK_ERROR;
+                while !err.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                err.truncate(cut);
+            }
+            model::Link {
+                peer_site: l.peer_site.clone(),
+                connected: l.connected,
+                transport: (!l.transport.is_empty()).then(|| l.transport.clone()),
+                rtt_us: l.rtt_us,
+                failures: l.failures,
+                last_error: (!err.is_empty()).then_some(err),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,42 +409,4 @@ mod tests {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(rejection_from_status(&status), Some(r));
     }
-}
-
-/// A link report for the wire.
-pub fn from_link(l: &model::Link) -> pb::LinkReport {
-    pb::LinkReport {
-        peer_site: l.peer_site.clone(),
-        connected: l.connected,
-        transport: l.transport.clone().unwrap_or_default(),
-        rtt_us: l.rtt_us,
-        failures: l.failures,
-        last_error: l.last_error.clone().unwrap_or_default(),
-    }
-}
-
-/// Link reports from the wire: over-long errors are cut (at a character boundary) rather
-/// than refused, so a chatty TLS error never costs a site its lease renewal.
-pub fn to_links(links: &[pb::LinkReport]) -> Vec<model::Link> {
-    links
-        .iter()
-        .map(|l| {
-            let mut err = l.last_error.clone();
-            if err.len() > model::MAX_LINK_ERROR {
-                let mut cut = model::MAX_LINK_ERROR;
-                while !err.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                err.truncate(cut);
-            }
-            model::Link {
-                peer_site: l.peer_site.clone(),
-                connected: l.connected,
-                transport: (!l.transport.is_empty()).then(|| l.transport.clone()),
-                rtt_us: l.rtt_us,
-                failures: l.failures,
-                last_error: (!err.is_empty()).then_some(err),
-            }
-        })
-        .collect()
 }
