@@ -18,6 +18,7 @@ mod service;
 mod shared;
 pub mod store;
 pub mod types;
+mod ui;
 mod watch;
 
 pub use config::Config;

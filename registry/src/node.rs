@@ -192,7 +192,8 @@ impl Node {
 
         let readiness = Readiness::new();
         let router = admin::router(&readiness, Arc::new(registry), effective(&config))
-            .merge(handle::debug_routes(shared.clone()));
+            .merge(handle::debug_routes(shared.clone()))
+            .merge(crate::ui::routes(shared.clone()));
         tasks.spawn(serve_admin(admin_listener, router, stop.clone()));
         tasks.spawn(crate::leases::run(
             shared.clone(),
