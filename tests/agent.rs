@@ -17,6 +17,8 @@ use mesh::{
     CHECK_INTERVAL_MS, Mesh, READY, SVID_TTL_MS, Service, TD, addr_in, echo, eventually, resolve,
     serial, spawn,
 };
+use meshbridge_core::client::Consistency;
+use meshbridge_core::model::{ServiceKey, SiteKind};
 use meshbridge_core::tls::{AllowList, Identity, cert_info};
 use rustls_pki_types::ServerName;
 
@@ -102,6 +104,27 @@ async fn vm_joins_is_reachable_by_name_follows_its_health_and_renews_in_place() 
     .await;
     assert_eq!(reply, "east: hello from the vm");
 
+    // In the registry: a VM site with its locality, and (with its heartbeats) its link to east.
+    let ctl = mesh.ctl_client().await;
+    eventually("the VM reports its link to east", READY, || async {
+        let sites = ctl.list_sites(Consistency::Linearizable).await?;
+        let vm = sites
+            .sites
+            .iter()
+            .find(|s| s.name == "vm")
+            .context("no site vm")?;
+        anyhow::ensure!(vm.kind == SiteKind::Vm && vm.locality.zone == "us-east-1b");
+        anyhow::ensure!(
+            vm.links
+                .iter()
+                .any(|l| l.peer_site == "east" && l.connected),
+            "links: {:?}",
+            vm.links
+        );
+        Ok(())
+    })
+    .await;
+
     // The health check fails: the endpoint leaves routing within about one interval
     // (plus the registry write and the watch to east).
     vm_service.healthy.store(false, Ordering::SeqCst);
@@ -115,7 +138,21 @@ async fn vm_joins_is_reachable_by_name_follows_its_health_and_renews_in_place() 
     let bound = Duration::from_millis(3 * CHECK_INTERVAL_MS + 2_000);
     eprintln!("unhealthy endpoint left routing in {took:?}");
     assert!(took < bound, "took {took:?}, bound {bound:?}");
-    // MCS semantics: the name keeps its clusterset VIP (like a ClusterIP without endpoints).
+    // The registry holds the endpoint as not ready; the name keeps its clusterset VIP (MCS:
+    // like a ClusterIP without endpoints).
+    let key = ServiceKey::new("shop", "billing");
+    let svc = ctl
+        .get_service(&key, Consistency::Linearizable)
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    assert!(
+        svc.groups
+            .iter()
+            .all(|g| g.endpoints.iter().all(|e| !e.ready)),
+        "{svc:?}"
+    );
     assert!(resolve(mesh.east_dns, VM_NAME).await.is_ok());
 
     // Healthy again: back in routing.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
-use meshbridge_core::tls::{IdentityFiles, cert_info, load_certs};
+use meshbridge_core::client::RegistryClient;
+use meshbridge_core::tls::{Identity, IdentityFiles, cert_info, load_certs};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -241,6 +242,14 @@ impl Mesh {
         let path = data_dir.with_extension("toml");
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// A registry client with the operator's identity.
+    pub async fn ctl_client(&self) -> RegistryClient {
+        let identity = Identity::load(IdentityFiles::in_dir(&self.ctl_dir)).unwrap();
+        RegistryClient::connect(std::slice::from_ref(&self.registry_url), identity)
+            .await
+            .unwrap()
     }
 
     pub async fn stop(mut self) {
