@@ -60,6 +60,7 @@ enum Command {
 
 fn main() -> ExitCode {
     meshbridge_core::install_crypto_provider();
+    exit_with_parent();
     let cli = Cli::parse();
     telemetry::init(
         cli.log_format,
@@ -88,4 +89,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// Processes started by `meshbridge demo` (and tests) carry MESHBRIDGE_EXIT_WITH_PARENT=1:
+/// they exit when their parent goes away, even if it was killed with SIGKILL and could not
+/// clean up, so no orphan keeps ports and addresses bound.
+fn exit_with_parent() {
+    if std::env::var_os("MESHBRIDGE_EXIT_WITH_PARENT").is_none() {
+        return;
+    }
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            if std::os::unix::process::parent_id() != parent {
+                std::process::exit(1);
+            }
+        }
+    });
 }

@@ -267,6 +267,7 @@ async fn a_used_token_is_refused_with_the_reason_and_a_restart_needs_no_token() 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("second use of the token:\n{text}");
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("join_token"), "{text}");
     assert!(text.contains("join token"), "{text}");

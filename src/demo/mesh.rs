@@ -220,18 +220,27 @@ impl Mesh {
         &self.path
     }
 
-    /// The echo service is exported by east and the VM, and west's DNS answers for it.
+    /// The echo service is exported by east and the VM, west's gateway has both exports in
+    /// its own catalog replica, and west's DNS answers for it.
     async fn wait_until_west_sees_both(&self) -> Result<()> {
-        let key = meshbridge_core::model::ServiceKey::new("demo", "echo");
+        let west_admin = self
+            .admin
+            .iter()
+            .find(|(name, _)| name == "gateway-west")
+            .map(|(_, a)| *a)
+            .context("west's admin address")?;
         for _ in 0..150 {
-            let ok = self
-                .client
-                .get_service(&key, meshbridge_core::client::Consistency::Linearizable)
+            let exports = probe::http_get_json(west_admin, "/debug/catalog")
                 .await
                 .ok()
-                .and_then(|v| v.value)
-                .is_some_and(|s| s.groups.len() == 2);
-            if ok
+                .and_then(|c| c["exports"].as_array().cloned())
+                .unwrap_or_default();
+            let both = ["east", "vm"].iter().all(|site| {
+                exports
+                    .iter()
+                    .any(|e| e["site"] == *site && e["service"]["name"] == "echo")
+            });
+            if both
                 && probe::resolve_a(self.west_dns, "echo.demo.svc.clusterset.local")
                     .await
                     .is_ok()
@@ -240,7 +249,7 @@ impl Mesh {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("the echo service did not show up in west within 15 s")
+        bail!("the echo service did not reach west's gateway within 15 s")
     }
 
     pub async fn resolve_from_west(&self, name: &str) -> Result<std::net::Ipv4Addr> {

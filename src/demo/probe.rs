@@ -61,3 +61,25 @@ pub async fn echo(addr: SocketAddr, line: &str) -> Result<String> {
         .await
         .context("no reply in 10 s")?
 }
+
+/// GET a JSON document over plain HTTP/1.1 (the admin ports).
+pub async fn http_get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut body).await?;
+        let text = String::from_utf8_lossy(&body);
+        let json = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .context("no HTTP body")?;
+        Ok::<_, anyhow::Error>(serde_json::from_str(json)?)
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .context("admin HTTP timed out")?
+}

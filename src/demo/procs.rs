@@ -31,6 +31,7 @@ impl Proc {
                 "MESHBRIDGE_LOG",
                 "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
             )
+            .env("MESHBRIDGE_EXIT_WITH_PARENT", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err))

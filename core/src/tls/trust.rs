@@ -10,7 +10,9 @@ use super::files::{TlsError, cert_info, load_certs, rfc3339};
 use crate::id::{SpiffeId, validate_trust_domain_name};
 
 /// Why a peer's certificate was refused. Each case reads distinctly in logs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+// Debug prints the readable reason too: TLS stacks that only keep a string of the error
+// (quinn's handshake failures) format it with `{:?}`, and that is what operators then see.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerRejected {
     #[error("peer certificate has no SPIFFE id (URI SAN spiffe://...)")]
     NoSpiffeId,
@@ -32,6 +34,12 @@ pub enum PeerRejected {
     NotAllowed { id: String, allowed: String },
     #[error("peer {id}: invalid certificate: {reason}")]
     Invalid { id: String, reason: String },
+}
+
+impl std::fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// CA roots, grouped by the trust domain they vouch for.
