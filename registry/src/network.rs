@@ -93,6 +93,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             peers: self.peers.clone(),
+            announced: None,
         }
     }
 }
@@ -102,6 +103,9 @@ pub struct PeerClient {
     target: NodeId,
     node: Node,
     peers: Arc<Peers>,
+    /// The snapshot whose sending was last logged (a peer that is down gets the first
+    /// chunk again and again; the log says so once).
+    announced: Option<String>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<E>>>;
@@ -199,8 +203,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             len: rpc.data.len(),
             done: rpc.done,
         };
-        if rpc.offset == 0 || rpc.done {
+        let new = self.announced.as_deref() != Some(rpc.meta.snapshot_id.as_str());
+        if (rpc.offset == 0 && new) || rpc.done {
             info!(peer = self.target, snapshot = %progress, "sending snapshot");
+            self.announced = Some(rpc.meta.snapshot_id.clone());
         } else {
             debug!(peer = self.target, snapshot = %progress, "sending snapshot chunk");
         }

@@ -136,6 +136,8 @@ async fn node_away_past_a_log_purge_installs_a_snapshot() {
     let mut cluster = Cluster::start(3, |c| {
         c.raft.snapshot_every_logs = 50;
         c.raft.keep_logs_after_snapshot = 5;
+        // Several chunks per snapshot, to exercise the chunked transfer.
+        c.raft.snapshot_chunk_bytes = 1024;
     })
     .await;
     let admin = cluster.admin().await;
