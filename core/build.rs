@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A watch reset carries the whole catalog; as `Bytes`, one encoding is shared by
+        // every watcher that needs a reset at that revision.
+        .bytes(".meshbridge.registry.v1.Reset.catalog_json")
         .compile_fds(fds)?;
     Ok(())
 }

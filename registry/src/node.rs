@@ -162,6 +162,7 @@ impl Node {
             detach_after: Duration::from_millis(config.raft.election_timeout_max_ms * 4)
                 .max(Duration::from_secs(3)),
             stop: stop.clone(),
+            reset_cache: std::sync::Mutex::new(None),
         });
 
         let mut tasks = JoinSet::new();

@@ -80,6 +80,8 @@ pub struct Shared {
     pub detach_after: Duration,
     /// Cancelled at shutdown: ends watch streams.
     pub stop: CancellationToken,
+    /// The last catalog encoded for a watch reset (see [`Shared::catalog_json`]).
+    pub reset_cache: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
 }
 
 /// The wall clock in milliseconds since the epoch.
@@ -100,13 +102,32 @@ impl Shared {
         self.feed.latest()
     }
 
+    /// The catalog as JSON for watch resets, encoded once per revision and shared by every
+    /// watcher that needs it (after a node loss, many reconnect at once).
+    pub fn catalog_json(&self) -> Result<(u64, bytes::Bytes), serde_json::Error> {
+        let catalog = self.catalog();
+        let mut cached = self
+            .reset_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((revision, json)) = &*cached
+            && *revision == catalog.revision
+        {
+            return Ok((*revision, json.clone()));
+        }
+        let json = bytes::Bytes::from(serde_json::to_vec(&*catalog)?);
+        *cached = Some((catalog.revision, json.clone()));
+        Ok((catalog.revision, json))
+    }
+
     /// Whether this node is in touch with a working cluster: it follows a known leader, or
     /// it leads and a quorum acknowledged it recently. A node cut off from the majority is
     /// not (a follower loses its leader at its next election timeout; a leader stops being
     /// acknowledged), and its replica stops moving without it being able to tell a quiet
     /// catalog from a partition.
     pub fn in_touch(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         match m.current_leader {
             None => false,
             Some(l) if l == self.node_id => {

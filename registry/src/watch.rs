@@ -63,11 +63,12 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
         // Marked seen before reading, so an apply after this point wakes us again.
         changed.borrow_and_update();
         if reset {
-            let catalog = s.feed.latest();
-            let event = serde_json::to_vec(&*catalog)
-                .map(|catalog_json| {
+            let encoded = s.catalog_json();
+            let revision = encoded.as_ref().map_or(sent, |(r, _)| *r);
+            let event = encoded
+                .map(|(revision, catalog_json)| {
                     Event::Reset(proto::Reset {
-                        revision: catalog.revision,
+                        revision,
                         catalog_json,
                     })
                 })
@@ -75,7 +76,7 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
             if !send(&tx, event).await {
                 return;
             }
-            sent = catalog.revision;
+            sent = revision;
             reset = false;
         }
         match s.feed.deltas_since(sent) {
