@@ -162,6 +162,14 @@ async fn node_away_past_a_log_purge_installs_a_snapshot() {
         purged.is_some_and(|p| p.index > 100),
         "leader did not purge: {purged:?}"
     );
+    // Status shows who is behind, and by how much.
+    let status = admin.status().await.unwrap();
+    assert_eq!(status.leader_id, Some(leader));
+    assert!(status.commit_index >= 200, "{status:?}");
+    let member = |id| status.members.iter().find(|m| m.node_id == id).unwrap();
+    assert!(member(away).lag > 150, "{status:?}");
+    let present = (1..=3).find(|id| *id != leader && *id != away).unwrap();
+    assert!(member(present).lag < 10, "{status:?}");
 
     cluster.restart(away).await;
     cluster.wait_revision(last, T).await;
