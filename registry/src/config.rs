@@ -30,8 +30,11 @@ pub struct Config {
     /// This node's SVID and trust bundles.
     pub tls: IdentityFiles,
     /// The cluster's first members, node id → gRPC URL (`https://10.0.0.1:7443`), this
-    /// node included. The lowest id initializes the cluster when its log is empty; later
-    /// members join with `members add`/`promote` and leave this map alone.
+    /// node included. The lowest id initializes the cluster when its log is empty (and no
+    /// other member already belongs to one). A node added later (`members add`, then
+    /// `members promote`) leaves this map empty. Changing it after the first start has no
+    /// effect: the membership lives in the Raft log.
+    #[serde(default)]
     pub initial_members: BTreeMap<String, String>,
     /// How long a drain waits for calls in flight before closing them.
     #[serde(default = "default_drain_ms")]
