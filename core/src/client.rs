@@ -48,7 +48,7 @@ pub enum ClientError {
     BadUrl(#[from] BadUrl),
     /// The registry refused the request; nothing was applied.
     #[error("refused by the registry: {0}")]
-    Rejected(#[from] Rejection),
+    Rejected(Rejection),
     /// A non-retryable status (permission denied, ...).
     #[error("registry {method}: {code:?}: {message}")]
     Status {
@@ -71,6 +71,14 @@ pub enum ClientError {
         method: &'static str,
         source: serde_json::Error,
     },
+}
+
+// By hand rather than `#[from]`: the message already carries the rejection, so it is not
+// also a `source` (chains printed with `{:#}` would say it twice).
+impl From<Rejection> for ClientError {
+    fn from(r: Rejection) -> Self {
+        ClientError::Rejected(r)
+    }
 }
 
 impl ClientError {

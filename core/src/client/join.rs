@@ -2,7 +2,7 @@
 //! (no certificate yet: the registry is verified against a trust bundle file, and the
 //! client presents none), and renewing an SVID over mTLS with the current one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,14 +45,14 @@ pub struct Issued {
 /// Why joining failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("join token: {0}")]
+    #[error(transparent)]
     Token(#[from] TokenError),
     #[error("join token grants no valid SPIFFE id: {0}")]
     TokenId(String),
-    #[error("trust bundle {}: {source}", path.display())]
-    Bundle { path: PathBuf, source: TlsError },
+    #[error("trust bundle: {error}")]
+    Bundle { error: TlsError },
     #[error("cannot make a key and CSR: {0}")]
-    Csr(#[from] PkiError),
+    Csr(PkiError),
     #[error(transparent)]
     Registry(#[from] ClientError),
     #[error("the registry issued a certificate for {got}, the token grants {want}")]
@@ -123,10 +123,8 @@ fn server_only_config(bundle: &Path, trust_domain: &str) -> Result<ClientConfig,
         path: bundle.to_path_buf(),
         trust_domain: None,
     };
-    let store = TrustStore::load(&[source], trust_domain).map_err(|source| JoinError::Bundle {
-        path: bundle.to_path_buf(),
-        source,
-    })?;
+    let store =
+        TrustStore::load(&[source], trust_domain).map_err(|error| JoinError::Bundle { error })?;
     let allow = AllowList(vec![AllowRule::Prefix(format!(
         "spiffe://{trust_domain}/registry/"
     ))]);
@@ -185,7 +183,7 @@ pub async fn join(
     let want = SpiffeId::from_parts(&claims.trust_domain, &["site", &claims.site, &claims.role])
         .map_err(|e| JoinError::TokenId(e.to_string()))?;
     let tls = server_only_config(bundle, &claims.trust_domain)?;
-    let (key_pem, csr_pem) = new_csr()?;
+    let (key_pem, csr_pem) = new_csr().map_err(JoinError::Csr)?;
     let req = proto::JoinRequest {
         token: token.trim().into(),
         csr_pem,

@@ -28,10 +28,10 @@ use super::config::Config;
 pub enum IdentityError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("join_token_file {}: {source}", path.display())]
+    #[error("join_token_file {}: {error}", path.display())]
     TokenFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "no SVID in {} yet and no join_token to get one: create a token with `meshbridge ctl token create --site {site}` and set join_token (and bundle)",
@@ -41,9 +41,9 @@ pub enum IdentityError {
     #[error("bundle is needed to verify the registry when joining")]
     NoBundle,
     #[error("joining the mesh with join_token failed: {0}")]
-    Join(#[from] JoinError),
-    #[error("cannot store the SVID in {}: {source}", dir.display())]
-    Store { dir: PathBuf, source: PkiError },
+    Join(JoinError),
+    #[error("cannot store the SVID in {}: {error}", dir.display())]
+    Store { dir: PathBuf, error: PkiError },
     #[error("{}: the certificate is for {got}, this agent is site {site:?} of trust domain {trust_domain:?}", path.display())]
     WrongId {
         path: PathBuf,
@@ -82,9 +82,9 @@ fn token(cfg: &Config) -> Result<Option<String>, IdentityError> {
     match &cfg.join_token_file {
         Some(path) => std::fs::read_to_string(path)
             .map(|t| Some(t.trim().to_string()))
-            .map_err(|source| IdentityError::TokenFile {
+            .map_err(|error| IdentityError::TokenFile {
                 path: path.clone(),
-                source,
+                error,
             }),
         None => Ok(None),
     }
@@ -98,9 +98,9 @@ fn store(
     bundle_pem: &str,
 ) -> Result<(), IdentityError> {
     let files = cfg.joined_files();
-    let err = |source| IdentityError::Store {
+    let err = |error| IdentityError::Store {
         dir: cfg.data_dir.clone(),
-        source,
+        error,
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| {
         err(PkiError::Io {
@@ -146,7 +146,9 @@ pub async fn obtain(cfg: &Config, opts: &ClientOptions) -> Result<AgentIdentity,
         site: cfg.site.clone(),
     })?;
     let bundle = cfg.bundle.as_ref().ok_or(IdentityError::NoBundle)?;
-    let svid: Svid = join(&cfg.registry, bundle, &token, opts).await?;
+    let svid: Svid = join(&cfg.registry, bundle, &token, opts)
+        .await
+        .map_err(IdentityError::Join)?;
     store(cfg, &svid.key_pem, &svid.cert_pem, &svid.bundle_pem)?;
     let identity = Identity::load(files.clone())?;
     check_id(cfg, &identity, &files.cert)?;

@@ -31,14 +31,14 @@ use crate::site::{self, KeeperStatus};
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("identity: {0}")]
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("registry client: {0}")]
-    Registry(#[from] ClientError),
+    Registry(ClientError),
     #[error("gateway: {0}")]
-    Gateway(#[from] meshbridge_gateway::Error),
+    Gateway(meshbridge_gateway::Error),
     #[error("dns: {0}")]
-    Dns(#[from] DnsError),
+    Dns(DnsError),
 }
 
 /// Entry point: [`Agent::start`].
@@ -86,12 +86,20 @@ impl Agent {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
-        let client = RegistryClient::with_options(&cfg.registry, identity.clone(), opts).await?;
+        let client = RegistryClient::with_options(&cfg.registry, identity.clone(), opts)
+            .await
+            .map_err(AgentError::Registry)?;
         let replica = client.clone().watch_catalog();
         let catalog = statically_stable(&cfg, replica, &mut tasks);
-        let gateway = Gateway::start(cfg.gateway(), identity.clone(), catalog.clone()).await?;
+        let gateway = Gateway::start(cfg.gateway(), identity.clone(), catalog.clone())
+            .await
+            .map_err(AgentError::Gateway)?;
         let dns = match cfg.dns() {
-            Some(d) => Some(DnsServer::start(d, catalog.clone()).await?),
+            Some(d) => Some(
+                DnsServer::start(d, catalog.clone())
+                    .await
+                    .map_err(AgentError::Dns)?,
+            ),
             None => None,
         };
 
