@@ -82,8 +82,9 @@ impl Mesh {
                 &cfg,
                 &format!(
                     "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-                     data_dir = \"{}\"\n{}[leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
+                     data_dir = \"{}\"\nca_dir = \"{}\"\n{}[leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
                     root.join(format!("registry-{id}-data")).display(),
+                    root.join("ca").display(),
                     tls_section(&certs),
                 ),
             )?;
@@ -141,11 +142,44 @@ impl Mesh {
             .join(", ");
         let mut others = vec![vm_echo];
         let west_dns = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        // The VM: a real agent that joins with a single-use token, exports its echo service
+        // with a TCP health check, and keeps its own lease.
+        let token = client
+            .create_join_token("vm", "agent", Duration::from_secs(600))
+            .await
+            .context("minting the VM's join token")?;
+        let agent_admin = free_port()?;
+        let agent_cfg = root.join("agent-vm.toml");
+        write(
+            &agent_cfg,
+            &format!(
+                "site = \"vm\"\ntrust_domain = \"{TD}\"\nregistry = [{registry_list}]\ndata_dir = \"{}\"\n\
+                 join_token = \"{}\"\nbundle = \"{}\"\nvip_range = \"127.243.0.0/16\"\nlease_ttl_ms = 3000\n\
+                 admin_listen = \"127.0.0.1:{agent_admin}\"\n[locality]\nregion = \"onprem\"\nzone = \"dc1\"\n\
+                 [tunnel]\nlisten = \"127.0.0.1:{}\"\n[[services]]\nnamespace = \"demo\"\nname = \"echo\"\naddress = \"127.0.0.1\"\n\
+                 ports = [{{ name = \"tcp\", port = {SERVICE_PORT}, target_port = {vm_echo_port} }}]\n\
+                 [services.check]\nkind = \"tcp\"\naddress = \"127.0.0.1:{vm_echo_port}\"\ninterval_ms = 500\ntimeout_ms = 400\n",
+                root.join("agent-vm-data").display(),
+                token.token,
+                root.join("ca").join("ca.pem").display(),
+                free_port()?,
+            ),
+        )?;
+        let mut agent = Proc::spawn(
+            &root,
+            "agent-vm",
+            &["agent", "--config", path_str(&agent_cfg)?],
+        )?;
+        agent.wait_for("listening on", READY).await?;
+        others.push(agent);
+        admin.push((
+            "agent-vm".into(),
+            SocketAddr::from(([127, 0, 0, 1], agent_admin)),
+        ));
         // east and west share a region and the VM is on premises: from west, east ranks
         // first (same region), the VM second (another region) and takes over on failure.
         for (site, region, zone, echo_port, vip, dns) in [
             ("east", "us", "us-east-1a", Some(east_echo_port), None, None),
-            ("vm", "onprem", "dc1", Some(vm_echo_port), None, None),
             (
                 "west",
                 "us",
@@ -173,7 +207,7 @@ impl Mesh {
             cfg += &format!("[source]\nregistry = [{registry_list}]\n");
             cfg += &format!(
                 "[register]\nkind = \"{}\"\nregion = \"{region}\"\nzone = \"{zone}\"\nlease_ttl_ms = 3000\ngrace_ms = 60000\n",
-                if site == "vm" { "vm" } else { "cluster" }
+                "cluster"
             );
             if let Some(port) = echo_port {
                 cfg += &format!(

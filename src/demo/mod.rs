@@ -37,7 +37,7 @@ struct Step {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let started = Instant::now();
     println!(
-        "meshbridge demo: starting a 3-node registry, gateways for east and west, a VM site and echo services, all on 127.0.0.1"
+        "meshbridge demo: starting a 3-node registry, gateways for east and west, a VM agent (joining with a token) and echo services, all on 127.0.0.1"
     );
     let mut mesh = Mesh::start().await.context("starting the demo mesh")?;
     println!(
