@@ -113,3 +113,97 @@ async fn figures() {
     );
     cluster.shutdown().await;
 }
+
+/// The cost of a catalog at the scale (100 sites × 1,000 services × 10 endpoints):
+/// a copy (what an apply batch pays while watchers hold the previous catalog), a watch
+/// reset's JSON, and the memory of the JSON.
+#[test]
+#[ignore = "measurement, not a check"]
+fn catalog_scale() {
+    use meshbridge_core::model::{Catalog, Command};
+
+    let mut catalog = Catalog::default();
+    for s in 0..100 {
+        let site = format!("site-{s}");
+        let register = Command::RegisterSite {
+            spec: spec(&site, "eu", "eu-1a"),
+            at_ms: 1,
+        };
+        catalog.apply(&register).unwrap();
+        for svc in 0..1_000 {
+            let addrs: Vec<String> = (0..10)
+                .map(|e| format!("10.{}.{}.{}", s, svc % 250, e + 1 + (svc / 250) * 10))
+                .collect();
+            let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let put = Command::PutExport {
+                export: export(&site, &format!("svc-{svc}"), 1, &addrs),
+            };
+            catalog.apply(&put).unwrap();
+        }
+    }
+    let t = Instant::now();
+    let copy = catalog.clone();
+    println!("100k exports, 1M endpoints: clone {:?}", t.elapsed());
+    drop(copy);
+    let t = Instant::now();
+    let json = serde_json::to_vec(&catalog).unwrap();
+    println!(
+        "reset JSON: {} MiB in {:?}",
+        json.len() / (1024 * 1024),
+        t.elapsed()
+    );
+    let t = Instant::now();
+    let back: Catalog = serde_json::from_slice(&json).unwrap();
+    println!("reset decode: {:?}", t.elapsed());
+    assert_eq!(back.exports.len(), 100_000);
+}
+
+/// Applying single-command batches to the state machine at the scale: the cost a
+/// write pays in `apply` (it should not grow with the catalog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn apply_at_scale() {
+    use meshbridge_core::model::Command;
+    use meshbridge_registry::types::{Entry, EntryPayload};
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, LogId};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = meshbridge_registry::store::open(dir.path()).unwrap();
+    let mut index = 0;
+    let mut entry = |command: Command| {
+        index += 1;
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command.into()),
+        }
+    };
+    for s in 0..100 {
+        let site = format!("site-{s}");
+        let mut batch = vec![entry(Command::RegisterSite {
+            spec: spec(&site, "eu", "eu-1a"),
+            at_ms: 1,
+        })];
+        for svc in 0..1_000 {
+            let addrs: Vec<String> = (0..10)
+                .map(|e| format!("10.{}.{}.{}", s, svc % 250, e + 1 + (svc / 250) * 10))
+                .collect();
+            let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            batch.push(entry(Command::PutExport {
+                export: export(&site, &format!("svc-{svc}"), 1, &addrs),
+            }));
+        }
+        sm.apply(batch).await.unwrap();
+    }
+    let t = Instant::now();
+    for g in 2..=201 {
+        let put = Command::PutExport {
+            export: export("site-1", "svc-1", g, &["10.99.0.1"]),
+        };
+        sm.apply([entry(put)]).await.unwrap();
+    }
+    println!(
+        "1M endpoints: one-write apply batch {:?} on average",
+        t.elapsed() / 200
+    );
+}
