@@ -11,7 +11,7 @@ use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc, reje
 use openraft::error::{CheckIsLeaderError, ClientWriteError};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::config::LeaseConfig;
 use crate::metrics::{MethodLabel, Metrics};
@@ -93,7 +93,8 @@ pub fn now_ms() -> u64 {
 
 enum Route {
     Local,
-    Forward(Grpc<Channel>),
+    /// To the leader, node `.1`.
+    Forward(Grpc<Channel>, NodeId),
 }
 
 impl Shared {
@@ -168,6 +169,7 @@ impl Shared {
                         Grpc::new(channel)
                             .max_decoding_message_size(MAX_MESSAGE_BYTES)
                             .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                        l,
                     ));
                 }
                 _ => {}
@@ -187,7 +189,10 @@ impl Shared {
 
     /// Runs `local` on the leader: here when this node leads, else by calling `forward`
     /// on the leader's gRPC client with the request marked as forwarded. The caller sees no
-    /// difference. Leader changes in between are followed until `leader_wait` runs out.
+    /// difference. Leader changes in between are followed until `leader_wait` runs out:
+    /// a leader that cannot be reached (it just died, and this node has not noticed yet) is
+    /// asked again once the metrics name another leader. Writes carry the client's request
+    /// id, so asking again cannot apply one twice.
     pub async fn on_leader<R, T, L, LFut, F, FFut>(
         &self,
         method: &'static str,
@@ -199,7 +204,7 @@ impl Shared {
         R: Clone,
         L: Fn() -> LFut,
         LFut: Future<Output = Result<T, Attempt>>,
-        F: FnOnce(Grpc<Channel>, Request<R>) -> FFut,
+        F: Fn(Grpc<Channel>, Request<R>) -> FFut,
         FFut: Future<Output = Result<Response<T>, Status>>,
     {
         let forwarded = req.metadata().contains_key(FORWARDED);
@@ -222,21 +227,29 @@ impl Shared {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 },
-                Route::Forward(client) => {
+                Route::Forward(client, leader) => {
                     self.metrics
                         .forwarded
                         .get_or_create(&MethodLabel { method })
                         .inc();
-                    let mut req = Request::new(body);
+                    let mut req = Request::new(body.clone());
                     let meta = req.metadata_mut();
                     meta.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                    if let Some(id) = request_id {
-                        meta.insert(REQUEST_ID, id);
+                    if let Some(id) = &request_id {
+                        meta.insert(REQUEST_ID, id.clone());
                     }
                     // No deadline of our own: the caller's (its attempt timeout) bounds
                     // the call, and cancelling it cancels the forwarded call too. Calls
                     // may legitimately be long (adding a learner waits for it to catch up).
-                    return forward(client, req).await;
+                    match forward(client, req).await {
+                        Err(status)
+                            if status.code() == Code::Unavailable && Instant::now() < deadline =>
+                        {
+                            tracing::debug!(leader, method, error = %status.message(), "leader unavailable; waiting for a new one");
+                            self.leader_changed_from(leader, deadline).await;
+                        }
+                        answer => return answer,
+                    }
                 }
             }
         }
@@ -257,6 +270,18 @@ impl Shared {
             resp.metadata_mut().insert(LEADER_HINT, v);
         }
         resp
+    }
+
+    /// Waits (briefly, at most until `deadline`) for the metrics to name a leader other
+    /// than `old`.
+    async fn leader_changed_from(&self, old: NodeId, deadline: Instant) {
+        let until = deadline.min(Instant::now() + Duration::from_millis(200));
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout_at(
+            until.into(),
+            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != old)),
+        )
+        .await;
     }
 
     /// Proposes the node's own `cmd` (this node must lead) and answers its applied result.

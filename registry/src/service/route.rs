@@ -20,7 +20,7 @@ impl RegistryApi {
     ) -> Result<Response<proto::WriteReply>, Status>
     where
         R: Clone,
-        F: FnOnce(Grpc, Request<R>) -> FFut,
+        F: Fn(Grpc, Request<R>) -> FFut,
         FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
     {
         cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
@@ -47,7 +47,7 @@ impl RegistryApi {
     ) -> Result<Response<T>, Status>
     where
         R: Clone,
-        F: FnOnce(Grpc, Request<R>) -> FFut,
+        F: Fn(Grpc, Request<R>) -> FFut,
         FFut: Future<Output = Result<Response<T>, Status>>,
     {
         self.caller(&req)?;
