@@ -42,7 +42,10 @@ async fn dump_dom(browser: &str, url: &str) -> String {
         .await
         .unwrap();
     if out.stdout.is_empty() {
-        eprintln!("chromium printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "chromium printed nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

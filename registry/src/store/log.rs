@@ -87,7 +87,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = super::encode(KEY_COMMITTED, &committed)?;
             let mut txn = db.begin_write()?;
             txn.set_durability(redb::Durability::None)?;
-            txn.open_table(META)?.insert(KEY_COMMITTED, bytes.as_slice())?;
+            txn.open_table(META)?
+                .insert(KEY_COMMITTED, bytes.as_slice())?;
             txn.commit()?;
             Ok(())
         })
