@@ -186,37 +186,15 @@ async fn main() -> Result<()> {
             v
         }
         Cmd::Conc { clients, duration } => {
-            let mut tasks = Vec::new();
-            let stop = Instant::now() + Duration::from_secs(duration);
-            let t0 = Instant::now();
-            for c in 0..clients {
-                let url = cli.registry[c % cli.registry.len()].clone();
-                let cl = client(&[url], &identity).await?;
-                tasks.push(tokio::spawn(async move {
-                    let (mut lat, mut errs, mut i) = (Vec::new(), 0u64, 0u64);
-                    while Instant::now() < stop {
-                        let s = Instant::now();
-                        match cl
-                            .put_export(&export(SITE, "conc", &format!("c{run}-{c}-{i}"), 1, 1))
-                            .await
-                        {
-                            Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1000.0),
-                            Err(_) => errs += 1,
-                        }
-                        i += 1;
-                    }
-                    (lat, errs)
-                }));
-            }
-            let (mut all, mut errs) = (Vec::new(), 0);
-            for t in tasks {
-                let (l, e) = t.await?;
-                all.extend(l);
-                errs += e;
-            }
-            let el = t0.elapsed().as_secs_f64();
-            let n = all.len();
-            let mut v = summary(all);
+            let pool = clients_for(&cli.registry, clients, &identity).await?;
+            let (lat, errs, el) = closed_loop(pool, duration, move |cl, c, i| async move {
+                cl.put_export(&export(SITE, "conc", &format!("c{run}-{c}-{i}"), 1, 1))
+                    .await
+                    .is_ok()
+            })
+            .await?;
+            let n = lat.len();
+            let mut v = summary(lat);
             v["puts_per_s"] = json!(round(n as f64 / el));
             v["errors"] = json!(errs);
             v["clients"] = json!(clients);
@@ -226,37 +204,14 @@ async fn main() -> Result<()> {
             first
                 .put_export(&export(SITE, "read", "target", run, 1))
                 .await?;
-            let key = ServiceKey::new("read", "target");
-            let stop = Instant::now() + Duration::from_secs(duration);
-            let t0 = Instant::now();
-            let mut tasks = Vec::new();
-            for c in 0..clients {
-                let url = cli.registry[c % cli.registry.len()].clone();
-                let cl = client(&[url], &identity).await?;
-                let key = key.clone();
-                tasks.push(tokio::spawn(async move {
-                    let (mut lat, mut errs) = (Vec::new(), 0u64);
-                    while Instant::now() < stop {
-                        let s = Instant::now();
-                        match cl.get_service(&key, Consistency::Linearizable).await {
-                            Ok(r) if r.value.is_some() => {
-                                lat.push(s.elapsed().as_secs_f64() * 1000.0)
-                            }
-                            _ => errs += 1,
-                        }
-                    }
-                    (lat, errs)
-                }));
-            }
-            let (mut all, mut errs) = (Vec::new(), 0);
-            for t in tasks {
-                let (l, e) = t.await?;
-                all.extend(l);
-                errs += e;
-            }
-            let el = t0.elapsed().as_secs_f64();
-            let n = all.len();
-            let mut v = summary(all);
+            let pool = clients_for(&cli.registry, clients, &identity).await?;
+            let (lat, errs, el) = closed_loop(pool, duration, |cl, _, _| async move {
+                let key = ServiceKey::new("read", "target");
+                matches!(cl.get_service(&key, Consistency::Linearizable).await, Ok(r) if r.value.is_some())
+            })
+            .await?;
+            let n = lat.len();
+            let mut v = summary(lat);
             v["reads_per_s"] = json!(round(n as f64 / el));
             v["errors"] = json!(errs);
             v
@@ -382,4 +337,56 @@ async fn main() -> Result<()> {
     };
     println!("{out}");
     Ok(())
+}
+
+/// One client per worker, spread over the URLs (separate connections, as etcd's bench does).
+async fn clients_for(
+    urls: &[String],
+    n: usize,
+    identity: &Arc<Identity>,
+) -> Result<Vec<RegistryClient>> {
+    let mut out = Vec::with_capacity(n);
+    for c in 0..n {
+        out.push(client(&[urls[c % urls.len()].clone()], identity).await?);
+    }
+    Ok(out)
+}
+
+/// Every client runs `op` back to back for `duration` seconds. Returns the latencies (ms) of
+/// the operations that succeeded, the failure count, and the elapsed seconds.
+async fn closed_loop<F, Fut>(
+    clients: Vec<RegistryClient>,
+    duration: u64,
+    op: F,
+) -> Result<(Vec<f64>, u64, f64)>
+where
+    F: Fn(RegistryClient, usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let stop = Instant::now() + Duration::from_secs(duration);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, cl) in clients.into_iter().enumerate() {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errs, mut i) = (Vec::new(), 0u64, 0u64);
+            while Instant::now() < stop {
+                let s = Instant::now();
+                if op(cl.clone(), c, i).await {
+                    lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errs += 1;
+                }
+                i += 1;
+            }
+            (lat, errs)
+        }));
+    }
+    let (mut all, mut errs) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errs += e;
+    }
+    Ok((all, errs, t0.elapsed().as_secs_f64()))
 }
