@@ -81,7 +81,7 @@ async fn vm_joins_is_reachable_by_name_follows_its_health_and_renews_in_place() 
         resolve(mesh.east_dns, VM_NAME).await
     })
     .await;
-    assert!(vip[0].octets()[..2] == [127, 241], "{vip:?}");
+    assert!(vip[0].octets()[..2] == [127, 244], "{vip:?}");
     let through_east = SocketAddr::new(vip[0].into(), vm_service.port);
     let (reply, _) = eventually("east reaches the VM through the tunnel", READY, || async {
         echo(through_east, "hello from east").await
@@ -96,7 +96,7 @@ async fn vm_joins_is_reachable_by_name_follows_its_health_and_renews_in_place() 
         || async { resolve(vm_dns, EAST_NAME).await },
     )
     .await;
-    assert!(vip[0].octets()[..2] == [127, 242], "{vip:?}");
+    assert!(vip[0].octets()[..2] == [127, 245], "{vip:?}");
     let from_vm = SocketAddr::new(vip[0].into(), mesh.east_service.port);
     let (reply, _) = eventually("the VM reaches east through its VIP", READY, || async {
         echo(from_vm, "hello from the vm").await

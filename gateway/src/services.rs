@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshbridge_core::model::{Catalog, Protocol, ServiceKey};
 use meshbridge_core::vip::{VipRange, assign_catalog};
@@ -15,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::inbound::{self, Kind};
 use crate::preamble::Target;
 use crate::shared::Shared;
+
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Bound service listeners: (service, port) → address.
 pub type ServiceAddrs = BTreeMap<(ServiceKey, u16), SocketAddr>;
@@ -48,7 +52,11 @@ pub fn desired(
 pub async fn reconcile(sh: Arc<Shared>, range: VipRange, published: watch::Sender<ServiceAddrs>) {
     let mut catalog = sh.catalog.clone();
     let mut bound: HashMap<SocketAddr, ((ServiceKey, u16), CancellationToken)> = HashMap::new();
+    // A listener that could not be bound (address taken by another process) is retried
+    // with backoff, not only at the next catalog change, which may never come.
+    let mut retry = RETRY_MIN;
     loop {
+        let mut failed = 0usize;
         let want = desired(&catalog.borrow_and_update().clone(), &sh.site, range);
         bound.retain(|addr, (key, stop)| {
             let keep = want.get(addr) == Some(key);
@@ -80,15 +88,26 @@ pub async fn reconcile(sh: Arc<Shared>, range: VipRange, published: watch::Sende
                     bound.insert(addr, (key, stop));
                 }
                 Err(e) => {
-                    // Retried at the next catalog change.
+                    failed += 1;
                     sh.metrics.failure("-", "listener_bind");
                     tracing::warn!(%addr, service = %key.0, error = %e, "cannot bind service listener");
                 }
             }
         }
         published.send_replace(bound.iter().map(|(a, (k, _))| (k.clone(), *a)).collect());
+        let wait = if failed > 0 {
+            let w = retry;
+            retry = (retry * 2).min(RETRY_MAX);
+            w
+        } else {
+            retry = RETRY_MIN;
+            Duration::MAX
+        };
         tokio::select! {
             r = catalog.changed() => if r.is_err() { break },
+            _ = tokio::time::sleep(wait), if failed > 0 => {
+                tracing::info!(failed, "retrying service listeners that could not be bound");
+            }
             _ = sh.accept_stop.cancelled() => break,
         }
     }

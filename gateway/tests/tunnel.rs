@@ -346,3 +346,49 @@ async fn fixed_listener_reaches_echo(t: TransportKind) -> Result<()> {
     Ok(())
 }
 both_transports!(fixed_listener_reaches_echo);
+
+/// A VIP:port held by another process is not given up on: the listener is retried with
+/// backoff and comes up once the address is free, with no catalog change in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_listener_taken_by_another_process_is_retried_until_free() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(None).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let mut cfg = mesh.config("west");
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let range = cfg.listeners.vip_range.context("vip range")?;
+    mesh.feed
+        .export("east", &key("echo"), ECHO_PORT, &[echo.addr]);
+    let vips = meshbridge_core::vip::assign_catalog(range, &mesh.feed.snapshot());
+    let vip = SocketAddr::new((*vips.get(&key("echo")).context("vip")?).into(), ECHO_PORT);
+    let squatter = TcpListener::bind(vip).await?;
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed.synced(&[&east, &west]).await;
+    // The catalog is in use but the address is taken: the failure is counted, no listener.
+    let admin = west.admin_addr().context("no admin listener")?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = http_get(admin, "/metrics").await?;
+        if metrics.contains("reason=\"listener_bind\"") {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("bind failure not counted:\n{metrics}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        !west.service_addrs().contains_key(&(key("echo"), ECHO_PORT)),
+        "a listener on an address another process holds"
+    );
+    drop(squatter);
+    let got = west
+        .service_addr(&key("echo"), ECHO_PORT, WAIT)
+        .await
+        .context("listener not retried after the address was freed")?;
+    assert_eq!(got, vip);
+    ping(vip, "", b"after the retry").await?;
+    Ok(())
+}

@@ -5,7 +5,8 @@
 //! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
 //! - [`pki`]: a throw-away CA and SVIDs on disk;
 //! - [`process`]: run the real binary and wait for the lines it prints;
-//! - [`linearizability`]: a Wing–Gong checker for register histories.
+//! - [`linearizability`]: a Wing–Gong checker for register histories;
+//! - [`slots`]: machine-wide exclusive slots (e.g. a VIP block per test process).
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
@@ -14,3 +15,4 @@ pub mod linearizability;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod slots;

@@ -169,13 +169,13 @@ impl Mesh {
             format!(
                 "[gateway]\nsite = \"east\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
                  [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-                 [gateway.listeners]\nvip_range = \"127.241.0.0/16\"\n{}\
+                 [gateway.listeners]\nvip_range = \"127.244.0.0/16\"\n{}\
                  [source]\nregistry = [\"{url}\"]\n\
                  [register]\nregion = \"us-east\"\nzone = \"us-east-1a\"\nlease_ttl_ms = 3000\n\
                  [[exports]]\nnamespace = \"shop\"\nname = \"front\"\n\
                  ports = [{{ name = \"tcp\", port = {p}, target_port = {p} }}]\n\
                  endpoints = [{{ address = \"127.0.0.1\" }}]\n\
-                 [dns]\nlisten = \"127.0.0.1:0\"\nsite = \"east\"\nvip_range = \"127.241.0.0/16\"\n\
+                 [dns]\nlisten = \"127.0.0.1:0\"\nsite = \"east\"\nvip_range = \"127.244.0.0/16\"\n\
                  [dns.rate_limit]\nper_client_qps = 0\n",
                 root.join("east-data"),
                 tls_section(&gw),
@@ -226,7 +226,7 @@ impl Mesh {
         let p = svc.port;
         let text = format!(
             "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [\"{}\"]\ndata_dir = {data_dir:?}\n\
-             join_token = \"{token}\"\nbundle = {:?}\nvip_range = \"127.242.0.0/16\"\n\
+             join_token = \"{token}\"\nbundle = {:?}\nvip_range = \"127.245.0.0/16\"\n\
              lease_ttl_ms = 3000\ndrain_deadline_ms = 1000\n\
              [locality]\nregion = \"us-east\"\nzone = \"us-east-1b\"\n\
              [tunnel]\nlisten = \"127.0.0.1:0\"\n\

@@ -128,7 +128,10 @@ pub(crate) fn nodes(
     if svc.headless {
         headless(&mut sets, view, svc);
     } else {
-        let addrs: Vec<IpAddr> = if view.vips {
+        // A service only this site exports gets no listener (the gateway and agent bind
+        // VIPs for imports only): it resolves to its own endpoints, VIP mode or not.
+        let local_only = svc.groups.iter().all(|g| g.site == view.site);
+        let addrs: Vec<IpAddr> = if view.vips && !local_only {
             vip.map(IpAddr::V4).into_iter().collect()
         } else {
             svc.groups

@@ -130,14 +130,15 @@ fn rebuild_follows_vip_changes() {
     let range = "127.0.0.0/30".parse().unwrap();
     let config = Config {
         vip_range: Some(range),
-        ..Config::for_test("east")
+        ..Config::for_test("north")
     };
     let mut cat = catalog();
     cat.exports
         .remove(&(ServiceKey::new("ns", "db"), "west".to_string()));
     let c = export("east", "c", "10.0.0.3", false, 5);
     cat.exports.insert(c.key(), c);
-    // A /30 holds two VIPs: the oldest services, "a" and "b", get them; "c" gets none.
+    // Seen from a site exporting none of them (a service only the asking site exports
+    // resolves to its endpoints). A /30 holds two VIPs: the oldest services, "a" and "b", get them; "c" gets none.
     let first = Index::build(&config, &cat).unwrap();
     assert_eq!(address(&first, "c"), None);
     // Without "a", "c" (whose export did not change) gets a VIP.

@@ -15,8 +15,11 @@ fn vip_config() -> Config {
     }
 }
 
+/// In VIP mode a service another site exports resolves to its VIP (the gateway or agent
+/// listens there); a service only this site exports resolves to its own ready endpoints,
+/// since no listener is bound for it (the gateway's rule).
 #[tokio::test]
-async fn vip_mode_service_name_resolves_to_the_assigned_vip() {
+async fn vip_mode_remote_services_resolve_to_the_vip_and_local_only_ones_to_endpoints() {
     let (mut world, rx) = World::new();
     world
         .site("east", SiteState::Fresh)
@@ -33,11 +36,30 @@ async fn vip_mode_service_name_resolves_to_the_assigned_vip() {
         vec![port("grpc", 9000, 9000)],
         vec![ep("10.2.0.1", None)],
     ));
+    for site in ["east", "west"] {
+        world.export(export(
+            site,
+            "both",
+            vec![port("http", 80, 8080)],
+            vec![ep(
+                if site == "east" {
+                    "10.1.0.9"
+                } else {
+                    "10.2.0.9"
+                },
+                None,
+            )],
+        ));
+    }
     world.publish();
     let vips = assign_catalog("127.240.0.0/16".parse().unwrap(), &world.catalog);
     let dns = start(vip_config(), rx).await;
     for t in BOTH {
-        for name in ["web", "api"] {
+        for (name, want) in [
+            ("api", vips[&ServiceKey::new(NS, "api")].into()),
+            ("both", vips[&ServiceKey::new(NS, "both")].into()),
+            ("web", "10.1.0.1".parse::<std::net::IpAddr>().unwrap()),
+        ] {
             let msg = ask(dns.local_addr(), t, &svc(name), RecordType::A).await;
             assert_eq!(
                 msg.metadata.response_code,
@@ -45,12 +67,11 @@ async fn vip_mode_service_name_resolves_to_the_assigned_vip() {
                 "{t:?} {name}"
             );
             assert!(msg.metadata.authoritative);
-            let vip = vips[&ServiceKey::new(NS, name)];
-            assert_eq!(addresses(&msg), vec![vip], "{t:?} {name}");
+            assert_eq!(addresses(&msg), vec![want], "{t:?} {name}");
             assert_eq!(msg.answers[0].ttl, 5);
         }
         // VIPs are IPv4: AAAA is NODATA.
-        let msg = ask(dns.local_addr(), t, &svc("web"), RecordType::AAAA).await;
+        let msg = ask(dns.local_addr(), t, &svc("api"), RecordType::AAAA).await;
         assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
         assert!(msg.answers.is_empty());
         assert_eq!(soa_of(&msg).map(|s| s.1), Some(5));

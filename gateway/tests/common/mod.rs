@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,12 +42,11 @@ macro_rules! both_transports {
     };
 }
 
-/// A distinct /24 of VIPs per gateway, so parallel tests never share a listener address.
+/// A /24 of VIPs no other gateway on this machine uses, so tests running in parallel
+/// processes never share a listener address.
 pub fn vip_range() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let base = (std::process::id() % 100) * 2;
-    format!("127.241.{}.0/24", (base + n) % 250 + 1)
+    let n = meshbridge_testkit::slots::take("vip-127.241", 256);
+    format!("127.241.{n}.0/24")
 }
 
 pub fn init() {
