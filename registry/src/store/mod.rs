@@ -8,8 +8,10 @@
 //! | `raft_meta` | `vote`, `committed`, `last_purged`    | JSON of the value         |
 //! | `snapshot`  | `meta`, `data`                        | JSON meta, catalog image  |
 //!
-//! Every write is one redb transaction committed with [`Durability::Immediate`] (one fsync);
-//! an append batch is one transaction and openraft hears of it only after the commit.
+//! Log writes (appends, vote, truncation, purge) go through one writer thread that commits
+//! whatever is queued in one redb transaction with [`Durability::Immediate`] (one fsync);
+//! openraft hears of an append only after that commit, but can read (and replicate) the
+//! entries at once. See [`LogStore`].
 //!
 //! The state machine keeps the catalog in memory and persists it as the current snapshot:
 //! when openraft builds one (its `SnapshotPolicy` is the "how often") and when one is
@@ -101,6 +103,8 @@ pub enum StoreError {
     },
     #[error("{what} is missing from the raft store")]
     Missing { what: &'static str },
+    #[error("raft log write: {0}")]
+    Write(String),
     #[error("storage task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -153,7 +157,7 @@ pub fn open_with(
     txn.commit()?;
 
     let db = Arc::new(db);
-    let log = LogStore::new(db.clone());
+    let log = LogStore::new(db.clone())?;
     let sm = StateMachineStore::load(db, options.delta_capacity)?;
     tracing::info!(path = %path.display(), "opened raft store");
     Ok((log, sm))
@@ -178,20 +182,6 @@ fn read_json<T: DeserializeOwned>(
         Some(bytes) => decode(key, bytes.value()).map(Some),
         None => Ok(None),
     }
-}
-
-/// Writes a JSON value into a `&str`-keyed table, durably, in its own transaction.
-fn write_json<T: Serialize>(
-    db: &Database,
-    table: TableDefinition<&str, &[u8]>,
-    key: &'static str,
-    value: &T,
-) -> Result<(), StoreError> {
-    let bytes = encode(key, value)?;
-    let txn = begin_write(db)?;
-    txn.open_table(table)?.insert(key, bytes.as_slice())?;
-    txn.commit()?;
-    Ok(())
 }
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
