@@ -6,6 +6,7 @@
 # 127.0.0.1:TUNNEL_PORT (QUIC, or the TLS-over-TCP fallback) with mutual TLS (its own SPIFFE
 # PKI, made here); the exit gateway forwards to 127.0.0.1:BACKEND_PORT. Static catalog
 # file, no registry. Stays in the foreground; SIGTERM stops both.
+# Optional: ADMIN_ENTRY / ADMIN_EXIT = ip:port of each gateway's admin HTTP (/metrics).
 set -euo pipefail
 ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-quic}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,11 +34,12 @@ cat = {"revision": 3,
        "policies": {}, "tokens": {}}
 json.dump(cat, open(path, "w"))
 PY
-gw() { # site listen extra
+gw() { # site listen extra [admin]
   cat > "$D/$1.toml" <<CFG
 [gateway]
 site = "$1"
 data_dir = "$D/$1-data"
+${4:+admin_listen = \"$4\"}
 [gateway.tunnel]
 listen = "$2"
 transport = "$TRANSPORT"
@@ -51,11 +53,11 @@ bundle = "$D/$1/bundle.pem"
 catalog_file = "$D/catalog.json"
 CFG
 }
-gw exit "127.0.0.1:$TUNNEL" ""
+gw exit "127.0.0.1:$TUNNEL" "" "${ADMIN_EXIT:-}"
 gw entry "127.0.0.1:0" "[[gateway.listeners.fixed]]
 listen = \"127.0.0.1:$ENTRY\"
 service = \"bench/backend\"
-port = 5201"
+port = 5201" "${ADMIN_ENTRY:-}"
 MESHBRIDGE_LOG=warn "$MB" gateway --config "$D/exit.toml" &
 MESHBRIDGE_LOG=warn "$MB" gateway --config "$D/entry.toml" &
 wait
