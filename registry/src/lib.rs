@@ -13,6 +13,7 @@ mod listener;
 mod metrics;
 mod network;
 mod node;
+mod propose;
 mod raft_api;
 mod service;
 mod shared;

@@ -163,6 +163,7 @@ impl Node {
                 .max(Duration::from_secs(3)),
             stop: stop.clone(),
             reset_cache: std::sync::Mutex::new(None),
+            proposer: crate::propose::Proposer::start(raft.clone()),
         });
 
         let mut tasks = JoinSet::new();

@@ -40,6 +40,7 @@ pub fn request_id<T>(req: &Request<T>) -> Result<Option<RequestId>, Status> {
 }
 
 /// How one attempt on the leader went.
+#[derive(Clone, Debug)]
 pub enum Attempt {
     /// This node is not (or no longer) the leader: route again.
     NotLeader,
@@ -82,6 +83,8 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// The last catalog encoded for a watch reset (see [`Shared::catalog_json`]).
     pub reset_cache: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
+    /// Batches concurrent writes into Raft entries (group commit).
+    pub proposer: crate::propose::Proposer,
 }
 
 /// The wall clock in milliseconds since the epoch.
@@ -295,13 +298,13 @@ impl Shared {
             .validate()
             .map_err(|r| rejection_to_status(&r))?;
         let start = Instant::now();
-        let resp = self.raft.client_write(req).await.map_err(write_error)?;
+        let (data, log_index) = self.proposer.propose(req).await?;
         self.metrics.observe_apply(start.elapsed());
-        match resp.data {
+        match data {
             Ok(applied) => Ok(proto::WriteReply {
                 revision: applied.revision,
                 changed: !applied.changes.is_empty(),
-                log_index: resp.log_id.index,
+                log_index,
             }),
             Err(rejection) => Err(Attempt::Failed(rejection_to_status(&rejection))),
         }

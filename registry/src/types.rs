@@ -1,7 +1,7 @@
 //! The openraft type configuration of the registry, and short aliases for its generic types.
 //!
-//! Log entries carry a [`Request`] (a [`Command`] and the client's request id); applying
-//! one yields a [`Response`]. Nodes are [`openraft::BasicNode`]s whose `addr` is the
+//! Log entries carry a [`Proposal`]: one or more [`Request`]s (a [`Command`] and the client's
+//! request id); applying one yields a [`Response`] per request. Nodes are [`openraft::BasicNode`]s whose `addr` is the
 //! node's gRPC URL (`https://10.0.0.1:7443`).
 
 use std::fmt;
@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 openraft::declare_raft_types!(
     /// The registry's Raft types: catalog commands in, apply results out.
     pub TypeConfig:
-        D = Request,
-        R = Response,
+        D = Proposal,
+        R = Replies,
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -27,6 +27,36 @@ openraft::declare_raft_types!(
 /// current revision and no changes; a command the catalog refused answers its [`Rejection`]
 /// (the refusal is replicated and deterministic, not a storage failure).
 pub type Response = Result<Applied, Rejection>;
+
+/// The replies to one entry's writes, in order.
+pub type Replies = Vec<Response>;
+
+/// A log entry's application data: one write, or several that the leader proposed
+/// together (see `propose.rs`), applied in order, each with its own reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Proposal(pub Vec<Request>);
+
+impl From<Command> for Proposal {
+    fn from(command: Command) -> Self {
+        Self(vec![command.into()])
+    }
+}
+
+impl From<Request> for Proposal {
+    fn from(request: Request) -> Self {
+        Self(vec![request])
+    }
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => one.fmt(f),
+            many => write!(f, "{} writes", many.len()),
+        }
+    }
+}
 
 /// Identifies one write of one client across its retries, so that a write retried after an
 /// ambiguous failure (the connection dropped after the leader took it) is applied once:
@@ -59,7 +89,7 @@ impl FromStr for RequestId {
     }
 }
 
-/// A log entry's application data.
+/// One write: a command and, for client writes, the client's request id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Set for client writes; `None` for the leader's own commands (lease ticks).

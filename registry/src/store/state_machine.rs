@@ -18,7 +18,7 @@ use super::{
     encode, image,
 };
 use crate::types::{
-    Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Entry, LogId, Replies, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
     TypeConfig,
 };
 
@@ -133,7 +133,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Replies>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -146,40 +146,44 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
-                EntryPayload::Blank => Ok(self.unchanged()),
+                EntryPayload::Blank => vec![Ok(self.unchanged())],
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Ok(self.unchanged())
+                    vec![Ok(self.unchanged())]
                 }
-                EntryPayload::Normal(request) => {
+                EntryPayload::Normal(proposal) => {
                     let index = entry.log_id.index;
                     Arc::make_mut(&mut self.sessions).sweep(index);
-                    if let Some(id) = &request.id
-                        && let Some(reply) = self.sessions.replay(id)
-                    {
-                        // Applied already: a retry after an ambiguous failure.
-                        replies.push(reply);
-                        continue;
+                    let mut out = Vec::with_capacity(proposal.0.len());
+                    for request in proposal.0 {
+                        if let Some(id) = &request.id
+                            && let Some(reply) = self.sessions.replay(id)
+                        {
+                            // Applied already: a retry after an ambiguous failure.
+                            out.push(reply);
+                            continue;
+                        }
+                        let catalog = work.get_or_insert_with(|| self.working_copy());
+                        let reply = catalog.apply(&request.command);
+                        if reply.is_ok() {
+                            // Refused commands change nothing; the others are replayed on
+                            // the spare.
+                            applied.push(request.command);
+                        }
+                        if let Some(id) = &request.id {
+                            Arc::make_mut(&mut self.sessions).record(id, index, &reply);
+                        }
+                        if let Ok(applied) = &reply
+                            && !applied.changes.is_empty()
+                        {
+                            deltas.push(Delta {
+                                revision: applied.revision,
+                                changes: applied.changes.as_slice().into(),
+                            });
+                        }
+                        out.push(reply);
                     }
-                    let catalog = work.get_or_insert_with(|| self.working_copy());
-                    let reply = catalog.apply(&request.command);
-                    if reply.is_ok() {
-                        // Refused commands change nothing; the others are replayed on the
-                        // spare.
-                        applied.push(request.command);
-                    }
-                    if let Some(id) = &request.id {
-                        Arc::make_mut(&mut self.sessions).record(id, index, &reply);
-                    }
-                    if let Ok(applied) = &reply
-                        && !applied.changes.is_empty()
-                    {
-                        deltas.push(Delta {
-                            revision: applied.revision,
-                            changes: applied.changes.as_slice().into(),
-                        });
-                    }
-                    reply
+                    out
                 }
             };
             replies.push(reply);

@@ -83,7 +83,7 @@ async fn log_vote_and_state_machine_survive_reopen() -> anyhow::Result<()> {
         log.save_committed(Some(log_id(1, 5))).await?;
 
         let replies = sm.apply(entries()[..4].to_vec()).await?;
-        assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+        assert!(replies.iter().flatten().all(|r| r.is_ok()), "{replies:?}");
         let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 4)));
         let at_snapshot = sm.catalog();
@@ -151,7 +151,10 @@ async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()>
         payload: EntryPayload::Normal(heartbeat.into()),
     };
     let replies = sm.apply([entry]).await?;
-    assert!(matches!(replies.as_slice(), [Err(_)]), "{replies:?}");
+    assert!(
+        matches!(replies.as_slice(), [r] if matches!(r.as_slice(), [Err(_)])),
+        "{replies:?}"
+    );
     assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 1)));
     assert_eq!(sm.feed().deltas_since(0)?, vec![]);
     Ok(())
@@ -253,5 +256,62 @@ async fn batches_on_the_spare_match_a_plain_replay() -> anyhow::Result<()> {
         assert_eq!(sm.feed().latest().revision, reference.revision);
     }
     assert!(held.iter().all(|c| c.revision <= reference.revision));
+    Ok(())
+}
+
+/// Writes batched into one entry by the leader are applied in order, each with its own
+/// reply; a refused one changes nothing; a retry of a write in the same entry is answered
+/// from the session, not applied twice.
+#[tokio::test]
+async fn a_proposal_of_several_writes_applies_each_in_order_with_its_own_reply()
+-> anyhow::Result<()> {
+    use crate::types::{Proposal, Request, RequestId};
+    let dir = tempfile::tempdir()?;
+    let (_log, mut sm) = open(dir.path())?;
+    let id = |seq| Some(RequestId { client: 7, seq });
+    let refused = Command::Heartbeat {
+        site: "nowhere".into(),
+        at_ms: 1,
+        links: None,
+    };
+    let proposal = Proposal(vec![
+        Request {
+            id: id(1),
+            command: register("a", 1_000),
+        },
+        Request {
+            id: id(2),
+            command: refused,
+        },
+        Request {
+            id: id(1),
+            command: register("a", 1_000),
+        },
+        Request {
+            id: None,
+            command: register("b", 2_000),
+        },
+    ]);
+    let entry = Entry {
+        log_id: log_id(1, 1),
+        payload: EntryPayload::Normal(proposal),
+    };
+    let replies = sm.apply([entry]).await?;
+    let [r] = replies.as_slice() else {
+        anyhow::bail!("one entry, one list of replies: {replies:?}");
+    };
+    assert_eq!(r.len(), 4, "{r:?}");
+    assert_eq!(r[0].as_ref().map(|a| a.revision), Ok(1));
+    assert!(r[1].is_err(), "{r:?}");
+    // The session keeps the revision of the first, not its changes.
+    assert_eq!(r[2].as_ref().map(|a| a.revision), Ok(1), "{r:?}");
+    assert_eq!(r[3].as_ref().map(|a| a.revision), Ok(2));
+    let revisions: Vec<u64> = sm
+        .feed()
+        .deltas_since(0)?
+        .iter()
+        .map(|d| d.revision)
+        .collect();
+    assert_eq!(revisions, vec![1, 2]);
     Ok(())
 }
