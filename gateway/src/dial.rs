@@ -167,7 +167,14 @@ async fn attempt(
         let opened = match transport::request(&link, preamble, early, timeout).await {
             Ok(o) => o,
             Err(e) => {
-                sh.metrics.failure(&cand.site, "request_failed");
+                sh.metrics.failure(
+                    &cand.site,
+                    if matches!(e, transport::RequestError::StreamsExhausted(_)) {
+                        "streams_exhausted"
+                    } else {
+                        "request_failed"
+                    },
+                );
                 last = format!("gateway {addr}: {e}");
                 if link.is_closed() || matches!(e, transport::RequestError::Timeout(_)) {
                     sh.pool.link_failed(&cand.site, addr, last.clone());

@@ -132,7 +132,7 @@ pub fn transport_config(t: &TunnelConfig) -> Result<quinn::TransportConfig, Quic
             .map_err(|e| setting("connection_window_bytes")(&e))?,
     );
     c.send_window(t.connection_window_bytes);
-    c.max_concurrent_bidi_streams(VarInt::from_u32(10_000));
+    c.max_concurrent_bidi_streams(VarInt::from_u32(crate::transport::MAX_STREAMS_PER_LINK));
     c.max_concurrent_uni_streams(VarInt::from_u32(0));
     c.initial_mtu(t.initial_mtu);
     let mut mtu = MtuDiscoveryConfig::default();

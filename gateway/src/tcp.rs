@@ -310,7 +310,7 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(10_000)
+        .max_concurrent_streams(crate::transport::MAX_STREAMS_PER_LINK)
         .handshake::<_, Bytes>(io);
     let mut conn = match tokio::time::timeout(idle_timeout, handshake).await {
         Ok(Ok(c)) => c,

@@ -117,10 +117,18 @@ pub enum LinkError {
 }
 
 /// Why a tunnel request did not get a reply.
+/// Concurrent tunnel streams (proxied connections) one peer may open on one link.
+pub const MAX_STREAMS_PER_LINK: u32 = 100_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error("cannot open a stream: {0}")]
     Open(io::Error),
+    #[error(
+        "no stream free on the link within {0:?}: the peer's limit of {MAX_STREAMS_PER_LINK} \
+         concurrent streams is reached"
+    )]
+    StreamsExhausted(Duration),
     #[error("cannot encode the preamble: {0}")]
     Encode(PreambleError),
     #[error("stream failed: {0}")]
@@ -152,7 +160,12 @@ pub async fn request(
     let mut head = BytesMut::with_capacity(256 + early.len());
     preamble.encode(&mut head).map_err(RequestError::Encode)?;
     head.extend_from_slice(early);
-    let (mut send, mut recv) = link.open().await.map_err(RequestError::Open)?;
+    // A link at its peer's stream limit makes `open` wait for a free stream: bounded by
+    // the same timeout, so a full link is an error the dialer can route around.
+    let (mut send, mut recv) = match tokio::time::timeout(timeout, link.open()).await {
+        Ok(opened) => opened.map_err(RequestError::Open)?,
+        Err(_) => return Err(RequestError::StreamsExhausted(timeout)),
+    };
     let exchange = async {
         send.write_all(&head).await.map_err(RequestError::Io)?;
         read_reply(&mut recv).await
