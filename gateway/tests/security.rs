@@ -45,6 +45,21 @@ fn metrics_text(g: &meshbridge_gateway::GatewayHandle) -> String {
     out
 }
 
+/// The server counts a refused handshake after it has sent the alert, so the
+/// client can see the refusal first: wait (bounded) for the counter instead of
+/// reading it once.
+async fn metrics_eventually(g: &meshbridge_gateway::GatewayHandle, line: &str) -> String {
+    let mut m = metrics_text(g);
+    for _ in 0..300 {
+        if m.contains(line) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        m = metrics_text(g);
+    }
+    m
+}
+
 async fn policy_allows_denies_and_changes_apply_to_new_streams(t: TransportKind) -> Result<()> {
     let mesh = Mesh::new(t);
     let echo = Echo::start(None).await?;
@@ -194,11 +209,10 @@ async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
         eprintln!("{what}: refused: {e}");
         dialer.close();
     }
-    let m = metrics_text(&east);
-    assert!(
-        m.contains("meshbridge_gateway_failures_total{site=\"east\",peer_site=\"-\",reason=\"handshake\"} 3"),
-        "{m}"
-    );
+    let line =
+        "meshbridge_gateway_failures_total{site=\"east\",peer_site=\"-\",reason=\"handshake\"} 3";
+    let m = metrics_eventually(&east, line).await;
+    assert!(m.contains(line), "{m}");
     // The mesh's own gateways are unaffected.
     let vip = west
         .service_addr(&key("echo"), PORT, WAIT)

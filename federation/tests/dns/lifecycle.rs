@@ -133,14 +133,24 @@ async fn metrics_count_queries_by_rcode_and_transport() {
         RecordType::A,
     )
     .await;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    for line in [
+    let lines = [
         "meshbridge_dns_queries_total{rcode=\"NXDOMAIN\",transport=\"udp\"} 1",
         "meshbridge_dns_queries_total{rcode=\"REFUSED\",transport=\"tcp\"} 1",
         "meshbridge_dns_query_duration_seconds_count 2",
         "meshbridge_dns_index_builds_total 1",
-    ] {
+    ];
+    // A query is counted once its answer has been sent, so the client may read the answer
+    // before the count moves: poll (bounded) rather than read once.
+    let mut text = String::new();
+    for _ in 0..300 {
+        text.clear();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        if lines.iter().all(|l| text.contains(l)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for line in lines {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
 }
