@@ -158,7 +158,7 @@ impl Node {
             trust_domain: trust_domain.clone(),
             leases: config.leases.clone(),
             metrics,
-            leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms * 4),
+            leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms * 6),
             detach_after: Duration::from_millis(config.raft.election_timeout_max_ms * 4)
                 .max(Duration::from_secs(3)),
             stop: stop.clone(),
