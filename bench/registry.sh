@@ -168,7 +168,15 @@ if want scale; then
   spawn mbreg-4 "$MB" registry --config "$D/n4.toml"; MPID[https://127.0.0.1:27404]=$SPAWNED_PID
   wait_port 27404 30
   t0=$(date +%s.%N)
-  "$MB" ctl --registry "$URLS" --tls-dir "$D/ctl" members add 4 https://127.0.0.1:27404 >/dev/null
+  if ! "$MB" ctl --registry "$URLS" --tls-dir "$D/ctl" members add 4 https://127.0.0.1:27404 >"$BENCH_ROOT/logs/members-add.out" 2>&1; then
+    log "members add failed:"; cat "$BENCH_ROOT/logs/members-add.out" >&2; exit 1
+  fi
+  # `members add` returns once the leader counts the learner as replicating; caught up means
+  # its applied index reached the leader's.
+  applied() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^meshbridge_registry_applied_index/{print $2}'; }
+  target=0; for p in 27501 27502 27503; do a=$(applied $p); [ -n "$a" ] && [ "$a" -gt "$target" ] && target=$a; done
+  for _ in $(seq 1 1200); do a=$(applied 27504); [ -n "$a" ] && [ "$a" -ge "$target" ] && break; sleep 0.05; done
+  [ -n "$a" ] && [ "$a" -ge "$target" ] || { log "node 4 did not catch up (applied ${a:-?} < $target)"; exit 1; }
   t1=$(date +%s.%N)
   catchup=$(python3 -c "print(round($t1-$t0,3))")
   rss4=$(awk '/VmRSS/{print $2}' "/proc/${MPID[https://127.0.0.1:27404]}/status")
