@@ -100,6 +100,8 @@ for i in $(seq ${SECS:-60}); do
 done
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$APID/stat)
 t1=$(date +%s.%N)
+# Where the resident memory is, mapping by mapping (over 256 kB), for the record.
+awk '/^[0-9a-f]+-[0-9a-f]+ /{m=$2" "$6} /^Rss:/{if ($2>256) print "  rss " $2 " kB  " m}' /proc/$APID/smaps >&2
 threads=$(awk "/Threads/{print \$2}" /proc/$APID/status); grep -E "RssAnon|RssFile|VmRSS" /proc/$APID/status; grep -E "^(Pss|Private_Clean|Private_Dirty|Shared_Clean|Anonymous):" /proc/$APID/smaps_rollup
 python3 - <<P
 ticks = ($u1 + $s1) - ($u0 + $s0)
