@@ -13,7 +13,9 @@
 #   scale     meshbridge only: SITES x SERVICES x ENDPOINTS, then RSS per node, snapshot
 #             and store size, and the time for a new (4th) node to catch up
 # Usage: bench/registry.sh   Env: RUNS=3 TESTS="seq conc reads failover watch scale"
-#        SITES=100 SERVICES=100 ENDPOINTS=10 (100k endpoints)
+#        SITES=100 SERVICES=100 ENDPOINTS=10 (100k endpoints); SNAPSHOT_EVERY=5000
+#        (raft.snapshot_every_logs: lower it to make the scale run snapshot and the
+#        new node catch up from the snapshot)
 # Output: summary lines on stdout; raw JSON lines in $BENCH_ROOT/results/registry.jsonl.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -71,6 +73,8 @@ data_dir = "$D/data$i"
 cert = "$D/tls$i/cert.pem"
 key = "$D/tls$i/key.pem"
 bundle = "$D/tls$i/bundle.pem"
+[raft]
+snapshot_every_logs = ${SNAPSHOT_EVERY:-5000}
 [initial_members]
 1 = "https://127.0.0.1:27401"
 2 = "https://127.0.0.1:27402"
@@ -182,6 +186,6 @@ if want scale; then
   rss4=$(awk '/VmRSS/{print $2}' "/proc/${MPID[https://127.0.0.1:27404]}/status")
   log "new node caught up in ${catchup}s; RSS ${rss4} kB; store $(du -sh "$D/data4" | cut -f1)"
   echo "{\"test\":\"scale-catchup\",\"seconds\":$catchup,\"rss_kb\":$rss4}" >> "$J"
-  grep -h "snapshot" "$BENCH_ROOT/logs/mbreg-"*.log | tail -3 >&2 || true
+  grep -h "built snapshot\|installed snapshot" "$BENCH_ROOT/logs/mbreg-"*.log | sed "s/\x1b\[[0-9;]*m//g" | tail -4 >&2 || true
 fi
 exit 0

@@ -93,6 +93,11 @@ pub struct TunnelConfig {
     /// Upper bound for path MTU discovery (and this endpoint's max UDP payload). Raise it
     /// where the path carries more (loopback, jumbo frames).
     pub max_mtu: u16,
+    /// Concurrent streams (proxied connections) one peer may have open towards this
+    /// gateway on one link. Past it, the peer's new connections wait up to
+    /// `reply_timeout_ms` for a stream, then go to another gateway. QUIC reserves about
+    /// 32 bytes per allowed stream on every accepted link up front (16,384: 0.5 MiB).
+    pub max_streams_per_link: u32,
 }
 
 /// Listeners for local clients.
@@ -177,6 +182,7 @@ impl Default for TunnelConfig {
             connection_window_bytes: 32 << 20,
             initial_mtu: 1_200,
             max_mtu: 1_452,
+            max_streams_per_link: 16_384,
         }
     }
 }
@@ -333,6 +339,11 @@ impl RoleConfig for Config {
             "must be within tunnel.initial_mtu..=65527",
         );
         p.check(
+            (1..=1_000_000).contains(&t.max_streams_per_link),
+            "tunnel.max_streams_per_link",
+            "must be within 1..=1000000",
+        );
+        p.check(
             t.stream_window_bytes > 0 && t.connection_window_bytes >= t.stream_window_bytes,
             "tunnel.connection_window_bytes",
             "must be at least tunnel.stream_window_bytes (and both more than 0)",
@@ -446,6 +457,7 @@ colour = "red"
 listen = "nowhere"
 keepalive_ms = 9000
 peers_allowed = ["not an id"]
+max_streams_per_link = 0
 [listeners]
 sni = "x"
 "#;
@@ -458,6 +470,7 @@ sni = "x"
             "tunnel.listen",
             "tunnel.peers_allowed",
             "tunnel.keepalive_ms",
+            "tunnel.max_streams_per_link",
             "listeners.sni",
         ] {
             assert!(fields.contains(&want), "{want} missing from {fields:?}");

@@ -111,8 +111,13 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, Qu
     Ok(sock.into())
 }
 
-/// Transport parameters shared by both ends of every tunnel connection.
-pub fn transport_config(t: &TunnelConfig) -> Result<quinn::TransportConfig, QuicSetupError> {
+/// Transport parameters of tunnel connections; `accept_streams` is how many streams the
+/// other end may have open at once (quinn reserves state for each up front, so the
+/// dialing side, which never accepts streams, allows none).
+pub fn transport_config(
+    t: &TunnelConfig,
+    accept_streams: u32,
+) -> Result<quinn::TransportConfig, QuicSetupError> {
     let setting = |field: &'static str| {
         move |e: &dyn fmt::Display| QuicSetupError::Setting {
             field,
@@ -132,7 +137,7 @@ pub fn transport_config(t: &TunnelConfig) -> Result<quinn::TransportConfig, Quic
             .map_err(|e| setting("connection_window_bytes")(&e))?,
     );
     c.send_window(t.connection_window_bytes);
-    c.max_concurrent_bidi_streams(VarInt::from_u32(crate::transport::MAX_STREAMS_PER_LINK));
+    c.max_concurrent_bidi_streams(VarInt::from_u32(accept_streams));
     c.max_concurrent_uni_streams(VarInt::from_u32(0));
     c.initial_mtu(t.initial_mtu);
     let mut mtu = MtuDiscoveryConfig::default();
@@ -154,13 +159,12 @@ pub fn endpoint(
     server: Option<rustls::ServerConfig>,
     client: rustls::ClientConfig,
 ) -> Result<quinn::Endpoint, QuicSetupError> {
-    let transport = Arc::new(transport_config(t)?);
     let server_config = match server {
         Some(server) => {
             let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server)
                 .map_err(|e| QuicSetupError::Tls(e.to_string()))?;
             let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            c.transport_config(transport.clone());
+            c.transport_config(Arc::new(transport_config(t, t.max_streams_per_link)?));
             Some(c)
         }
         None => None,
@@ -168,7 +172,7 @@ pub fn endpoint(
     let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
         .map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client_config.transport_config(transport);
+    client_config.transport_config(Arc::new(transport_config(t, 0)?));
 
     let mut endpoint_config = EndpointConfig::default();
     endpoint_config
@@ -239,13 +243,13 @@ mod tests {
             max_mtu: 16_000,
             ..TunnelConfig::default()
         };
-        assert!(transport_config(&t).is_ok());
+        assert!(transport_config(&t, 16).is_ok());
         let t = TunnelConfig {
             idle_timeout_ms: u64::MAX,
             ..TunnelConfig::default()
         };
         assert!(matches!(
-            transport_config(&t),
+            transport_config(&t, 16),
             Err(QuicSetupError::Setting {
                 field: "idle_timeout_ms",
                 ..

@@ -115,7 +115,7 @@ pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
             let peer = Arc::new(Peer::new(id, Carrier::Tcp, addr));
             let labels = link_up(&sh2, &peer, began.elapsed());
             let t = &sh2.cfg.tunnel;
-            let why = tcp::serve(tls, t.keepalive(), t.idle_timeout(), sh2.stop.clone(), |send, recv| {
+            let why = tcp::serve(tls, t.keepalive(), t.idle_timeout(), t.max_streams_per_link, sh2.stop.clone(), |send, recv| {
                 sh2.tasks.spawn(outbound::serve_stream(
                     sh2.clone(),
                     peer.clone(),

@@ -22,8 +22,12 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 const MAX_FRAME: u32 = 256 << 10;
 const SEND_BUFFER: usize = 1 << 20;
 
-/// The sending half of an HTTP/2 CONNECT stream.
-pub struct H2Send(h2::SendStream<Bytes>);
+/// The sending half of an HTTP/2 CONNECT stream (and, on the client side, its share of
+/// the stream's place under the peer's concurrency limit).
+pub struct H2Send(
+    h2::SendStream<Bytes>,
+    #[expect(dead_code, reason = "held only to give the slot back on drop")] Option<Arc<Slot>>,
+);
 
 enum RecvState {
     /// Client side: the response headers have not arrived yet.
@@ -35,6 +39,29 @@ enum RecvState {
 pub struct H2Recv {
     state: RecvState,
     buf: Bytes,
+    _slot: Option<Arc<Slot>>,
+}
+
+/// Client-side streams open on one link, against the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`.
+/// h2 queues a request past that limit instead of failing it, and a queued CONNECT would
+/// look like a peer that does not answer; counting lets `open` wait for a free stream
+/// (bounded by the caller) exactly as a QUIC link does.
+#[derive(Default)]
+struct Streams {
+    open: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+/// One stream's place in [`Streams`], given back when both halves are dropped.
+pub struct Slot(Arc<Streams>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.freed.notify_waiters();
+    }
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -110,6 +137,7 @@ impl H2Recv {
         Self {
             state: RecvState::Open(stream),
             buf: Bytes::new(),
+            _slot: None,
         }
     }
 }
@@ -168,6 +196,7 @@ use std::future::Future;
 pub struct H2Link {
     send: h2::client::SendRequest<Bytes>,
     closed: CancellationToken,
+    streams: Arc<Streams>,
 }
 
 impl H2Link {
@@ -180,6 +209,7 @@ impl H2Link {
                 "tunnel connection closed",
             ));
         }
+        let slot = self.take_slot().await;
         let mut send = self.send.clone().ready().await.map_err(h2_io)?;
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
@@ -188,12 +218,37 @@ impl H2Link {
             .map_err(io::Error::other)?;
         let (resp, stream) = send.send_request(req, false).map_err(h2_io)?;
         Ok((
-            H2Send(stream),
+            H2Send(stream, Some(slot.clone())),
             H2Recv {
                 state: RecvState::Pending(resp),
                 buf: Bytes::new(),
+                _slot: Some(slot),
             },
         ))
+    }
+
+    /// Waits until fewer streams are open than the peer allows, and takes a place.
+    async fn take_slot(&self) -> Arc<Slot> {
+        use std::sync::atomic::Ordering;
+        let streams = &self.streams;
+        loop {
+            let freed = streams.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let limit = self.send.current_max_send_streams();
+            let open = streams.open.load(Ordering::Acquire);
+            if open < limit
+                && streams
+                    .open
+                    .compare_exchange(open, open + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Arc::new(Slot(streams.clone()));
+            }
+            if open >= limit {
+                freed.await;
+            }
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -269,6 +324,7 @@ where
     let link = H2Link {
         send,
         closed: closed.clone(),
+        streams: Arc::default(),
     };
     let (confirm_tx, confirmed) = tokio::sync::oneshot::channel();
     let driver = async move {
@@ -298,6 +354,7 @@ pub async fn serve<IO, F>(
     io: IO,
     keepalive: Duration,
     idle_timeout: Duration,
+    max_streams: u32,
     stop: CancellationToken,
     mut on_stream: F,
 ) -> String
@@ -310,7 +367,7 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(crate::transport::MAX_STREAMS_PER_LINK)
+        .max_concurrent_streams(max_streams)
         .handshake::<_, Bytes>(io);
     let mut conn = match tokio::time::timeout(idle_timeout, handshake).await {
         Ok(Ok(c)) => c,
@@ -358,7 +415,7 @@ where
             continue;
         };
         match respond.send_response(resp, false) {
-            Ok(send) => on_stream(H2Send(send), H2Recv::open(req.into_body())),
+            Ok(send) => on_stream(H2Send(send, None), H2Recv::open(req.into_body())),
             Err(e) => tracing::debug!(error = %e, "could not answer a CONNECT stream"),
         }
     }

@@ -117,16 +117,14 @@ pub enum LinkError {
 }
 
 /// Why a tunnel request did not get a reply.
-/// Concurrent tunnel streams (proxied connections) one peer may open on one link.
-pub const MAX_STREAMS_PER_LINK: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error("cannot open a stream: {0}")]
     Open(io::Error),
     #[error(
-        "no stream free on the link within {0:?}: the peer's limit of {MAX_STREAMS_PER_LINK} \
-         concurrent streams is reached"
+        "no stream free on the link within {0:?}: the peer's limit of concurrent streams \
+         (its tunnel.max_streams_per_link) is reached"
     )]
     StreamsExhausted(Duration),
     #[error("cannot encode the preamble: {0}")]

@@ -160,3 +160,70 @@ async fn dead_endpoint_is_skipped_then_ejected() -> Result<()> {
     );
     Ok(())
 }
+
+/// A peer at its `tunnel.max_streams_per_link` does not hang new connections: once the
+/// reply timeout passes without a free stream, the next site serves them, and the
+/// sending gateway counts why.
+async fn a_peer_at_its_stream_limit_sends_new_connections_elsewhere(
+    t: TransportKind,
+) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::new(t);
+    let near_echo = Echo::start(Some("near")).await?;
+    let far_echo = Echo::start(Some("far_")).await?;
+    let mut cfg = mesh.config("west");
+    cfg.tunnel.reply_timeout_ms = 400;
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let west = mesh
+        .gateway_with(&site("west", "r1", "a"), cfg, mesh.identity("west"))
+        .await?;
+    let mut cfg = mesh.config("near");
+    cfg.tunnel.max_streams_per_link = 1;
+    let near = mesh
+        .gateway_with(&site("near", "r1", "b"), cfg, mesh.identity("near"))
+        .await?;
+    let far = mesh.gateway(&site("far", "r2", "c")).await?;
+    mesh.feed
+        .export("near", &key("echo"), PORT, &[near_echo.addr]);
+    mesh.feed
+        .export("far", &key("echo"), PORT, &[far_echo.addr]);
+    mesh.feed.synced(&[&west, &near, &far]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("no service listener")?;
+
+    // The one stream near allows west, held open.
+    let mut held = tokio::net::TcpStream::connect(vip).await?;
+    let mut tag = [0u8; 4];
+    tokio::time::timeout(WAIT, held.read_exact(&mut tag))
+        .await
+        .context("first client not served")??;
+    assert_eq!(&tag, b"near");
+
+    let began = Instant::now();
+    assert_eq!(
+        which_server(vip, 4).await?,
+        "far_",
+        "full near link routed around"
+    );
+    assert!(
+        began.elapsed() < WAIT,
+        "took {:?}: the full link was not given up on",
+        began.elapsed()
+    );
+    let admin = west.admin_addr().context("no admin listener")?;
+    let metrics = http_get(admin, "/metrics").await?;
+    let want = "meshbridge_gateway_failures_total{site=\"west\",peer_site=\"near\",reason=\"streams_exhausted\"} 1";
+    assert!(metrics.contains(want), "{want} missing:\n{metrics}");
+    // The held connection was not disturbed (on either transport the link stays up).
+    use tokio::io::AsyncWriteExt;
+    held.write_all(b"still").await?;
+    let mut back = [0u8; 5];
+    tokio::time::timeout(WAIT, held.read_exact(&mut back))
+        .await
+        .context("held connection stalled")??;
+    assert_eq!(&back, b"still");
+    Ok(())
+}
+both_transports!(a_peer_at_its_stream_limit_sends_new_connections_elsewhere);
