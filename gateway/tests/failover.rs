@@ -21,15 +21,14 @@ async fn endpoints_stopping_in_the_nearer_site_fails_over(t: TransportKind) -> R
     let west = mesh.gateway(&site("west", "r1", "a")).await?;
     let near = mesh.gateway(&site("near", "r1", "b")).await?;
     let far = mesh.gateway(&site("far", "r2", "c")).await?;
-    mesh.feed
-        .export("near", &key("echo"), PORT, &[near_echo.addr]);
-    mesh.feed
-        .export("far", &key("echo"), PORT, &[far_echo.addr]);
-    mesh.feed.synced(&[&west, &near, &far]).await;
-    let vip = west
-        .service_addr(&key("echo"), PORT, WAIT)
-        .await
-        .context("no service listener")?;
+    let vip = export_near_and_far(
+        &mesh,
+        PORT,
+        (near_echo.addr, far_echo.addr),
+        &west,
+        &[&west, &near, &far],
+    )
+    .await?;
     for _ in 0..3 {
         assert_eq!(which_server(vip, 4).await?, "near", "nearer site first");
     }
@@ -82,15 +81,14 @@ async fn nearer_gateway_dying_fails_over_within_seconds(t: TransportKind) -> Res
         Fault::Tcp(f) => f.addr(),
     };
     mesh.feed.set_site(&near_site, Some(via));
-    mesh.feed
-        .export("near", &key("echo"), PORT, &[near_echo.addr]);
-    mesh.feed
-        .export("far", &key("echo"), PORT, &[far_echo.addr]);
-    mesh.feed.synced(&[&west, &near, &far]).await;
-    let vip = west
-        .service_addr(&key("echo"), PORT, WAIT)
-        .await
-        .context("no service listener")?;
+    let vip = export_near_and_far(
+        &mesh,
+        PORT,
+        (near_echo.addr, far_echo.addr),
+        &west,
+        &[&west, &near, &far],
+    )
+    .await?;
     assert_eq!(which_server(vip, 4).await?, "near");
 
     fault.set(Mode::Blackhole);
@@ -183,15 +181,14 @@ async fn a_peer_at_its_stream_limit_sends_new_connections_elsewhere(
         .gateway_with(&site("near", "r1", "b"), cfg, mesh.identity("near"))
         .await?;
     let far = mesh.gateway(&site("far", "r2", "c")).await?;
-    mesh.feed
-        .export("near", &key("echo"), PORT, &[near_echo.addr]);
-    mesh.feed
-        .export("far", &key("echo"), PORT, &[far_echo.addr]);
-    mesh.feed.synced(&[&west, &near, &far]).await;
-    let vip = west
-        .service_addr(&key("echo"), PORT, WAIT)
-        .await
-        .context("no service listener")?;
+    let vip = export_near_and_far(
+        &mesh,
+        PORT,
+        (near_echo.addr, far_echo.addr),
+        &west,
+        &[&west, &near, &far],
+    )
+    .await?;
 
     // The one stream near allows west, held open.
     let mut held = tokio::net::TcpStream::connect(vip).await?;

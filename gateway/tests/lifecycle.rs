@@ -76,15 +76,14 @@ async fn drain_completes_streams_in_flight_and_sends_new_ones_elsewhere(
     let west = mesh.gateway(&site("west", "r1", "a")).await?;
     let near = mesh.gateway(&site("near", "r1", "b")).await?;
     let far = mesh.gateway(&site("far", "r2", "c")).await?;
-    mesh.feed
-        .export("near", &key("echo"), PORT, &[near_echo.addr]);
-    mesh.feed
-        .export("far", &key("echo"), PORT, &[far_echo.addr]);
-    mesh.feed.synced(&[&west, &near, &far]).await;
-    let vip = west
-        .service_addr(&key("echo"), PORT, WAIT)
-        .await
-        .context("vip")?;
+    let vip = export_near_and_far(
+        &mesh,
+        PORT,
+        (near_echo.addr, far_echo.addr),
+        &west,
+        &[&west, &near, &far],
+    )
+    .await?;
 
     let mut in_flight = TcpStream::connect(vip).await?;
     let mut tag = [0u8; 4];

@@ -436,3 +436,20 @@ pub fn localhost(port: u16) -> SocketAddr {
 }
 
 pub type Tags = BTreeMap<String, usize>;
+
+/// `demo/echo` on `port` exported by the sites "near" (endpoint `near_ep`) and "far"
+/// (`far_ep`); waits until `gateways` have the catalog and returns west's service listener.
+pub async fn export_near_and_far(
+    mesh: &Mesh,
+    port: u16,
+    (near_ep, far_ep): (SocketAddr, SocketAddr),
+    west: &GatewayHandle,
+    gateways: &[&GatewayHandle],
+) -> Result<SocketAddr> {
+    mesh.feed.export("near", &key("echo"), port, &[near_ep]);
+    mesh.feed.export("far", &key("echo"), port, &[far_ep]);
+    mesh.feed.synced(gateways).await;
+    west.service_addr(&key("echo"), port, WAIT)
+        .await
+        .context("no service listener")
+}
