@@ -117,16 +117,21 @@ impl Gateway {
 
         let start_catalog = snapshot::initial(&config.data_dir, &catalog);
         let from_source = Arc::ptr_eq(&start_catalog, &catalog.borrow());
+        // The revision the data dir holds: the snapshot started from, or the source's first
+        // catalog once saved here (0 makes the persistence task save it).
+        let mut on_disk = start_catalog.revision;
         if start_catalog.revision > 0
             && from_source
             && let Err(e) = snapshot::save(&config.data_dir, &start_catalog)
         {
             tracing::warn!(error = %e, "cannot persist the catalog");
+            on_disk = 0;
         }
         let (effective_tx, effective_rx) = watch::channel(start_catalog);
         tasks.spawn(snapshot::persist(
             config.data_dir.clone(),
             effective_rx.clone(),
+            on_disk,
             Duration::from_secs(1),
             stop.clone(),
         ));

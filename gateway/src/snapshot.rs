@@ -112,18 +112,18 @@ pub async fn follow(
 }
 
 /// Persist each catalog put in use, at most once per `min_interval` (always the latest).
+/// `on_disk` is the revision the data dir already holds. The current value is checked before
+/// every wait, so a catalog that arrived before this task first ran, or while it slept, is
+/// saved too, and stopping always ends with the latest catalog on disk.
 pub async fn persist(
     data_dir: PathBuf,
     mut catalog: watch::Receiver<Arc<Catalog>>,
+    on_disk: u64,
     min_interval: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut saved = catalog.borrow_and_update().revision;
+    let mut saved = on_disk;
     loop {
-        let stopping = tokio::select! {
-            r = catalog.changed() => if r.is_err() { return } else { false },
-            _ = stop.cancelled() => true,
-        };
         let next = catalog.borrow_and_update().clone();
         if next.revision != saved {
             let dir = data_dir.clone();
@@ -134,12 +134,17 @@ pub async fn persist(
                 Err(e) => tracing::warn!(error = %e, "catalog persistence task failed"),
             }
         }
-        if stopping {
+        if stop.is_cancelled() {
             return;
         }
         tokio::select! {
             _ = tokio::time::sleep(min_interval) => {}
             // Stopping: one last save of whatever came in meanwhile.
+            _ = stop.cancelled() => continue,
+        }
+        tokio::select! {
+            // An error means the sender is gone and every value was seen (and saved above).
+            r = catalog.changed() => if r.is_err() { return },
             _ = stop.cancelled() => {}
         }
     }
@@ -181,5 +186,36 @@ mod tests {
             ..Catalog::default()
         }));
         assert_eq!(initial(dir.path(), &rx).revision, 9);
+    }
+
+    #[tokio::test]
+    async fn a_catalog_sent_before_the_task_runs_and_the_last_one_at_stop_are_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = watch::channel(Arc::new(Catalog {
+            revision: 1,
+            ..Catalog::default()
+        }));
+        save(dir.path(), &rx.borrow()).unwrap();
+        // Revision 2 is already current (and would count as seen) when the task starts.
+        tx.send_replace(Arc::new(Catalog {
+            revision: 2,
+            ..Catalog::default()
+        }));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(persist(
+            dir.path().to_path_buf(),
+            rx,
+            1,
+            std::time::Duration::from_secs(3600),
+            stop.clone(),
+        ));
+        // Revision 3 arrives while the task waits out its interval; stopping saves it.
+        tx.send_replace(Arc::new(Catalog {
+            revision: 3,
+            ..Catalog::default()
+        }));
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(load(dir.path()).unwrap().map(|c| c.revision), Some(3));
     }
 }
