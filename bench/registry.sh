@@ -10,9 +10,12 @@
 #   reads     16 concurrent linearizable reads for 10 s (etcd: serializable=false range)
 #   failover  SIGKILL the leader; time to the first successful write via the survivors
 #   watch     meshbridge only: write on node A -> seen by a watcher on node B (p50/p99)
+#   dns       meshbridge only: export write on the leader -> `meshbridge dns`, following a
+#             follower as site "bench", answers the new address (p50/p99; DNS_BACKGROUND
+#             services loaded first, default 10000, so each change rebuilds a full index)
 #   scale     meshbridge only: SITES x SERVICES x ENDPOINTS, then RSS per node, snapshot
 #             and store size, and the time for a new (4th) node to catch up
-# Usage: bench/registry.sh   Env: RUNS=3 TESTS="seq conc reads failover watch scale"
+# Usage: bench/registry.sh   Env: RUNS=3 TESTS="seq conc reads failover watch dns scale"
 #        SITES=100 SERVICES=100 ENDPOINTS=10 (100k endpoints); SNAPSHOT_EVERY=5000
 #        (raft.snapshot_every_logs: lower it to make the scale run snapshot and the
 #        new node catch up from the snapshot)
@@ -22,7 +25,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 source "$SHARED/common.sh"
-TESTS=${TESTS:-seq conc reads failover watch scale}
+TESTS=${TESTS:-seq conc reads failover watch dns scale}
 SITES=${SITES:-100}; SERVICES=${SERVICES:-100}; ENDPOINTS=${ENDPOINTS:-10}
 want() { [[ " $TESTS " == *" $1 "* ]]; }
 MB=$ROOT/target/release/meshbridge
@@ -58,7 +61,7 @@ wait_mb() { local i; for i in $(seq 150); do
 rl() { "$REGLOAD" --registry "$1" --tls-dir "$D/ctl" "${@:2}"; }
 mb_leader() { "$MB" ctl --registry "$URLS" --tls-dir "$D/ctl" status -o json | python3 -c 'import json,sys; d=json.load(sys.stdin); l=d["registry"]["leader_id"]; print(next(n["url"] for n in d["registry"]["nodes"] if n.get("node_id")==l))'; }
 
-for p in 23791 23792 23793 23801 23802 23803 27401 27402 27403 27404; do is_listening $p && die "port $p busy"; done
+for p in 23791 23792 23793 23801 23802 23803 27401 27402 27403 27404 27453; do is_listening $p && die "port $p busy"; done
 rm -rf "$D"; mkdir -p "$D/etcd"
 "$MB" pki init --trust-domain bench.local --out "$D/ca" >/dev/null
 "$MB" pki issue --id spiffe://bench.local/ctl/bench --ca "$D/ca" --out "$D/ctl" --ttl 30d >/dev/null
@@ -139,6 +142,36 @@ if want watch; then
     m50+=("$(field "$out" '["p50_ms"]')"); m99+=("$(field "$out" '["p99_ms"]')")
   done
   summ "meshbridge watch propagation p50" ms "${m50[@]}"; summ "meshbridge watch propagation p99" ms "${m99[@]}"
+fi
+
+if want dns; then
+  leader=$(mb_leader); other=$(tr ',' '\n' <<<"$URLS" | grep -v "$leader" | head -1)
+  "$MB" pki issue --id spiffe://bench.local/site/bench/dns --ca "$D/ca" --out "$D/dns" --ttl 30d >/dev/null
+  cat > "$D/dns.toml" <<CFG
+[dns]
+listen = "127.0.0.1:27453"
+site = "bench"
+[dns.rate_limit]
+per_client_qps = 0
+[source]
+registry = ["$other"]
+[tls]
+cert = "$D/dns/cert.pem"
+key = "$D/dns/key.pem"
+bundle = "$D/dns/bundle.pem"
+CFG
+  spawn mbdns "$MB" dns --config "$D/dns.toml"; DNSPID=$SPAWNED_PID
+  wait_port 27453 30
+  m50=(); m99=(); a99=()
+  for r in $(seq "$RUNS"); do
+    wait_quiet
+    out=$(rl "$leader" dns --server 127.0.0.1:27453 --n 200 --background "${DNS_BACKGROUND:-10000}"); record dns meshbridge "$r" "$out"
+    m50+=("$(field "$out" '["p50_ms"]')"); m99+=("$(field "$out" '["p99_ms"]')"); a99+=("$(field "$out" '["after_ack"]["p99_ms"]')")
+    log "dns run $r: $out"
+  done
+  kill "$DNSPID" 2>/dev/null || true
+  summ "meshbridge export write -> DNS answer p50" ms "${m50[@]}"; summ "meshbridge export write -> DNS answer p99" ms "${m99[@]}"
+  summ "meshbridge write acknowledged -> DNS answer p99" ms "${a99[@]}"
 fi
 
 if want failover; then

@@ -1,6 +1,6 @@
 //! regload: the registry workloads of `bench/registry.sh`, matching `../shared/bench/etcd.sh`
 //! (sequential puts, concurrent puts, failover) plus linearizable reads, watch propagation
-//! and scale. Every subcommand prints one JSON line.
+//! scale, and export write -> federated DNS answer. Every subcommand prints one JSON line.
 //!
 //! A "put" is a `PutExport` of one service with one endpoint, about 256 bytes of JSON, to a
 //! distinct key each time, acknowledged only after the leader's quorum fsynced it.
@@ -62,6 +62,19 @@ enum Cmd {
         pids: Vec<String>,
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+    },
+    /// Time from an export write (first URL) to `meshbridge dns` (at `server`, following
+    /// another node as site "bench") answering the new endpoint address. `background`
+    /// services are loaded first, so each change rebuilds an index of realistic size.
+    Dns {
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        n: usize,
+        #[arg(long, default_value_t = 10_000)]
+        background: usize,
+        #[arg(long, default_value_t = "clusterset.local".to_string())]
+        zone: String,
     },
     /// Load `sites` × `services` × `endpoints` and report how long it took.
     Scale {
@@ -243,6 +256,24 @@ async fn main() -> Result<()> {
             }
             summary(lat)
         }
+        Cmd::Dns {
+            server,
+            n,
+            background,
+            zone,
+        } => {
+            dns_freshness(
+                &first,
+                &cli.registry,
+                &identity,
+                server,
+                n,
+                background,
+                &zone,
+                run,
+            )
+            .await?
+        }
         Cmd::Failover { pids, timeout } => {
             let status = first.status().await?;
             let leader_url = status.leader_url.clone();
@@ -337,6 +368,101 @@ async fn main() -> Result<()> {
     };
     println!("{out}");
     Ok(())
+}
+
+/// Load the background services, then `n` times: change the address of the one endpoint of
+/// `dnsfresh/probe`, and query the DNS server every millisecond until it answers the new one.
+#[allow(clippy::too_many_arguments)]
+async fn dns_freshness(
+    writer: &RegistryClient,
+    urls: &[String],
+    identity: &Arc<Identity>,
+    server: std::net::SocketAddr,
+    n: usize,
+    background: usize,
+    zone: &str,
+    run: u64,
+) -> Result<serde_json::Value> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+
+    let t0 = Instant::now();
+    let pool = clients_for(urls, 16, identity).await?;
+    let mut tasks = Vec::new();
+    for (c, cl) in pool.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for i in (c..background).step_by(16) {
+                cl.put_export(&export(SITE, "dnsbg", &format!("svc{i:05}"), run, 1))
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+
+    let name = Name::from_ascii(format!("probe.dnsfresh.svc.{zone}."))?;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(server).await?;
+    let mut buf = vec![0u8; 4096];
+    let mut id = 0u16;
+    // The current answer of the DNS server for the probe name (its A addresses).
+    let mut ask = async || -> Result<Vec<std::net::IpAddr>> {
+        id = id.wrapping_add(1);
+        let mut q = Message::query();
+        q.metadata.id = id;
+        q.add_query(Query::query(name.clone(), RecordType::A));
+        socket.send(&q.to_vec()?).await?;
+        loop {
+            let got = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
+                .await
+                .context("no DNS answer within 1 s")??;
+            let m = Message::from_vec(&buf[..got])?;
+            if m.metadata.id != id {
+                continue; // a late answer to an earlier query
+            }
+            return Ok(m
+                .answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+                    _ => None,
+                })
+                .collect());
+        }
+    };
+    let (mut from_write, mut from_ack) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for round in 0..=n {
+        let want = std::net::IpAddr::from([10, 252, (round >> 8) as u8, round as u8]);
+        let mut e = export(SITE, "dnsfresh", "probe", run + round as u64, 1);
+        e.endpoints[0].address = want;
+        let s = Instant::now();
+        writer.put_export(&e).await?;
+        let acked = s.elapsed();
+        let deadline = s + Duration::from_secs(10);
+        loop {
+            if ask().await?.contains(&want) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("round {round}: DNS did not answer {want} within 10 s of the write");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let seen = s.elapsed();
+        // Round 0 only waits for the server to know the probe service at all.
+        if round > 0 {
+            from_write.push(seen.as_secs_f64() * 1000.0);
+            from_ack.push(seen.saturating_sub(acked).as_secs_f64() * 1000.0);
+        }
+    }
+    let mut v = summary(from_write);
+    v["after_ack"] = summary(from_ack);
+    v["background_services"] = json!(background);
+    v["background_load_s"] = json!(round(load_s));
+    Ok(v)
 }
 
 /// One client per worker, spread over the URLs (separate connections, as etcd's bench does).

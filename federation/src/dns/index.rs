@@ -1,9 +1,15 @@
 //! The answer index: every name of the zone with its record sets, precomputed from one
 //! catalog, so that answering is two hash lookups (the service, then the name).
 //!
-//! Plain data, no I/O. [`Index::rebuild`] reuses the names of every service whose exports,
-//! sites and VIP did not change, so a change costs about the changed services.
+//! Plain data, no I/O. [`Index::update`] recomputes only the services whose exports changed
+//! since the catalog the index was built from (found by walking both catalogs' export maps,
+//! which share the `Arc` of every unchanged export), and shares every other service's names,
+//! a namespace's map included when nothing in it changed. When a site's lease state or
+//! locality changed, or (in VIP mode) the set of services did, it falls back to
+//! [`Index::rebuild`], which walks every service but still reuses the names of those whose
+//! exports, sites and VIP did not change.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -22,7 +28,8 @@ use super::service::{self, Inputs, View};
 /// The version of the MCS DNS schema served in `dns-version.<zone>`.
 pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
 
-type Services = HashMap<String, HashMap<String, Arc<ServiceZone>, FxBuild>, FxBuild>;
+type Namespace = HashMap<String, Arc<ServiceZone>, FxBuild>;
+type Services = HashMap<String, Arc<Namespace>, FxBuild>;
 
 /// Every name of the zone, as seen from one site, at one catalog revision.
 pub struct Index {
@@ -37,6 +44,8 @@ pub struct Index {
     soa: [Record; 1],
     soa_len: usize,
     names: usize,
+    /// Names under `svc.<zone>` that belong to a service (the sum over `services`).
+    service_names: usize,
     revision: u64,
     forwarding: bool,
 }
@@ -104,7 +113,7 @@ impl Index {
             ttl,
             vips: vips.is_some(),
         };
-        let mut services = Services::default();
+        let mut services: HashMap<String, Namespace, FxBuild> = HashMap::default();
         let mut names = 0;
         let mut group: Vec<&Arc<Export>> = Vec::new();
         let mut exports = catalog.exports.iter().peekable();
@@ -133,11 +142,162 @@ impl Index {
                 };
             }
         }
+        let services = services
+            .into_iter()
+            .map(|(ns, m)| (ns, Arc::new(m)))
+            .collect();
+        Self::assemble(config, catalog, zone, from, services, names)
+    }
+
+    /// The index of `catalog`, the successor of `previous` (the catalog this index was built
+    /// from, with the same `config`): recomputes the services whose exports differ, shares
+    /// the rest. Falls back to [`Index::rebuild`] when more than those can have changed.
+    pub fn update(
+        &self,
+        config: &Config,
+        previous: &Catalog,
+        catalog: &Catalog,
+    ) -> Result<Index, DnsError> {
+        match self.changed_services(config, previous, catalog) {
+            Some(changed) => self.patch(config, catalog, &changed),
+            None => self.rebuild(config, catalog),
+        }
+    }
+
+    /// The services whose exports differ between `previous` and `catalog`, or `None` when
+    /// other services' names may have changed too: a site's lease state or locality changed
+    /// (or a site came or went), the zone or point of view changed, or in VIP mode the
+    /// assignment may have moved (an export added or removed, or its creation revision
+    /// changed, or a changed service had no names to take its VIP from).
+    fn changed_services(
+        &self,
+        config: &Config,
+        previous: &Catalog,
+        catalog: &Catalog,
+    ) -> Option<Vec<ServiceKey>> {
+        if previous.revision != self.revision
+            || previous.sites.len() != catalog.sites.len()
+            || !previous
+                .sites
+                .iter()
+                .zip(&catalog.sites)
+                .all(|((na, a), (nb, b))| {
+                    na == nb
+                        && std::mem::discriminant(&a.state) == std::mem::discriminant(&b.state)
+                        && a.locality == b.locality
+                })
+        {
+            return None;
+        }
+        let vips = config.vip_range.is_some();
+        let mut changed: Vec<ServiceKey> = Vec::new();
+        let (mut a, mut b) = (
+            previous.exports.iter().peekable(),
+            catalog.exports.iter().peekable(),
+        );
+        loop {
+            // The catalog keeps an unchanged export's `Arc`, always under the export's own
+            // key, so equal pointers mean the same key and the same export.
+            let step = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((_, ea)), Some((_, eb))) if Arc::ptr_eq(ea, eb) => Ordering::Equal,
+                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+            };
+            match step {
+                Ordering::Equal => {
+                    let (Some((key, ea)), Some((_, eb))) = (a.next(), b.next()) else {
+                        break;
+                    };
+                    if !Arc::ptr_eq(ea, eb) && ea != eb {
+                        if vips && ea.created_revision != eb.created_revision {
+                            return None;
+                        }
+                        changed.push(key.0.clone());
+                    }
+                }
+                // An export removed (Less) or added (Greater).
+                _ if vips => return None,
+                Ordering::Less => changed.extend(a.next().map(|(key, _)| key.0.clone())),
+                Ordering::Greater => changed.extend(b.next().map(|(key, _)| key.0.clone())),
+            }
+        }
+        changed.dedup();
+        if vips && changed.iter().any(|k| self.service_zone(k).is_none()) {
+            return None;
+        }
+        Some(changed)
+    }
+
+    /// This index with the names of `changed` services recomputed from `catalog`.
+    fn patch(
+        &self,
+        config: &Config,
+        catalog: &Catalog,
+        changed: &[ServiceKey],
+    ) -> Result<Index, DnsError> {
+        let zone = self.zone.clone();
+        let view = View {
+            site: &config.site,
+            from: &self.from,
+            ttl: config.ttl_secs,
+            vips: config.vip_range.is_some(),
+        };
+        let mut services = self.services.clone();
+        let mut names = self.service_names;
+        for key in changed {
+            let exports: Vec<&Arc<Export>> = catalog
+                .exports
+                .range((key.clone(), String::new())..)
+                .take_while(|((k, _), _)| k == key)
+                .map(|(_, e)| e)
+                .collect();
+            let old = self.service_zone(key);
+            // VIP mode: the assignment did not move (see `changed_services`).
+            let vip = old.and_then(|z| z.inputs.vip());
+            let new = if exports.is_empty() {
+                None
+            } else {
+                service_zone(&view, &zone, catalog, key, &exports, vip)
+            }
+            .filter(|z| !z.nodes.is_empty());
+            names -= old.map_or(0, |z| z.nodes.len());
+            names += new.as_ref().map_or(0, |z| z.nodes.len());
+            match new {
+                Some(z) => {
+                    let ns = services.entry(key.namespace.clone()).or_default();
+                    Arc::make_mut(ns).insert(key.name.clone(), z);
+                }
+                None => {
+                    if let Some(ns) = services.get_mut(&key.namespace) {
+                        Arc::make_mut(ns).remove(&key.name);
+                        if ns.is_empty() {
+                            services.remove(&key.namespace);
+                        }
+                    }
+                }
+            }
+        }
+        Self::assemble(config, catalog, zone, self.from.clone(), services, names)
+    }
+
+    /// The apex and SOA of `catalog`'s revision around `services`.
+    fn assemble(
+        config: &Config,
+        catalog: &Catalog,
+        zone: Name,
+        from: Locality,
+        services: Services,
+        service_names: usize,
+    ) -> Result<Index, DnsError> {
+        let ttl = config.ttl_secs;
         let apex = apex(config, &zone, catalog.revision)?;
         let soa = Record::from_rdata(zone.clone(), ttl, soa(&zone, catalog.revision, ttl)?);
         Ok(Index {
             zone_labels: usize::from(zone.num_labels()),
-            names: names + apex.len() + services.len() + usize::from(!services.is_empty()),
+            names: service_names + apex.len() + services.len() + usize::from(!services.is_empty()),
+            service_names,
             soa_len: wire_len(&soa),
             soa: [soa],
             zone,
@@ -147,6 +307,32 @@ impl Index {
             revision: catalog.revision,
             forwarding: config.upstream.is_some(),
         })
+    }
+
+    /// Every name with its records and the name count, in a canonical order: two indexes
+    /// answer alike exactly when their dumps are equal.
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> (usize, Vec<String>) {
+        let nodes = self
+            .services
+            .values()
+            .flat_map(|ns| ns.values())
+            .flat_map(|z| z.nodes.iter())
+            .chain(self.apex.iter());
+        let mut out: Vec<String> = nodes
+            .map(|(name, node)| format!("{name} {node:?}"))
+            .collect();
+        out.sort();
+        (self.names, out)
+    }
+
+    /// Whether this index shares the map of namespace `ns` with `other` (not copied).
+    #[cfg(test)]
+    pub(crate) fn shares_namespace(&self, other: &Index, ns: &str) -> bool {
+        matches!(
+            (self.services.get(ns), other.services.get(ns)),
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b)
+        )
     }
 
     pub(crate) fn service_zone(&self, key: &ServiceKey) -> Option<&Arc<ServiceZone>> {

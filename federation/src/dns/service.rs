@@ -48,6 +48,11 @@ impl Inputs {
         }
     }
 
+    /// The VIP the names were built with (VIP mode).
+    pub(crate) fn vip(&self) -> Option<Ipv4Addr> {
+        self.vip
+    }
+
     /// Whether these are the inputs of `exports` in `catalog` (exports compared by identity:
     /// the catalog keeps an unchanged export's `Arc`).
     pub(crate) fn same(

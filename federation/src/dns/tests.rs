@@ -217,3 +217,134 @@ fn size_bounds_are_never_below_the_encoded_size() {
     }
     assert!(checked >= 6, "{checked}");
 }
+
+/// A small deterministic generator (xorshift), so a failing sequence can be replayed.
+struct Steps(u64);
+
+impl Steps {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One random change to `cat`, of the kinds a registry makes: an export put (new endpoint
+/// address, readiness, headless flag, a new service or namespace), an export deleted, a
+/// site's lease state changed, a heartbeat (a new `Site` with the same DNS inputs).
+fn random_change(cat: &mut Catalog, steps: &mut Steps, rev: u64) {
+    let sites = ["east", "west", "north"];
+    let site_name = sites[steps.below(3) as usize];
+    match steps.below(10) {
+        0..=4 => {
+            let ns = format!("ns{}", steps.below(3));
+            let name = format!("s{}", steps.below(6));
+            let ip = format!("10.{}.0.{}", steps.below(3), 1 + steps.below(200));
+            let mut e = (*export(site_name, &name, &ip, steps.below(4) == 0, rev)).clone();
+            e.service = ServiceKey::new(ns, name);
+            e.endpoints[0].ready = steps.below(5) != 0;
+            e.endpoints[0].hostname = None;
+            // A re-put keeps the export's creation revision, as the registry does.
+            if let Some(old) = cat.exports.get(&e.key()) {
+                e.created_revision = old.created_revision;
+            }
+            let e = Arc::new(e);
+            cat.exports.insert(e.key(), e);
+        }
+        5 | 6 => {
+            let n = cat.exports.len() as u64;
+            if n > 0 {
+                let k = cat.exports.keys().nth(steps.below(n) as usize).cloned();
+                if let Some(k) = k {
+                    cat.exports.remove(&k);
+                }
+            }
+        }
+        7 => {
+            let state = match steps.below(3) {
+                0 => SiteState::Fresh,
+                1 => SiteState::Stale { since_ms: rev },
+                _ => SiteState::Fresh,
+            };
+            cat.sites.insert(site_name.into(), site(site_name, state));
+        }
+        _ => {
+            // A heartbeat: a new `Site` value, same state and locality.
+            if let Some(s) = cat.sites.get(site_name) {
+                let mut beat = (**s).clone();
+                beat.last_heartbeat_ms += 1000;
+                cat.sites.insert(site_name.into(), Arc::new(beat));
+            }
+        }
+    }
+    cat.revision = rev;
+}
+
+#[test]
+fn update_answers_exactly_like_a_full_build_after_every_change() {
+    for (config, seed) in [
+        (Config::for_test("east"), 0x9e37_79b9_7f4a_7c15_u64),
+        (Config::for_test("north"), 0x2545_f491_4f6c_dd1d),
+        (
+            Config {
+                vip_range: Some("127.240.0.0/24".parse().unwrap()),
+                ..Config::for_test("west")
+            },
+            0x1234_5678_9abc_def1,
+        ),
+    ] {
+        let mut steps = Steps(seed);
+        let mut cat = catalog();
+        let mut index = Index::build(&config, &cat).unwrap();
+        for rev in 11..250 {
+            let previous = cat.clone();
+            random_change(&mut cat, &mut steps, rev);
+            let updated = index.update(&config, &previous, &cat).unwrap();
+            let built = Index::build(&config, &cat).unwrap();
+            assert_eq!(
+                updated.dump(),
+                built.dump(),
+                "site {} revision {rev}",
+                config.site
+            );
+            assert_eq!(updated.revision(), rev);
+            index = updated;
+        }
+    }
+}
+
+#[test]
+fn update_after_one_export_change_recomputes_only_that_service() {
+    let config = Config::for_test("east");
+    let mut cat = catalog();
+    let other = {
+        let mut e = (*export("east", "c", "10.0.0.3", false, 5)).clone();
+        e.service = ServiceKey::new("other", "c");
+        Arc::new(e)
+    };
+    cat.exports.insert(other.key(), other);
+    let first = Index::build(&config, &cat).unwrap();
+    let previous = cat.clone();
+    let changed = export("east", "b", "10.0.0.9", false, 3);
+    cat.exports.insert(changed.key(), changed);
+    cat.revision += 1;
+    let second = first.update(&config, &previous, &cat).unwrap();
+    let same = |ns: &str, k: &str| {
+        let key = ServiceKey::new(ns, k);
+        Arc::ptr_eq(
+            first.service_zone(&key).unwrap(),
+            second.service_zone(&key).unwrap(),
+        )
+    };
+    assert!(same("ns", "a") && same("ns", "db") && same("other", "c"));
+    assert!(!same("ns", "b"));
+    // The untouched namespace's map is shared, not copied.
+    assert!(second.shares_namespace(&first, "other"));
+    assert!(!second.shares_namespace(&first, "ns"));
+    assert_eq!(
+        answers(&second, "b.ns.svc.clusterset.local.", RecordType::A),
+        1
+    );
+    assert_eq!(second.dump(), Index::build(&config, &cat).unwrap().dump());
+}

@@ -43,8 +43,13 @@ pub(crate) async fn watch_catalog(
             continue;
         }
         let started = Instant::now();
-        let (cfg, cat, prev) = (config.clone(), next.clone(), index.load_full());
-        match tokio::task::spawn_blocking(move || prev.rebuild(&cfg, &cat)).await {
+        let (cfg, cat, prev, was) = (
+            config.clone(),
+            next.clone(),
+            index.load_full(),
+            served.clone(),
+        );
+        match tokio::task::spawn_blocking(move || prev.update(&cfg, &was, &cat)).await {
             Ok(Ok(built)) => {
                 metrics.observe_index(&built, started.elapsed());
                 debug!(
