@@ -56,6 +56,43 @@ pub fn apply_changes(catalog: &mut Catalog, revision: u64, changes: &[Change]) {
     catalog.revision = revision;
 }
 
+/// The catalog before the current one, and the changes that lead from it to the current one.
+///
+/// A delta must not be applied to the current catalog in place while receivers hold it, and
+/// copying a catalog of 10,000 services costs milliseconds, on every delta (heartbeats
+/// included) and in every process that follows the registry. Receivers move on to each new
+/// catalog and drop the one before, so by the next delta the previous catalog is usually
+/// unshared: it is brought up to date with the changes it missed and reused (the registry's
+/// state machine does the same). The whole catalog is copied only when some receiver still
+/// holds the previous one.
+#[derive(Default)]
+pub(crate) struct Spare(Option<(Arc<Catalog>, u64, Vec<Change>)>);
+
+impl Spare {
+    /// Publish the catalog at `revision`: the current one with `changes` applied. Returns
+    /// whether the spare was reused (no copy of the catalog).
+    pub(crate) fn advance(
+        &mut self,
+        tx: &watch::Sender<Arc<Catalog>>,
+        revision: u64,
+        changes: Vec<Change>,
+    ) -> bool {
+        let current = tx.borrow().clone();
+        let reused = self.0.take().and_then(|(old, rev, missed)| {
+            let mut c = Arc::try_unwrap(old).ok()?;
+            apply_changes(&mut c, rev, &missed);
+            (c.revision == current.revision).then_some(c)
+        });
+        let was_reused = reused.is_some();
+        let mut next = reused.unwrap_or_else(|| (*current).clone());
+        drop(current);
+        apply_changes(&mut next, revision, &changes);
+        let previous = tx.send_replace(Arc::new(next));
+        self.0 = Some((previous, revision, changes));
+        was_reused
+    }
+}
+
 /// Why a stream ended.
 enum End {
     /// Every receiver is gone: stop.
@@ -141,6 +178,7 @@ async fn follow(
     tx: &watch::Sender<Arc<Catalog>>,
     failures: &mut u32,
 ) -> End {
+    let spare = &mut Spare::default();
     loop {
         let msg = tokio::select! {
             _ = tx.closed() => return End::Closed,
@@ -162,6 +200,7 @@ async fn follow(
                 }
                 match decode::<Catalog>("Watch", &reset.catalog_json) {
                     Ok(catalog) => {
+                        *spare = Spare::default();
                         tx.send_replace(Arc::new(catalog));
                     }
                     Err(e) => return End::Lost(e.to_string()),
@@ -181,9 +220,7 @@ async fn follow(
                     Ok(c) => c,
                     Err(e) => return End::Lost(e.to_string()),
                 };
-                tx.send_modify(|catalog| {
-                    apply_changes(Arc::make_mut(catalog), delta.revision, &changes);
-                });
+                spare.advance(tx, delta.revision, changes);
             }
         }
     }
@@ -232,6 +269,59 @@ mod tests {
             created_revision: 0,
             updated_revision: 0,
         }
+    }
+
+    fn site(name: &str, beat: u64) -> Change {
+        let s = spec(name);
+        Change::SiteUpserted {
+            site: crate::model::Site {
+                name: s.name,
+                kind: s.kind,
+                locality: s.locality,
+                gateways: s.gateways,
+                lease_ttl_ms: s.lease_ttl_ms,
+                grace_ms: s.grace_ms,
+                last_heartbeat_ms: beat,
+                state: crate::model::SiteState::Fresh,
+                created_revision: 1,
+                links: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn spare_is_reused_unless_a_receiver_still_holds_it_and_the_result_is_the_same() {
+        let (tx, mut rx) = watch::channel(Arc::new(Catalog::default()));
+        let mut spare = Spare::default();
+        let mut reference = Catalog::default();
+        let mut reused = Vec::new();
+        let mut held = Vec::new();
+        for rev in 1..=40u64 {
+            let mut e = export(if rev.is_multiple_of(3) { "east" } else { "west" }, rev);
+            e.service = ServiceKey::new("ns", format!("s{}", rev % 7));
+            let changes = vec![
+                site(&e.site.clone(), rev),
+                Change::ExportUpserted { export: e },
+            ];
+            apply_changes(&mut reference, rev, &changes);
+            reused.push(spare.advance(&tx, rev, changes));
+            // A receiver moves on to each catalog; every tenth one it also keeps.
+            let current = rx.borrow_and_update().clone();
+            assert_eq!(*current, reference, "revision {rev}");
+            if rev.is_multiple_of(10) {
+                held.push(current);
+            }
+        }
+        // The first delta has no spare. The spare is the catalog before the current one, so
+        // a receiver holding the current catalog costs nothing; the delta after next, whose
+        // spare the receiver kept, must copy.
+        assert!(!reused[0]);
+        for (i, r) in reused.iter().enumerate().skip(1) {
+            let rev = i as u64 + 1;
+            let spare_kept = rev > 10 && (rev - 2).is_multiple_of(10);
+            assert_eq!(*r, !spare_kept, "revision {rev}");
+        }
+        assert_eq!(held.len(), 4);
     }
 
     /// Every kind of change, as the state machine makes them, rebuilds the same catalog.

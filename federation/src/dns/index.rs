@@ -150,8 +150,9 @@ impl Index {
     }
 
     /// The index of `catalog`, the successor of `previous` (the catalog this index was built
-    /// from, with the same `config`): recomputes the services whose exports differ, shares
-    /// the rest. Falls back to [`Index::rebuild`] when more than those can have changed.
+    /// from, with the same `config`, or a later one with the same DNS inputs, as
+    /// `same_dns_inputs` tells): recomputes the services whose exports differ, shares the
+    /// rest. Falls back to [`Index::rebuild`] when more than those can have changed.
     pub fn update(
         &self,
         config: &Config,
@@ -175,8 +176,7 @@ impl Index {
         previous: &Catalog,
         catalog: &Catalog,
     ) -> Option<Vec<ServiceKey>> {
-        if previous.revision != self.revision
-            || previous.sites.len() != catalog.sites.len()
+        if previous.sites.len() != catalog.sites.len()
             || !previous
                 .sites
                 .iter()

@@ -40,6 +40,9 @@ pub(crate) async fn watch_catalog(
         }
         let next = catalog.borrow_and_update().clone();
         if same_dns_inputs(&served, &next) {
+            // Hold the newest catalog, not the one the index was built from: the replica
+            // reuses the catalog before the current one only when no one holds it.
+            served = next;
             continue;
         }
         let started = Instant::now();
