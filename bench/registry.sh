@@ -91,13 +91,41 @@ ELEADER=$($PY leader --endpoints "$EPS" | python3 -c 'import json,sys; print(jso
 log "both clusters up; etcd leader $ELEADER, meshbridge leader $(mb_leader)"
 
 summ() { printf '%s\n' "${@:3}" | summarize "$1" "$2"; }
+# Sums and counts of the registry's latency histograms on every node (admin ports 27501-3).
+scrape() { local i; for i in 1 2 3; do
+  curl -s "http://127.0.0.1:2750$i/metrics" | sed "s/^/n$i /" | grep -E "_seconds_(sum|count)" || true; done; }
+# Mean of each histogram over a run, from two scrapes: "before" file, "after" file.
+breakdown() { python3 - "$1" "$2" <<'PY'
+import sys, collections
+def load(p):
+    d = {}
+    for line in open(p):
+        node, series, value = line.split()
+        d[(node, series)] = float(value)
+    return d
+a, b = load(sys.argv[1]), load(sys.argv[2])
+out = collections.OrderedDict()
+for (node, series), v in sorted(b.items()):
+    if not series.split("{")[0].endswith("_sum"): continue
+    cnt = series.replace("_sum", "_count")
+    n = b.get((node, cnt), 0) - a.get((node, cnt), 0)
+    if n <= 0: continue
+    s = v - a.get((node, series), 0)
+    name = series.replace("meshbridge_registry_", "").replace("_seconds_sum", "")
+    print(f"  {node} {name}: mean {s / n * 1000:.3f} ms over {int(n)}")
+PY
+}
 
 if want seq; then
   e50=(); e99=(); er=(); m50=(); m99=(); mr=()
   for r in $(seq "$RUNS"); do
     wait_quiet; out=$($PY seq --endpoint "$ELEADER" --n 2000); record seq etcd "$r" "$out"
     e50+=("$(field "$out" '["p50_ms"]')"); e99+=("$(field "$out" '["p99_ms"]')"); er+=("$(field "$out" '["puts_per_s"]')")
-    wait_quiet; out=$(rl "$(mb_leader)" seq --n 2000); record seq meshbridge "$r" "$out"
+    wait_quiet; scrape > "$BENCH_ROOT/metrics.before"
+    out=$(rl "$(mb_leader)" seq --n 2000); record seq meshbridge "$r" "$out"
+    scrape > "$BENCH_ROOT/metrics.after"
+    log "meshbridge seq run $r, where the time went (leader $(mb_leader)):"
+    breakdown "$BENCH_ROOT/metrics.before" "$BENCH_ROOT/metrics.after" >&2
     m50+=("$(field "$out" '["p50_ms"]')"); m99+=("$(field "$out" '["p99_ms"]')"); mr+=("$(field "$out" '["puts_per_s"]')")
     log "seq run $r done"
   done

@@ -24,6 +24,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabel {
     pub method: &'static str,
 }
@@ -43,6 +48,16 @@ pub struct Metrics {
     pub watchers: Gauge,
     pub forwarded: Family<MethodLabel, Counter>,
     pub lease_ticks: Counter,
+    /// One commit (and fsync) of the Raft log writer.
+    pub log_flush: Histogram,
+    /// An AppendEntries round trip to each peer, as the sender sees it.
+    pub peer_append: Family<PeerLabel, Histogram>,
+    /// Handling an AppendEntries request here, as a follower (until its entries are durable).
+    pub append_handling: Histogram,
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
 impl Metrics {
@@ -59,6 +74,9 @@ impl Metrics {
             watchers: Gauge::default(),
             forwarded: Family::default(),
             lease_ticks: Counter::default(),
+            log_flush: latency_buckets(),
+            peer_append: Family::new_with_constructor(latency_buckets),
+            append_handling: latency_buckets(),
         };
         let r = registry.sub_registry_with_prefix("meshbridge_registry");
         r.register(
@@ -98,6 +116,21 @@ impl Metrics {
             "forwarded",
             "Requests forwarded to the leader, by method",
             m.forwarded.clone(),
+        );
+        r.register(
+            "log_flush_seconds",
+            "One commit of queued Raft log writes (appends, votes), fsync included",
+            m.log_flush.clone(),
+        );
+        r.register(
+            "peer_append_entries_seconds",
+            "AppendEntries round trip to a peer (network, its log append and fsync), by peer",
+            m.peer_append.clone(),
+        );
+        r.register(
+            "append_entries_handling_seconds",
+            "Handling an AppendEntries request as a follower, until the entries are durable",
+            m.append_handling.clone(),
         );
         r.register(
             "lease_ticks",

@@ -16,12 +16,15 @@ use meshbridge_core::proto::{self, raft_client::RaftClient};
 use meshbridge_core::tls::Identity;
 use openraft::error::{NetworkError, RPCError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, info};
 
+use crate::metrics::PeerLabel;
 use crate::types::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotError, InstallSnapshotRequest,
     InstallSnapshotResponse, Node, NodeId, RaftError, TypeConfig, VoteRequest, VoteResponse,
@@ -77,11 +80,13 @@ impl Peers {
 #[derive(Clone)]
 pub struct Network {
     peers: Arc<Peers>,
+    append_time: Family<PeerLabel, Histogram>,
 }
 
 impl Network {
-    pub fn new(peers: Arc<Peers>) -> Self {
-        Self { peers }
+    /// `append_time` observes every successful AppendEntries round trip, by peer.
+    pub fn new(peers: Arc<Peers>, append_time: Family<PeerLabel, Histogram>) -> Self {
+        Self { peers, append_time }
     }
 }
 
@@ -94,6 +99,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             peers: self.peers.clone(),
             announced: None,
+            append_time: self
+                .append_time
+                .get_or_create(&PeerLabel { peer: target })
+                .clone(),
         }
     }
 }
@@ -106,6 +115,7 @@ pub struct PeerClient {
     /// The snapshot whose sending was last logged (a peer that is down gets the first
     /// chunk again and again; the log says so once).
     announced: Option<String>,
+    append_time: Histogram,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<E>>>;
@@ -183,13 +193,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse, openraft::error::Infallible> {
-        self.call(
-            RPCTypes::AppendEntries,
-            &rpc,
-            option.hard_ttl(),
-            |mut c, m| async move { c.append_entries(m).await },
-        )
-        .await
+        let started = std::time::Instant::now();
+        let reply = self
+            .call(
+                RPCTypes::AppendEntries,
+                &rpc,
+                option.hard_ttl(),
+                |mut c, m| async move { c.append_entries(m).await },
+            )
+            .await;
+        if reply.is_ok() {
+            self.append_time.observe(started.elapsed().as_secs_f64());
+        }
+        reply
     }
 
     async fn install_snapshot(

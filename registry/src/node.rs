@@ -123,8 +123,11 @@ impl Node {
         )
         .map_err(StartError::Ca)?;
         let dir = config.data_dir.clone();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
         let options = Options {
             delta_capacity: config.raft.watch_history,
+            log_flush: Some(metrics.log_flush.clone()),
         };
         let opened = tokio::task::spawn_blocking(move || store::open_with(&dir, options)).await;
         let store_err = |source| StartError::Store {
@@ -140,15 +143,13 @@ impl Node {
         let raft = Raft::new(
             config.node_id,
             raft_config(&config)?,
-            Network::new(peers.clone()),
+            Network::new(peers.clone(), metrics.peer_append.clone()),
             log_store,
             sm_store,
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             node_id: config.node_id,
@@ -185,9 +186,13 @@ impl Node {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
-                RaftServer::new(RaftApi::new(raft.clone(), trust_domain))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                RaftServer::new(RaftApi::new(
+                    raft.clone(),
+                    trust_domain,
+                    shared.metrics.append_handling.clone(),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         let server = tokio::spawn(server);

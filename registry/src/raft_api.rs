@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use meshbridge_core::proto::{self, raft_server};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -16,11 +17,17 @@ use crate::types::{AppendEntriesRequest, InstallSnapshotRequest, Raft, VoteReque
 pub struct RaftApi {
     raft: Raft,
     trust_domain: Arc<str>,
+    append_time: Histogram,
 }
 
 impl RaftApi {
-    pub fn new(raft: Raft, trust_domain: Arc<str>) -> Self {
-        Self { raft, trust_domain }
+    /// `append_time` observes the handling of every AppendEntries request.
+    pub fn new(raft: Raft, trust_domain: Arc<str>, append_time: Histogram) -> Self {
+        Self {
+            raft,
+            trust_domain,
+            append_time,
+        }
     }
 
     fn decode<T: DeserializeOwned>(&self, req: Request<proto::RaftMessage>) -> Result<T, Status> {
@@ -49,8 +56,11 @@ impl raft_server::Raft for RaftApi {
         &self,
         req: Request<proto::RaftMessage>,
     ) -> Result<Response<proto::RaftReply>, Status> {
+        let started = std::time::Instant::now();
         let rpc: AppendEntriesRequest = self.decode(req)?;
-        reply(self.raft.append_entries(rpc).await)
+        let result = self.raft.append_entries(rpc).await;
+        self.append_time.observe(started.elapsed().as_secs_f64());
+        reply(result)
     }
 
     async fn vote(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use meshbridge_core::client::Consistency;
-use support::{Cluster, export, key, spec, visible};
+use support::{Cluster, export, key, metric, metrics, spec, visible};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -64,6 +64,30 @@ async fn writes_via_any_node_read_back_on_every_node() {
         .map(|n| visible(&n.catalog()))
         .collect();
     assert!(catalogs.windows(2).all(|w| w[0] == w[1]));
+
+    // Replication is visible: the leader times its AppendEntries to each peer, followers
+    // time handling them, and every node times its log commits.
+    for (id, node) in &cluster.nodes {
+        let text = metrics(node.admin_addr()).await;
+        let count = |series: &str| metric(&text, series).unwrap_or(0.0);
+        assert!(
+            count("meshbridge_registry_log_flush_seconds_count") > 0.0,
+            "node {id}: {text}"
+        );
+        if *id == leader {
+            for peer in cluster.nodes.keys().filter(|p| **p != leader) {
+                let series = format!(
+                    "meshbridge_registry_peer_append_entries_seconds_count{{peer=\"{peer}\"}}"
+                );
+                assert!(count(&series) > 0.0, "leader {id}, peer {peer}: {text}");
+            }
+        } else {
+            assert!(
+                count("meshbridge_registry_append_entries_handling_seconds_count") > 0.0,
+                "follower {id}: {text}"
+            );
+        }
+    }
     cluster.shutdown().await;
 }
 

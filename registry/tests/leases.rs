@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use meshbridge_core::client::Consistency;
 use meshbridge_core::model::{Catalog, SiteRank, SiteSpec, SiteState};
-use support::{Cluster, export, key, spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{Cluster, export, key, metrics, spec};
 use tokio::sync::watch;
 
 const TTL_MS: u64 = 800;
@@ -45,16 +44,6 @@ async fn wait_state(
         catalog.site(site)
     );
     Instant::now()
-}
-
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

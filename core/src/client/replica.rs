@@ -297,7 +297,14 @@ mod tests {
         let mut reused = Vec::new();
         let mut held = Vec::new();
         for rev in 1..=40u64 {
-            let mut e = export(if rev.is_multiple_of(3) { "east" } else { "west" }, rev);
+            let mut e = export(
+                if rev.is_multiple_of(3) {
+                    "east"
+                } else {
+                    "west"
+                },
+                rev,
+            );
             e.service = ServiceKey::new("ns", format!("s{}", rev % 7));
             let changes = vec![
                 site(&e.site.clone(), rev),

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
@@ -71,12 +72,16 @@ impl Drop for WriterHandle {
 }
 
 impl LogStore {
-    pub(super) fn new(db: Arc<Database>) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        db: Arc<Database>,
+        flush_time: Option<Histogram>,
+    ) -> Result<Self, StoreError> {
         let pending = Pending::default();
         let (jobs, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             pending: pending.clone(),
+            flush_time,
         };
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
@@ -248,6 +253,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 struct Writer {
     db: Arc<Database>,
     pending: Pending,
+    flush_time: Option<Histogram>,
 }
 
 impl Writer {
@@ -255,7 +261,11 @@ impl Writer {
         while let Ok(job) = rx.recv() {
             let mut batch = vec![job];
             batch.extend(rx.try_iter());
+            let started = std::time::Instant::now();
             let result = self.commit(&batch);
+            if let Some(h) = &self.flush_time {
+                h.observe(started.elapsed().as_secs_f64());
+            }
             self.finish(batch, result);
         }
         tracing::debug!("raft log writer stopped");

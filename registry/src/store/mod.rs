@@ -60,12 +60,15 @@ const KEY_SNAPSHOT_DATA: &str = "data";
 pub struct Options {
     /// How many revisions of deltas [`Feed`] keeps for watchers that resume.
     pub delta_capacity: usize,
+    /// Observes the duration of every log writer commit (fsync included).
+    pub log_flush: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             delta_capacity: DEFAULT_DELTA_CAPACITY,
+            log_flush: None,
         }
     }
 }
@@ -157,7 +160,7 @@ pub fn open_with(
     txn.commit()?;
 
     let db = Arc::new(db);
-    let log = LogStore::new(db.clone())?;
+    let log = LogStore::new(db.clone(), options.log_flush)?;
     let sm = StateMachineStore::load(db, options.delta_capacity)?;
     tracing::info!(path = %path.display(), "opened raft store");
     Ok((log, sm))
