@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use hickory_proto::rr::rdata::{NS, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use meshbridge_core::model::{Catalog, Export, Locality, ServiceKey, merge_exports};
+use meshbridge_core::model::{Catalog, Export, Locality, ServiceKey, SiteState, merge_exports};
 use meshbridge_core::vip::assign_catalog;
 use tracing::warn;
 
@@ -150,84 +150,44 @@ impl Index {
     }
 
     /// The index of `catalog`, the successor of `previous` (the catalog this index was built
-    /// from, with the same `config`, or a later one with the same DNS inputs, as
-    /// `same_dns_inputs` tells): recomputes the services whose exports differ, shares the
-    /// rest. Falls back to [`Index::rebuild`] when more than those can have changed.
+    /// from, with the same `config`, or a later one that [`diff`] finds the same): recomputes
+    /// the services whose exports differ, shares the rest.
     pub fn update(
         &self,
         config: &Config,
         previous: &Catalog,
         catalog: &Catalog,
     ) -> Result<Index, DnsError> {
-        match self.changed_services(config, previous, catalog) {
-            Some(changed) => self.patch(config, catalog, &changed),
-            None => self.rebuild(config, catalog),
-        }
+        self.apply(config, catalog, diff(previous, catalog))
     }
 
-    /// The services whose exports differ between `previous` and `catalog`, or `None` when
-    /// other services' names may have changed too: a site's lease state or locality changed
-    /// (or a site came or went), the zone or point of view changed, or in VIP mode the
-    /// assignment may have moved (an export added or removed, or its creation revision
-    /// changed, or a changed service had no names to take its VIP from).
-    fn changed_services(
+    /// [`Index::update`] with the difference already known. Falls back to
+    /// [`Index::rebuild`] when more than the changed services can have changed: a site's
+    /// lease state or locality, or in VIP mode the assignment (an export added or removed,
+    /// its creation revision changed, or a changed service had no names to take its VIP
+    /// from).
+    pub(crate) fn apply(
         &self,
         config: &Config,
-        previous: &Catalog,
         catalog: &Catalog,
-    ) -> Option<Vec<ServiceKey>> {
-        if previous.sites.len() != catalog.sites.len()
-            || !previous
-                .sites
-                .iter()
-                .zip(&catalog.sites)
-                .all(|((na, a), (nb, b))| {
-                    na == nb
-                        && std::mem::discriminant(&a.state) == std::mem::discriminant(&b.state)
-                        && a.locality == b.locality
-                })
-        {
-            return None;
-        }
-        let vips = config.vip_range.is_some();
-        let mut changed: Vec<ServiceKey> = Vec::new();
-        let (mut a, mut b) = (
-            previous.exports.iter().peekable(),
-            catalog.exports.iter().peekable(),
-        );
-        loop {
-            // The catalog keeps an unchanged export's `Arc`, always under the export's own
-            // key, so equal pointers mean the same key and the same export.
-            let step = match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some((_, ea)), Some((_, eb))) if Arc::ptr_eq(ea, eb) => Ordering::Equal,
-                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-            };
-            match step {
-                Ordering::Equal => {
-                    let (Some((key, ea)), Some((_, eb))) = (a.next(), b.next()) else {
-                        break;
-                    };
-                    if !Arc::ptr_eq(ea, eb) && ea != eb {
-                        if vips && ea.created_revision != eb.created_revision {
-                            return None;
-                        }
-                        changed.push(key.0.clone());
-                    }
+        diff: CatalogDiff,
+    ) -> Result<Index, DnsError> {
+        let changed = match diff {
+            CatalogDiff::Same => Vec::new(),
+            CatalogDiff::Sites => return self.rebuild(config, catalog),
+            CatalogDiff::Exports {
+                services,
+                vips_may_move,
+            } => {
+                if config.vip_range.is_some()
+                    && (vips_may_move || services.iter().any(|k| self.service_zone(k).is_none()))
+                {
+                    return self.rebuild(config, catalog);
                 }
-                // An export removed (Less) or added (Greater).
-                _ if vips => return None,
-                Ordering::Less => changed.extend(a.next().map(|(key, _)| key.0.clone())),
-                Ordering::Greater => changed.extend(b.next().map(|(key, _)| key.0.clone())),
+                services
             }
-        }
-        changed.dedup();
-        if vips && changed.iter().any(|k| self.service_zone(k).is_none()) {
-            return None;
-        }
-        Some(changed)
+        };
+        self.patch(config, catalog, &changed)
     }
 
     /// This index with the names of `changed` services recomputed from `catalog`.
@@ -254,7 +214,7 @@ impl Index {
                 .map(|(_, e)| e)
                 .collect();
             let old = self.service_zone(key);
-            // VIP mode: the assignment did not move (see `changed_services`).
+            // VIP mode: the assignment did not move (see `apply`).
             let vip = old.and_then(|z| z.inputs.vip());
             let new = if exports.is_empty() {
                 None
@@ -414,6 +374,91 @@ fn found(node: &Node, rtype: RecordType) -> Option<Lookup<'_>> {
         answers_len: set.len,
         additionals_len: set.additionals_len,
     }))
+}
+
+/// What changed between two catalogs, as far as DNS answers can tell.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CatalogDiff {
+    /// Nothing DNS answers from (a heartbeat only moves a lease time).
+    Same,
+    /// A site came or went, or changed lease state or locality: any service may change.
+    Sites,
+    /// Only exports changed: the services they belong to, in order, and whether the VIP
+    /// assignment may have moved (an export added or removed, or its creation revision
+    /// changed).
+    Exports {
+        services: Vec<ServiceKey>,
+        vips_may_move: bool,
+    },
+}
+
+/// Compare two catalogs by what DNS answers from. Exports are walked in key order and
+/// compared by pointer first: the catalog keeps an unchanged export's `Arc` (always under
+/// the export's own key), so the walk costs a pointer compare per unchanged export.
+pub(crate) fn diff(previous: &Catalog, catalog: &Catalog) -> CatalogDiff {
+    let state = |s: &SiteState| std::mem::discriminant(s);
+    let sites_same = previous.sites.len() == catalog.sites.len()
+        && previous
+            .sites
+            .iter()
+            .zip(&catalog.sites)
+            .all(|((na, a), (nb, b))| {
+                na == nb && state(&a.state) == state(&b.state) && a.locality == b.locality
+            });
+    if !sites_same {
+        return CatalogDiff::Sites;
+    }
+    let mut services: Vec<ServiceKey> = Vec::new();
+    let mut vips_may_move = false;
+    let (mut a, mut b) = (
+        previous.exports.iter().peekable(),
+        catalog.exports.iter().peekable(),
+    );
+    loop {
+        let step = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((_, ea)), Some((_, eb))) if Arc::ptr_eq(ea, eb) => Ordering::Equal,
+            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+        };
+        let key = match step {
+            Ordering::Equal => {
+                let (Some((key, ea)), Some((_, eb))) = (a.next(), b.next()) else {
+                    break;
+                };
+                if Arc::ptr_eq(ea, eb) || ea == eb {
+                    continue;
+                }
+                vips_may_move |= ea.created_revision != eb.created_revision;
+                key
+            }
+            // An export removed (Less) or added (Greater).
+            Ordering::Less | Ordering::Greater => {
+                vips_may_move = true;
+                let side = if step == Ordering::Less {
+                    &mut a
+                } else {
+                    &mut b
+                };
+                match side.next() {
+                    Some((key, _)) => key,
+                    None => break,
+                }
+            }
+        };
+        if services.last() != Some(&key.0) {
+            services.push(key.0.clone());
+        }
+    }
+    if services.is_empty() {
+        CatalogDiff::Same
+    } else {
+        CatalogDiff::Exports {
+            services,
+            vips_may_move,
+        }
+    }
 }
 
 /// Merge `exports` (all of service `key`) and build its names.

@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use meshbridge_core::model::{Catalog, SiteState};
+use meshbridge_core::model::Catalog;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::Config;
-use super::index::Index;
+use super::index::{CatalogDiff, Index, diff};
 use super::metrics::Metrics;
 
-/// Follow `catalog` until `stop`; `served` is the catalog `index` was built from. When the
+/// Follow `catalog` until `stop`; `served` is the catalog `index` was built from (or a later
+/// one with the same DNS inputs). When the
 /// catalog's sender is gone (the registry client stopped), the last index keeps serving.
 pub(crate) async fn watch_catalog(
     config: Arc<Config>,
@@ -39,20 +40,16 @@ pub(crate) async fn watch_catalog(
             }
         }
         let next = catalog.borrow_and_update().clone();
-        if same_dns_inputs(&served, &next) {
+        let change = diff(&served, &next);
+        if change == CatalogDiff::Same {
             // Hold the newest catalog, not the one the index was built from: the replica
             // reuses the catalog before the current one only when no one holds it.
             served = next;
             continue;
         }
         let started = Instant::now();
-        let (cfg, cat, prev, was) = (
-            config.clone(),
-            next.clone(),
-            index.load_full(),
-            served.clone(),
-        );
-        match tokio::task::spawn_blocking(move || prev.update(&cfg, &was, &cat)).await {
+        let (cfg, cat, prev) = (config.clone(), next.clone(), index.load_full());
+        match tokio::task::spawn_blocking(move || prev.apply(&cfg, &cat, change)).await {
             Ok(Ok(built)) => {
                 metrics.observe_index(&built, started.elapsed());
                 debug!(
@@ -68,19 +65,4 @@ pub(crate) async fn watch_catalog(
             Err(e) => warn!(error = %e, "dns index build failed; serving the previous one"),
         }
     }
-}
-
-/// Whether DNS answers from `a` and `b` are the same: same exports, same sites in the same
-/// lease state. Heartbeats (which only move `last_heartbeat_ms`) do not cause a rebuild.
-pub(crate) fn same_dns_inputs(a: &Catalog, b: &Catalog) -> bool {
-    let state = |s: &SiteState| std::mem::discriminant(s);
-    a.exports.len() == b.exports.len()
-        && a.sites.len() == b.sites.len()
-        && a.exports
-            .iter()
-            .zip(&b.exports)
-            .all(|((ka, ea), (kb, eb))| ka == kb && (Arc::ptr_eq(ea, eb) || ea == eb))
-        && a.sites.iter().zip(&b.sites).all(|((na, sa), (nb, sb))| {
-            na == nb && state(&sa.state) == state(&sb.state) && sa.locality == sb.locality
-        })
 }
