@@ -28,7 +28,7 @@ source "$SHARED/common.sh"
 TESTS=${TESTS:-seq conc reads failover watch dns scale}
 SITES=${SITES:-100}; SERVICES=${SERVICES:-100}; ENDPOINTS=${ENDPOINTS:-10}
 want() { [[ " $TESTS " == *" $1 "* ]]; }
-MB=$ROOT/target/release/meshbridge
+MB=${MB:-$ROOT/target/release/meshbridge}
 REGLOAD=$ROOT/target/release/regload
 [ -x "$MB" ] && [ -x "$REGLOAD" ] || die "build first: cargo build --release -p meshbridge -p meshbridge-bench"
 D=$BENCH_ROOT/mbreg

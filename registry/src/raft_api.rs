@@ -1,13 +1,16 @@
 //! The receiving side of Raft traffic: decodes openraft's requests, hands them to the local
 //! Raft, and answers its reply or its error (both as JSON). Registry nodes only.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::Stream;
 
 use meshbridge_core::proto::{self, raft_server};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
 use crate::authz::Caller;
@@ -32,22 +35,33 @@ impl RaftApi {
 
     fn decode<T: DeserializeOwned>(&self, req: Request<proto::RaftMessage>) -> Result<T, Status> {
         Caller::of(&req, &self.trust_domain)?.require_node()?;
-        serde_json::from_slice(&req.into_inner().json)
-            .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+        decode(&req.into_inner())
     }
 }
+
+fn decode<T: DeserializeOwned>(m: &proto::RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&m.json)
+        .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+}
+
+/// Replies of an AppendEntries stream, one per request, in order.
+pub type AppendStream = Pin<Box<dyn Stream<Item = Result<proto::RaftReply, Status>> + Send>>;
 
 fn reply<T: Serialize, E: Serialize>(
     result: Result<T, E>,
 ) -> Result<Response<proto::RaftReply>, Status> {
+    encode(result).map(Response::new)
+}
+
+fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<proto::RaftReply, Status> {
     let encoded = match &result {
         Ok(v) => serde_json::to_vec(v).map(proto::raft_reply::Result::Ok),
         Err(e) => serde_json::to_vec(e).map(proto::raft_reply::Result::Err),
     }
     .map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
-    Ok(Response::new(proto::RaftReply {
+    Ok(proto::RaftReply {
         result: Some(encoded),
-    }))
+    })
 }
 
 #[tonic::async_trait]
@@ -61,6 +75,42 @@ impl raft_server::Raft for RaftApi {
         let result = self.raft.append_entries(rpc).await;
         self.append_time.observe(started.elapsed().as_secs_f64());
         reply(result)
+    }
+
+    type AppendStreamStream = AppendStream;
+
+    /// Each request is handled and answered before the next is read: replies keep the
+    /// order of the requests, and a bad message ends the stream with its error.
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<proto::RaftMessage>>,
+    ) -> Result<Response<AppendStream>, Status> {
+        Caller::of(&req, &self.trust_domain)?.require_node()?;
+        let state = (
+            req.into_inner(),
+            self.raft.clone(),
+            self.append_time.clone(),
+        );
+        let replies = futures::stream::unfold(Some(state), |state| async move {
+            let (mut requests, raft, append_time) = state?;
+            let message = match requests.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(status) => return Some((Err(status), None)),
+            };
+            let started = std::time::Instant::now();
+            let rpc: AppendEntriesRequest = match decode(&message) {
+                Ok(rpc) => rpc,
+                Err(status) => return Some((Err(status), None)),
+            };
+            let result = raft.append_entries(rpc).await;
+            append_time.observe(started.elapsed().as_secs_f64());
+            match encode(result) {
+                Ok(r) => Some((Ok(r), Some((requests, raft, append_time)))),
+                Err(status) => Some((Err(status), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(
