@@ -190,6 +190,7 @@ impl Node {
                     raft.clone(),
                     trust_domain,
                     shared.metrics.append_handling.clone(),
+                    stop.clone(),
                 ))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),

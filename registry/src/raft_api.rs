@@ -10,6 +10,7 @@ use meshbridge_core::proto::{self, raft_server};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
@@ -21,15 +22,24 @@ pub struct RaftApi {
     raft: Raft,
     trust_domain: Arc<str>,
     append_time: Histogram,
+    /// The node is stopping: AppendEntries streams end (between requests), so that they do
+    /// not hold up the drain.
+    stop: CancellationToken,
 }
 
 impl RaftApi {
     /// `append_time` observes the handling of every AppendEntries request.
-    pub fn new(raft: Raft, trust_domain: Arc<str>, append_time: Histogram) -> Self {
+    pub fn new(
+        raft: Raft,
+        trust_domain: Arc<str>,
+        append_time: Histogram,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             raft,
             trust_domain,
             append_time,
+            stop,
         }
     }
 
@@ -90,13 +100,17 @@ impl raft_server::Raft for RaftApi {
             req.into_inner(),
             self.raft.clone(),
             self.append_time.clone(),
+            self.stop.clone(),
         );
         let replies = futures::stream::unfold(Some(state), |state| async move {
-            let (mut requests, raft, append_time) = state?;
-            let message = match requests.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return None,
-                Err(status) => return Some((Err(status), None)),
+            let (mut requests, raft, append_time, stop) = state?;
+            let message = tokio::select! {
+                m = requests.message() => match m {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return None,
+                    Err(status) => return Some((Err(status), None)),
+                },
+                _ = stop.cancelled() => return None,
             };
             let started = std::time::Instant::now();
             let rpc: AppendEntriesRequest = match decode(&message) {
@@ -106,7 +120,7 @@ impl raft_server::Raft for RaftApi {
             let result = raft.append_entries(rpc).await;
             append_time.observe(started.elapsed().as_secs_f64());
             match encode(result) {
-                Ok(r) => Some((Ok(r), Some((requests, raft, append_time)))),
+                Ok(r) => Some((Ok(r), Some((requests, raft, append_time, stop)))),
                 Err(status) => Some((Err(status), None)),
             }
         });

@@ -327,3 +327,36 @@ async fn lowest_node_with_a_wiped_disk_rejoins_instead_of_forming_a_second_clust
     );
     cluster.shutdown().await;
 }
+
+/// A follower's graceful stop ends the leader's AppendEntries stream to it instead of
+/// waiting for it: the drain finishes well before a long deadline, and the other two carry
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_drains_without_waiting_for_the_replication_stream() {
+    let mut cluster = Cluster::start(3, |c| c.drain_deadline_ms = 60_000).await;
+    let admin = cluster.admin().await;
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    let w = admin
+        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    // Replicated everywhere: the leader's streams to both followers are open.
+    cluster.wait_revision(w.revision, T).await;
+    let leader = cluster.wait_leader(T).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let node = cluster.nodes.remove(&follower).unwrap();
+    let started = Instant::now();
+    assert!(
+        node.shutdown().await,
+        "follower {follower} hit the 60 s drain deadline after {:?}",
+        started.elapsed()
+    );
+    admin
+        .put_export(&export("east", "cart", 2, &["10.0.0.2"]))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}

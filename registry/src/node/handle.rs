@@ -97,9 +97,10 @@ impl NodeHandle {
         self.shared.raft.metrics().borrow().current_leader == Some(self.shared.node_id)
     }
 
-    /// Graceful stop: not ready, stop accepting, end watch streams, let calls in flight
-    /// finish up to the drain deadline, then stop Raft and close the store.
-    pub async fn shutdown(mut self) {
+    /// Graceful stop: not ready, stop accepting, end watch and AppendEntries streams, let
+    /// calls in flight finish up to the drain deadline, then stop Raft and close the store.
+    /// Returns whether every call finished before the deadline.
+    pub async fn shutdown(mut self) -> bool {
         info!(node = self.node_id(), "registry node shutting down");
         self.readiness.set(false);
         self.stop.cancel();
@@ -115,6 +116,7 @@ impl NodeHandle {
             }
         };
         self.finish(drained).await;
+        drained
     }
 
     /// Abrupt stop, as close to a crash as a process can do to itself: every connection
