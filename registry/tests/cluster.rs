@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meshbridge_core::client::Consistency;
+use meshbridge_core::client::{Consistency, RegistryClient};
 use support::{Cluster, export, key, metric, metrics, spec, visible};
 
 const T: Duration = Duration::from_secs(20);
@@ -271,15 +271,7 @@ async fn members_are_added_promoted_and_removed() {
 async fn whole_cluster_restarts_from_its_data_dirs() {
     let mut cluster = Cluster::start(3, |_| {}).await;
     let admin = cluster.admin().await;
-    admin
-        .register_site(&spec("east", "eu", "eu-1a"))
-        .await
-        .unwrap();
-    let w = admin
-        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
-        .await
-        .unwrap();
-    cluster.wait_revision(w.revision, T).await;
+    east_with_cart(&cluster, &admin).await;
     let before = visible(&cluster.node(1).catalog());
     for id in 1..=3 {
         let node = cluster.nodes.remove(&id).unwrap();
@@ -335,16 +327,8 @@ async fn lowest_node_with_a_wiped_disk_rejoins_instead_of_forming_a_second_clust
 async fn a_follower_drains_without_waiting_for_the_replication_stream() {
     let mut cluster = Cluster::start(3, |c| c.drain_deadline_ms = 60_000).await;
     let admin = cluster.admin().await;
-    admin
-        .register_site(&spec("east", "eu", "eu-1a"))
-        .await
-        .unwrap();
-    let w = admin
-        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
-        .await
-        .unwrap();
     // Replicated everywhere: the leader's streams to both followers are open.
-    cluster.wait_revision(w.revision, T).await;
+    east_with_cart(&cluster, &admin).await;
     let leader = cluster.wait_leader(T).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let node = cluster.nodes.remove(&follower).unwrap();
@@ -359,4 +343,18 @@ async fn a_follower_drains_without_waiting_for_the_replication_stream() {
         .await
         .unwrap();
     cluster.shutdown().await;
+}
+
+/// Registers site "east" with one export, `cart` at 10.0.0.1, and waits until every node
+/// has applied it.
+async fn east_with_cart(cluster: &Cluster, admin: &RegistryClient) {
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    let w = admin
+        .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    cluster.wait_revision(w.revision, T).await;
 }
