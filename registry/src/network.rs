@@ -202,51 +202,21 @@ impl PeerClient {
         json: Vec<u8>,
     ) -> Option<RpcResult<AppendEntriesResponse, Infallible>> {
         let message = proto::RaftMessage { json };
-        let replies = match &mut self.lane {
-            Lane::Open { requests, replies } => {
-                if requests.send(message).await.is_err() {
-                    return Some(Err(lane_closed("the request stream ended")));
-                }
-                replies
-            }
+        match &self.lane {
             Lane::Unsupported => return None,
-            Lane::Closed => {
-                let mut client = match self.client() {
-                    Ok(c) => c,
-                    Err(e) => return Some(Err(e)),
-                };
-                // The first request is queued before the call, so the stream carries it
-                // whether or not the server answers headers before it reads.
-                let (requests, rx) = mpsc::channel(1);
+            Lane::Closed => match self.open_lane(message).await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => return Some(Err(e)),
+            },
+            Lane::Open { requests, .. } => {
                 if requests.send(message).await.is_err() {
                     return Some(Err(lane_closed("the request stream ended")));
                 }
-                let outgoing = futures::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|m| (m, rx))
-                });
-                match client.append_stream(outgoing).await {
-                    Ok(response) => {
-                        info!(peer = self.target, "AppendEntries stream open");
-                        self.lane = Lane::Open {
-                            requests,
-                            replies: Box::new(response.into_inner()),
-                        };
-                    }
-                    Err(status) if status.code() == Code::Unimplemented => {
-                        info!(
-                            peer = self.target,
-                            "peer has no AppendEntries stream; unary calls"
-                        );
-                        self.lane = Lane::Unsupported;
-                        return None;
-                    }
-                    Err(status) => return Some(Err(transport_error(&status))),
-                }
-                match &mut self.lane {
-                    Lane::Open { replies, .. } => replies,
-                    _ => return Some(Err(lane_closed("the stream did not open"))),
-                }
             }
+        }
+        let Lane::Open { replies, .. } = &mut self.lane else {
+            return Some(Err(lane_closed("the stream did not open")));
         };
         let reply = match replies.message().await {
             Ok(Some(reply)) => reply,
@@ -254,6 +224,40 @@ impl PeerClient {
             Err(status) => return Some(Err(transport_error(&status))),
         };
         Some(self.decode_reply(reply))
+    }
+
+    /// Opens the stream with `first` queued on it (so it is carried whether or not the
+    /// server answers headers before it reads). `false`: the peer answered UNIMPLEMENTED.
+    async fn open_lane(
+        &mut self,
+        first: proto::RaftMessage,
+    ) -> Result<bool, RPCError<NodeId, Node, RaftError<Infallible>>> {
+        let mut client = self.client()?;
+        let (requests, rx) = mpsc::channel(1);
+        if requests.send(first).await.is_err() {
+            return Err(lane_closed("the request stream ended"));
+        }
+        let outgoing =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        match client.append_stream(outgoing).await {
+            Ok(response) => {
+                info!(peer = self.target, "AppendEntries stream open");
+                self.lane = Lane::Open {
+                    requests,
+                    replies: Box::new(response.into_inner()),
+                };
+                Ok(true)
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                info!(
+                    peer = self.target,
+                    "peer has no AppendEntries stream; unary calls"
+                );
+                self.lane = Lane::Unsupported;
+                Ok(false)
+            }
+            Err(status) => Err(transport_error(&status)),
+        }
     }
 }
 
