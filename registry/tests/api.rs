@@ -371,3 +371,36 @@ async fn a_retried_write_is_applied_once_and_answered_again() {
     assert_eq!(err.code(), Some(Code::NotFound));
     cluster.shutdown().await;
 }
+
+/// Garbage from a registry node on the AppendEntries stream ends that stream with an
+/// InvalidArgument that says what was wrong; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_on_the_append_stream_is_refused_with_the_reason() {
+    use meshbridge_core::client::{ChannelOptions, lazy_channel, registry_allow_list};
+    let cluster = Cluster::start(3, |_| {}).await;
+    let node = cluster
+        .pki
+        .identity(&format!("spiffe://{}/registry/9", support::TD), "node-9");
+    let channel = lazy_channel(
+        &cluster.url(1),
+        &node,
+        registry_allow_list(&node),
+        &ChannelOptions::default(),
+    )
+    .unwrap();
+    let mut raft = proto::raft_client::RaftClient::new(channel);
+    let garbage = futures::stream::iter([proto::RaftMessage {
+        json: b"not json".to_vec(),
+    }]);
+    let mut replies = raft.append_stream(garbage).await.unwrap().into_inner();
+    let status = replies.message().await.expect_err("garbage refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("raft message"), "{status:?}");
+
+    let admin = cluster.admin().await;
+    admin
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}

@@ -328,6 +328,13 @@ async fn without_a_certificate_every_call_but_join_is_unauthenticated() {
         .await
         .map(|_| ()),
     ));
+    let garbage = futures::stream::iter([proto::RaftMessage {
+        json: b"{}".to_vec(),
+    }]);
+    codes.push((
+        "AppendStream",
+        raft.append_stream(garbage).await.map(|_| ()),
+    ));
     for (method, result) in codes {
         let status = result.expect_err(method);
         assert_eq!(status.code(), Code::Unauthenticated, "{method}: {status:?}");
