@@ -115,17 +115,21 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let mut buf = vec![0u8; COPY_BUF_MIN];
+    // Read into spare capacity: the buffer is never zeroed (a memset of every new
+    // connection's buffers showed up under connection churn).
+    let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUF_MIN);
     loop {
-        let n = r.read(&mut buf).await?;
+        buf.clear();
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
+        w.write_all(&buf).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() && buf.len() < COPY_BUF_MAX {
-            buf.resize(buf.len() * 2, 0);
+        if n == buf.capacity() && n < COPY_BUF_MAX {
+            buf.clear();
+            buf.reserve_exact(n * 2);
         }
     }
 }
