@@ -6,6 +6,7 @@
 # 127.0.0.1:TUNNEL_PORT (QUIC, or the TLS-over-TCP fallback) with mutual TLS (its own SPIFFE
 # PKI, made here); the exit gateway forwards to 127.0.0.1:BACKEND_PORT. Static catalog
 # file, no registry. Stays in the foreground; SIGTERM stops both.
+# Optional: WORKERS = threads per gateway (default 1; 0 = one per CPU).
 # Optional: ADMIN_ENTRY / ADMIN_EXIT = ip:port of each gateway's admin HTTP (/metrics).
 set -euo pipefail
 ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-quic}
@@ -36,6 +37,7 @@ json.dump(cat, open(path, "w"))
 PY
 gw() { # site listen extra [admin]
   cat > "$D/$1.toml" <<CFG
+workers = ${WORKERS:-1}
 [gateway]
 site = "$1"
 data_dir = "$D/$1-data"

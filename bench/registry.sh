@@ -18,7 +18,7 @@
 # Usage: bench/registry.sh   Env: RUNS=3 TESTS="seq conc reads failover watch dns scale"
 #        SITES=100 SERVICES=100 ENDPOINTS=10 (100k endpoints); SNAPSHOT_EVERY=5000
 #        (raft.snapshot_every_logs: lower it to make the scale run snapshot and the
-#        new node catch up from the snapshot)
+#        new node catch up from the snapshot); WORKERS=<registry threads per node>
 # Output: summary lines on stdout; raw JSON lines in $BENCH_ROOT/results/registry.jsonl.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -69,6 +69,7 @@ for i in 1 2 3 4; do
   "$MB" pki issue --id "spiffe://bench.local/registry/$i" --ca "$D/ca" --out "$D/tls$i" --ttl 30d >/dev/null
   cat > "$D/n$i.toml" <<CFG
 node_id = $i
+workers = ${WORKERS:-0}
 listen = "127.0.0.1:2740$i"
 admin_listen = "127.0.0.1:2750$i"
 data_dir = "$D/data$i"

@@ -72,8 +72,8 @@ fn main() -> ExitCode {
         Command::Ctl(args) => runtime().and_then(|rt| rt.block_on(ctl::run(args))),
         Command::Dns(args) => runtime().and_then(|rt| rt.block_on(dns::run(args))),
         Command::Echo(args) => runtime().and_then(|rt| rt.block_on(echo::run(args))),
-        Command::Gateway(args) => runtime().and_then(|rt| rt.block_on(gateway::run(args))),
-        Command::Registry(args) => runtime().and_then(|rt| rt.block_on(registry::run(args))),
+        Command::Gateway(args) => gateway::main(args),
+        Command::Registry(args) => registry::main(args),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
     };
     match result {

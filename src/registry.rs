@@ -19,12 +19,19 @@ pub struct Args {
     print_config: bool,
 }
 
-pub async fn run(args: Args) -> Result<ExitCode> {
+/// Reads the configuration, then runs the node on a runtime with `workers` threads.
+pub fn main(args: Args) -> Result<ExitCode> {
     let cfg: meshbridge_registry::Config = config::load(Some(&args.config))?;
     if args.print_config {
         print!("{}", config::effective(&cfg));
         return Ok(ExitCode::SUCCESS);
     }
+    meshbridge_core::runtime::build(cfg.workers)
+        .context("starting the registry's runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: meshbridge_registry::Config) -> Result<ExitCode> {
     tracing::info!(config = %config::effective(&cfg), "effective configuration");
     let identity = Identity::load(cfg.tls.clone()).context("loading the node's TLS files")?;
     let reload = tokio::spawn(

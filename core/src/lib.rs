@@ -11,6 +11,7 @@ pub mod join;
 pub mod model;
 pub mod pki;
 pub mod proto;
+pub mod runtime;
 pub mod telemetry;
 pub mod tls;
 pub mod vip;

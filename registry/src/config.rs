@@ -50,6 +50,14 @@ pub struct Config {
     /// Validity of SVIDs issued by `Join` and `Renew` (holders renew at about half of it).
     #[serde(default = "default_svid_ttl_ms")]
     pub svid_ttl_ms: u64,
+    /// Threads of `meshbridge registry` (1: one thread for everything; 0: one per CPU).
+    /// The log's fsyncs run on a thread of their own either way.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+fn default_workers() -> usize {
+    0
 }
 
 /// Site leases.
@@ -196,6 +204,7 @@ impl Config {
             raft: RaftConfig::default(),
             ca_dir: None,
             svid_ttl_ms: default_svid_ttl_ms(),
+            workers: default_workers(),
         }
     }
 }
@@ -204,6 +213,7 @@ impl RoleConfig for Config {
     fn validate(&self, p: &mut Problems) {
         p.socket_addr("listen", &self.listen);
         p.socket_addr("admin_listen", &self.admin_listen);
+        meshbridge_core::runtime::check_workers(p, "workers", self.workers);
         p.check(
             !self.data_dir.as_os_str().is_empty(),
             "data_dir",
