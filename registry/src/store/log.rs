@@ -1,11 +1,16 @@
 //! The Raft log and vote: [`RaftLogStorage`] and [`RaftLogReader`] over redb.
 //!
-//! Appends return as soon as the entries are readable (held in memory, in `pending`), and
-//! one writer thread makes them durable: it takes every queued write (appends, votes,
+//! Appends return as soon as the entries are readable (held in memory, in the [`Tail`]),
+//! and one writer thread makes them durable: it takes every queued write (appends, votes,
 //! truncations, purges) in order and commits them in one redb transaction, one fsync, then
-//! tells openraft through the flush callbacks. So the leader's fsync overlaps replication
-//! to the followers, and writes that arrive together share an fsync (group commit), while
-//! every write still reaches the disk in the order it was made.
+//! tells openraft through the flush callbacks. Writes that arrive together share an fsync
+//! (group commit), while every write still reaches the disk in the order it was made.
+//! (openraft 0.9 waits for the flush callback before it replicates, so the leader's fsync
+//! does not overlap replication.)
+//!
+//! The tail also keeps the most recent durable entries: replication to the followers and
+//! applying to the state machine read what was just written, and find it in memory instead
+//! of going to the disk through a blocking-pool thread.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -25,14 +30,117 @@ use super::{
 };
 use crate::types::{Entry, LogId, LogState, StorageError, StorageIOError, TypeConfig, Vote};
 
-/// Entries appended but not yet durable, by index: a contiguous run at the end of the log.
-type Pending = Arc<Mutex<BTreeMap<u64, Entry>>>;
+/// Durable entries kept in memory past these bounds leave the tail, oldest first.
+const TAIL_ENTRIES: usize = 1024;
+const TAIL_BYTES: usize = 8 * 1024 * 1024;
+
+/// The end of the log in memory, by index: every entry not yet durable and the most recent
+/// durable ones. A contiguous run that ends at the last entry appended; an entry leaves it
+/// only once it is on disk, so every entry is in the tail or on disk (or both).
+#[derive(Default)]
+struct Tail {
+    entries: BTreeMap<u64, Cached>,
+    /// Encoded bytes of the durable entries held.
+    durable_bytes: usize,
+    /// Number of the next append.
+    next_append: u64,
+}
+
+struct Cached {
+    entry: Entry,
+    /// Which append put it here: only that append's write makes it durable (the same log
+    /// id can be truncated and appended again while the first write is queued).
+    append: u64,
+    /// Its encoded size once it is on disk; `None` while it is only here.
+    durable: Option<usize>,
+}
+
+impl Tail {
+    /// Appended entries, replacing any at or after the first one's index; returns the
+    /// append's number for [`Tail::durable`].
+    fn append(&mut self, entries: &[Entry]) -> u64 {
+        let append = self.next_append;
+        self.next_append += 1;
+        if let Some(first) = entries.first() {
+            self.remove_from(first.log_id.index);
+        }
+        for e in entries {
+            let cached = Cached {
+                entry: e.clone(),
+                append,
+                durable: None,
+            };
+            self.entries.insert(e.log_id.index, cached);
+        }
+        append
+    }
+
+    /// Truncation: everything at or after `index` goes.
+    fn remove_from(&mut self, index: u64) {
+        let removed = self.entries.split_off(&index);
+        self.durable_bytes -= removed.values().filter_map(|c| c.durable).sum::<usize>();
+    }
+
+    /// Purge: everything up to and including `index` goes.
+    fn remove_through(&mut self, index: u64) {
+        let Some(keep_from) = index.checked_add(1) else {
+            self.entries.clear();
+            self.durable_bytes = 0;
+            return;
+        };
+        let kept = self.entries.split_off(&keep_from);
+        let removed = std::mem::replace(&mut self.entries, kept);
+        self.durable_bytes -= removed.values().filter_map(|c| c.durable).sum::<usize>();
+    }
+
+    /// Entries reached the disk, as (append number, index, encoded bytes); those still
+    /// held from that append (not truncated since) are durable. Then the oldest durable
+    /// entries past the bounds leave.
+    fn durable(&mut self, written: &[(u64, u64, usize)]) {
+        for (append, index, bytes) in written {
+            if let Some(c) = self.entries.get_mut(index)
+                && c.append == *append
+                && c.durable.is_none()
+            {
+                c.durable = Some(*bytes);
+                self.durable_bytes += bytes;
+            }
+        }
+        while self.entries.len() > TAIL_ENTRIES || self.durable_bytes > TAIL_BYTES {
+            let Some(first) = self.entries.first_entry() else {
+                break;
+            };
+            let Some(bytes) = first.get().durable else {
+                break;
+            };
+            first.remove();
+            self.durable_bytes -= bytes;
+        }
+    }
+
+    /// The entries held in `start..end` (`end` `None`: to the end).
+    fn range(&self, start: u64, end: Option<u64>) -> Vec<Entry> {
+        let range = match end {
+            Some(end) => self.entries.range(start..end),
+            None => self.entries.range(start..),
+        };
+        range.map(|(_, c)| c.entry.clone()).collect()
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.entries.last_key_value().map(|(_, c)| c.entry.log_id)
+    }
+}
+
+type SharedTail = Arc<Mutex<Tail>>;
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
 
 /// One write, queued for the writer thread.
 enum Job {
     Append {
+        /// Its number in the tail ([`Tail::append`]).
+        append: u64,
         entries: Vec<Entry>,
         callback: LogFlushed<TypeConfig>,
     },
@@ -49,7 +157,7 @@ enum Job {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    pending: Pending,
+    tail: SharedTail,
     writer: Arc<WriterHandle>,
 }
 
@@ -76,11 +184,11 @@ impl LogStore {
         db: Arc<Database>,
         flush_time: Option<Histogram>,
     ) -> Result<Self, StoreError> {
-        let pending = Pending::default();
+        let tail = SharedTail::default();
         let (jobs, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
-            pending: pending.clone(),
+            tail: tail.clone(),
             flush_time,
         };
         let thread = std::thread::Builder::new()
@@ -89,7 +197,7 @@ impl LogStore {
             .map_err(|e| StoreError::Write(format!("start the log writer thread: {e}")))?;
         Ok(Self {
             db,
-            pending,
+            tail,
             writer: Arc::new(WriterHandle {
                 jobs: Some(jobs),
                 thread: Some(thread),
@@ -97,8 +205,8 @@ impl LogStore {
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        lock(&self.tail)
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
@@ -126,16 +234,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = half_open(&range) else {
             return Ok(Vec::new());
         };
-        // Taken before the disk is read: an entry leaves `pending` only once it is on
-        // disk, so every entry is in one or the other.
-        let cached: Vec<Entry> = {
-            let pending = self.pending();
-            match end {
-                Some(end) => pending.range(start..end).map(|(_, e)| e.clone()).collect(),
-                None => pending.range(start..).map(|(_, e)| e.clone()).collect(),
-            }
-        };
-        // The common case, replication of what was just appended: all in memory.
+        // Taken before the disk is read: an entry leaves the tail only once it is on disk,
+        // so every entry is in one or the other.
+        let cached = self.tail().range(start, end);
+        // The common case, replication or applying of what was just appended: all in
+        // memory.
         if cached.first().is_some_and(|e| e.log_id.index == start) {
             return Ok(cached);
         }
@@ -154,7 +257,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState, StorageError> {
-        let newest_pending = self.pending().last_key_value().map(|(_, e)| e.log_id);
+        let newest_pending = self.tail().last_log_id();
         let state = blocking(&self.db, |db| {
             let last_purged_log_id: Option<LogId> = read_json(db, META, KEY_LAST_PURGED)?;
             let txn = db.begin_read()?;
@@ -216,25 +319,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let Some(first) = entries.first() else {
+        if entries.is_empty() {
             callback.log_io_completed(Ok(()));
             return Ok(());
-        };
-        {
-            // Readable from now on; anything at or after these indexes was truncated.
-            let mut pending = self.pending();
-            pending.split_off(&first.log_id.index);
-            for e in &entries {
-                pending.insert(e.log_id.index, e.clone());
-            }
         }
-        self.send(Job::Append { entries, callback })
-            .map_err(|e| StorageIOError::write_logs(&e).into())
+        // Readable from now on; anything at or after these indexes was truncated.
+        let append = self.tail().append(&entries);
+        self.send(Job::Append {
+            append,
+            entries,
+            callback,
+        })
+        .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log from");
-        self.pending().split_off(&log_id.index);
+        self.tail().remove_from(log_id.index);
         self.write(|done| Job::Truncate(log_id.index, done))
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
@@ -242,7 +343,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging raft log up to");
-        self.pending().retain(|&i, _| i > log_id.index);
+        self.tail().remove_through(log_id.index);
         self.write(|done| Job::Purge(log_id, done))
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())
@@ -252,7 +353,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// The thread that makes queued writes durable, in order, a batch per fsync.
 struct Writer {
     db: Arc<Database>,
-    pending: Pending,
+    tail: SharedTail,
     flush_time: Option<Histogram>,
 }
 
@@ -271,8 +372,10 @@ impl Writer {
         tracing::debug!("raft log writer stopped");
     }
 
-    /// Everything in `batch`, in order, in one transaction.
+    /// Everything in `batch`, in order, in one transaction; then its entries are durable
+    /// in the tail.
     fn commit(&self, batch: &[Job]) -> Result<(), StoreError> {
+        let mut written = Vec::new();
         let mut txn = self.db.begin_write()?;
         let durable = batch.iter().any(|j| !matches!(j, Job::Committed(_)));
         txn.set_durability(if durable {
@@ -285,10 +388,13 @@ impl Writer {
             let mut meta = txn.open_table(META)?;
             for job in batch {
                 match job {
-                    Job::Append { entries, .. } => {
+                    Job::Append {
+                        append, entries, ..
+                    } => {
                         for entry in entries {
                             let bytes = encode("log entry", entry)?;
                             logs.insert(entry.log_id.index, bytes.as_slice())?;
+                            written.push((*append, entry.log_id.index, bytes.len()));
                         }
                     }
                     Job::Vote(vote, _) => {
@@ -310,10 +416,11 @@ impl Writer {
             }
         }
         txn.commit()?;
+        lock(&self.tail).durable(&written);
         Ok(())
     }
 
-    /// Tell every writer of `batch` how it went; durable entries leave `pending`.
+    /// Tell every writer of `batch` how it went.
     fn finish(&self, batch: Vec<Job>, result: Result<(), StoreError>) {
         let failed = result.as_ref().err().map(ToString::to_string);
         if let Some(e) = &failed {
@@ -322,20 +429,8 @@ impl Writer {
         let error = || StoreError::Write(failed.clone().unwrap_or_default());
         for job in batch {
             match job {
-                Job::Append { entries, callback } => {
+                Job::Append { callback, .. } => {
                     if failed.is_none() {
-                        let mut pending =
-                            self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                        for e in &entries {
-                            // Unless truncated and appended again meanwhile.
-                            if pending
-                                .get(&e.log_id.index)
-                                .is_some_and(|p| p.log_id == e.log_id)
-                            {
-                                pending.remove(&e.log_id.index);
-                            }
-                        }
-                        drop(pending);
                         callback.log_io_completed(Ok(()));
                     } else {
                         callback.log_io_completed(Err(std::io::Error::other(error())));
@@ -386,4 +481,115 @@ fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry
         entries.push(decode("log entry", bytes.value())?);
     }
     Ok(entries)
+}
+
+fn lock(tail: &SharedTail) -> std::sync::MutexGuard<'_, Tail> {
+    tail.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn run(term: u64, indexes: std::ops::Range<u64>) -> Vec<Entry> {
+        indexes.map(|i| entry(term, i)).collect()
+    }
+
+    fn indexes(tail: &Tail) -> Vec<u64> {
+        tail.range(0, None).iter().map(|e| e.log_id.index).collect()
+    }
+
+    fn written(append: u64, entries: &[Entry], bytes: usize) -> Vec<(u64, u64, usize)> {
+        entries
+            .iter()
+            .map(|e| (append, e.log_id.index, bytes))
+            .collect()
+    }
+
+    #[test]
+    fn durable_entries_stay_readable_up_to_the_bound_then_leave_oldest_first() {
+        let mut tail = Tail::default();
+        let first = run(1, 1..1001);
+        let a = tail.append(&first);
+        tail.durable(&written(a, &first, 10));
+        // Within the bounds, what was just written is still read from memory.
+        assert_eq!(indexes(&tail), (1..1001).collect::<Vec<_>>());
+        assert_eq!(tail.durable_bytes, 10_000);
+
+        let second = run(1, 1001..1101);
+        let b = tail.append(&second);
+        // Past the bound: old durable entries leave, the new ones (not durable yet) stay.
+        tail.durable(&[]);
+        assert_eq!(tail.entries.len(), TAIL_ENTRIES);
+        let oldest = 1101 - TAIL_ENTRIES as u64;
+        assert_eq!(indexes(&tail).first(), Some(&oldest));
+        assert_eq!(tail.durable_bytes, (1001 - oldest as usize) * 10);
+        tail.durable(&written(b, &second, 10));
+        assert_eq!(tail.entries.len(), TAIL_ENTRIES);
+        assert_eq!(tail.durable_bytes, TAIL_ENTRIES * 10);
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_durable_entries_but_never_unwritten_ones() {
+        let mut tail = Tail::default();
+        let big = run(1, 1..4);
+        let a = tail.append(&big);
+        let unwritten = run(1, 4..6);
+        tail.append(&unwritten);
+        tail.durable(&written(a, &big, TAIL_BYTES / 2));
+        // 1.5 × the bound in durable bytes: the oldest durable entries go until within it.
+        assert_eq!(indexes(&tail), vec![2, 3, 4, 5]);
+        assert_eq!(tail.durable_bytes, TAIL_BYTES);
+        // Past the bound in count but with only unwritten entries left: they stay.
+        let mut tail = Tail::default();
+        let many = run(1, 1..(TAIL_ENTRIES as u64 + 10));
+        tail.append(&many);
+        tail.durable(&[]);
+        assert_eq!(tail.entries.len(), many.len());
+    }
+
+    #[test]
+    fn a_write_of_an_entry_truncated_and_appended_again_does_not_make_the_new_one_durable() {
+        let mut tail = Tail::default();
+        let old = run(1, 1..3);
+        let a = tail.append(&old);
+        // Truncated from 2 and the same log id appended again before `a` reached the disk.
+        tail.remove_from(2);
+        let again = run(1, 2..3);
+        tail.append(&again);
+        tail.durable(&written(a, &old, 10));
+        assert!(tail.entries.get(&1).is_some_and(|c| c.durable == Some(10)));
+        assert!(tail.entries.get(&2).is_some_and(|c| c.durable.is_none()));
+        assert_eq!(tail.durable_bytes, 10);
+    }
+
+    #[test]
+    fn truncation_and_purge_keep_the_byte_count() {
+        let mut tail = Tail::default();
+        let all = run(1, 1..11);
+        let a = tail.append(&all);
+        tail.durable(&written(a, &all, 7));
+        tail.remove_from(9);
+        assert_eq!(indexes(&tail), (1..9).collect::<Vec<_>>());
+        assert_eq!(tail.durable_bytes, 56);
+        tail.remove_through(3);
+        assert_eq!(indexes(&tail), (4..9).collect::<Vec<_>>());
+        assert_eq!(tail.durable_bytes, 35);
+        tail.remove_through(u64::MAX);
+        assert!(tail.entries.is_empty());
+        assert_eq!(tail.durable_bytes, 0);
+        // A later append replaces from its first index on.
+        let b = tail.append(&run(2, 1..3));
+        assert_eq!(b, a + 1);
+        assert_eq!(tail.last_log_id().map(|l| l.index), Some(2));
+    }
 }
