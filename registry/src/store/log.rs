@@ -44,10 +44,17 @@ struct Tail {
     durable_bytes: usize,
     /// Number of the next append.
     next_append: u64,
+    /// Index after the log's last entry, once this process appended or truncated (the
+    /// disk may still hold truncated entries at or after it until the writer gets there).
+    end: Option<u64>,
+    /// Truncations and purges so far: a reader that went to the disk checks that none
+    /// happened meanwhile.
+    removals: u64,
 }
 
 struct Cached {
-    entry: Entry,
+    /// Shared, so that a reader copies pointers under the lock, not entries.
+    entry: Arc<Entry>,
     /// Which append put it here: only that append's write makes it durable (the same log
     /// id can be truncated and appended again while the first write is queued).
     append: u64,
@@ -64,9 +71,12 @@ impl Tail {
         if let Some(first) = entries.first() {
             self.remove_from(first.log_id.index);
         }
+        if let Some(last) = entries.last() {
+            self.end = Some(last.log_id.index + 1);
+        }
         for e in entries {
             let cached = Cached {
-                entry: e.clone(),
+                entry: Arc::new(e.clone()),
                 append,
                 durable: None,
             };
@@ -77,12 +87,18 @@ impl Tail {
 
     /// Truncation: everything at or after `index` goes.
     fn remove_from(&mut self, index: u64) {
+        if self.end.is_none_or(|end| index < end) {
+            // The log gets shorter (or may: its end is not known yet).
+            self.removals += 1;
+        }
+        self.end = Some(self.end.map_or(index, |end| end.min(index)));
         let removed = self.entries.split_off(&index);
         self.durable_bytes -= removed.values().filter_map(|c| c.durable).sum::<usize>();
     }
 
     /// Purge: everything up to and including `index` goes.
     fn remove_through(&mut self, index: u64) {
+        self.removals += 1;
         let Some(keep_from) = index.checked_add(1) else {
             self.entries.clear();
             self.durable_bytes = 0;
@@ -118,19 +134,60 @@ impl Tail {
         }
     }
 
-    /// The entries held in `start..end` (`end` `None`: to the end).
-    fn range(&self, start: u64, end: Option<u64>) -> Vec<Entry> {
-        let range = match end {
-            Some(end) => self.entries.range(start..end),
-            None => self.entries.range(start..),
+    /// What a reader of `start..end` (`end` `None`: to the end) needs: the entries held
+    /// in that range, and where the log ends and how many removals happened, as of now.
+    fn view(&self, start: u64, end: Option<u64>) -> TailView {
+        // Nothing at or after the log's end exists, whatever the disk still holds.
+        let end = match (end, self.end) {
+            (Some(e), Some(log_end)) => Some(e.min(log_end)),
+            (e, log_end) => e.or(log_end),
         };
-        range.map(|(_, c)| c.entry.clone()).collect()
+        let entries = match end {
+            Some(end) if end <= start => Vec::new(),
+            Some(end) => self
+                .entries
+                .range(start..end)
+                .map(|(_, c)| c.entry.clone())
+                .collect(),
+            None => self
+                .entries
+                .range(start..)
+                .map(|(_, c)| c.entry.clone())
+                .collect(),
+        };
+        TailView {
+            entries,
+            end,
+            removals: self.removals,
+        }
+    }
+
+    /// The entries held in `start..end` (`end` `None`: to the end).
+    #[cfg(test)]
+    fn range(&self, start: u64, end: Option<u64>) -> Vec<Entry> {
+        self.view(start, end)
+            .entries
+            .iter()
+            .map(|e| (**e).clone())
+            .collect()
     }
 
     fn last_log_id(&self) -> Option<LogId> {
         self.entries.last_key_value().map(|(_, c)| c.entry.log_id)
     }
 }
+
+/// A reader's look at the tail ([`Tail::view`]).
+struct TailView {
+    entries: Vec<Arc<Entry>>,
+    /// The read's end, cut at the log's end when that is known.
+    end: Option<u64>,
+    removals: u64,
+}
+
+/// A read that had to go to the disk gives up after this many tries if the log is
+/// truncated or purged during every one (it never is: each truncation needs a new leader).
+const READ_TRIES: usize = 100;
 
 type SharedTail = Arc<Mutex<Tail>>;
 
@@ -234,22 +291,46 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = half_open(&range) else {
             return Ok(Vec::new());
         };
-        // Taken before the disk is read: an entry leaves the tail only once it is on disk,
-        // so every entry is in one or the other.
-        let cached = self.tail().range(start, end);
-        // The common case, replication or applying of what was just appended: all in
-        // memory.
-        if cached.first().is_some_and(|e| e.log_id.index == start) {
-            return Ok(cached);
+        for _ in 0..READ_TRIES {
+            // Taken before the disk is read: an entry leaves the tail only once it is on
+            // disk, so every entry is in one or the other.
+            let view = self.tail().view(start, end);
+            let owned = |v: Vec<Arc<Entry>>| v.iter().map(|e| (**e).clone()).collect::<Vec<_>>();
+            // The common case, replication or applying of what was just appended: all in
+            // memory.
+            if view
+                .entries
+                .first()
+                .is_some_and(|e| e.log_id.index == start)
+                || view.end.is_some_and(|end| end <= start)
+            {
+                return Ok(owned(view.entries));
+            }
+            // The disk only below what the tail holds; above the log's end it may still
+            // hold entries already truncated.
+            let disk_end = view.entries.first().map(|e| e.log_id.index).or(view.end);
+            let mut entries = blocking(&self.db, move |db| read_entries(db, start, disk_end))
+                .await
+                .map_err(|e| StorageIOError::read_logs(&e))?;
+            if self.tail().removals != view.removals {
+                // Truncated or purged while the disk was read: what was read may be gone.
+                continue;
+            }
+            // Only a contiguous run: if what the disk holds does not reach the tail, the
+            // disk's part alone. (Entries before the first one held anywhere do not exist,
+            // or were purged: "not found" is allowed.)
+            let next = entries.last().map(|e| e.log_id.index + 1);
+            if let Some(first) = view.entries.first()
+                && next.is_none_or(|n| n == first.log_id.index)
+            {
+                entries.extend(owned(view.entries));
+            }
+            return Ok(entries);
         }
-        let mut entries = blocking(&self.db, move |db| read_entries(db, start, end))
-            .await
-            .map_err(|e| StorageIOError::read_logs(&e))?;
-        if let Some(first) = cached.first() {
-            entries.retain(|e| e.log_id.index < first.log_id.index);
-            entries.extend(cached);
-        }
-        Ok(entries)
+        Err(StorageIOError::read_logs(&StoreError::Write(
+            "the log was truncated during every read".into(),
+        ))
+        .into())
     }
 }
 
@@ -570,6 +651,30 @@ mod tail_tests {
         assert!(tail.entries.get(&1).is_some_and(|c| c.durable == Some(10)));
         assert!(tail.entries.get(&2).is_some_and(|c| c.durable.is_none()));
         assert_eq!(tail.durable_bytes, 10);
+    }
+
+    #[test]
+    fn a_read_stops_at_the_end_of_the_log_even_with_nothing_held() {
+        let mut tail = Tail::default();
+        // Before anything happened here, the end is unknown: the disk decides.
+        assert_eq!(tail.view(1, None).end, None);
+        let all = run(1, 1..11);
+        let a = tail.append(&all);
+        tail.durable(&written(a, &all, 7));
+        assert_eq!(tail.view(1, Some(100)).end, Some(11));
+        // Appending at the end removes nothing: readers on the disk need not retry.
+        let before = tail.removals;
+        tail.append(&run(1, 11..12));
+        assert_eq!(tail.removals, before);
+        // Truncated at 4 and every entry evicted (as if beyond the bounds): whatever the
+        // disk still holds at 4 or after, a read does not go there.
+        tail.remove_from(4);
+        tail.remove_through(3);
+        assert!(tail.entries.is_empty());
+        let view = tail.view(1, None);
+        assert_eq!(view.end, Some(4));
+        assert_eq!(view.removals, before + 2);
+        assert!(tail.view(4, Some(10)).end.is_some_and(|end| end <= 4));
     }
 
     #[test]

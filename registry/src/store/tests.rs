@@ -315,3 +315,67 @@ async fn a_proposal_of_several_writes_applies_each_in_order_with_its_own_reply()
     assert_eq!(revisions, vec![1, 2]);
     Ok(())
 }
+
+fn blanks(term: u64, indexes: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    indexes
+        .map(|i| Entry {
+            log_id: log_id(term, i),
+            payload: EntryPayload::Blank,
+        })
+        .collect()
+}
+
+fn ids(entries: &[Entry]) -> Vec<(u64, u64)> {
+    entries
+        .iter()
+        .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+        .collect()
+}
+
+/// More entries than the in-memory tail keeps: reads that span the disk and the tail come
+/// back whole and in order, and truncation and purge show in them at once.
+#[tokio::test]
+async fn reads_across_disk_and_memory_are_contiguous_and_follow_truncation() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut log, _sm) = open(dir.path())?;
+    for chunk in blanks(1, 1..=3000).chunks(100) {
+        log.blocking_append(chunk.to_vec()).await?;
+    }
+    let all = log.try_get_log_entries(1..=3000).await?;
+    assert_eq!(ids(&all), ids(&blanks(1, 1..=3000)));
+    let middle = log.try_get_log_entries(1500..2500).await?;
+    assert_eq!(ids(&middle), ids(&blanks(1, 1500..=2499)));
+
+    // A new leader's entries replace the old ones from 2500 on.
+    log.truncate(log_id(1, 2500)).await?;
+    assert_eq!(
+        ids(&log.try_get_log_entries(2400..).await?),
+        ids(&blanks(1, 2400..=2499))
+    );
+    log.blocking_append(blanks(2, 2500..=2600)).await?;
+    let mut want = blanks(1, 2400..=2499);
+    want.extend(blanks(2, 2500..=2600));
+    assert_eq!(
+        ids(&log.try_get_log_entries(2400..=3000).await?),
+        ids(&want)
+    );
+    assert_eq!(
+        log.get_log_state().await?.last_log_id,
+        Some(log_id(2, 2600))
+    );
+
+    // Purged entries are gone from reads; the rest is still whole.
+    log.purge(log_id(1, 1000)).await?;
+    let after_purge = log.try_get_log_entries(1..=1200).await?;
+    assert_eq!(ids(&after_purge), ids(&blanks(1, 1001..=1200)));
+
+    // And all of it from the disk alone after a restart.
+    drop(log);
+    drop(_sm);
+    let (mut log, _sm) = open(dir.path())?;
+    assert_eq!(
+        ids(&log.try_get_log_entries(2400..=3000).await?),
+        ids(&want)
+    );
+    Ok(())
+}
