@@ -167,7 +167,6 @@ const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind) {
     let _ = client.set_nodelay(true);
     let began = Instant::now();
-    let local_port = client.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut buf = BytesMut::new();
     let head_timeout = sh.cfg.tunnel.preamble_timeout();
     // Route: the target and the bytes already read that belong to the payload.
@@ -182,7 +181,11 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
             |_| 400,
         )
         .await
-        .and_then(|info| sni_target(sh, info.sni.as_deref(), local_port).map_err(Unroutable::new))
+        .and_then(|info| {
+            // Only SNI needs the listener's port (a system call per connection).
+            let local_port = client.local_addr().map(|a| a.port()).unwrap_or(0);
+            sni_target(sh, info.sni.as_deref(), local_port).map_err(Unroutable::new)
+        })
         .map(|t| (t, 0)),
         Kind::Connect => {
             read_head(
