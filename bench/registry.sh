@@ -18,7 +18,8 @@
 # Usage: bench/registry.sh   Env: RUNS=3 TESTS="seq conc reads failover watch dns scale"
 #        SITES=100 SERVICES=100 ENDPOINTS=10 (100k endpoints); SNAPSHOT_EVERY=5000
 #        (raft.snapshot_every_logs: lower it to make the scale run snapshot and the
-#        new node catch up from the snapshot); WORKERS=<registry threads per node>
+#        new node catch up from the snapshot); WORKERS=<registry threads per node>;
+#        REGLOAD_THREADS=<client threads, 1 = current-thread>
 # Output: summary lines on stdout; raw JSON lines in $BENCH_ROOT/results/registry.jsonl.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -26,6 +26,10 @@ struct Cli {
     /// An admin SVID directory (spiffe://<td>/ctl/...).
     #[arg(long)]
     tls_dir: std::path::PathBuf,
+    /// Client threads (1: tokio's current-thread scheduler, as a gateway runs; 0: one per
+    /// CPU).
+    #[arg(long, env = "REGLOAD_THREADS", default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -163,10 +167,13 @@ async fn client(urls: &[String], identity: &Arc<Identity>) -> Result<RegistryCli
     Ok(RegistryClient::connect(urls, identity.clone()).await?)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     meshbridge_core::install_crypto_provider();
     let cli = Cli::parse();
+    meshbridge_core::runtime::build(cli.threads)?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let identity = Identity::load(IdentityFiles::in_dir(&cli.tls_dir))?;
     if cli.registry.is_empty() {
         bail!("--registry: at least one URL");
