@@ -5,6 +5,9 @@
 # acknowledging (etcd: WAL fsync; meshbridge: redb Durability::Immediate on every node).
 # Each run does the etcd measurement, then the meshbridge one, so both see the same load.
 #   seq       2000 sequential puts of ~256 B on one connection, via the leader
+#   seqpair   the same, paired finely: PAIRS (default 10) blocks of BLOCK (default 300) puts,
+#             etcd then meshbridge back to back, and the ratio of each pair; the median
+#             of the pairs' ratios resists the machine's drifts better than whole runs
 #   conc16/64 16 and 64 concurrent writers for 10 s (etcd: Python threads on the JSON
 #             gateway, its bench client; meshbridge: bench/loadgen regload, Rust gRPC)
 #   reads     16 concurrent linearizable reads for 10 s (etcd: serializable=false range)
@@ -134,6 +137,21 @@ if want seq; then
   summ "etcd seq put p50" ms "${e50[@]}"; summ "meshbridge seq put p50" ms "${m50[@]}"
   summ "etcd seq put p99" ms "${e99[@]}"; summ "meshbridge seq put p99" ms "${m99[@]}"
   summ "etcd seq put rate" puts/s "${er[@]}"; summ "meshbridge seq put rate" puts/s "${mr[@]}"
+fi
+
+if want seqpair; then
+  PAIRS=${PAIRS:-10}; BLOCK=${BLOCK:-300}
+  r50=(); r99=(); rr=()
+  for b in $(seq "$PAIRS"); do
+    eo=$($PY seq --endpoint "$ELEADER" --n "$BLOCK"); record seqpair etcd "$b" "$eo"
+    mo=$(rl "$(mb_leader)" seq --n "$BLOCK"); record seqpair meshbridge "$b" "$mo"
+    ratio() { python3 -c "import json,sys; e=json.loads(sys.argv[1]); m=json.loads(sys.argv[2]); print(round(m['$1']/e['$1'], 3))" "$eo" "$mo"; }
+    r50+=("$(ratio p50_ms)"); r99+=("$(ratio p99_ms)"); rr+=("$(ratio puts_per_s)")
+    log "seqpair $b: etcd p50 $(field "$eo" '["p50_ms"]') ms, meshbridge p50 $(field "$mo" '["p50_ms"]') ms"
+  done
+  summ "seqpair p50 meshbridge/etcd" x "${r50[@]}"
+  summ "seqpair p99 meshbridge/etcd" x "${r99[@]}"
+  summ "seqpair puts/s meshbridge/etcd" x "${rr[@]}"
 fi
 
 if want conc; then
