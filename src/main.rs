@@ -85,10 +85,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// One worker per CPU, for the commands without a `workers` setting.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(meshbridge_core::runtime::build(0)?)
 }
 
 /// Processes started by `meshbridge demo` (and tests) carry MESHBRIDGE_EXIT_WITH_PARENT=1:
