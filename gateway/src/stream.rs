@@ -128,8 +128,8 @@ where
         w.write_all(&buf).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         if n == buf.capacity() && n < COPY_BUF_MAX {
-            buf.clear();
-            buf.reserve_exact(n * 2);
+            // Twice the size: `n` more than the `n` bytes held.
+            buf.reserve_exact(n);
         }
     }
 }

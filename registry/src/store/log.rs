@@ -93,7 +93,7 @@ impl Tail {
         }
         self.end = Some(self.end.map_or(index, |end| end.min(index)));
         let removed = self.entries.split_off(&index);
-        self.durable_bytes -= removed.values().filter_map(|c| c.durable).sum::<usize>();
+        self.forget(&removed);
     }
 
     /// Purge: everything up to and including `index` goes.
@@ -106,6 +106,11 @@ impl Tail {
         };
         let kept = self.entries.split_off(&keep_from);
         let removed = std::mem::replace(&mut self.entries, kept);
+        self.forget(&removed);
+    }
+
+    /// Takes entries that were removed out of the durable byte count.
+    fn forget(&mut self, removed: &BTreeMap<u64, Cached>) {
         self.durable_bytes -= removed.values().filter_map(|c| c.durable).sum::<usize>();
     }
 
