@@ -54,6 +54,8 @@ pub struct Metrics {
     pub peer_append: Family<PeerLabel, Histogram>,
     /// Handling an AppendEntries request here, as a follower (until its entries are durable).
     pub append_handling: Histogram,
+    /// Early appends sent to each peer (see `network`).
+    pub early_appends: Family<PeerLabel, Counter>,
 }
 
 fn latency_buckets() -> Histogram {
@@ -77,6 +79,7 @@ impl Metrics {
             log_flush: latency_buckets(),
             peer_append: Family::new_with_constructor(latency_buckets),
             append_handling: latency_buckets(),
+            early_appends: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("meshbridge_registry");
         r.register(
@@ -131,6 +134,11 @@ impl Metrics {
             "append_entries_handling_seconds",
             "Handling an AppendEntries request as a follower, until the entries are durable",
             m.append_handling.clone(),
+        );
+        r.register(
+            "early_appends",
+            "Leader's new entries sent to a peer as its own fsync began, by peer",
+            m.early_appends.clone(),
         );
         r.register(
             "lease_ticks",

@@ -3,6 +3,16 @@
 //! serde types carried as JSON.
 //!
 //! Peers must present a registry SVID of our trust domain (`spiffe://<td>/registry/*`).
+//!
+//! **Early appends.** openraft 0.9 replicates a leader's new entries only after its own
+//! fsync. [`Peers`] is the log store's [`EarlyAppend`]: when the leader's store begins an
+//! append of its own entries, the same AppendEntries request openraft would send is put
+//! on each follower's stream at once, marked `early`, so the follower's fsync runs while
+//! the leader's does. Its reply is dropped; openraft's own request for those entries follows
+//! on the same stream and finds them in place. This is what Raft allows any leader to do
+//! (a leader counts itself towards a quorum only once its own fsync is done, which
+//! openraft still decides); it only goes to followers whose stream answered the
+//! [`EARLY_APPEND_HEADER`], so a node of an older version never sees one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
@@ -16,6 +26,7 @@ use meshbridge_core::proto::{self, raft_client::RaftClient};
 use meshbridge_core::tls::Identity;
 use openraft::error::{Infallible, NetworkError, RPCError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
@@ -26,10 +37,20 @@ use tonic::{Code, Status};
 use tracing::{debug, info};
 
 use crate::metrics::PeerLabel;
+use crate::raft_api::EARLY_APPEND_HEADER;
+use crate::store::EarlyAppend;
 use crate::types::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotError, InstallSnapshotRequest,
-    InstallSnapshotResponse, Node, NodeId, RaftError, TypeConfig, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, Entry, InstallSnapshotError,
+    InstallSnapshotRequest, InstallSnapshotResponse, LogId, Node, NodeId, RaftError, TypeConfig,
+    Vote, VoteRequest, VoteResponse,
 };
+
+/// The sending end of an AppendEntries stream.
+type LaneSender = mpsc::Sender<proto::RaftMessage>;
+
+/// Requests queued on an AppendEntries stream before the HTTP/2 stream takes them; early
+/// appends that find it full are not sent.
+const LANE_QUEUE: usize = 4;
 
 /// Channels to the other nodes, shared by Raft replication and request forwarding.
 pub struct Peers {
@@ -38,13 +59,32 @@ pub struct Peers {
     opts: ChannelOptions,
     overrides: BTreeMap<NodeId, String>,
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    /// The AppendEntries streams that take early appends, by follower, oldest first.
+    /// openraft makes a client per replication stream and also short-lived ones (for a
+    /// linearizable read's heartbeat round); early appends go on the oldest open one, the
+    /// replication stream's, so that they travel in order before openraft's own requests.
+    early_lanes: Mutex<HashMap<NodeId, Vec<LaneSender>>>,
+    early_sent: Family<PeerLabel, Counter>,
+}
+
+/// An early append: the JSON of openraft's `AppendEntriesRequest`, from borrowed parts.
+#[derive(Serialize)]
+struct EarlyRequest<'a> {
+    vote: &'a Vote,
+    prev_log_id: Option<LogId>,
+    entries: &'a [Entry],
+    /// None: a follower never learns a commit index from an early append (openraft's own
+    /// requests carry it).
+    leader_commit: Option<LogId>,
 }
 
 impl Peers {
+    /// `early_sent` counts early appends put on each follower's stream.
     pub fn new(
         node_id: NodeId,
         identity: Arc<Identity>,
         overrides: BTreeMap<NodeId, String>,
+        early_sent: Family<PeerLabel, Counter>,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -56,7 +96,30 @@ impl Peers {
             },
             overrides,
             channels: Mutex::new(HashMap::new()),
+            early_lanes: Mutex::new(HashMap::new()),
+            early_sent,
         })
+    }
+
+    fn early_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<LaneSender>>> {
+        self.early_lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add_early_lane(&self, target: NodeId, lane: LaneSender) {
+        self.early_lanes().entry(target).or_default().push(lane);
+    }
+
+    /// Forgets `lane`, one of `target`'s early lanes.
+    fn drop_early_lane(&self, target: NodeId, lane: &LaneSender) {
+        let mut lanes = self.early_lanes();
+        if let Some(of_target) = lanes.get_mut(&target) {
+            of_target.retain(|l| !l.same_channel(lane));
+            if of_target.is_empty() {
+                lanes.remove(&target);
+            }
+        }
     }
 
     /// The channel to node `id` whose membership URL is `url` (made on first use; remade
@@ -74,6 +137,42 @@ impl Peers {
             .map_err(|e| Status::failed_precondition(format!("node {id}: {e}")))?;
         channels.insert(id, (url.to_owned(), ch.clone()));
         Ok(ch)
+    }
+}
+
+impl EarlyAppend for Peers {
+    fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]) {
+        let lanes: Vec<_> = self
+            .early_lanes()
+            .iter()
+            .filter_map(|(id, lanes)| Some((*id, lanes.iter().find(|l| !l.is_closed())?.clone())))
+            .collect();
+        if lanes.is_empty() {
+            return;
+        }
+        let request = EarlyRequest {
+            vote,
+            prev_log_id,
+            entries,
+            leader_commit: None,
+        };
+        let json = match serde_json::to_vec(&request) {
+            Ok(json) => json,
+            Err(e) => {
+                debug!(error = %e, "early append not encoded");
+                return;
+            }
+        };
+        for (peer, lane) in lanes {
+            let message = proto::RaftMessage {
+                json: json.clone(),
+                early: true,
+            };
+            // A full queue means the stream is busy: openraft's own request will do.
+            if lane.try_send(message).is_ok() {
+                self.early_sent.get_or_create(&PeerLabel { peer }).inc();
+            }
+        }
     }
 }
 
@@ -123,7 +222,23 @@ pub struct PeerClient {
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, RaftError<E>>>;
 
+impl Drop for PeerClient {
+    fn drop(&mut self) {
+        self.close_lane();
+    }
+}
+
 impl PeerClient {
+    /// Ends the AppendEntries stream (the next request opens a new one).
+    fn close_lane(&mut self) {
+        if let Lane::Open { requests, .. } = &self.lane {
+            self.peers.drop_early_lane(self.target, requests);
+        }
+        if !matches!(self.lane, Lane::Unsupported) {
+            self.lane = Lane::Closed;
+        }
+    }
+
     async fn call<Req, Resp, E, F, Fut>(
         &self,
         action: RPCTypes,
@@ -140,7 +255,11 @@ impl PeerClient {
     {
         let json = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let client = self.client()?;
-        let sent = tokio::time::timeout(timeout, send(client, proto::RaftMessage { json })).await;
+        let sent = tokio::time::timeout(
+            timeout,
+            send(client, proto::RaftMessage { json, early: false }),
+        )
+        .await;
         let reply = match sent {
             Err(_) => {
                 return Err(RPCError::Timeout(Timeout {
@@ -201,7 +320,7 @@ impl PeerClient {
         &mut self,
         json: Vec<u8>,
     ) -> Option<RpcResult<AppendEntriesResponse, Infallible>> {
-        let message = proto::RaftMessage { json };
+        let message = proto::RaftMessage { json, early: false };
         match &self.lane {
             Lane::Unsupported => return None,
             Lane::Closed => match self.open_lane(message).await {
@@ -218,10 +337,15 @@ impl PeerClient {
         let Lane::Open { replies, .. } = &mut self.lane else {
             return Some(Err(lane_closed("the stream did not open")));
         };
-        let reply = match replies.message().await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => return Some(Err(lane_closed("the peer ended the stream"))),
-            Err(status) => return Some(Err(transport_error(&status))),
+        // Replies come in the order of the requests; those to early appends sent before
+        // this request are dropped.
+        let reply = loop {
+            match replies.message().await {
+                Ok(Some(reply)) if reply.early => {}
+                Ok(Some(reply)) => break reply,
+                Ok(None) => return Some(Err(lane_closed("the peer ended the stream"))),
+                Err(status) => return Some(Err(transport_error(&status))),
+            }
         };
         Some(self.decode_reply(reply))
     }
@@ -233,7 +357,7 @@ impl PeerClient {
         first: proto::RaftMessage,
     ) -> Result<bool, RPCError<NodeId, Node, RaftError<Infallible>>> {
         let mut client = self.client()?;
-        let (requests, rx) = mpsc::channel(1);
+        let (requests, rx) = mpsc::channel(LANE_QUEUE);
         if requests.send(first).await.is_err() {
             return Err(lane_closed("the request stream ended"));
         }
@@ -241,7 +365,11 @@ impl PeerClient {
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         match client.append_stream(outgoing).await {
             Ok(response) => {
-                info!(peer = self.target, "AppendEntries stream open");
+                let early = response.metadata().contains_key(EARLY_APPEND_HEADER);
+                info!(peer = self.target, early, "AppendEntries stream open");
+                if early {
+                    self.peers.add_early_lane(self.target, requests.clone());
+                }
                 self.lane = Lane::Open {
                     requests,
                     replies: Box::new(response.into_inner()),
@@ -266,7 +394,7 @@ enum Lane {
     /// Not open (yet, or since a failure).
     Closed,
     Open {
-        requests: mpsc::Sender<proto::RaftMessage>,
+        requests: LaneSender,
         replies: Box<tonic::Streaming<proto::RaftReply>>,
     },
     /// The peer answered UNIMPLEMENTED (an older version): unary calls from now on.
@@ -316,8 +444,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Some(reply) => {
                 // After any failure the stream may be out of step: the next call opens a
                 // new one.
-                if reply.is_err() && !matches!(self.lane, Lane::Unsupported) {
-                    self.lane = Lane::Closed;
+                if reply.is_err() {
+                    self.close_lane();
                 }
                 reply
             }
@@ -421,20 +549,31 @@ mod tests {
 
     /// Answers every AppendEntries with `PartialSuccess(leader_commit)`, so a reply shows
     /// which request it answers. Streams end after `per_stream` requests; `None`: no
-    /// stream (UNIMPLEMENTED), as a node of an older version answers.
+    /// stream (UNIMPLEMENTED), as a node of an older version answers. `early_header`: its
+    /// streams announce that they take early appends (answered like any other request).
     struct Peer {
         per_stream: Option<usize>,
+        early_header: bool,
         unary: Arc<AtomicUsize>,
         streams: Arc<AtomicUsize>,
+        /// Entries received in early appends.
+        early_entries: Arc<AtomicUsize>,
     }
 
-    fn answer(m: &proto::RaftMessage) -> Result<proto::RaftReply, Status> {
+    fn answer(
+        m: &proto::RaftMessage,
+        early_entries: &AtomicUsize,
+    ) -> Result<proto::RaftReply, Status> {
         let req: AppendEntriesRequest =
             serde_json::from_slice(&m.json).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if m.early {
+            early_entries.fetch_add(req.entries.len(), Ordering::SeqCst);
+        }
         let resp = AppendEntriesResponse::PartialSuccess(req.leader_commit);
         let ok = serde_json::to_vec(&resp).map_err(|e| Status::internal(e.to_string()))?;
         Ok(proto::RaftReply {
             result: Some(proto::raft_reply::Result::Ok(ok)),
+            early: m.early,
         })
     }
 
@@ -445,7 +584,7 @@ mod tests {
             req: Request<proto::RaftMessage>,
         ) -> Result<Response<proto::RaftReply>, Status> {
             self.unary.fetch_add(1, Ordering::SeqCst);
-            answer(req.get_ref()).map(Response::new)
+            answer(req.get_ref(), &self.early_entries).map(Response::new)
         }
 
         type AppendStreamStream = AppendStream;
@@ -459,16 +598,23 @@ mod tests {
             };
             self.streams.fetch_add(1, Ordering::SeqCst);
             let replies = futures::stream::unfold(
-                (req.into_inner(), per_stream),
-                |(mut inbound, left)| async move {
+                (req.into_inner(), per_stream, self.early_entries.clone()),
+                |(mut inbound, left, early)| async move {
                     if left == 0 {
                         return None;
                     }
                     let m = inbound.message().await.ok()??;
-                    Some((answer(&m), (inbound, left - 1)))
+                    Some((answer(&m, &early), (inbound, left - 1, early)))
                 },
             );
-            Ok(Response::new(Box::pin(replies)))
+            let mut response = Response::new(Box::pin(replies) as AppendStream);
+            if self.early_header {
+                response.metadata_mut().insert(
+                    EARLY_APPEND_HEADER,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+            }
+            Ok(response)
         }
 
         async fn vote(
@@ -490,11 +636,19 @@ mod tests {
         client: PeerClient,
         unary: Arc<AtomicUsize>,
         streams: Arc<AtomicUsize>,
+        early_entries: Arc<AtomicUsize>,
+        early_sent: Family<PeerLabel, Counter>,
+        network: Network,
+        node: Node,
         _stop: tokio_util::sync::DropGuard,
         _dir: tempfile::TempDir,
     }
 
     async fn setup(per_stream: Option<usize>) -> Setup {
+        setup_with(per_stream, false).await
+    }
+
+    async fn setup_with(per_stream: Option<usize>, early_header: bool) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = Ca::generate(TD, DAY).expect("CA");
         let identity = |n: u64| {
@@ -519,11 +673,13 @@ mod tests {
             stop.clone(),
             CancellationToken::new(),
         );
-        let (unary, streams) = (Arc::default(), Arc::default());
+        let (unary, streams, early_entries) = (Arc::default(), Arc::default(), Arc::default());
         let service = RaftServer::new(Peer {
             per_stream,
+            early_header,
             unary: Arc::clone(&unary),
             streams: Arc::clone(&streams),
+            early_entries: Arc::clone(&early_entries),
         });
         let shutdown = stop.clone().cancelled_owned();
         tokio::spawn(
@@ -531,7 +687,8 @@ mod tests {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown),
         );
-        let peers = Peers::new(1, leader, BTreeMap::new());
+        let early_sent = Family::default();
+        let peers = Peers::new(1, leader, BTreeMap::new(), early_sent.clone());
         let times: Family<PeerLabel, Histogram> = Family::new_with_constructor(|| {
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.001, 2.0, 4,
@@ -543,8 +700,12 @@ mod tests {
         };
         Setup {
             client: network.new_client(2, &node).await,
+            network,
+            node,
             unary,
             streams,
+            early_entries,
+            early_sent,
             _stop: stop.drop_guard(),
             _dir: dir,
         }
@@ -597,5 +758,63 @@ mod tests {
         );
         assert_eq!(s.streams.load(Ordering::SeqCst), 2);
         assert_eq!(s.unary.load(Ordering::SeqCst), 0);
+    }
+
+    /// Three blank entries of node 1's term 1 from index `from`.
+    fn blanks(from: u64) -> Vec<Entry> {
+        (from..from + 3)
+            .map(|i| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+                payload: openraft::EntryPayload::Blank,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn early_appends_ride_the_stream_and_their_replies_are_not_taken_for_others() {
+        let mut s = setup_with(Some(100), true).await;
+        let vote = Vote::new_committed(1, 1);
+        // No stream yet: nothing to put them on.
+        s.client.peers.send(&vote, None, &blanks(1));
+        assert_eq!(append(&mut s.client, 1).await, Ok(1));
+        // The stream is open: early appends go on it, in openraft's request format (the
+        // stand-in decodes them), and their replies (which would read as "nothing
+        // matched") do not answer the next request.
+        for round in 0..3 {
+            s.client.peers.send(&vote, None, &blanks(round * 3 + 1));
+        }
+        assert_eq!(append(&mut s.client, 2).await, Ok(2));
+        assert_eq!(append(&mut s.client, 3).await, Ok(3));
+        assert_eq!(s.early_entries.load(Ordering::SeqCst), 9);
+        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 3);
+        assert_eq!(s.streams.load(Ordering::SeqCst), 1);
+
+        // openraft also makes short-lived clients to the same peer (a linearizable read's
+        // heartbeat round): one coming and going leaves the first stream taking them.
+        let mut passing = s.network.new_client(2, &s.node).await;
+        assert_eq!(append(&mut passing, 20).await, Ok(20));
+        assert_eq!(s.streams.load(Ordering::SeqCst), 2);
+        drop(passing);
+        s.client.peers.send(&vote, None, &blanks(20));
+        assert_eq!(append(&mut s.client, 4).await, Ok(4));
+        assert_eq!(s.early_entries.load(Ordering::SeqCst), 12);
+        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
+
+        // Once the replication client is gone, its stream takes no more.
+        let peers = Arc::clone(&s.client.peers);
+        drop(s.client);
+        peers.send(&vote, None, &blanks(10));
+        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_does_not_announce_early_appends_gets_none() {
+        let mut s = setup_with(Some(100), false).await;
+        let vote = Vote::new_committed(1, 1);
+        assert_eq!(append(&mut s.client, 1).await, Ok(1));
+        s.client.peers.send(&vote, None, &blanks(1));
+        assert_eq!(append(&mut s.client, 2).await, Ok(2));
+        assert_eq!(s.early_entries.load(Ordering::SeqCst), 0);
+        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 0);
     }
 }

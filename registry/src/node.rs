@@ -139,7 +139,13 @@ impl Node {
             .map_err(store_err)?;
         let feed = sm_store.feed();
 
-        let peers = Peers::new(config.node_id, identity.clone(), config.dial_overrides());
+        let peers = Peers::new(
+            config.node_id,
+            identity.clone(),
+            config.dial_overrides(),
+            metrics.early_appends.clone(),
+        );
+        let log_store = log_store.with_early_append(config.node_id, peers.clone());
         let raft = Raft::new(
             config.node_id,
             raft_config(&config)?,

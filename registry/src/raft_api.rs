@@ -18,6 +18,9 @@ use crate::authz::Caller;
 use crate::network::Progress;
 use crate::types::{AppendEntriesRequest, InstallSnapshotRequest, Raft, VoteRequest};
 
+/// Response header of an AppendEntries stream whose server answers early appends.
+pub const EARLY_APPEND_HEADER: &str = "meshbridge-early-append";
+
 pub struct RaftApi {
     raft: Raft,
     trust_domain: Arc<str>,
@@ -55,6 +58,9 @@ fn decode<T: DeserializeOwned>(m: &proto::RaftMessage) -> Result<T, Status> {
 }
 
 /// Replies of an AppendEntries stream, one per request, in order.
+///
+/// The stream's response carries [`EARLY_APPEND_HEADER`]: this node answers early appends
+/// (requests marked `early`) with replies marked the same way.
 pub type AppendStream = Pin<Box<dyn Stream<Item = Result<proto::RaftReply, Status>> + Send>>;
 
 fn reply<T: Serialize, E: Serialize>(
@@ -71,6 +77,7 @@ fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<proto::Raf
     .map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
     Ok(proto::RaftReply {
         result: Some(encoded),
+        early: false,
     })
 }
 
@@ -120,11 +127,19 @@ impl raft_server::Raft for RaftApi {
             let result = raft.append_entries(rpc).await;
             append_time.observe(started.elapsed().as_secs_f64());
             match encode(result) {
-                Ok(r) => Some((Ok(r), Some((requests, raft, append_time, stop)))),
+                Ok(mut r) => {
+                    r.early = message.early;
+                    Some((Ok(r), Some((requests, raft, append_time, stop))))
+                }
                 Err(status) => Some((Err(status), None)),
             }
         });
-        Ok(Response::new(Box::pin(replies)))
+        let mut response = Response::new(Box::pin(replies) as AppendStream);
+        response.metadata_mut().insert(
+            EARLY_APPEND_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        Ok(response)
     }
 
     async fn vote(

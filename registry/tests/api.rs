@@ -391,6 +391,7 @@ async fn garbage_on_the_append_stream_is_refused_with_the_reason() {
     let mut raft = proto::raft_client::RaftClient::new(channel);
     let garbage = futures::stream::iter([proto::RaftMessage {
         json: b"not json".to_vec(),
+        early: false,
     }]);
     let mut replies = raft.append_stream(garbage).await.unwrap().into_inner();
     let status = replies.message().await.expect_err("garbage refused");

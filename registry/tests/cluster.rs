@@ -65,8 +65,9 @@ async fn writes_via_any_node_read_back_on_every_node() {
         .collect();
     assert!(catalogs.windows(2).all(|w| w[0] == w[1]));
 
-    // Replication is visible: the leader times its AppendEntries to each peer, followers
-    // time handling them, and every node times its log commits.
+    // Replication is visible: the leader times its AppendEntries to each peer and counts
+    // its early appends, followers time handling them, and every node times its log
+    // commits.
     for (id, node) in &cluster.nodes {
         let text = metrics(node.admin_addr()).await;
         let count = |series: &str| metric(&text, series).unwrap_or(0.0);
@@ -80,6 +81,9 @@ async fn writes_via_any_node_read_back_on_every_node() {
                     "meshbridge_registry_peer_append_entries_seconds_count{{peer=\"{peer}\"}}"
                 );
                 assert!(count(&series) > 0.0, "leader {id}, peer {peer}: {text}");
+                // Its own new entries also went to each follower as its fsync began.
+                let early = format!("meshbridge_registry_early_appends_total{{peer=\"{peer}\"}}");
+                assert!(count(&early) > 0.0, "leader {id}, peer {peer}: {text}");
             }
         } else {
             assert!(

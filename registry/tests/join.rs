@@ -324,12 +324,14 @@ async fn without_a_certificate_every_call_but_join_is_unauthenticated() {
         "AppendEntries",
         raft.append_entries(proto::RaftMessage {
             json: b"{}".to_vec(),
+            early: false,
         })
         .await
         .map(|_| ()),
     ));
     let garbage = futures::stream::iter([proto::RaftMessage {
         json: b"{}".to_vec(),
+        early: false,
     }]);
     codes.push((
         "AppendStream",

@@ -6,7 +6,8 @@
 //! tells openraft through the flush callbacks. Writes that arrive together share an fsync
 //! (group commit), while every write still reaches the disk in the order it was made.
 //! (openraft 0.9 waits for the flush callback before it replicates, so the leader's fsync
-//! does not overlap replication.)
+//! would not overlap replication; the leader therefore hands its own new entries to an
+//! [`EarlyAppend`] as their append begins, which sends them to the followers at once.)
 //!
 //! The tail also keeps the most recent durable entries: replication to the followers and
 //! applying to the state machine read what was just written, and find it in memory instead
@@ -28,7 +29,23 @@ use super::{
     KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, LOGS, META, StoreError, blocking, decode, encode,
     read_json,
 };
-use crate::types::{Entry, LogId, LogState, StorageError, StorageIOError, TypeConfig, Vote};
+use crate::types::{
+    Entry, EntryPayload, LogId, LogState, NodeId, StorageError, StorageIOError, TypeConfig, Vote,
+};
+
+/// Appends of more writes than this are not sent early: serializing them would hold up
+/// openraft's core, and under that much load batching already overlaps the fsyncs.
+pub const EARLY_MAX_WRITES: usize = 8;
+
+/// Sends a leader's own new entries to its followers as their append begins, before
+/// openraft replicates them (after the leader's flush). A follower that takes them starts
+/// its fsync while the leader's runs; openraft's own AppendEntries for the same entries
+/// then finds them in place. Best effort: anything not sent early is replicated as usual.
+pub trait EarlyAppend: Send + Sync + 'static {
+    /// `vote`: the leader's committed vote, whose leader appended `entries` right after
+    /// `prev_log_id`.
+    fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]);
+}
 
 /// Durable entries kept in memory past these bounds leave the tail, oldest first.
 const TAIL_ENTRIES: usize = 1024;
@@ -210,7 +227,8 @@ enum Job {
     Truncate(u64, Done),
     Purge(LogId, Done),
     /// The committed index is a restart hint (Raft re-learns it from the leader): it rides
-    /// along with the next durable write and asks for no fsync of its own.
+    /// along with the next durable write (or the writer's last one, at shutdown) and costs
+    /// no transaction of its own.
     Committed(Option<LogId>),
 }
 
@@ -221,6 +239,11 @@ pub struct LogStore {
     db: Arc<Database>,
     tail: SharedTail,
     writer: Arc<WriterHandle>,
+    /// The vote last saved or read (openraft saves a leader's committed vote before the
+    /// leader appends anything).
+    vote: Option<Vote>,
+    /// This node's id, and where its early appends go.
+    early: Option<(NodeId, Arc<dyn EarlyAppend>)>,
 }
 
 /// The writer thread's queue; dropped with the last clone of the store, which closes the
@@ -264,7 +287,32 @@ impl LogStore {
                 jobs: Some(jobs),
                 thread: Some(thread),
             }),
+            vote: None,
+            early: None,
         })
+    }
+
+    /// Send node `node_id`'s own appends early while it leads ([`EarlyAppend`]).
+    pub fn with_early_append(mut self, node_id: NodeId, early: Arc<dyn EarlyAppend>) -> Self {
+        self.early = Some((node_id, early));
+        self
+    }
+
+    /// The leader's vote if this node leads, `entries` are its own new entries and few
+    /// enough to send early.
+    fn early_vote(&self, node_id: NodeId, entries: &[Entry]) -> Option<Vote> {
+        let vote = self
+            .vote
+            .filter(|v| v.is_committed() && v.leader_id().node_id == node_id)?;
+        let first = entries.first()?;
+        let writes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(p) => p.0.len(),
+                _ => 1,
+            })
+            .sum();
+        (first.log_id.leader_id == *vote.leader_id() && writes <= EARLY_MAX_WRITES).then_some(vote)
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
@@ -373,13 +421,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         self.write(|done| Job::Vote(vote, done))
             .await
-            .map_err(|e| StorageIOError::write_vote(&e).into())
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.vote = Some(vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        blocking(&self.db, |db| read_json(db, META, KEY_VOTE))
+        let vote = blocking(&self.db, |db| read_json(db, META, KEY_VOTE))
             .await
-            .map_err(|e| StorageIOError::read_vote(&e).into())
+            .map_err(|e| StorageIOError::read_vote(&e))?;
+        self.vote = vote;
+        Ok(vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
@@ -410,7 +462,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         // Readable from now on; anything at or after these indexes was truncated.
-        let append = self.tail().append(&entries);
+        let (prev, append) = {
+            let mut tail = self.tail();
+            (tail.last_log_id(), tail.append(&entries))
+        };
+        if let Some((node_id, early)) = &self.early
+            && let Some(vote) = self.early_vote(*node_id, &entries)
+            && let Some(first) = entries.first()
+            && prev.map_or(0, |p| p.index + 1) == first.log_id.index
+        {
+            early.send(&vote, prev, &entries);
+        }
         self.send(Job::Append {
             append,
             entries,
@@ -445,30 +507,40 @@ struct Writer {
 
 impl Writer {
     fn run(self, rx: &std_mpsc::Receiver<Job>) {
+        // The newest committed index not yet written.
+        let mut committed = None;
         while let Ok(job) = rx.recv() {
             let mut batch = vec![job];
             batch.extend(rx.try_iter());
+            for job in &batch {
+                if let Job::Committed(c) = job {
+                    committed = Some(*c);
+                }
+            }
+            if batch.iter().all(|j| matches!(j, Job::Committed(_))) {
+                continue;
+            }
             let started = std::time::Instant::now();
-            let result = self.commit(&batch);
+            let result = self.commit(&batch, committed.take());
             if let Some(h) = &self.flush_time {
                 h.observe(started.elapsed().as_secs_f64());
             }
             self.finish(batch, result);
         }
+        if let Some(c) = committed
+            && let Err(e) = self.commit(&[], Some(c))
+        {
+            tracing::warn!(error = %e, "committed index not saved at shutdown");
+        }
         tracing::debug!("raft log writer stopped");
     }
 
-    /// Everything in `batch`, in order, in one transaction; then its entries are durable
-    /// in the tail.
-    fn commit(&self, batch: &[Job]) -> Result<(), StoreError> {
+    /// Everything in `batch`, in order, and the committed index if given, in one durable
+    /// transaction; then its entries are durable in the tail.
+    fn commit(&self, batch: &[Job], committed: Option<Option<LogId>>) -> Result<(), StoreError> {
         let mut written = Vec::new();
         let mut txn = self.db.begin_write()?;
-        let durable = batch.iter().any(|j| !matches!(j, Job::Committed(_)));
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
+        txn.set_durability(Durability::Immediate)?;
         {
             let mut logs = txn.open_table(LOGS)?;
             let mut meta = txn.open_table(META)?;
@@ -494,11 +566,12 @@ impl Writer {
                         meta.insert(KEY_LAST_PURGED, bytes.as_slice())?;
                         logs.retain_in(..=log_id.index, |_, _| false)?;
                     }
-                    Job::Committed(committed) => {
-                        let bytes = encode(KEY_COMMITTED, committed)?;
-                        meta.insert(KEY_COMMITTED, bytes.as_slice())?;
-                    }
+                    Job::Committed(_) => {}
                 }
+            }
+            if let Some(committed) = committed {
+                let bytes = encode(KEY_COMMITTED, &committed)?;
+                meta.insert(KEY_COMMITTED, bytes.as_slice())?;
             }
         }
         txn.commit()?;

@@ -379,3 +379,94 @@ async fn reads_across_disk_and_memory_are_contiguous_and_follow_truncation() -> 
     );
     Ok(())
 }
+
+/// Records what the store hands to its [`EarlyAppend`]: (vote, prev index, indexes).
+#[derive(Default)]
+struct EarlyRecord(std::sync::Mutex<Vec<(Vote, Option<u64>, Vec<u64>)>>);
+
+impl EarlyAppend for EarlyRecord {
+    fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]) {
+        let indexes = entries.iter().map(|e| e.log_id.index).collect();
+        self.0
+            .lock()
+            .expect("record")
+            .push((*vote, prev_log_id.map(|p| p.index), indexes));
+    }
+}
+
+impl EarlyRecord {
+    fn take(&self) -> Vec<(Vote, Option<u64>, Vec<u64>)> {
+        std::mem::take(&mut *self.0.lock().expect("record"))
+    }
+}
+
+/// A proposal of `writes` site registrations at `index` of term `term` (node 1's).
+fn proposal(term: u64, index: u64, writes: usize) -> Entry {
+    let requests = (0..writes)
+        .map(|i| crate::types::Request::from(register(&format!("s{i}"), 1_000)))
+        .collect();
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(crate::types::Proposal(requests)),
+    }
+}
+
+/// Only node 1's own appends while its committed vote says it leads, few enough writes,
+/// and right after an entry the store holds (so the follower can match it) go early.
+#[tokio::test]
+async fn only_a_leaders_own_small_appends_right_after_a_known_entry_go_early() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let record = Arc::new(EarlyRecord::default());
+    let (log, sm) = open(dir.path())?;
+    let mut log = log.with_early_append(1, record.clone());
+
+    // No vote yet; then a vote not granted; then another node's leadership; then node 1
+    // leading term 2 while the entries are term 1's: none of these goes early.
+    log.blocking_append(blanks(1, 0..=0)).await?;
+    log.save_vote(&Vote::new(1, 1)).await?;
+    log.blocking_append(blanks(1, 1..=1)).await?;
+    log.save_vote(&Vote::new_committed(1, 2)).await?;
+    log.blocking_append(blanks(1, 2..=2)).await?;
+    log.save_vote(&Vote::new_committed(2, 1)).await?;
+    log.blocking_append(blanks(1, 3..=3)).await?;
+    assert_eq!(record.take(), vec![]);
+
+    // Node 1 leads term 2 and appends its own entries: sent, with the entry before them.
+    log.blocking_append(blanks(2, 4..=5)).await?;
+    let leading = Vote::new_committed(2, 1);
+    assert_eq!(record.take(), vec![(leading, Some(3), vec![4, 5])]);
+
+    // Too many writes in one append: not sent; up to the limit: sent.
+    log.blocking_append(vec![proposal(2, 6, EARLY_MAX_WRITES + 1)])
+        .await?;
+    log.blocking_append(vec![proposal(2, 7, EARLY_MAX_WRITES)])
+        .await?;
+    assert_eq!(record.take(), vec![(leading, Some(6), vec![7])]);
+    drop((log, sm));
+
+    // Reopened (the vote is read back): the first append follows an entry held only on
+    // disk, so it is not sent; the next one is.
+    let (log, _sm) = open(dir.path())?;
+    let mut log = log.with_early_append(1, record.clone());
+    assert_eq!(log.read_vote().await?, Some(leading));
+    log.blocking_append(blanks(2, 8..=8)).await?;
+    log.blocking_append(blanks(2, 9..=9)).await?;
+    assert_eq!(record.take(), vec![(leading, Some(8), vec![9])]);
+    Ok(())
+}
+
+/// The committed index costs no transaction of its own: it is written with the next
+/// durable write (and at shutdown, as `log_vote_and_state_machine_survive_reopen` shows).
+#[tokio::test]
+async fn the_committed_index_is_written_with_the_next_durable_write() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut log, _sm) = open(dir.path())?;
+    log.blocking_append(blanks(1, 1..=3)).await?;
+    log.save_committed(Some(log_id(1, 2))).await?;
+    assert_eq!(log.read_committed().await?, None);
+    log.save_committed(Some(log_id(1, 3))).await?;
+    log.blocking_append(blanks(1, 4..=4)).await?;
+    assert_eq!(log.read_committed().await?, Some(log_id(1, 3)));
+    Ok(())
+}
