@@ -380,9 +380,12 @@ async fn reads_across_disk_and_memory_are_contiguous_and_follow_truncation() -> 
     Ok(())
 }
 
-/// Records what the store hands to its [`EarlyAppend`]: (vote, prev index, indexes).
+/// What the store handed to its [`EarlyAppend`]: vote, previous index, indexes.
+type EarlySend = (Vote, Option<u64>, Vec<u64>);
+
+/// Records what the store hands to its [`EarlyAppend`].
 #[derive(Default)]
-struct EarlyRecord(std::sync::Mutex<Vec<(Vote, Option<u64>, Vec<u64>)>>);
+struct EarlyRecord(std::sync::Mutex<Vec<EarlySend>>);
 
 impl EarlyAppend for EarlyRecord {
     fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]) {
@@ -395,7 +398,7 @@ impl EarlyAppend for EarlyRecord {
 }
 
 impl EarlyRecord {
-    fn take(&self) -> Vec<(Vote, Option<u64>, Vec<u64>)> {
+    fn take(&self) -> Vec<EarlySend> {
         std::mem::take(&mut *self.0.lock().expect("record"))
     }
 }
