@@ -54,8 +54,17 @@ pub struct Metrics {
     pub peer_append: Family<PeerLabel, Histogram>,
     /// Handling an AppendEntries request here, as a follower (until its entries are durable).
     pub append_handling: Histogram,
-    /// Early appends sent to each peer (see `network`).
-    pub early_appends: Family<PeerLabel, Counter>,
+    /// Early appends, by peer (see `network`).
+    pub early_appends: EarlyMetrics,
+}
+
+/// Counters of early appends, by follower.
+#[derive(Clone, Default)]
+pub struct EarlyMetrics {
+    /// Put on the follower's stream.
+    pub sent: Family<PeerLabel, Counter>,
+    /// Whose reply answered openraft's own request, which was then not sent.
+    pub answered: Family<PeerLabel, Counter>,
 }
 
 fn latency_buckets() -> Histogram {
@@ -79,7 +88,7 @@ impl Metrics {
             log_flush: latency_buckets(),
             peer_append: Family::new_with_constructor(latency_buckets),
             append_handling: latency_buckets(),
-            early_appends: Family::default(),
+            early_appends: EarlyMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("meshbridge_registry");
         r.register(
@@ -138,7 +147,12 @@ impl Metrics {
         r.register(
             "early_appends",
             "Leader's new entries sent to a peer as its own fsync began, by peer",
-            m.early_appends.clone(),
+            m.early_appends.sent.clone(),
+        );
+        r.register(
+            "early_appends_answered",
+            "Early appends whose success reply answered openraft's own request (not sent again)",
+            m.early_appends.answered.clone(),
         );
         r.register(
             "lease_ticks",

@@ -8,15 +8,19 @@
 //! fsync. [`Peers`] is the log store's [`EarlyAppend`]: when the leader's store begins an
 //! append of its own entries, the same AppendEntries request openraft would send is put
 //! on each follower's stream at once, marked `early`, so the follower's fsync runs while
-//! the leader's does. Its reply is dropped; openraft's own request for those entries follows
-//! on the same stream and finds them in place. This is what Raft allows any leader to do
+//! the leader's does. The leader keeps the reply: when openraft then asks to send the
+//! very same request (same vote, previous entry and entries) and the follower had answered
+//! it with success, that reply is openraft's answer and nothing is sent again — a reply to
+//! an identical request, only earlier than usual, as a slow network could deliver it
+//! anyway. Any other request, or an early reply other than success, goes to the follower
+//! as usual. This is what Raft allows any leader to do
 //! (a leader counts itself towards a quorum only once its own fsync is done, which
 //! openraft still decides); it only goes to followers whose stream answered the
 //! [`EARLY_APPEND_HEADER`], so a node of an older version never sees one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use meshbridge_core::client::{
@@ -26,7 +30,6 @@ use meshbridge_core::proto::{self, raft_client::RaftClient};
 use meshbridge_core::tls::Identity;
 use openraft::error::{Infallible, NetworkError, RPCError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
@@ -36,7 +39,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, info};
 
-use crate::metrics::PeerLabel;
+use crate::metrics::{EarlyMetrics, PeerLabel};
 use crate::raft_api::EARLY_APPEND_HEADER;
 use crate::store::EarlyAppend;
 use crate::types::{
@@ -48,6 +51,39 @@ use crate::types::{
 /// The sending end of an AppendEntries stream.
 type LaneSender = mpsc::Sender<proto::RaftMessage>;
 
+/// Which request an early append was: openraft's request for the same entries has the same
+/// key (a leader's entries never change within its term).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EarlyKey {
+    vote: Vote,
+    prev: Option<LogId>,
+    last: LogId,
+}
+
+impl EarlyKey {
+    fn of(rpc: &AppendEntriesRequest) -> Option<Self> {
+        Some(Self {
+            vote: rpc.vote,
+            prev: rpc.prev_log_id,
+            last: rpc.entries.last()?.log_id,
+        })
+    }
+}
+
+/// An AppendEntries stream that takes early appends: its sender, and the early appends
+/// sent on it whose replies have not been read yet, in order.
+#[derive(Clone)]
+struct EarlyLane {
+    requests: LaneSender,
+    unanswered: Arc<Mutex<VecDeque<EarlyKey>>>,
+}
+
+/// Early replies kept for openraft's matching requests; older ones are dropped.
+const EARLY_ANSWERS: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 /// Requests queued on an AppendEntries stream before the HTTP/2 stream takes them; early
 /// appends that find it full are not sent.
 const LANE_QUEUE: usize = 4;
@@ -63,8 +99,8 @@ pub struct Peers {
     /// openraft makes a client per replication stream and also short-lived ones (for a
     /// linearizable read's heartbeat round); early appends go on the oldest open one, the
     /// replication stream's, so that they travel in order before openraft's own requests.
-    early_lanes: Mutex<HashMap<NodeId, Vec<LaneSender>>>,
-    early_sent: Family<PeerLabel, Counter>,
+    early_lanes: Mutex<HashMap<NodeId, Vec<EarlyLane>>>,
+    early: EarlyMetrics,
 }
 
 /// An early append: the JSON of openraft's `AppendEntriesRequest`, from borrowed parts.
@@ -79,12 +115,11 @@ struct EarlyRequest<'a> {
 }
 
 impl Peers {
-    /// `early_sent` counts early appends put on each follower's stream.
     pub fn new(
         node_id: NodeId,
         identity: Arc<Identity>,
         overrides: BTreeMap<NodeId, String>,
-        early_sent: Family<PeerLabel, Counter>,
+        early: EarlyMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -97,17 +132,17 @@ impl Peers {
             overrides,
             channels: Mutex::new(HashMap::new()),
             early_lanes: Mutex::new(HashMap::new()),
-            early_sent,
+            early,
         })
     }
 
-    fn early_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<LaneSender>>> {
+    fn early_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<EarlyLane>>> {
         self.early_lanes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn add_early_lane(&self, target: NodeId, lane: LaneSender) {
+    fn add_early_lane(&self, target: NodeId, lane: EarlyLane) {
         self.early_lanes().entry(target).or_default().push(lane);
     }
 
@@ -115,7 +150,7 @@ impl Peers {
     fn drop_early_lane(&self, target: NodeId, lane: &LaneSender) {
         let mut lanes = self.early_lanes();
         if let Some(of_target) = lanes.get_mut(&target) {
-            of_target.retain(|l| !l.same_channel(lane));
+            of_target.retain(|l| !l.requests.same_channel(lane));
             if of_target.is_empty() {
                 lanes.remove(&target);
             }
@@ -145,11 +180,20 @@ impl EarlyAppend for Peers {
         let lanes: Vec<_> = self
             .early_lanes()
             .iter()
-            .filter_map(|(id, lanes)| Some((*id, lanes.iter().find(|l| !l.is_closed())?.clone())))
+            .filter_map(|(id, lanes)| {
+                let open = lanes.iter().find(|l| !l.requests.is_closed())?;
+                Some((*id, open.clone()))
+            })
             .collect();
+        let Some(last) = entries.last() else { return };
         if lanes.is_empty() {
             return;
         }
+        let key = EarlyKey {
+            vote: *vote,
+            prev: prev_log_id,
+            last: last.log_id,
+        };
         let request = EarlyRequest {
             vote,
             prev_log_id,
@@ -168,9 +212,13 @@ impl EarlyAppend for Peers {
                 json: json.clone(),
                 early: true,
             };
-            // A full queue means the stream is busy: openraft's own request will do.
-            if lane.try_send(message).is_ok() {
-                self.early_sent.get_or_create(&PeerLabel { peer }).inc();
+            // A full queue means the stream is busy: openraft's own request will do. The
+            // key goes in under the same lock as the message, so keys keep the order of
+            // the replies.
+            let mut unanswered = lock(&lane.unanswered);
+            if lane.requests.try_send(message).is_ok() {
+                unanswered.push_back(key);
+                self.early.sent.get_or_create(&PeerLabel { peer }).inc();
             }
         }
     }
@@ -200,6 +248,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             announced: None,
             lane: Lane::Closed,
+            answered: VecDeque::new(),
             append_time: self
                 .append_time
                 .get_or_create(&PeerLabel { peer: target })
@@ -217,6 +266,8 @@ pub struct PeerClient {
     /// chunk again and again; the log says so once).
     announced: Option<String>,
     lane: Lane,
+    /// Early appends the follower answered with success, oldest first, not yet asked for.
+    answered: VecDeque<EarlyKey>,
     append_time: Histogram,
 }
 
@@ -234,6 +285,7 @@ impl PeerClient {
         if let Lane::Open { requests, .. } = &self.lane {
             self.peers.drop_early_lane(self.target, requests);
         }
+        self.answered.clear();
         if !matches!(self.lane, Lane::Unsupported) {
             self.lane = Lane::Closed;
         }
@@ -334,20 +386,76 @@ impl PeerClient {
                 }
             }
         }
-        let Lane::Open { replies, .. } = &mut self.lane else {
-            return Some(Err(lane_closed("the stream did not open")));
-        };
         // Replies come in the order of the requests; those to early appends sent before
-        // this request are dropped.
+        // this request are kept for openraft's matching requests.
         let reply = loop {
-            match replies.message().await {
-                Ok(Some(reply)) if reply.early => {}
-                Ok(Some(reply)) => break reply,
-                Ok(None) => return Some(Err(lane_closed("the peer ended the stream"))),
-                Err(status) => return Some(Err(transport_error(&status))),
+            match self.next_reply().await {
+                Ok(Reply::Early) => {}
+                Ok(Reply::Ours(reply)) => break reply,
+                Err(e) => return Some(Err(e)),
             }
         };
         Some(self.decode_reply(reply))
+    }
+
+    /// The next reply on the open stream; an early one is filed under its key.
+    async fn next_reply(&mut self) -> Result<Reply, RPCError<NodeId, Node, RaftError<Infallible>>> {
+        let Lane::Open {
+            replies,
+            unanswered,
+            ..
+        } = &mut self.lane
+        else {
+            return Err(lane_closed("the stream is not open"));
+        };
+        let reply = match replies.message().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Err(lane_closed("the peer ended the stream")),
+            Err(status) => return Err(transport_error(&status)),
+        };
+        if !reply.early {
+            return Ok(Reply::Ours(reply));
+        }
+        let Some(key) = unanswered.as_ref().and_then(|u| lock(u).pop_front()) else {
+            return Err(lane_closed("a reply to an early append that was not sent"));
+        };
+        if let Ok(AppendEntriesResponse::Success) = self.decode_reply::<_, Infallible>(reply) {
+            if self.answered.len() == EARLY_ANSWERS {
+                self.answered.pop_front();
+            }
+            self.answered.push_back(key);
+        }
+        Ok(Reply::Early)
+    }
+
+    /// The follower's success reply to an early append with `key`, once it is read; `None`
+    /// if there was none (not sent early, or answered otherwise): send the request.
+    async fn early_answer(
+        &mut self,
+        key: EarlyKey,
+    ) -> Result<bool, RPCError<NodeId, Node, RaftError<Infallible>>> {
+        loop {
+            if let Some(at) = self.answered.iter().position(|k| *k == key) {
+                // Older ones will not be asked for: openraft moves forward.
+                self.answered.drain(..=at);
+                return Ok(true);
+            }
+            let Lane::Open {
+                unanswered: Some(unanswered),
+                ..
+            } = &self.lane
+            else {
+                return Ok(false);
+            };
+            if !lock(unanswered).contains(&key) {
+                return Ok(false);
+            }
+            // Its reply is still to come; no request of ours is outstanding, so every
+            // reply until then is an early one.
+            if let Reply::Ours(_) = self.next_reply().await? {
+                return Err(lane_closed("a reply to no request"));
+            }
+        }
     }
 
     /// Opens the stream with `first` queued on it (so it is carried whether or not the
@@ -367,12 +475,19 @@ impl PeerClient {
             Ok(response) => {
                 let early = response.metadata().contains_key(EARLY_APPEND_HEADER);
                 info!(peer = self.target, early, "AppendEntries stream open");
-                if early {
-                    self.peers.add_early_lane(self.target, requests.clone());
-                }
+                let unanswered = early.then(|| {
+                    let lane = EarlyLane {
+                        requests: requests.clone(),
+                        unanswered: Arc::default(),
+                    };
+                    let unanswered = lane.unanswered.clone();
+                    self.peers.add_early_lane(self.target, lane);
+                    unanswered
+                });
                 self.lane = Lane::Open {
                     requests,
                     replies: Box::new(response.into_inner()),
+                    unanswered,
                 };
                 Ok(true)
             }
@@ -389,6 +504,14 @@ impl PeerClient {
     }
 }
 
+/// A reply read from an AppendEntries stream.
+enum Reply {
+    /// To an early append (filed by [`PeerClient::next_reply`]).
+    Early,
+    /// To the request this client sent.
+    Ours(proto::RaftReply),
+}
+
 /// The AppendEntries stream of a [`PeerClient`].
 enum Lane {
     /// Not open (yet, or since a failure).
@@ -396,6 +519,8 @@ enum Lane {
     Open {
         requests: LaneSender,
         replies: Box<tonic::Streaming<proto::RaftReply>>,
+        /// Early appends sent on it and not answered yet (if it takes them).
+        unanswered: Option<Arc<Mutex<VecDeque<EarlyKey>>>>,
     },
     /// The peer answered UNIMPLEMENTED (an older version): unary calls from now on.
     Unsupported,
@@ -428,9 +553,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let timeout = option.hard_ttl();
         let mut streamed = None;
         if !matches!(self.lane, Lane::Unsupported) {
-            let json =
-                serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-            streamed = match tokio::time::timeout(timeout, self.append_on_stream(json)).await {
+            let attempt = async {
+                // The same request sent early and answered with success: that is the
+                // answer.
+                if let Some(key) = EarlyKey::of(&rpc) {
+                    match self.early_answer(key).await {
+                        Ok(true) => {
+                            let peer = PeerLabel { peer: self.target };
+                            self.peers.early.answered.get_or_create(&peer).inc();
+                            return Some(Ok(AppendEntriesResponse::Success));
+                        }
+                        Ok(false) => {}
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                let json = match serde_json::to_vec(&rpc) {
+                    Ok(json) => json,
+                    Err(e) => return Some(Err(RPCError::Network(NetworkError::new(&e)))),
+                };
+                self.append_on_stream(json).await
+            };
+            streamed = match tokio::time::timeout(timeout, attempt).await {
                 Ok(r) => r,
                 Err(_) => Some(Err(RPCError::Timeout(Timeout {
                     action: RPCTypes::AppendEntries,
@@ -548,7 +691,7 @@ mod tests {
     const DAY: Duration = Duration::from_secs(86_400);
 
     /// Answers every AppendEntries with `PartialSuccess(leader_commit)`, so a reply shows
-    /// which request it answers. Streams end after `per_stream` requests; `None`: no
+    /// which request it answers, except early appends with entries: `Success`. Streams end after `per_stream` requests; `None`: no
     /// stream (UNIMPLEMENTED), as a node of an older version answers. `early_header`: its
     /// streams announce that they take early appends (answered like any other request).
     struct Peer {
@@ -558,6 +701,8 @@ mod tests {
         streams: Arc<AtomicUsize>,
         /// Entries received in early appends.
         early_entries: Arc<AtomicUsize>,
+        /// Requests received on streams, early appends not counted.
+        stream_requests: Arc<AtomicUsize>,
     }
 
     fn answer(
@@ -566,10 +711,16 @@ mod tests {
     ) -> Result<proto::RaftReply, Status> {
         let req: AppendEntriesRequest =
             serde_json::from_slice(&m.json).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if m.early {
+        let resp = if m.early {
             early_entries.fetch_add(req.entries.len(), Ordering::SeqCst);
-        }
-        let resp = AppendEntriesResponse::PartialSuccess(req.leader_commit);
+            if req.entries.is_empty() {
+                AppendEntriesResponse::PartialSuccess(req.leader_commit)
+            } else {
+                AppendEntriesResponse::Success
+            }
+        } else {
+            AppendEntriesResponse::PartialSuccess(req.leader_commit)
+        };
         let ok = serde_json::to_vec(&resp).map_err(|e| Status::internal(e.to_string()))?;
         Ok(proto::RaftReply {
             result: Some(proto::raft_reply::Result::Ok(ok)),
@@ -597,14 +748,18 @@ mod tests {
                 return Err(Status::unimplemented("no AppendStream here"));
             };
             self.streams.fetch_add(1, Ordering::SeqCst);
+            let counters = (self.early_entries.clone(), self.stream_requests.clone());
             let replies = futures::stream::unfold(
-                (req.into_inner(), per_stream, self.early_entries.clone()),
-                |(mut inbound, left, early)| async move {
+                (req.into_inner(), per_stream, counters),
+                |(mut inbound, left, counters)| async move {
                     if left == 0 {
                         return None;
                     }
                     let m = inbound.message().await.ok()??;
-                    Some((answer(&m, &early), (inbound, left - 1, early)))
+                    if !m.early {
+                        counters.1.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Some((answer(&m, &counters.0), (inbound, left - 1, counters)))
                 },
             );
             let mut response = Response::new(Box::pin(replies) as AppendStream);
@@ -637,7 +792,8 @@ mod tests {
         unary: Arc<AtomicUsize>,
         streams: Arc<AtomicUsize>,
         early_entries: Arc<AtomicUsize>,
-        early_sent: Family<PeerLabel, Counter>,
+        stream_requests: Arc<AtomicUsize>,
+        early: EarlyMetrics,
         network: Network,
         node: Node,
         _stop: tokio_util::sync::DropGuard,
@@ -673,13 +829,15 @@ mod tests {
             stop.clone(),
             CancellationToken::new(),
         );
-        let (unary, streams, early_entries) = (Arc::default(), Arc::default(), Arc::default());
+        let (unary, streams) = (Arc::default(), Arc::default());
+        let (early_entries, stream_requests) = (Arc::default(), Arc::default());
         let service = RaftServer::new(Peer {
             per_stream,
             early_header,
             unary: Arc::clone(&unary),
             streams: Arc::clone(&streams),
             early_entries: Arc::clone(&early_entries),
+            stream_requests: Arc::clone(&stream_requests),
         });
         let shutdown = stop.clone().cancelled_owned();
         tokio::spawn(
@@ -687,8 +845,8 @@ mod tests {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, shutdown),
         );
-        let early_sent = Family::default();
-        let peers = Peers::new(1, leader, BTreeMap::new(), early_sent.clone());
+        let early = EarlyMetrics::default();
+        let peers = Peers::new(1, leader, BTreeMap::new(), early.clone());
         let times: Family<PeerLabel, Histogram> = Family::new_with_constructor(|| {
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 0.001, 2.0, 4,
@@ -705,7 +863,8 @@ mod tests {
             unary,
             streams,
             early_entries,
-            early_sent,
+            stream_requests,
+            early,
             _stop: stop.drop_guard(),
             _dir: dir,
         }
@@ -786,7 +945,7 @@ mod tests {
         assert_eq!(append(&mut s.client, 2).await, Ok(2));
         assert_eq!(append(&mut s.client, 3).await, Ok(3));
         assert_eq!(s.early_entries.load(Ordering::SeqCst), 9);
-        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 3);
+        assert_eq!(s.early.sent.get_or_create(&PeerLabel { peer: 2 }).get(), 3);
         assert_eq!(s.streams.load(Ordering::SeqCst), 1);
 
         // openraft also makes short-lived clients to the same peer (a linearizable read's
@@ -798,13 +957,13 @@ mod tests {
         s.client.peers.send(&vote, None, &blanks(20));
         assert_eq!(append(&mut s.client, 4).await, Ok(4));
         assert_eq!(s.early_entries.load(Ordering::SeqCst), 12);
-        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
+        assert_eq!(s.early.sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
 
         // Once the replication client is gone, its stream takes no more.
         let peers = Arc::clone(&s.client.peers);
         drop(s.client);
         peers.send(&vote, None, &blanks(10));
-        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
+        assert_eq!(s.early.sent.get_or_create(&PeerLabel { peer: 2 }).get(), 4);
     }
 
     #[tokio::test]
@@ -815,6 +974,69 @@ mod tests {
         s.client.peers.send(&vote, None, &blanks(1));
         assert_eq!(append(&mut s.client, 2).await, Ok(2));
         assert_eq!(s.early_entries.load(Ordering::SeqCst), 0);
-        assert_eq!(s.early_sent.get_or_create(&PeerLabel { peer: 2 }).get(), 0);
+        assert_eq!(s.early.sent.get_or_create(&PeerLabel { peer: 2 }).get(), 0);
+    }
+
+    /// Sends AppendEntries of `entries` after `prev`; the reply, or the error.
+    async fn replicate(
+        client: &mut PeerClient,
+        prev: Option<u64>,
+        entries: Vec<Entry>,
+    ) -> Result<AppendEntriesResponse, String> {
+        let rpc = AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev.map(|i| LogId::new(CommittedLeaderId::new(1, 1), i)),
+            entries,
+            leader_commit: None,
+        };
+        client
+            .append_entries(rpc, RPCOption::new(Duration::from_secs(5)))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_same_request_answered_early_with_success_is_not_sent_again() {
+        let mut s = setup_with(Some(100), true).await;
+        let vote = Vote::new_committed(1, 1);
+        let answered = |s: &Setup| s.early.answered.get_or_create(&PeerLabel { peer: 2 }).get();
+        assert_eq!(append(&mut s.client, 1).await, Ok(1));
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 1);
+
+        // Entries 1..=3 after nothing, then 4..=6 after 3, sent early; the stand-in
+        // answers both with success.
+        s.client.peers.send(&vote, None, &blanks(1));
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 3));
+        s.client.peers.send(&vote, prev, &blanks(4));
+
+        // openraft's request for the first: answered by the early reply, not sent.
+        let got = replicate(&mut s.client, None, blanks(1)).await;
+        assert!(matches!(got, Ok(AppendEntriesResponse::Success)), "{got:?}");
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 1);
+        assert_eq!(answered(&s), 1);
+
+        // A request for the second that differs (another previous entry): sent, and
+        // answered by the stand-in; the early answer does not stand in for it.
+        let got = replicate(&mut s.client, Some(2), blanks(4)).await;
+        assert!(
+            matches!(got, Ok(AppendEntriesResponse::PartialSuccess(None))),
+            "{got:?}"
+        );
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 2);
+
+        // The matching one for the second is still answered from the early reply.
+        let got = replicate(&mut s.client, Some(3), blanks(4)).await;
+        assert!(matches!(got, Ok(AppendEntriesResponse::Success)), "{got:?}");
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 2);
+        assert_eq!(answered(&s), 2);
+
+        // Nothing sent early for these: sent.
+        let got = replicate(&mut s.client, Some(6), blanks(7)).await;
+        assert!(
+            matches!(got, Ok(AppendEntriesResponse::PartialSuccess(None))),
+            "{got:?}"
+        );
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 3);
+        assert_eq!(answered(&s), 2);
     }
 }

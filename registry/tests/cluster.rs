@@ -76,6 +76,20 @@ async fn writes_via_any_node_read_back_on_every_node() {
             "node {id}: {text}"
         );
         if *id == leader {
+            // Sequential writes: a follower that acknowledged the previous entry matches an
+            // early append of the next one exactly, so its success reply answers openraft's
+            // own request for it.
+            let answered: f64 = cluster
+                .nodes
+                .keys()
+                .filter(|p| **p != leader)
+                .map(|peer| {
+                    count(&format!(
+                        "meshbridge_registry_early_appends_answered_total{{peer=\"{peer}\"}}"
+                    ))
+                })
+                .sum();
+            assert!(answered > 0.0, "leader {id}: {text}");
             for peer in cluster.nodes.keys().filter(|p| **p != leader) {
                 let series = format!(
                     "meshbridge_registry_peer_append_entries_seconds_count{{peer=\"{peer}\"}}"
