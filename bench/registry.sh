@@ -131,7 +131,7 @@ if want seq; then
     scrape > "$BENCH_ROOT/metrics.after"
     log "meshbridge seq run $r, where the time went (leader $(mb_leader)):"
     breakdown "$BENCH_ROOT/metrics.before" "$BENCH_ROOT/metrics.after" >&2
-    for i in 1 2 3; do curl -s "http://127.0.0.1:2750$i/metrics" | grep '^meshbridge_registry_early_appends_total' | sed "s/^/  n$i /" >&2 || true; done
+    for i in 1 2 3; do curl -s "http://127.0.0.1:2750$i/metrics" | grep '^meshbridge_registry_early_appends' | sed "s/^/  n$i /" >&2 || true; done
     m50+=("$(field "$out" '["p50_ms"]')"); m99+=("$(field "$out" '["p99_ms"]')"); mr+=("$(field "$out" '["puts_per_s"]')")
     log "seq run $r done"
   done

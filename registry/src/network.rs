@@ -52,22 +52,12 @@ use crate::types::{
 type LaneSender = mpsc::Sender<proto::RaftMessage>;
 
 /// Which request an early append was: openraft's request for the same entries has the same
-/// key (a leader's entries never change within its term).
+/// vote, previous and last entry (a leader's entries never change within its term).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct EarlyKey {
     vote: Vote,
     prev: Option<LogId>,
     last: LogId,
-}
-
-impl EarlyKey {
-    fn of(rpc: &AppendEntriesRequest) -> Option<Self> {
-        Some(Self {
-            vote: rpc.vote,
-            prev: rpc.prev_log_id,
-            last: rpc.entries.last()?.log_id,
-        })
-    }
 }
 
 /// An AppendEntries stream that takes early appends: its sender, and the early appends
@@ -428,17 +418,30 @@ impl PeerClient {
         Ok(Reply::Early)
     }
 
-    /// The follower's success reply to an early append with `key`, once it is read; `None`
-    /// if there was none (not sent early, or answered otherwise): send the request.
+    /// Whether the follower answered early appends of exactly `rpc`'s entries with
+    /// success: one early append with the same vote, previous entry and last entry, or a
+    /// chain of them (openraft may send in one request what was appended, and sent early,
+    /// in several). Reads the replies still to come for the next link. `false`: send it.
     async fn early_answer(
         &mut self,
-        key: EarlyKey,
+        rpc: &AppendEntriesRequest,
     ) -> Result<bool, RPCError<NodeId, Node, RaftError<Infallible>>> {
+        let Some(last) = rpc.entries.last().map(|e| e.log_id) else {
+            return Ok(false);
+        };
+        let link = |k: &EarlyKey, at: Option<LogId>| k.vote == rpc.vote && k.prev == at;
+        let mut at = rpc.prev_log_id;
         loop {
-            if let Some(at) = self.answered.iter().position(|k| *k == key) {
-                // Older ones will not be asked for: openraft moves forward.
-                self.answered.drain(..=at);
-                return Ok(true);
+            while let Some(k) = self.answered.iter().find(|k| link(k, at)) {
+                if k.last == last {
+                    // Older ones will not be asked for: openraft moves forward.
+                    self.answered.retain(|k| k.last.index > last.index);
+                    return Ok(true);
+                }
+                if k.last.index > last.index {
+                    return Ok(false);
+                }
+                at = Some(k.last);
             }
             let Lane::Open {
                 unanswered: Some(unanswered),
@@ -447,7 +450,7 @@ impl PeerClient {
             else {
                 return Ok(false);
             };
-            if !lock(unanswered).contains(&key) {
+            if !lock(unanswered).iter().any(|k| link(k, at)) {
                 return Ok(false);
             }
             // Its reply is still to come; no request of ours is outstanding, so every
@@ -554,10 +557,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let mut streamed = None;
         if !matches!(self.lane, Lane::Unsupported) {
             let attempt = async {
-                // The same request sent early and answered with success: that is the
+                // The same entries sent early and answered with success: that is the
                 // answer.
-                if let Some(key) = EarlyKey::of(&rpc) {
-                    match self.early_answer(key).await {
+                if !rpc.entries.is_empty() {
+                    match self.early_answer(&rpc).await {
                         Ok(true) => {
                             let peer = PeerLabel { peer: self.target };
                             self.peers.early.answered.get_or_create(&peer).inc();
@@ -1030,13 +1033,34 @@ mod tests {
         assert_eq!(s.stream_requests.load(Ordering::SeqCst), 2);
         assert_eq!(answered(&s), 2);
 
-        // Nothing sent early for these: sent.
-        let got = replicate(&mut s.client, Some(6), blanks(7)).await;
+        // Two early appends, and openraft's one request for both: answered by the chain.
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 6));
+        s.client.peers.send(&vote, prev, &blanks(7));
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 9));
+        s.client.peers.send(&vote, prev, &blanks(10));
+        let both = [blanks(7), blanks(10)].concat();
+        let got = replicate(&mut s.client, Some(6), both).await;
+        assert!(matches!(got, Ok(AppendEntriesResponse::Success)), "{got:?}");
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 2);
+        assert_eq!(answered(&s), 3);
+
+        // Early appends that do not cover the request's entries exactly: sent.
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 12));
+        s.client.peers.send(&vote, prev, &blanks(13));
+        let got = replicate(&mut s.client, Some(12), blanks(13)[..2].to_vec()).await;
         assert!(
             matches!(got, Ok(AppendEntriesResponse::PartialSuccess(None))),
             "{got:?}"
         );
         assert_eq!(s.stream_requests.load(Ordering::SeqCst), 3);
-        assert_eq!(answered(&s), 2);
+
+        // Nothing sent early for these: sent.
+        let got = replicate(&mut s.client, Some(16), blanks(17)).await;
+        assert!(
+            matches!(got, Ok(AppendEntriesResponse::PartialSuccess(None))),
+            "{got:?}"
+        );
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 4);
+        assert_eq!(answered(&s), 3);
     }
 }

@@ -34,7 +34,7 @@ use crate::types::{
 };
 
 /// Appends of more writes than this are not sent early: serializing them would hold up
-/// openraft's core, and under that much load batching already overlaps the fsyncs.
+/// openraft's core.
 pub const EARLY_MAX_WRITES: usize = 8;
 
 /// Sends a leader's own new entries to its followers as their append begins, before
@@ -242,6 +242,8 @@ pub struct LogStore {
     /// The vote last saved or read (openraft saves a leader's committed vote before the
     /// leader appends anything).
     vote: Option<Vote>,
+    /// The committed index last saved or read.
+    committed: Option<LogId>,
     /// This node's id, and where its early appends go.
     early: Option<(NodeId, Arc<dyn EarlyAppend>)>,
 }
@@ -288,6 +290,7 @@ impl LogStore {
                 thread: Some(thread),
             }),
             vote: None,
+            committed: None,
             early: None,
         })
     }
@@ -435,16 +438,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.committed = committed;
         self.send(Job::Committed(committed))
             .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        blocking(&self.db, |db| {
+        let committed = blocking(&self.db, |db| {
             Ok(read_json::<Option<LogId>>(db, META, KEY_COMMITTED)?.flatten())
         })
         .await
-        .map_err(|e| StorageIOError::read(&e).into())
+        .map_err(|e| StorageIOError::read(&e))?;
+        self.committed = committed;
+        Ok(committed)
     }
 
     async fn append<I>(
@@ -466,7 +472,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut tail = self.tail();
             (tail.last_log_id(), tail.append(&entries))
         };
-        if let Some((node_id, early)) = &self.early
+        // Early only when everything before is committed: a lone write, whose fsync would
+        // otherwise come before all of its replication. Under load, entries are in flight
+        // behind each other and replication of one overlaps the fsync of the next anyway
+        // (and early appends there cost the followers more than they save).
+        if prev == self.committed
+            && let Some((node_id, early)) = &self.early
             && let Some(vote) = self.early_vote(*node_id, &entries)
             && let Some(first) = entries.first()
             && prev.map_or(0, |p| p.index + 1) == first.log_id.index

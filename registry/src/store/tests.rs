@@ -414,11 +414,13 @@ fn proposal(term: u64, index: u64, writes: usize) -> Entry {
     }
 }
 
-/// Only node 1's own appends while its committed vote says it leads, few enough writes,
-/// and right after an entry the store holds (so the follower can match it) go early.
+/// Only node 1's own appends while its committed vote says it leads, of few enough writes,
+/// right after an entry the store holds (so the follower can match it) and with everything
+/// before them committed (a lone write) go early.
 #[tokio::test]
-async fn only_a_leaders_own_small_appends_right_after_a_known_entry_go_early() -> anyhow::Result<()>
+async fn only_a_leaders_own_lone_small_appends_after_a_known_entry_go_early() -> anyhow::Result<()>
 {
+    let committed = |i: u64| Some(log_id(if i < 4 { 1 } else { 2 }, i));
     let dir = tempfile::tempdir()?;
     let record = Arc::new(EarlyRecord::default());
     let (log, sm) = open(dir.path())?;
@@ -435,17 +437,26 @@ async fn only_a_leaders_own_small_appends_right_after_a_known_entry_go_early() -
     log.blocking_append(blanks(1, 3..=3)).await?;
     assert_eq!(record.take(), vec![]);
 
-    // Node 1 leads term 2 and appends its own entries: sent, with the entry before them.
+    // Node 1 leads term 2 and appends its own entries: not sent while entry 3 is not
+    // committed (the pipeline is busy); sent once it is, with the entry before them.
+    log.save_committed(committed(2)).await?;
+    log.blocking_append(blanks(2, 4..=5)).await?;
+    assert_eq!(record.take(), vec![]);
+    log.truncate(log_id(2, 4)).await?;
+    log.save_committed(committed(3)).await?;
     log.blocking_append(blanks(2, 4..=5)).await?;
     let leading = Vote::new_committed(2, 1);
     assert_eq!(record.take(), vec![(leading, Some(3), vec![4, 5])]);
 
     // Too many writes in one append: not sent; up to the limit: sent.
+    log.save_committed(committed(5)).await?;
     log.blocking_append(vec![proposal(2, 6, EARLY_MAX_WRITES + 1)])
         .await?;
+    log.save_committed(committed(6)).await?;
     log.blocking_append(vec![proposal(2, 7, EARLY_MAX_WRITES)])
         .await?;
     assert_eq!(record.take(), vec![(leading, Some(6), vec![7])]);
+    log.save_committed(committed(7)).await?;
     drop((log, sm));
 
     // Reopened (the vote is read back): the first append follows an entry held only on
@@ -453,7 +464,9 @@ async fn only_a_leaders_own_small_appends_right_after_a_known_entry_go_early() -
     let (log, _sm) = open(dir.path())?;
     let mut log = log.with_early_append(1, record.clone());
     assert_eq!(log.read_vote().await?, Some(leading));
+    assert_eq!(log.read_committed().await?, committed(7));
     log.blocking_append(blanks(2, 8..=8)).await?;
+    log.save_committed(committed(8)).await?;
     log.blocking_append(blanks(2, 9..=9)).await?;
     assert_eq!(record.take(), vec![(leading, Some(8), vec![9])]);
     Ok(())
