@@ -58,6 +58,8 @@ struct EarlyKey {
     vote: Vote,
     prev: Option<LogId>,
     last: LogId,
+    /// The commit index it carried.
+    commit: Option<LogId>,
 }
 
 /// An AppendEntries stream that takes early appends: its sender, and the early appends
@@ -99,8 +101,9 @@ struct EarlyRequest<'a> {
     vote: &'a Vote,
     prev_log_id: Option<LogId>,
     entries: &'a [Entry],
-    /// None: a follower never learns a commit index from an early append (openraft's own
-    /// requests carry it).
+    /// The entry before them, committed: the follower learns the commit index from the
+    /// early append, as it would from openraft's request that the early reply stands for
+    /// (otherwise only from the next heartbeat, up to 100 ms later).
     leader_commit: Option<LogId>,
 }
 
@@ -183,12 +186,13 @@ impl EarlyAppend for Peers {
             vote: *vote,
             prev: prev_log_id,
             last: last.log_id,
+            commit: prev_log_id,
         };
         let request = EarlyRequest {
             vote,
             prev_log_id,
             entries,
-            leader_commit: None,
+            leader_commit: prev_log_id,
         };
         let json = match serde_json::to_vec(&request) {
             Ok(json) => json,
@@ -434,6 +438,14 @@ impl PeerClient {
         loop {
             while let Some(k) = self.answered.iter().find(|k| link(k, at)) {
                 if k.last == last {
+                    // The request also carries the commit index; if it is newer than the
+                    // follower got early (the entries were committed meanwhile, on
+                    // another follower's reply), it must go, or this follower would learn
+                    // it only at the next heartbeat.
+                    let index = |c: Option<LogId>| c.map(|c| c.index);
+                    if index(rpc.leader_commit) > index(k.commit) {
+                        return Ok(false);
+                    }
                     // Older ones will not be asked for: openraft moves forward.
                     self.answered.retain(|k| k.last.index > last.index);
                     return Ok(true);
@@ -980,17 +992,29 @@ mod tests {
         assert_eq!(s.early.sent.get_or_create(&PeerLabel { peer: 2 }).get(), 0);
     }
 
-    /// Sends AppendEntries of `entries` after `prev`; the reply, or the error.
+    /// Sends AppendEntries of `entries` after `prev` (no commit index); the reply, or the
+    /// error.
     async fn replicate(
         client: &mut PeerClient,
         prev: Option<u64>,
         entries: Vec<Entry>,
     ) -> Result<AppendEntriesResponse, String> {
+        replicate_committed(client, prev, entries, None).await
+    }
+
+    /// As [`replicate`], with commit index `commit`.
+    async fn replicate_committed(
+        client: &mut PeerClient,
+        prev: Option<u64>,
+        entries: Vec<Entry>,
+        commit: Option<u64>,
+    ) -> Result<AppendEntriesResponse, String> {
+        let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
         let rpc = AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),
-            prev_log_id: prev.map(|i| LogId::new(CommittedLeaderId::new(1, 1), i)),
+            prev_log_id: prev.map(id),
             entries,
-            leader_commit: None,
+            leader_commit: commit.map(id),
         };
         client
             .append_entries(rpc, RPCOption::new(Duration::from_secs(5)))
@@ -1054,13 +1078,24 @@ mod tests {
         );
         assert_eq!(s.stream_requests.load(Ordering::SeqCst), 3);
 
+        // The same entries sent early, but the request carries a newer commit index than
+        // the early one did (committed meanwhile): sent, so that the follower learns it.
+        let prev = Some(LogId::new(CommittedLeaderId::new(1, 1), 16));
+        s.client.peers.send(&vote, prev, &blanks(17));
+        let got = replicate_committed(&mut s.client, Some(16), blanks(17), Some(19)).await;
+        assert!(
+            matches!(got, Ok(AppendEntriesResponse::PartialSuccess(Some(_)))),
+            "{got:?}"
+        );
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 4);
+
         // Nothing sent early for these: sent.
-        let got = replicate(&mut s.client, Some(16), blanks(17)).await;
+        let got = replicate(&mut s.client, Some(19), blanks(20)).await;
         assert!(
             matches!(got, Ok(AppendEntriesResponse::PartialSuccess(None))),
             "{got:?}"
         );
-        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 4);
+        assert_eq!(s.stream_requests.load(Ordering::SeqCst), 5);
         assert_eq!(answered(&s), 3);
     }
 }

@@ -43,7 +43,7 @@ pub const EARLY_MAX_WRITES: usize = 8;
 /// then finds them in place. Best effort: anything not sent early is replicated as usual.
 pub trait EarlyAppend: Send + Sync + 'static {
     /// `vote`: the leader's committed vote, whose leader appended `entries` right after
-    /// `prev_log_id`.
+    /// `prev_log_id`, which is committed (early appends are for lone writes).
     fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]);
 }
 
