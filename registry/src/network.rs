@@ -712,6 +712,8 @@ mod tests {
     struct Peer {
         per_stream: Option<usize>,
         early_header: bool,
+        /// Marks every stream reply early, as a broken peer might.
+        marks_all_early: bool,
         unary: Arc<AtomicUsize>,
         streams: Arc<AtomicUsize>,
         /// Entries received in early appends.
@@ -764,9 +766,10 @@ mod tests {
             };
             self.streams.fetch_add(1, Ordering::SeqCst);
             let counters = (self.early_entries.clone(), self.stream_requests.clone());
+            let marks_all_early = self.marks_all_early;
             let replies = futures::stream::unfold(
                 (req.into_inner(), per_stream, counters),
-                |(mut inbound, left, counters)| async move {
+                move |(mut inbound, left, counters)| async move {
                     if left == 0 {
                         return None;
                     }
@@ -774,7 +777,11 @@ mod tests {
                     if !m.early {
                         counters.1.fetch_add(1, Ordering::SeqCst);
                     }
-                    Some((answer(&m, &counters.0), (inbound, left - 1, counters)))
+                    let reply = answer(&m, &counters.0).map(|mut r| {
+                        r.early |= marks_all_early;
+                        r
+                    });
+                    Some((reply, (inbound, left - 1, counters)))
                 },
             );
             let mut response = Response::new(Box::pin(replies) as AppendStream);
@@ -820,6 +827,14 @@ mod tests {
     }
 
     async fn setup_with(per_stream: Option<usize>, early_header: bool) -> Setup {
+        setup_peer(per_stream, early_header, false).await
+    }
+
+    async fn setup_peer(
+        per_stream: Option<usize>,
+        early_header: bool,
+        marks_all_early: bool,
+    ) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = Ca::generate(TD, DAY).expect("CA");
         let identity = |n: u64| {
@@ -849,6 +864,7 @@ mod tests {
         let service = RaftServer::new(Peer {
             per_stream,
             early_header,
+            marks_all_early,
             unary: Arc::clone(&unary),
             streams: Arc::clone(&streams),
             early_entries: Arc::clone(&early_entries),
@@ -1097,5 +1113,21 @@ mod tests {
         );
         assert_eq!(s.stream_requests.load(Ordering::SeqCst), 5);
         assert_eq!(answered(&s), 3);
+    }
+
+    #[tokio::test]
+    async fn an_early_reply_to_nothing_sent_early_is_an_error_and_the_stream_is_reopened() {
+        let mut s = setup_peer(Some(100), true, true).await;
+        for _ in 0..2 {
+            let got = append(&mut s.client, 1).await;
+            assert!(
+                got.as_ref()
+                    .is_err_and(|e| e.contains("a reply to an early append that was not sent")),
+                "{got:?}"
+            );
+            assert!(matches!(s.client.lane, Lane::Closed));
+        }
+        // Each call opened a new stream: the broken one was not reused.
+        assert_eq!(s.streams.load(Ordering::SeqCst), 2);
     }
 }
