@@ -39,8 +39,9 @@ pub const EARLY_MAX_WRITES: usize = 8;
 
 /// Sends a leader's own new entries to its followers as their append begins, before
 /// openraft replicates them (after the leader's flush). A follower that takes them starts
-/// its fsync while the leader's runs; openraft's own AppendEntries for the same entries
-/// then finds them in place. Best effort: anything not sent early is replicated as usual.
+/// its fsync while the leader's runs; its reply can then stand for openraft's own
+/// AppendEntries of the same entries (see `network`). Best effort: anything not sent or not
+/// answered early is replicated as usual.
 pub trait EarlyAppend: Send + Sync + 'static {
     /// `vote`: the leader's committed vote, whose leader appended `entries` right after
     /// `prev_log_id`, which is committed (early appends are for lone writes).
