@@ -12,6 +12,7 @@ pub mod model;
 pub mod pki;
 pub mod proto;
 pub mod runtime;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod vip;

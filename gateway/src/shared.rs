@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use meshbridge_core::drain;
 use meshbridge_core::model::{Catalog, ServiceKey};
+use meshbridge_core::sync::lock;
 use meshbridge_core::tls::Identity;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,10 +38,6 @@ pub struct Shared {
     pub client_slots: Arc<tokio::sync::Semaphore>,
     rr: Mutex<HashMap<(ServiceKey, u16), usize>>,
     roll: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

@@ -20,13 +20,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshbridge_core::client::{
     ChannelOptions, MAX_MESSAGE_BYTES, lazy_channel, registry_allow_list,
 };
 use meshbridge_core::proto::{self, raft_client::RaftClient};
+use meshbridge_core::sync::lock;
 use meshbridge_core::tls::Identity;
 use openraft::error::{Infallible, NetworkError, RPCError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
@@ -73,9 +74,6 @@ struct EarlyLane {
 /// Early replies kept for openraft's matching requests; older ones are dropped.
 const EARLY_ANSWERS: usize = 16;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 /// Requests queued on an AppendEntries stream before the HTTP/2 stream takes them; early
 /// appends that find it full are not sent.
 const LANE_QUEUE: usize = 4;
@@ -129,19 +127,16 @@ impl Peers {
         })
     }
 
-    fn early_lanes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<EarlyLane>>> {
-        self.early_lanes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn add_early_lane(&self, target: NodeId, lane: EarlyLane) {
-        self.early_lanes().entry(target).or_default().push(lane);
+        lock(&self.early_lanes)
+            .entry(target)
+            .or_default()
+            .push(lane);
     }
 
     /// Forgets `lane`, one of `target`'s early lanes.
     fn drop_early_lane(&self, target: NodeId, lane: &LaneSender) {
-        let mut lanes = self.early_lanes();
+        let mut lanes = lock(&self.early_lanes);
         if let Some(of_target) = lanes.get_mut(&target) {
             of_target.retain(|l| !l.requests.same_channel(lane));
             if of_target.is_empty() {
@@ -154,7 +149,7 @@ impl Peers {
     /// when the URL changes).
     pub fn channel(&self, id: NodeId, url: &str) -> Result<Channel, Status> {
         let url = self.overrides.get(&id).map_or(url, String::as_str);
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = lock(&self.channels);
         if let Some((known, ch)) = channels.get(&id)
             && known == url
         {
@@ -170,8 +165,7 @@ impl Peers {
 
 impl EarlyAppend for Peers {
     fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]) {
-        let lanes: Vec<_> = self
-            .early_lanes()
+        let lanes: Vec<_> = lock(&self.early_lanes)
             .iter()
             .filter_map(|(id, lanes)| {
                 let open = lanes.iter().find(|l| !l.requests.is_closed())?;

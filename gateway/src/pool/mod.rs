@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshbridge_core::id::SpiffeId;
+use meshbridge_core::sync::lock;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -82,10 +83,6 @@ pub struct Pool {
     tasks: TaskTracker,
     stop: CancellationToken,
     entries: Mutex<HashMap<(String, String), Arc<Entry>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Pool {

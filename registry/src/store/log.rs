@@ -17,8 +17,9 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use meshbridge_core::sync::lock;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use prometheus_client::metrics::histogram::Histogram;
@@ -652,10 +653,6 @@ fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry
         entries.push(decode("log entry", bytes.value())?);
     }
     Ok(entries)
-}
-
-fn lock(tail: &SharedTail) -> std::sync::MutexGuard<'_, Tail> {
-    tail.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
