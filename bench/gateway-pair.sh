@@ -6,12 +6,15 @@
 # 127.0.0.1:TUNNEL_PORT (QUIC, or the TLS-over-TCP fallback) with mutual TLS (its own SPIFFE
 # PKI, made here); the exit gateway forwards to 127.0.0.1:BACKEND_PORT. Static catalog
 # file, no registry. Stays in the foreground; SIGTERM stops both.
+# Optional: MB = the meshbridge binary (default target/dist/meshbridge: cargo build --profile dist).
 # Optional: WORKERS = threads per gateway (default 1; 0 = one per CPU).
 # Optional: ADMIN_ENTRY / ADMIN_EXIT = ip:port of each gateway's admin HTTP (/metrics).
 set -euo pipefail
 ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-quic}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MB=${MB:-$ROOT/target/release/meshbridge}
+# The binary measured is the one gateways ship as (docs/OPERATIONS.md): the `dist` profile,
+# whole-program LTO. MB=path overrides (e.g. target/release/meshbridge).
+MB=${MB:-$ROOT/target/dist/meshbridge}
 D=$(mktemp -d /tmp/bench-mbgw.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait; rm -rf "$D"' EXIT
 trap 'exit 0' TERM INT

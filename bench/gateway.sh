@@ -3,6 +3,7 @@
 # by ../shared/bench/tunnel.sh (iperf3 throughput) and latency.sh (wrk), in one invocation
 # per transport so the peers are measured in the same run (runs interleaved).
 #   bench/gateway.sh            Env: RUNS=3 TRANSPORTS="quic tcp" TESTS="tunnel latency"
+# The gateway binary: MB (default target/dist/meshbridge, the shipped profile).
 # Also: gateway RSS idle and with 10,000 open connections, CPU seconds per Gbit/s.
 # Results: ../shared/bench's TSVs in /tmp/bench/results; summaries on stdout.
 set -euo pipefail
@@ -11,7 +12,8 @@ SHARED=${SHARED:-$HERE/../../shared/bench}
 TRANSPORTS=${TRANSPORTS:-quic tcp}
 TESTS=${TESTS:-tunnel latency rss}
 want() { [[ " $TESTS " == *" $1 "* ]]; }
-[ -x "$HERE/../target/release/meshbridge" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+export MB=${MB:-$HERE/../target/dist/meshbridge}   # what gateways ship as (docs/OPERATIONS.md)
+[ -x "$MB" ] || { echo "build first: cargo build --profile dist -p meshbridge (or set MB=binary)" >&2; exit 1; }
 [ -f /tmp/bench/pki/ca.crt ] || bash "$SHARED/pki.sh"
 first=1
 for t in $TRANSPORTS; do
