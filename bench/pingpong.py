@@ -41,9 +41,9 @@ def ping(port, n, size):
         try:
             c = socket.create_connection(("127.0.0.1", port), timeout=10)
             break
-        except OSError:
+        except OSError as e:
             if time.monotonic() > deadline:
-                raise
+                sys.exit(f"cannot connect to 127.0.0.1:{port} within 10 s: {e}")
             time.sleep(0.1)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg = b"x" * size
@@ -66,9 +66,16 @@ def ping(port, n, size):
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("echo", "ping"):
         sys.exit(__doc__)
-    port = int(sys.argv[2])
+    names = ["PORT", "N", "SIZE"]
+    try:
+        nums = [int(a) for a in sys.argv[2:5]]
+    except ValueError:
+        bad = next(n for n, a in zip(names, sys.argv[2:5]) if not a.lstrip("-").isdigit())
+        sys.exit(f"{bad} must be a whole number\n{__doc__}")
+    for name, v, lo, hi in zip(names, nums, (1, 1, 1), (65535, 10**8, 1 << 20)):
+        if not lo <= v <= hi:
+            sys.exit(f"{name} must be in {lo}..{hi}, not {v}")
     if sys.argv[1] == "echo":
-        echo(port)
+        echo(nums[0])
     else:
-        ping(port, int(sys.argv[3]) if len(sys.argv) > 3 else 5000,
-             int(sys.argv[4]) if len(sys.argv) > 4 else 100)
+        ping(nums[0], nums[1] if len(nums) > 1 else 5000, nums[2] if len(nums) > 2 else 100)
