@@ -233,7 +233,8 @@ async fn a_used_token_is_refused_with_the_reason_and_a_restart_needs_no_token() 
         .wait_for("agent vm listening on", READY)
         .await
         .unwrap();
-    assert_eq!(agent.terminate(Duration::from_secs(10)).await, Some(0));
+    let code = agent.terminate(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{}", agent.collect().join("\n"));
 
     // A restart uses the stored SVID: the (used) token in the file plays no part.
     let mut again = spawn(

@@ -145,7 +145,10 @@ impl Node {
             config.dial_overrides(),
             metrics.early_appends.clone(),
         );
-        let log_store = log_store.with_early_append(config.node_id, peers.clone());
+        let log_store = log_store
+            .for_node(config.node_id)
+            .with_early_append(config.node_id, peers.clone());
+        let log_fault = log_store.fault();
         let raft = Raft::new(
             config.node_id,
             raft_config(&config)?,
@@ -236,6 +239,7 @@ impl Node {
             tasks,
             readiness,
             config.drain_deadline(),
+            log_fault,
         ))
     }
 }

@@ -11,40 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use meshbridge_core::client::{ClientError, ClientOptions, Consistency, RegistryClient};
-use meshbridge_core::model::{Policy, Principal, Rejection};
 use rand::Rng;
-use support::history::{Event, Op, Out, Recorder, check};
-use support::{Cluster, key};
+use support::Cluster;
+use support::history::{Event, Op, Out, Recorder, check, policies};
 
 const KEYS: [&str; 3] = ["k0", "k1", "k2"];
 const T: Duration = Duration::from_secs(20);
-
-fn policy(name: &str, value: &str) -> Policy {
-    Policy {
-        name: name.into(),
-        service: key("cart"),
-        allow: vec![Principal::Site(value.into())],
-    }
-}
-
-fn value_of(policies: &[Policy], name: &str) -> Option<String> {
-    let p = policies.iter().find(|p| p.name == name)?;
-    match p.allow.first() {
-        Some(Principal::Site(v)) => Some(v.clone()),
-        other => panic!("unexpected policy content {other:?}"),
-    }
-}
-
-/// A write's outcome: acknowledged, or unknown when no node answered in time. A refusal
-/// other than "not found" (for a delete) is a bug in the test or the registry.
-fn write_outcome(r: Result<(), ClientError>, op: &Op) -> Out {
-    match r {
-        Ok(()) => Out::Done,
-        Err(ClientError::Rejected(Rejection::NotFound { .. })) if *op == Op::Delete => Out::Done,
-        Err(ClientError::Unavailable { .. }) => Out::Unknown,
-        Err(e) => panic!("{op:?}: {e}"),
-    }
-}
 
 async fn run_client(id: usize, client: RegistryClient, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
     let mut n = 0;
@@ -62,14 +34,17 @@ async fn run_client(id: usize, client: RegistryClient, rec: Arc<Recorder>, stop:
             0..4 => {
                 n += 1;
                 let value = format!("c{id}-{n}");
-                let r = client.put_policy(&policy(key, &value)).await.map(|_| ());
+                let r = client
+                    .put_policy(&policies::put(key, &value))
+                    .await
+                    .map(|_| ());
                 let op = Op::Put(value);
-                let out = write_outcome(r, &op);
+                let out = policies::write_outcome(r, &op);
                 rec.record(id, key, op, call, out);
             }
             4..8 => {
                 let out = match client.list_policies(Consistency::Linearizable).await {
-                    Ok(v) => Out::Value(value_of(&v.value, key)),
+                    Ok(v) => Out::Value(policies::value_of(&v.value, key)),
                     Err(ClientError::Unavailable { .. }) => Out::Unknown,
                     Err(e) => panic!("get: {e}"),
                 };
@@ -77,7 +52,7 @@ async fn run_client(id: usize, client: RegistryClient, rec: Arc<Recorder>, stop:
             }
             _ => {
                 let r = client.delete_policy(key).await.map(|_| ());
-                let out = write_outcome(r, &Op::Delete);
+                let out = policies::write_outcome(r, &Op::Delete);
                 rec.record(id, key, Op::Delete, call, out);
             }
         }
@@ -141,96 +116,4 @@ async fn put_get_delete_history_is_linearizable_under_leader_kills_and_partition
         panic!("{e}");
     }
     cluster.shutdown().await;
-}
-
-mod checker {
-    use super::*;
-
-    fn ev(client: usize, op: Op, out: Out, call: u64, ret: Option<u64>) -> Event {
-        Event {
-            client,
-            key: "k".into(),
-            op,
-            out,
-            call,
-            ret,
-        }
-    }
-
-    fn put(v: &str) -> Op {
-        Op::Put(v.into())
-    }
-
-    fn got(v: Option<&str>) -> Out {
-        Out::Value(v.map(str::to_owned))
-    }
-
-    #[test]
-    fn checker_accepts_overlapping_writes_in_either_order() {
-        let h = vec![
-            ev(0, put("a"), Out::Done, 0, Some(10)),
-            ev(1, put("b"), Out::Done, 1, Some(11)),
-            ev(2, Op::Get, got(Some("a")), 12, Some(13)),
-            ev(2, Op::Get, got(Some("a")), 14, Some(15)),
-        ];
-        assert!(check(&h).is_ok());
-    }
-
-    #[test]
-    fn checker_refuses_a_stale_read_after_a_completed_write() {
-        let h = vec![
-            ev(0, put("a"), Out::Done, 0, Some(1)),
-            ev(0, put("b"), Out::Done, 2, Some(3)),
-            ev(1, Op::Get, got(Some("a")), 4, Some(5)),
-        ];
-        assert!(check(&h).is_err());
-    }
-
-    #[test]
-    fn checker_refuses_a_value_that_comes_back() {
-        let h = vec![
-            ev(0, put("a"), Out::Done, 0, Some(100)),
-            ev(1, put("b"), Out::Done, 1, Some(2)),
-            ev(2, Op::Get, got(Some("a")), 3, Some(4)),
-            ev(2, Op::Get, got(Some("b")), 5, Some(6)),
-            ev(2, Op::Get, got(Some("a")), 7, Some(8)),
-        ];
-        assert!(check(&h).is_err());
-    }
-
-    #[test]
-    fn checker_unknown_writes_may_or_may_not_have_happened() {
-        let happened = vec![
-            ev(0, put("a"), Out::Unknown, 0, None),
-            ev(1, Op::Get, got(Some("a")), 5, Some(6)),
-        ];
-        assert!(check(&happened).is_ok());
-        let never = vec![
-            ev(0, put("a"), Out::Unknown, 0, None),
-            ev(1, Op::Get, got(None), 5, Some(6)),
-        ];
-        assert!(check(&never).is_ok());
-        let before_call = vec![
-            ev(1, Op::Get, got(Some("a")), 0, Some(1)),
-            ev(0, put("a"), Out::Unknown, 5, None),
-        ];
-        assert!(check(&before_call).is_err());
-    }
-
-    #[test]
-    fn checker_deletes_and_absent_reads() {
-        let h = vec![
-            ev(0, put("a"), Out::Done, 0, Some(1)),
-            ev(0, Op::Delete, Out::Done, 2, Some(3)),
-            ev(1, Op::Get, got(None), 4, Some(5)),
-            ev(1, Op::Delete, Out::Done, 6, Some(7)),
-        ];
-        assert!(check(&h).is_ok());
-        let resurrected = vec![
-            ev(0, put("a"), Out::Done, 0, Some(1)),
-            ev(0, Op::Delete, Out::Done, 2, Some(3)),
-            ev(1, Op::Get, got(Some("a")), 4, Some(5)),
-        ];
-        assert!(check(&resurrected).is_err());
-    }
 }

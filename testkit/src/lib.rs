@@ -5,7 +5,8 @@
 //! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
 //! - [`pki`]: a throw-away CA and SVIDs on disk;
 //! - [`process`]: run the real binary and wait for the lines it prints;
-//! - [`linearizability`]: a Wing–Gong checker for register histories;
+//! - [`linearizability`]: a recorder of concurrent keyed-register histories and a
+//!   Wing–Gong/Lowe checker for them (the registry's fault tests use it);
 //! - [`slots`]: machine-wide exclusive slots (e.g. a VIP block per test process).
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::shared::{Shared, now_ms};
-use crate::store::Feed;
+use crate::store::{Feed, WriterFault};
 use crate::types::{NodeId, Raft, RaftMetrics};
 
 /// A running registry node.
@@ -30,6 +30,7 @@ pub struct NodeHandle {
     tasks: JoinSet<()>,
     readiness: Readiness,
     drain: Duration,
+    log_fault: Arc<WriterFault>,
 }
 
 impl NodeHandle {
@@ -44,6 +45,7 @@ impl NodeHandle {
         tasks: JoinSet<()>,
         readiness: Readiness,
         drain: Duration,
+        log_fault: Arc<WriterFault>,
     ) -> Self {
         Self {
             shared,
@@ -55,6 +57,7 @@ impl NodeHandle {
             tasks,
             readiness,
             drain,
+            log_fault,
         }
     }
 
@@ -119,13 +122,40 @@ impl NodeHandle {
         drained
     }
 
-    /// Abrupt stop, as close to a crash as a process can do to itself: every connection
-    /// fails at once and Raft stops where it is. What was acknowledged is on disk already.
+    /// Abrupt stop: every connection fails at once and Raft stops where it is. What was
+    /// acknowledged is on disk already; writes queued for the log still reach the disk
+    /// (for a crash that loses them, [`NodeHandle::crash`]).
     pub async fn kill(self) {
         info!(node = self.node_id(), "registry node killed");
         self.readiness.set(false);
         self.stop.cancel();
         self.finish(false).await;
+    }
+
+    /// Crash tests: the Raft log writer stops before its next commit and waits (a disk
+    /// that stalls) until [`NodeHandle::crash`] or [`NodeHandle::release_log_writes`].
+    /// openraft appends stay readable (and the leader's go out early) meanwhile.
+    pub fn hold_log_writes(&self) {
+        self.log_fault.hold();
+    }
+
+    /// Lets held log writes go on.
+    pub fn release_log_writes(&self) {
+        self.log_fault.release();
+    }
+
+    /// Whether a log write is waiting at the hold ([`NodeHandle::hold_log_writes`]).
+    pub fn log_write_held(&self) -> bool {
+        self.log_fault.holding()
+    }
+
+    /// A crash, not a shutdown: the log writer drops every write not yet committed (held or
+    /// queued) and calls nobody back, so what was not fsynced is lost as in `kill -9`; then
+    /// every connection fails at once and the node stops where it is.
+    pub async fn crash(self) {
+        info!(node = self.node_id(), "registry node crashed (fault hook)");
+        self.log_fault.crash();
+        self.kill().await;
     }
 
     async fn finish(mut self, server_ended: bool) {

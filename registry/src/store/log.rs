@@ -16,8 +16,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use meshbridge_core::sync::lock;
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -47,6 +48,107 @@ pub trait EarlyAppend: Send + Sync + 'static {
     /// `vote`: the leader's committed vote, whose leader appended `entries` right after
     /// `prev_log_id`, which is committed (early appends are for lone writes).
     fn send(&self, vote: &Vote, prev_log_id: Option<LogId>, entries: &[Entry]);
+}
+
+/// A fault hook in the log writer, for crash tests: [`WriterFault::hold`] stalls every
+/// commit before it starts (a disk that does not answer); [`WriterFault::crash`] then makes
+/// the writer drop what it holds and whatever is queued behind it, commit nothing more and
+/// call nobody back, as if the process died before those fsyncs. What was committed before
+/// stays: that is exactly what a real crash keeps. Unarmed, it costs the writer one atomic
+/// load per commit.
+#[derive(Default)]
+pub struct WriterFault {
+    /// Set by `hold` and `crash`: only then does the writer take the lock.
+    armed: AtomicBool,
+    /// The writer is between [`WriterFault::may_commit`] and the end of its commit.
+    committing: AtomicBool,
+    state: Mutex<FaultState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct FaultState {
+    hold: bool,
+    crashed: bool,
+    /// A commit is waiting at the hold.
+    waiting: bool,
+    /// The writer saw the crash and stopped.
+    writer_stopped: bool,
+}
+
+impl WriterFault {
+    /// Commits from now on wait before they start, until [`release`](Self::release) or
+    /// [`crash`](Self::crash).
+    pub fn hold(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+        lock(&self.state).hold = true;
+        self.changed.notify_all();
+    }
+
+    /// Lets held commits go on.
+    pub fn release(&self) {
+        lock(&self.state).hold = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether a commit is waiting at the hold.
+    pub fn holding(&self) -> bool {
+        lock(&self.state).waiting
+    }
+
+    /// The writer drops every job not yet committed and stops. Returns once no commit
+    /// can happen any more: a commit already under way (a started fsync) finishes first.
+    pub fn crash(&self) {
+        // SeqCst on both sides: either the writer sees `armed` before it commits, or this
+        // sees `committing` and waits for the commit to end.
+        self.armed.store(true, Ordering::SeqCst);
+        let mut state = lock(&self.state);
+        state.crashed = true;
+        self.changed.notify_all();
+        while self.committing.load(Ordering::SeqCst) && !state.writer_stopped {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Writer side, before a commit: whether to go on (`false`: crashed, drop everything).
+    fn may_commit(&self) -> bool {
+        self.committing.store(true, Ordering::SeqCst);
+        if !self.armed.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut state = lock(&self.state);
+        state.waiting = true;
+        while state.hold && !state.crashed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.waiting = false;
+        if state.crashed {
+            state.writer_stopped = true;
+            self.committing.store(false, Ordering::SeqCst);
+            self.changed.notify_all();
+            return false;
+        }
+        true
+    }
+
+    /// Writer side, after a commit.
+    fn committed(&self) {
+        self.committing.store(false, Ordering::SeqCst);
+        if self.armed.load(Ordering::SeqCst) {
+            let _state = lock(&self.state);
+            self.changed.notify_all();
+        }
+    }
+
+    fn crashed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst) && lock(&self.state).crashed
+    }
 }
 
 /// Durable entries kept in memory past these bounds leave the tail, oldest first.
@@ -248,6 +350,10 @@ pub struct LogStore {
     committed: Option<LogId>,
     /// This node's id, and where its early appends go.
     early: Option<(NodeId, Arc<dyn EarlyAppend>)>,
+    /// This node's id, once known ([`LogStore::for_node`]): a committed vote of its own
+    /// read at start is demoted (see [`RaftLogStorage::read_vote`] below).
+    node_id: Option<NodeId>,
+    fault: Arc<WriterFault>,
 }
 
 /// The writer thread's queue; dropped with the last clone of the store, which closes the
@@ -274,11 +380,13 @@ impl LogStore {
         flush_time: Option<Histogram>,
     ) -> Result<Self, StoreError> {
         let tail = SharedTail::default();
+        let fault = Arc::new(WriterFault::default());
         let (jobs, rx) = std_mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             tail: tail.clone(),
             flush_time,
+            fault: fault.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
@@ -294,7 +402,25 @@ impl LogStore {
             vote: None,
             committed: None,
             early: None,
+            node_id: None,
+            fault,
         })
+    }
+
+    /// The store of node `node_id`: a committed vote naming this node, read when openraft
+    /// starts, is demoted to the same vote uncommitted (and saved so), so that a restarted
+    /// leader must win a new election instead of resuming its old term. Without it,
+    /// openraft 0.9 restores such a node as leader of that term at once and numbers its
+    /// next entries from its own durable log, which may reuse a log id that it sent early
+    /// and the followers hold with other contents (docs/ARCHITECTURE.md, "Early appends").
+    pub fn for_node(mut self, node_id: NodeId) -> Self {
+        self.node_id = Some(node_id);
+        self
+    }
+
+    /// The writer's fault hook (crash tests).
+    pub fn fault(&self) -> Arc<WriterFault> {
+        self.fault.clone()
     }
 
     /// Send node `node_id`'s own appends early while it leads ([`EarlyAppend`]).
@@ -431,10 +557,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// openraft reads the vote once, when it starts. A committed vote of this node's own
+    /// is a leadership it held before the restart: it comes back uncommitted (see
+    /// [`LogStore::for_node`]), saved before openraft sees it, so the node starts as a
+    /// follower and leads again only after an election in a higher term
+    /// (`Engine::startup` restores leadership only for a committed vote; `Engine::elect`
+    /// campaigns in the vote's term + 1).
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        let vote = blocking(&self.db, |db| read_json(db, META, KEY_VOTE))
+        let mut vote: Option<Vote> = blocking(&self.db, |db| read_json(db, META, KEY_VOTE))
             .await
             .map_err(|e| StorageIOError::read_vote(&e))?;
+        if let (Some(me), Some(v)) = (self.node_id, vote)
+            && let Some(demoted) = demoted_vote(me, &v)
+        {
+            self.write(|done| Job::Vote(demoted, done))
+                .await
+                .map_err(|e| StorageIOError::write_vote(&e))?;
+            tracing::info!(
+                vote = %v,
+                now = %demoted,
+                "restarted as the leader of its last term: leadership must be won again in a new term"
+            );
+            vote = Some(demoted);
+        }
         self.vote = vote;
         Ok(vote)
     }
@@ -516,6 +661,7 @@ struct Writer {
     db: Arc<Database>,
     tail: SharedTail,
     flush_time: Option<Histogram>,
+    fault: Arc<WriterFault>,
 }
 
 impl Writer {
@@ -533,14 +679,21 @@ impl Writer {
             if batch.iter().all(|j| matches!(j, Job::Committed(_))) {
                 continue;
             }
+            if !self.fault.may_commit() {
+                // Crashed: this batch and everything queued are lost, nobody is told.
+                tracing::warn!("raft log writer crashed (fault hook): uncommitted writes dropped");
+                return;
+            }
             let started = std::time::Instant::now();
             let result = self.commit(&batch, committed.take());
+            self.fault.committed();
             if let Some(h) = &self.flush_time {
                 h.observe(started.elapsed().as_secs_f64());
             }
             self.finish(batch, result);
         }
         if let Some(c) = committed
+            && !self.fault.crashed()
             && let Err(e) = self.commit(&[], Some(c))
         {
             tracing::warn!(error = %e, "committed index not saved at shutdown");
@@ -619,6 +772,13 @@ impl Writer {
             }
         }
     }
+}
+
+/// The vote to start with instead of `vote`, when `vote` is a committed leadership of node
+/// `me`: the same leader id, uncommitted.
+fn demoted_vote(me: NodeId, vote: &Vote) -> Option<Vote> {
+    (vote.is_committed() && vote.leader_id().node_id == me)
+        .then(|| Vote::new(vote.leader_id().term, me))
 }
 
 /// Turns any range of indexes into `start..end` (`end` `None` = unbounded), or `None` when

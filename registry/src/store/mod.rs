@@ -37,7 +37,7 @@ use redb::{Database, Durability, ReadableDatabase, TableDefinition, WriteTransac
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use self::log::{EARLY_MAX_WRITES, EarlyAppend, LogStore};
+pub use self::log::{EARLY_MAX_WRITES, EarlyAppend, LogStore, WriterFault};
 pub use self::sessions::{Session, Sessions};
 pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
 pub use self::watch::{Compacted, DEFAULT_DELTA_CAPACITY, Delta, Feed};

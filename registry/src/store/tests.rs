@@ -486,3 +486,74 @@ async fn the_committed_index_is_written_with_the_next_durable_write() -> anyhow:
     assert_eq!(log.read_committed().await?, Some(log_id(1, 3)));
     Ok(())
 }
+
+/// A restarted leader must win a new election: its own committed vote comes back
+/// uncommitted, and is saved so; another node's committed vote is left alone.
+#[tokio::test]
+async fn a_restarted_leaders_own_committed_vote_comes_back_uncommitted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let (mut log, _sm) = open(dir.path())?;
+        log.save_vote(&Vote::new_committed(2, 1)).await?;
+    }
+    // Node 2 reading node 1's leadership: unchanged.
+    {
+        let (log, _sm) = open(dir.path())?;
+        let mut log = log.for_node(2);
+        assert_eq!(log.read_vote().await?, Some(Vote::new_committed(2, 1)));
+    }
+    // Node 1 reading its own leadership: same term, uncommitted.
+    {
+        let (log, _sm) = open(dir.path())?;
+        let mut log = log.for_node(1);
+        assert_eq!(log.read_vote().await?, Some(Vote::new(2, 1)));
+    }
+    // Saved so before openraft saw it.
+    let (mut log, _sm) = open(dir.path())?;
+    assert_eq!(log.read_vote().await?, Some(Vote::new(2, 1)));
+    Ok(())
+}
+
+/// The writer's fault hook: held writes wait; a crash drops them and everything queued
+/// behind them, tells nobody they are done, and commits nothing more; what was committed
+/// before stays.
+#[tokio::test]
+async fn a_crash_loses_held_and_queued_writes_and_calls_nobody_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let (mut log, _sm) = open(dir.path())?;
+        let fault = log.fault();
+        log.blocking_append(blanks(1, 1..=2)).await?;
+        log.save_vote(&Vote::new_committed(1, 1)).await?;
+        fault.hold();
+        let mut held = log.clone();
+        let append = tokio::spawn(async move { held.blocking_append(blanks(1, 3..=3)).await });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fault.holding() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never reached the hold"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Readable (it is in the tail) while not durable.
+        assert_eq!(ids(&log.try_get_log_entries(3..=3).await?), vec![(1, 3)]);
+        let mut queued = log.clone();
+        let vote = tokio::spawn(async move { queued.save_vote(&Vote::new(2, 2)).await });
+        fault.crash();
+        assert!(
+            append.await?.is_err(),
+            "the held append is never acknowledged"
+        );
+        assert!(
+            vote.await?.is_err(),
+            "the queued vote is never acknowledged"
+        );
+        assert!(log.save_vote(&Vote::new(3, 3)).await.is_err());
+    }
+    let (mut log, _sm) = open(dir.path())?;
+    assert_eq!(log.read_vote().await?, Some(Vote::new_committed(1, 1)));
+    let state = log.get_log_state().await?;
+    assert_eq!(state.last_log_id, Some(log_id(1, 2)));
+    Ok(())
+}

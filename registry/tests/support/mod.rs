@@ -1,10 +1,12 @@
 //! Test support: a development PKI, in-process registry clusters on loopback with real
 //! sockets, real mTLS and real redb files, and model builders.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod history;
 pub mod proxy;
+
+/// The one linearizability checker, shared with the process-level tests.
+pub use meshbridge_testkit::linearizability as history;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -192,10 +194,12 @@ impl Cluster {
         self.nodes.insert(id, handle);
     }
 
-    /// Kills node `id` abruptly (connections fail, Raft stops, the store closes).
+    /// Kills node `id` as `kill -9` would: log writes not yet committed are lost (the
+    /// writer's fault hook, [`NodeHandle::crash`]), connections fail, Raft stops where it
+    /// is, the store closes.
     pub async fn kill(&mut self, id: NodeId) {
         let node = self.nodes.remove(&id).expect("running");
-        node.kill().await;
+        node.crash().await;
     }
 
     /// The leader among running nodes, once every running node agrees on it.
