@@ -179,7 +179,7 @@ impl Registry {
 async fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).await.ok()?;

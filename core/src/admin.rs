@@ -1,12 +1,17 @@
 //! The admin HTTP server every role embeds: `/healthz`, `/readyz`, `/metrics`
 //! (Prometheus text), `/config_dump`, plus whatever routes a role adds.
+//!
+//! Plain HTTP without authentication: every role binds it to loopback by default (or not at
+//! all), and it answers only requests whose `Host` is an IP address or `localhost`, so a web
+//! page whose DNS name resolves to 127.0.0.1 (DNS rebinding) cannot read it from a browser.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -104,15 +109,50 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serve until `stop` resolves.
+/// Serve until `stop` resolves. Every route, the role's own included, sits behind the
+/// `Host` check.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
+    axum::serve(listener, router.layer(middleware::from_fn(host_check)))
         .with_graceful_shutdown(stop)
         .await
+}
+
+/// Refuses a request whose `Host` names a DNS name other than `localhost`.
+async fn host_check(req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST).map(|h| h.to_str());
+    match host {
+        // HTTP/1.0 without a Host header: no browser sends that.
+        None => next.run(req).await,
+        Some(Ok(h)) if host_allowed(h) => next.run(req).await,
+        Some(h) => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host {:?} refused: the admin endpoints answer only an IP address or localhost\n",
+                h.unwrap_or("<not text>")
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// `127.0.0.1`, `127.0.0.1:9902`, `[::1]:9902`, `localhost:9902`: yes; `evil.example`: no.
+pub fn host_allowed(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.starts_with(':') => v6,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
 }
 
 #[cfg(test)]
@@ -124,7 +164,7 @@ mod tests {
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .unwrap();
@@ -154,7 +194,44 @@ mod tests {
         let m = get(addr, "/metrics").await;
         assert!(m.contains("meshbridge_test_things_total 1"), "{m}");
         assert!(get(addr, "/config_dump").await.contains("site = \"east\""));
+        // DNS rebinding: a browser on a page of evil.example (resolving to 127.0.0.1)
+        // sends that name as Host; refused on every route.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"GET /config_dump HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(!out.contains("site = "), "{out}");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn hosts_allowed_are_ip_addresses_and_localhost() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9902",
+            "[::1]:9902",
+            "[::1]",
+            "localhost",
+            "LOCALHOST:1",
+            "10.1.2.3:15021",
+        ] {
+            assert!(host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9902",
+            "x",
+            "127.0.0.1.nip.io",
+            "[::1]x",
+            "localhost.evil.example",
+        ] {
+            assert!(!host_allowed(bad), "{bad}");
+        }
     }
 }

@@ -134,6 +134,21 @@ impl SpiffeId {
     pub fn is_registry(&self) -> bool {
         self.path.starts_with("/registry/")
     }
+
+    /// Whether this id falls under `prefix` by whole path segments: `spiffe://td/site/east`
+    /// covers `.../site/east` and `.../site/east/gateway`, never `.../site/east-evil`; a
+    /// prefix ending in `/` covers what is below it.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        id_has_prefix(&self.to_string(), prefix)
+    }
+}
+
+/// [`SpiffeId::has_prefix`] on the string form of an id.
+pub fn id_has_prefix(id: &str, prefix: &str) -> bool {
+    match id.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
 }
 
 enum TdError {
@@ -240,5 +255,20 @@ mod tests {
             SpiffeId::parse(&long),
             Err(SpiffeIdError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn prefixes_match_whole_path_segments() {
+        let east = SpiffeId::parse("spiffe://td.example/site/east/gateway").unwrap();
+        let evil = SpiffeId::parse("spiffe://td.example/site/east-evil/gateway").unwrap();
+        assert!(east.has_prefix("spiffe://td.example/site/east"));
+        assert!(east.has_prefix("spiffe://td.example/site/east/"));
+        assert!(east.has_prefix("spiffe://td.example/site/east/gateway"));
+        assert!(!evil.has_prefix("spiffe://td.example/site/east"));
+        assert!(!east.has_prefix("spiffe://td.example/site/ea"));
+        assert!(evil.has_prefix("spiffe://td.example/site/"));
+        // A trust domain is a whole segment too.
+        let longer = SpiffeId::parse("spiffe://td.example.evil/site/east/gateway").unwrap();
+        assert!(!longer.has_prefix("spiffe://td.example"));
     }
 }

@@ -184,7 +184,7 @@ async fn refusals_each_have_a_distinct_readable_reason() {
     let mut files = IdentityFiles::in_dir(&dir);
     files.federated.push(meshbridge_core::tls::BundleSource {
         path: dir.join("corp.pem"),
-        trust_domain: None,
+        trust_domain: Some("corp.example".into()),
     });
     let c = Identity::load(files).unwrap();
     assert!(connect(&c, server.addr).await.is_err());

@@ -243,7 +243,9 @@ impl TunnelConfig {
     /// The peers a tunnel accepts, in either direction: `peers_allowed` (validated at load;
     /// an invalid list allows nobody), with `*` and whole trust domains narrowed to site
     /// identities (`spiffe://<td>/site/...`), so workloads and registry nodes fail the TLS
-    /// handshake. `*` means the trust domains of `identity` at start.
+    /// handshake. `*` means the local trust domain (that of `identity`) only: a federated
+    /// partner's sites are accepted only when `peers_allowed` names its trust domain (or
+    /// ids under it).
     pub fn allow_list(&self, identity: &Identity) -> AllowList {
         let parsed = AllowList::parse(&self.peers_allowed).unwrap_or_default();
         let sites = |td: &str| AllowRule::Prefix(format!("spiffe://{td}/site/"));
@@ -251,11 +253,7 @@ impl TunnelConfig {
             .0
             .into_iter()
             .flat_map(|rule| match rule {
-                AllowRule::Any => identity
-                    .trust_domains()
-                    .iter()
-                    .map(|td| sites(td))
-                    .collect(),
+                AllowRule::Any => vec![sites(identity.id().trust_domain())],
                 AllowRule::TrustDomain(td) => vec![sites(&td)],
                 other => vec![other],
             })
@@ -406,6 +404,14 @@ mod tests {
     use meshbridge_core::config::parse_with_env;
 
     use super::*;
+
+    /// The admin port is plain HTTP: none unless the file asks for one.
+    #[test]
+    fn no_admin_port_by_default() {
+        let cfg: Config =
+            parse_with_env("gw.toml", "site = \"east\"\ndata_dir = \"/d\"\n", &[]).unwrap();
+        assert_eq!(cfg.admin_listen, None);
+    }
 
     #[test]
     fn example_config_parses_with_defaults() {

@@ -316,7 +316,14 @@ fn decide(sh: &Shared, catalog: &Catalog, peer: &Peer, p: &Preamble) -> Result<(
         } => ServiceKey::new(namespace.clone(), name.clone()),
         Target::Endpoint { .. } => local_endpoints(catalog, &sh.site, &p.target)?.0,
     };
-    match policy::authorize(catalog, &key, &peer.id, sh.cfg.policy.default) {
+    let me = sh.identity.id();
+    match policy::authorize(
+        catalog,
+        &key,
+        &peer.id,
+        me.trust_domain(),
+        sh.cfg.policy.default,
+    ) {
         Decision::Allow(_) => Ok(()),
         Decision::Deny(reason) => {
             sh.metrics

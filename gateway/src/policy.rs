@@ -25,13 +25,17 @@ impl Decision {
     }
 }
 
-/// Whether `principal` covers `peer`.
-pub fn matches(principal: &Principal, peer: &SpiffeId) -> bool {
+/// Whether `principal` covers `peer`. A site is a (trust domain, site) pair: `east` is the
+/// site `east` of `local_td`, `partner.example/east` the one of `partner.example`.
+pub fn matches(principal: &Principal, peer: &SpiffeId, local_td: &str) -> bool {
     match principal {
         Principal::Id(id) => peer.to_string() == *id,
-        Principal::IdPrefix(prefix) => peer.to_string().starts_with(prefix.as_str()),
+        Principal::IdPrefix(prefix) => peer.has_prefix(prefix),
         Principal::TrustDomain(td) => peer.trust_domain() == td,
-        Principal::Site(site) => peer.site() == Some(site.as_str()),
+        Principal::Site(site) => {
+            let (td, site) = site.split_once('/').unwrap_or((local_td, site));
+            peer.trust_domain() == td && peer.site() == Some(site)
+        }
     }
 }
 
@@ -41,12 +45,13 @@ pub fn authorize(
     catalog: &Catalog,
     service: &ServiceKey,
     peer: &SpiffeId,
+    local_td: &str,
     default: DefaultAction,
 ) -> Decision {
     let mut named = false;
     for policy in catalog.policies.values().filter(|p| p.service == *service) {
         named = true;
-        if policy.allow.iter().any(|p| matches(p, peer)) {
+        if policy.allow.iter().any(|p| matches(p, peer, local_td)) {
             return Decision::Allow(Some(policy.name.clone()));
         }
     }
@@ -70,6 +75,8 @@ mod tests {
     use meshbridge_core::model::Policy;
 
     use super::*;
+
+    const TD: &str = "corp.example";
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
@@ -114,7 +121,7 @@ mod tests {
             (Principal::Site("east".into()), false),
         ];
         for (p, want) in cases {
-            assert_eq!(matches(&p, &west), want, "{p:?}");
+            assert_eq!(matches(&p, &west, "corp.example"), want, "{p:?}");
         }
     }
 
@@ -129,10 +136,10 @@ mod tests {
         let west = id("spiffe://corp.example/site/west/gateway");
         let south = id("spiffe://corp.example/site/south/gateway");
         assert_eq!(
-            authorize(&c, &svc, &west, DefaultAction::Deny),
+            authorize(&c, &svc, &west, TD, DefaultAction::Deny),
             Decision::Allow(Some("b".into()))
         );
-        let d = authorize(&c, &svc, &south, DefaultAction::Allow);
+        let d = authorize(&c, &svc, &south, TD, DefaultAction::Allow);
         let Decision::Deny(reason) = d else {
             panic!("{d:?}")
         };
@@ -144,7 +151,29 @@ mod tests {
         let c = catalog(&[]);
         let svc = ServiceKey::new("shop", "web");
         let peer = id("spiffe://corp.example/site/west/gateway");
-        assert!(authorize(&c, &svc, &peer, DefaultAction::Allow).is_allowed());
-        assert!(!authorize(&c, &svc, &peer, DefaultAction::Deny).is_allowed());
+        assert!(authorize(&c, &svc, &peer, TD, DefaultAction::Allow).is_allowed());
+        assert!(!authorize(&c, &svc, &peer, TD, DefaultAction::Deny).is_allowed());
+    }
+
+    #[test]
+    fn sites_are_trust_domain_and_site_and_prefixes_whole_segments() {
+        let ours = id("spiffe://corp.example/site/east/gateway");
+        let partner = id("spiffe://partner.example/site/east/gateway");
+        let evil = id("spiffe://corp.example/site/east-evil/gateway");
+        let east = Principal::Site("east".into());
+        assert!(matches(&east, &ours, TD));
+        assert!(
+            !matches(&east, &partner, TD),
+            "a partner's east is not our east"
+        );
+        let partner_east = Principal::Site("partner.example/east".into());
+        assert!(matches(&partner_east, &partner, TD));
+        assert!(!matches(&partner_east, &ours, TD));
+        let prefix = Principal::IdPrefix("spiffe://corp.example/site/east".into());
+        assert!(matches(&prefix, &ours, TD));
+        assert!(
+            !matches(&prefix, &evil, TD),
+            "east-evil is not under site/east"
+        );
     }
 }

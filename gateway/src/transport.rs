@@ -212,6 +212,8 @@ async fn read_reply(recv: &mut RecvHalf) -> Result<(Reply, Bytes), RequestError>
 pub struct Dialer {
     endpoint: quinn::Endpoint,
     tls: Arc<rustls::ClientConfig>,
+    /// The local trust domain: a dialed site's gateway must be of it.
+    trust_domain: Arc<str>,
     cfg: TunnelConfig,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -230,10 +232,24 @@ impl Dialer {
         Self {
             endpoint,
             tls: Arc::new(tls),
+            trust_domain: identity.id().trust_domain().into(),
             cfg: cfg.clone(),
             tasks,
             stop,
         }
+    }
+
+    /// Whether `id` is what dialing `site` must reach: exactly
+    /// `spiffe://<local td>/site/<site>/gateway` or `.../agent` (a VM site's agent). A
+    /// partner's `site/<site>` of another trust domain is not our `site`.
+    pub fn is_expected_peer(&self, site: &str, id: &SpiffeId) -> bool {
+        id.trust_domain() == &*self.trust_domain
+            && [
+                format!("/site/{site}/gateway"),
+                format!("/site/{site}/agent"),
+            ]
+            .iter()
+            .any(|p| p == id.path())
     }
 
     /// A dial-only dialer with its own QUIC endpoint (tools and tests).

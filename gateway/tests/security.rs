@@ -223,6 +223,57 @@ async fn foreign_certificates_cannot_connect(t: TransportKind) -> Result<()> {
 }
 both_transports!(foreign_certificates_cannot_connect);
 
+/// A federated partner's gateway is verified against the partner's roots, but `*` (the
+/// default `peers_allowed`) means our own trust domain's sites: a partner's `site/west`
+/// is not our `west` and cannot open a tunnel unless the partner domain is named.
+async fn a_partners_site_is_not_ours_unless_named(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let partner = TestPki::new("partner.example");
+    // East trusts the partner's CA for the partner's domain (correct federation).
+    let mut files = mesh
+        .pki
+        .issue("gw-east-fed", &format!("spiffe://{TD}/site/east/gateway"));
+    files.federated = vec![BundleSource {
+        path: partner.ca_dir().join("ca.pem"),
+        trust_domain: Some("partner.example".into()),
+    }];
+    let east_id = Identity::load(files)?;
+    let east = mesh
+        .gateway_with(
+            &site("east", "r1", "a"),
+            mesh.config("east"),
+            east_id.clone(),
+        )
+        .await?;
+    let mut named = mesh.config("east2");
+    named.tunnel.peers_allowed = vec!["*".into(), "spiffe://partner.example".into()];
+    let east2 = mesh
+        .gateway_with(&site("east2", "r1", "a"), named, east_id)
+        .await?;
+    // The partner's west gateway trusts our CA for our domain.
+    let partner_west = rogue(
+        &partner,
+        &mesh,
+        "spiffe://partner.example/site/west/gateway",
+        true,
+    );
+    let mut cfg = mesh.config("probe").tunnel;
+    cfg.peers_allowed = vec![format!("spiffe://{TD}")];
+    let dialer = Dialer::standalone(&partner_west, &cfg, localhost(0))?;
+    let refused = dialer.connect(east.tunnel_addr(), carrier(t)).await;
+    assert!(refused.is_err(), "a partner's site passed `*`");
+    // Named explicitly: the same partner identity is accepted.
+    let accepted = dialer.connect(east2.tunnel_addr(), carrier(t)).await;
+    let Ok((link, id, _)) = accepted else {
+        bail!("the named partner domain was refused");
+    };
+    assert_eq!(id.to_string(), format!("spiffe://{TD}/site/east/gateway"));
+    link.close("done");
+    dialer.close();
+    Ok(())
+}
+both_transports!(a_partners_site_is_not_ours_unless_named);
+
 async fn certificate_rotation_keeps_open_streams(t: TransportKind) -> Result<()> {
     let mesh = Mesh::new(t);
     let echo = Echo::start(None).await?;

@@ -1,10 +1,14 @@
-//! Who may call what, by SPIFFE id (the TLS handshake verified the id already).
+//! Who may call what, by SPIFFE id (the TLS handshake verified the id and its chain against
+//! the roots of the id's own trust domain already).
 //!
 //! - `spiffe://<our td>/registry/<node>`: another registry node — admin, and Raft peer;
-//! - `spiffe://<td>/ctl/...`: an operator — admin (every write, membership);
-//! - `spiffe://<td>/site/<site>/...` (gateway, agent, adapter): reads, and writes of its own
-//!   site's registration, heartbeats and exports;
-//! - anything else (workloads) is refused.
+//! - `spiffe://<our td>/ctl/...`: an operator — admin (every write, membership, tokens);
+//! - `spiffe://<our td>/site/<site>/...` (gateway, agent, adapter): reads, and writes of its
+//!   own site's registration, heartbeats and exports;
+//! - `spiffe://<federated td>/site/<site>/...` or `.../ctl/...`: a partner — reads only.
+//!   Sites are keyed by (trust domain, site): a partner's `site/east` is not our `east`,
+//!   and a partner's `/ctl/` id is no admin here;
+//! - anything else (workloads, other paths) is refused.
 
 use meshbridge_core::id::SpiffeId;
 use tonic::{Request, Status};
@@ -18,8 +22,10 @@ pub enum Caller {
     Node(SpiffeId),
     /// An operator.
     Admin(SpiffeId),
-    /// A site's gateway, agent or adapter.
+    /// A site's gateway, agent or adapter, of our trust domain.
     Site { id: SpiffeId, site: String },
+    /// A site or operator of a federated trust domain: reads only.
+    Federated(SpiffeId),
 }
 
 impl Caller {
@@ -34,15 +40,23 @@ impl Caller {
     }
 
     pub fn classify(id: SpiffeId, trust_domain: &str) -> Result<Self, Status> {
-        if id.is_registry() && id.trust_domain() == trust_domain {
+        let ours = id.trust_domain() == trust_domain;
+        let ctl = id.path().starts_with("/ctl/") || id.path() == "/ctl";
+        if id.is_registry() && ours {
             return Ok(Caller::Node(id));
         }
-        if id.path().starts_with("/ctl/") || id.path() == "/ctl" {
+        if ctl && ours {
             return Ok(Caller::Admin(id));
         }
         if let Some(site) = id.site() {
+            if !ours {
+                return Ok(Caller::Federated(id));
+            }
             let site = site.to_owned();
             return Ok(Caller::Site { id, site });
+        }
+        if ctl {
+            return Ok(Caller::Federated(id));
         }
         Err(Status::permission_denied(format!(
             "{id} may not use the registry (allowed: spiffe://<td>/site/<site>/..., spiffe://<td>/ctl/..., registry nodes)"
@@ -51,7 +65,10 @@ impl Caller {
 
     pub fn id(&self) -> &SpiffeId {
         match self {
-            Caller::Node(id) | Caller::Admin(id) | Caller::Site { id, .. } => id,
+            Caller::Node(id)
+            | Caller::Admin(id)
+            | Caller::Site { id, .. }
+            | Caller::Federated(id) => id,
         }
     }
 
@@ -62,6 +79,7 @@ impl Caller {
             Caller::Site { id, .. } => Err(Status::permission_denied(format!(
                 "{id} may not {what}: admins only (spiffe://<td>/ctl/...)"
             ))),
+            Caller::Federated(id) => Err(federated(id, what)),
         }
     }
 
@@ -71,6 +89,7 @@ impl Caller {
             Caller::Site { site: own, id } if own != site => Err(Status::permission_denied(
                 format!("{id} belongs to site {own:?} and may not {what} of site {site:?}"),
             )),
+            Caller::Federated(id) => Err(federated(id, what)),
             _ => Ok(()),
         }
     }
@@ -85,6 +104,15 @@ impl Caller {
             ))),
         }
     }
+}
+
+/// A partner's identity asked to write.
+fn federated(id: &SpiffeId, what: &str) -> Status {
+    Status::permission_denied(format!(
+        "{id} may not {what}: it is of the federated trust domain {:?}, which may read this \
+         registry but not write it (sites are keyed by trust domain and site)",
+        id.trust_domain()
+    ))
 }
 
 #[cfg(test)]
@@ -122,5 +150,28 @@ mod tests {
     fn workloads_are_refused() {
         let err = caller("spiffe://corp.example/ns/shop/sa/cart").unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_federated_partner_is_neither_admin_nor_one_of_our_sites() {
+        // A partner.example id that says /ctl/: no admin here (no join tokens, no writes).
+        let ctl = caller("spiffe://partner.example/ctl/alice").unwrap();
+        assert!(matches!(ctl, Caller::Federated(_)));
+        let err = ctl.require_admin("create join tokens").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains("partner.example"),
+            "{}",
+            err.message()
+        );
+        assert!(ctl.require_site("east", "export services").is_err());
+        // A partner.example gateway of "east" does not write our east.
+        let gw = caller("spiffe://partner.example/site/east/gateway").unwrap();
+        assert!(gw.require_site("east", "export services").is_err());
+        assert!(gw.require_admin("x").is_err());
+        assert!(gw.require_node().is_err());
+        // Our own east still does.
+        let ours = caller("spiffe://corp.example/site/east/gateway").unwrap();
+        assert!(ours.require_site("east", "export services").is_ok());
     }
 }

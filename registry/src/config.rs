@@ -310,6 +310,15 @@ default_ttl_ms = 15000
 default_grace_ms = 600000
 "#;
 
+    /// The admin port is plain HTTP: unless the file says otherwise, loopback only.
+    #[test]
+    fn the_admin_port_is_on_loopback_by_default() {
+        let text = EXAMPLE.replace("admin_listen = \"127.0.0.1:9902\"\n", "");
+        let cfg: Config = parse_with_env("registry.toml", &text, &[]).unwrap();
+        let addr: std::net::SocketAddr = cfg.admin_listen.parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+    }
+
     #[test]
     fn example_parses_with_defaults() {
         let cfg: Config = parse_with_env("registry.toml", EXAMPLE, &[]).unwrap();

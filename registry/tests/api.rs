@@ -405,3 +405,117 @@ async fn garbage_on_the_append_stream_is_refused_with_the_reason() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+/// A correctly federated partner domain: its ids are verified against its own roots and it
+/// may read the catalog, but its `/ctl/` id is no admin here and its `site/east` is not our
+/// `east` (sites are keyed by trust domain and site).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_federated_partner_reads_but_is_neither_admin_nor_one_of_our_sites() {
+    use meshbridge_core::client::ClientOptions;
+    use meshbridge_core::tls::{AllowList, AllowRule, BundleSource, Identity, IdentityFiles};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner = meshbridge_core::pki::Ca::generate("partner.example", DAY).unwrap();
+    partner.write_to(partner_dir.path()).unwrap();
+    let partner_ca = partner_dir.path().join("ca.pem");
+    let cluster = Cluster::start(3, |c| {
+        c.tls.federated.push(BundleSource {
+            path: partner_ca.clone(),
+            trust_domain: Some("partner.example".into()),
+        });
+    })
+    .await;
+    let east = cluster.site("east").await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+
+    // A partner identity that trusts our CA for our trust domain, and our registry ids.
+    let our_ca = cluster.pki.issue(
+        &format!("spiffe://{}/site/probe/gateway", support::TD),
+        "probe",
+    );
+    let as_partner = |path: &str, name: &str| {
+        let id = meshbridge_core::id::SpiffeId::parse(&format!("spiffe://partner.example{path}"))
+            .unwrap();
+        let dir = partner_dir.path().join(name);
+        partner
+            .issue(&id, DAY, &[])
+            .unwrap()
+            .write_to(&dir)
+            .unwrap();
+        let mut files = IdentityFiles::in_dir(&dir);
+        files.federated.push(BundleSource {
+            path: our_ca.join("bundle.pem"),
+            trust_domain: Some(support::TD.into()),
+        });
+        Identity::load(files).unwrap()
+    };
+    let options = || ClientOptions {
+        retry_deadline: Duration::from_secs(5),
+        registry_ids: Some(AllowList(vec![AllowRule::Prefix(format!(
+            "spiffe://{}/registry/",
+            support::TD
+        ))])),
+        ..ClientOptions::default()
+    };
+    let partner_ctl =
+        RegistryClient::with_options(&cluster.urls(), as_partner("/ctl/alice", "ctl"), options())
+            .await
+            .unwrap();
+    let partner_east = RegistryClient::with_options(
+        &cluster.urls(),
+        as_partner("/site/east/gateway", "east"),
+        options(),
+    )
+    .await
+    .unwrap();
+
+    // Reads: allowed (the chain verified against the partner's roots).
+    let sites = partner_east
+        .list_sites(Consistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(sites.sites.len(), 1);
+
+    // The partner's /ctl/ id: no join token for our east (which would buy a real local
+    // SVID), no policy writes.
+    let err = partner_ctl
+        .create_join_token("east", "agent", Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("partner.example"), "{err}");
+    let policy = Policy {
+        name: "p".into(),
+        service: key("cart"),
+        allow: vec![Principal::Site("east".into())],
+    };
+    let err = partner_ctl.put_policy(&policy).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+
+    // The partner's east gateway: not our east.
+    let err = partner_east
+        .put_export(&export("east", "cart", 1, &["10.0.0.9"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    let err = partner_east
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert_eq!(
+        partner_east.heartbeat("east").await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+
+    // Nothing of theirs reached the catalog; our east still writes.
+    let catalog = cluster.node(1).catalog();
+    assert!(catalog.exports.is_empty() && catalog.policies.is_empty());
+    east.put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}

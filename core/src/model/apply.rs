@@ -107,6 +107,27 @@ pub enum Rejection {
     Withdrawn { site: String, since_ms: u64 },
 }
 
+/// How long a used join token is remembered after its expiry: a margin for leaders' clocks
+/// that disagree (a token is refused once expired by the highest time seen anyway).
+pub const USED_TOKEN_KEEP_MS: u64 = 3_600_000;
+
+impl Command {
+    /// The leader's clock reading the command carries, if any.
+    pub fn at_ms(&self) -> Option<u64> {
+        match self {
+            Command::RegisterSite { at_ms, .. }
+            | Command::Heartbeat { at_ms, .. }
+            | Command::UseToken { at_ms, .. }
+            | Command::Tick { at_ms } => Some(*at_ms),
+            Command::RemoveSite { .. }
+            | Command::PutExport { .. }
+            | Command::DeleteExport { .. }
+            | Command::PutPolicy { .. }
+            | Command::DeletePolicy { .. } => None,
+        }
+    }
+}
+
 impl Catalog {
     /// Apply one command: the deterministic Raft state machine.
     ///
@@ -138,6 +159,9 @@ impl Catalog {
             } => self.use_token(id, site, *expires_ms, *at_ms),
             Command::Tick { at_ms } => Ok(self.tick(*at_ms)),
         }?;
+        if let Some(at_ms) = cmd.at_ms() {
+            self.clock_ms = self.clock_ms.max(at_ms);
+        }
         if !changes.is_empty() {
             self.revision = next;
         }
@@ -347,10 +371,12 @@ impl Catalog {
                 ),
             });
         }
-        if expires_ms <= at_ms {
+        // Time never goes back here, whatever the current leader's clock says.
+        let now = at_ms.max(self.clock_ms);
+        if expires_ms <= now {
             return Err(Rejection::Token {
                 id: id.to_owned(),
-                reason: format!("expired at {expires_ms} ms (now {at_ms} ms)"),
+                reason: format!("expired at {expires_ms} ms (now {now} ms)"),
             });
         }
         let token = TokenUse {
@@ -364,7 +390,7 @@ impl Catalog {
     }
 
     /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),
-    /// forget tokens that expired before `at_ms` (they can no longer be used anyway).
+    /// forget used tokens [`USED_TOKEN_KEEP_MS`] after they expired.
     fn tick(&mut self, at_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut updated: Vec<Site> = Vec::new();
@@ -395,10 +421,13 @@ impl Catalog {
             }
             changes.extend(self.upsert_site(site));
         }
+        // A used token is kept well past its expiry (and by the highest time seen), so a
+        // leader whose clock is behind still finds it used.
+        let now = at_ms.max(self.clock_ms);
         let expired: Vec<String> = self
             .tokens
             .values()
-            .filter(|t| t.expires_ms < at_ms)
+            .filter(|t| t.expires_ms.saturating_add(USED_TOKEN_KEEP_MS) < now)
             .map(|t| t.id.clone())
             .collect();
         for id in expired {

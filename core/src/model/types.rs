@@ -222,7 +222,8 @@ pub enum Principal {
     IdPrefix(String),
     /// Any identity of a trust domain.
     TrustDomain(String),
-    /// Any identity whose traffic enters from this site.
+    /// Any identity whose traffic enters from this site: `east` is the site of the local
+    /// trust domain (the deciding gateway's), `partner.example/east` a federated one's.
     Site(String),
 }
 
@@ -262,6 +263,12 @@ pub struct Catalog {
     /// deltas do not carry it.
     #[serde(default, with = "tombstones_as_list")]
     pub export_tombstones: BTreeMap<(ServiceKey, String), u64>,
+    /// The latest leader clock reading an applied command carried (registrations,
+    /// heartbeats, token uses, ticks). Join-token expiry is judged against it, so a new
+    /// leader whose clock is behind cannot accept a token that already expired. Registry-
+    /// side state: watch deltas do not carry it.
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 impl Catalog {

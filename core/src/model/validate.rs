@@ -350,7 +350,11 @@ impl Policy {
             let checked = match principal {
                 Principal::Id(id) | Principal::IdPrefix(id) => check_spiffe_id(id),
                 Principal::TrustDomain(td) => check_trust_domain(td),
-                Principal::Site(site) => check_label(site),
+                // `site` (of the local trust domain) or `<trust-domain>/site`.
+                Principal::Site(site) => match site.split_once('/') {
+                    Some((td, site)) => check_trust_domain(td).and_then(|()| check_label(site)),
+                    None => check_label(site),
+                },
             };
             checked.map_err(|r| invalid(format!("policy.allow[{i}]"), r))?;
         }

@@ -16,6 +16,8 @@ use crate::id::{SpiffeId, validate_trust_domain_name};
 pub enum PeerRejected {
     #[error("peer certificate has no SPIFFE id (URI SAN spiffe://...)")]
     NoSpiffeId,
+    #[error("peer certificate carries {count} SPIFFE ids ({ids}); an X.509-SVID has exactly one")]
+    SeveralSpiffeIds { count: usize, ids: String },
     #[error("peer {id}: trust domain {trust_domain:?} is not trusted here (trusted: {trusted})")]
     UntrustedDomain {
         id: String,
@@ -58,8 +60,11 @@ pub struct BundleSource {
 }
 
 impl TrustStore {
-    /// Load bundles. A CA certificate belongs to the trust domain named in its URI SAN,
-    /// else to the bundle's `trust_domain`, else to `default_td` (the process's own).
+    /// Load bundles. Every CA certificate of a bundle belongs to the bundle's configured
+    /// `trust_domain` (by default `default_td`, the process's own), and to no other: a CA
+    /// whose own `spiffe://<td>` URI SAN names another trust domain is refused with the file
+    /// named, so a partner's bundle can never yield roots for our domain (or a third one);
+    /// so is a CA certificate with several SPIFFE URIs.
     pub fn load(sources: &[BundleSource], default_td: &str) -> Result<Self, TlsError> {
         let mut store = TrustStore::default();
         for src in sources {
@@ -68,7 +73,7 @@ impl TrustStore {
         Ok(store)
     }
 
-    fn add_file(&mut self, path: &Path, fallback_td: &str) -> Result<(), TlsError> {
+    fn add_file(&mut self, path: &Path, bundle_td: &str) -> Result<(), TlsError> {
         let certs = load_certs(path)?;
         for (i, der) in certs.into_iter().enumerate() {
             let info = cert_info(&der).map_err(|reason| TlsError::Bundle {
@@ -85,17 +90,35 @@ impl TrustStore {
                     ),
                 });
             }
-            let td = match info.spiffe_ids.first() {
-                Some(uri) => uri
-                    .strip_prefix("spiffe://")
-                    .map(|rest| rest.split('/').next().unwrap_or_default().to_string())
-                    .unwrap_or_default(),
-                None => fallback_td.to_string(),
-            };
-            validate_trust_domain_name(&td).map_err(|reason| TlsError::Bundle {
+            let bad = |reason: String| TlsError::Bundle {
                 path: path.to_path_buf(),
-                reason: format!("certificate #{}: {reason}", i + 1),
-            })?;
+                reason: format!("certificate #{} ({}): {reason}", i + 1, info.subject),
+            };
+            match info.spiffe_ids.as_slice() {
+                [] => {}
+                [uri] => {
+                    let named = uri
+                        .strip_prefix("spiffe://")
+                        .map(|rest| rest.split('/').next().unwrap_or_default())
+                        .unwrap_or_default();
+                    if named != bundle_td {
+                        return Err(bad(format!(
+                            "names trust domain {named:?} but the bundle is configured for \
+                             {bundle_td:?}; a bundle's CAs vouch for its own trust domain only \
+                             (set `trust_domain` on a federated bundle)"
+                        )));
+                    }
+                }
+                many => {
+                    return Err(bad(format!(
+                        "carries {} SPIFFE URIs ({}); a CA of a bundle names at most one",
+                        many.len(),
+                        many.join(", ")
+                    )));
+                }
+            }
+            let td = bundle_td.to_string();
+            validate_trust_domain_name(&td).map_err(bad)?;
             let anchor = webpki::anchor_from_trusted_cert(&der)
                 .map_err(|e| TlsError::Bundle {
                     path: path.to_path_buf(),
@@ -124,7 +147,19 @@ impl TrustStore {
             id: "<unparsable>".into(),
             reason,
         })?;
-        let id = info.spiffe_id().ok_or(PeerRejected::NoSpiffeId)?;
+        let id = match info.spiffe_ids.as_slice() {
+            [] => return Err(PeerRejected::NoSpiffeId),
+            [one] => SpiffeId::parse(one).map_err(|e| PeerRejected::Invalid {
+                id: one.clone(),
+                reason: format!("malformed SPIFFE id: {e}"),
+            })?,
+            many => {
+                return Err(PeerRejected::SeveralSpiffeIds {
+                    count: many.len(),
+                    ids: many.join(", "),
+                });
+            }
+        };
         let td = id.trust_domain().to_string();
         let Some(anchors) = self.domains.get(&td) else {
             return Err(PeerRejected::UntrustedDomain {

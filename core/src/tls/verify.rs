@@ -23,7 +23,8 @@ pub enum AllowRule {
     Any,
     /// Exactly this id.
     Id(SpiffeId),
-    /// Ids whose string form starts with this prefix (`spiffe://td/site/`).
+    /// Ids under this prefix by whole path segments (`spiffe://td/site/`, or
+    /// `spiffe://td/site/east`, which does not cover `.../site/east-evil`).
     Prefix(String),
     /// Any id of this trust domain.
     TrustDomain(String),
@@ -56,7 +57,7 @@ impl AllowRule {
         match self {
             Self::Any => true,
             Self::Id(want) => want == id,
-            Self::Prefix(p) => id.to_string().starts_with(p.as_str()),
+            Self::Prefix(p) => id.has_prefix(p),
             Self::TrustDomain(td) => id.trust_domain() == td,
         }
     }

@@ -39,7 +39,9 @@ pub enum PoolError {
         addr: String,
         source: LinkError,
     },
-    #[error("peer {site} at {addr} is {found}, not a gateway of site {site}")]
+    #[error(
+        "peer {site} at {addr} is {found}, not the gateway (or agent) of site {site} of this trust domain"
+    )]
     WrongPeer {
         site: String,
         addr: String,
@@ -259,7 +261,7 @@ impl Pool {
             }
             r => r.map_err(link_err)?,
         };
-        if id.site() != Some(site) {
+        if !self.dialer.is_expected_peer(site, &id) {
             link.close("unexpected peer identity");
             return Err(PoolError::WrongPeer {
                 site: site.to_string(),

@@ -26,6 +26,7 @@ struct ImageRef<'a> {
     policies: Pairs<'a, String, Arc<Policy>>,
     tokens: Pairs<'a, String, TokenUse>,
     export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
+    clock_ms: u64,
     sessions: &'a Sessions,
 }
 
@@ -52,6 +53,8 @@ struct Image {
     #[serde(default)]
     export_tombstones: Vec<((ServiceKey, String), u64)>,
     #[serde(default)]
+    clock_ms: u64,
+    #[serde(default)]
     sessions: Sessions,
 }
 
@@ -64,6 +67,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         policies,
         tokens,
         export_tombstones,
+        clock_ms,
     } = catalog;
     let image = ImageRef {
         format: FORMAT,
@@ -73,6 +77,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         policies: Pairs(policies),
         tokens: Pairs(tokens),
         export_tombstones: Pairs(export_tombstones),
+        clock_ms: *clock_ms,
         sessions,
     };
     super::encode("catalog image", &image)
@@ -95,6 +100,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         policies,
         tokens,
         export_tombstones,
+        clock_ms,
         sessions,
     } = super::decode("catalog image", bytes)?;
     let catalog = Catalog {
@@ -104,6 +110,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         policies: policies.into_iter().collect(),
         tokens: tokens.into_iter().collect(),
         export_tombstones: export_tombstones.into_iter().collect(),
+        clock_ms,
     };
     Ok((catalog, sessions))
 }
@@ -160,6 +167,7 @@ mod tests {
             policies: [("cart-from-web".to_string(), Arc::new(policy))].into(),
             tokens: [("t1".to_string(), token)].into(),
             export_tombstones: [((service, "west".to_string()), 7)].into(),
+            clock_ms: 11,
         };
         let mut sessions = Sessions::default();
         let id = crate::types::RequestId { client: 9, seq: 4 };

@@ -328,6 +328,7 @@ pub fn export(site: &str, service: &str, generation: u64, addrs: &[&str]) -> Exp
 pub fn visible(c: &meshbridge_core::model::Catalog) -> meshbridge_core::model::Catalog {
     let mut c = c.clone();
     c.export_tombstones.clear();
+    c.clock_ms = 0;
     c
 }
 
@@ -335,7 +336,7 @@ pub fn visible(c: &meshbridge_core::model::Catalog) -> meshbridge_core::model::C
 pub async fn metrics(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();

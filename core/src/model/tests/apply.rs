@@ -99,7 +99,15 @@ fn revision_moves_by_one_per_command_with_changes() {
             8,
             vec!["policy-"],
         ),
-        (Command::Tick { at_ms: 9_500 }, 9, vec!["token-"]),
+        (Command::Tick { at_ms: 9_500 }, 8, vec![]),
+        (
+            Command::Tick {
+                at_ms: 9_001 + USED_TOKEN_KEEP_MS,
+            },
+            9,
+            // The site's lease lapsed long ago too.
+            vec!["site+", "token-"],
+        ),
         (Command::RemoveSite { site: "a".into() }, 10, vec!["site-"]),
     ];
     for (i, (cmd, revision, changes)) in steps.into_iter().enumerate() {

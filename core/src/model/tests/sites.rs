@@ -136,16 +136,16 @@ fn tokens_are_single_use_and_expire() {
             Err(other) => panic!("{name}: {other:?}"),
         }
     }
-    // Forgotten only once expired strictly before the tick.
+    // Forgotten only once expired strictly before the tick by more than the keep margin.
     let mut c = populated();
     assert!(
-        tick(&mut c, 50_000)
+        tick(&mut c, 50_000 + USED_TOKEN_KEEP_MS)
             .changes
             .iter()
             .all(|ch| !matches!(ch, Change::TokenForgotten { .. }))
     );
     assert!(c.tokens.contains_key("t1"));
-    let a = tick(&mut c, 50_001);
+    let a = tick(&mut c, 50_001 + USED_TOKEN_KEEP_MS);
     assert!(
         a.changes
             .contains(&Change::TokenForgotten { id: "t1".into() })
@@ -156,6 +156,40 @@ fn tokens_are_single_use_and_expire() {
         c.apply(&use_at("t1", 50_000, 50_001)),
         Err(Rejection::Token { .. })
     ));
+}
+
+/// A new leader whose clock is behind must not accept a used token again, nor an expired
+/// one: used tokens are kept past expiry plus a margin, and expiry is judged by the highest
+/// time the catalog has seen.
+#[test]
+fn a_leader_whose_clock_is_behind_cannot_replay_a_used_or_expired_token() {
+    let use_at = |id: &str, expires_ms, at_ms| Command::UseToken {
+        id: id.into(),
+        site: "a".into(),
+        expires_ms,
+        at_ms,
+    };
+    let mut c = Catalog::default();
+    c.apply(&use_at("t", 10_000, 1_000)).unwrap();
+    // The old leader ticks past the expiry (its clock is right).
+    tick(&mut c, 20_000);
+    assert!(c.tokens.contains_key("t"), "kept past expiry");
+    // A new leader 15 s behind: the token is still known as used.
+    let again = c.apply(&use_at("t", 10_000, 5_000));
+    assert!(
+        matches!(&again, Err(Rejection::Token { reason, .. }) if reason.contains("already used")),
+        "{again:?}"
+    );
+    // Long after, the id is forgotten; a leader far behind still sees it expired, by the
+    // highest time seen.
+    tick(&mut c, 10_001 + USED_TOKEN_KEEP_MS);
+    assert!(c.tokens.is_empty());
+    let replay = c.apply(&use_at("t", 10_000, 5_000));
+    assert!(
+        matches!(&replay, Err(Rejection::Token { reason, .. }) if reason.contains("expired")),
+        "{replay:?}"
+    );
+    assert_eq!(c.clock_ms, 10_001 + USED_TOKEN_KEEP_MS);
 }
 
 #[test]
