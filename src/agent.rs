@@ -48,6 +48,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let agent = Agent::start(cfg.clone())
         .await
         .with_context(|| format!("agent {}", cfg.site))?;
+    // Installed before the line below: a signal sent right after it is caught.
+    let signal = meshbridge_core::drain::shutdown_signal();
     // Tests and the demo wait for this line.
     println!(
         "agent {} listening on {} (tunnel){}{} as {}",
@@ -63,7 +65,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .unwrap_or_default(),
         agent.identity().id(),
     );
-    meshbridge_core::drain::shutdown_signal().await;
+    signal.await;
     tracing::info!("signal received; draining");
     agent
         .drain(Duration::from_millis(cfg.drain_deadline_ms))

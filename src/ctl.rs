@@ -12,6 +12,7 @@ use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use serde_json::{Value, json};
 
+mod site;
 mod status;
 mod token;
 
@@ -59,6 +60,11 @@ enum Cmd {
     Members {
         #[command(subcommand)]
         cmd: MembersCmd,
+    },
+    /// Take a site out of the mesh (remove, revoke) or let it back (reinstate).
+    Site {
+        #[command(subcommand)]
+        cmd: site::SiteCmd,
     },
     /// Join tokens for new VM agents and gateways (the registry needs its ca_dir).
     Token {
@@ -134,6 +140,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             }
         }
         Cmd::Token { cmd } => token::run(&client, cmd, json_out).await?,
+        Cmd::Site { cmd } => site::run(&client, cmd, json_out).await?,
         Cmd::Members { cmd } => {
             let reply = match cmd {
                 MembersCmd::Add {

@@ -89,6 +89,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         }
         None => None,
     };
+    // Installed before the line below: a signal sent right after it is caught.
+    let signal = meshbridge_core::drain::shutdown_signal();
     ready.set(true);
     println!(
         "dns listening on {} (udp+tcp) for zone {}{}",
@@ -99,7 +101,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .map(|(a, _)| format!(", admin {a}"))
             .unwrap_or_default()
     );
-    meshbridge_core::drain::shutdown_signal().await;
+    signal.await;
     ready.set(false);
     server.shutdown(Duration::from_secs(2)).await;
     Ok(ExitCode::SUCCESS)

@@ -18,11 +18,13 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let stop = meshbridge_core::drain::shutdown_signal();
+    tokio::pin!(stop);
     println!("echo {} listening on {}", args.name, listener.local_addr()?);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = meshbridge_core::drain::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let name = args.name.clone();

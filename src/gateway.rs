@@ -143,6 +143,8 @@ async fn run(cfg: File) -> Result<ExitCode> {
         Some(a) => format!(", admin {a}"),
         None => String::new(),
     };
+    // Installed before the line below: a signal sent right after it is caught.
+    let signal = meshbridge_core::drain::shutdown_signal();
     println!(
         "gateway {} listening on {} (tunnel){}{}{}",
         cfg.gateway.site,
@@ -156,7 +158,7 @@ async fn run(cfg: File) -> Result<ExitCode> {
             .unwrap_or_default(),
         admin
     );
-    meshbridge_core::drain::shutdown_signal().await;
+    signal.await;
     tracing::info!("signal received; draining");
     let outcome = gw
         .drain(Duration::from_millis(cfg.gateway.drain_deadline_ms))

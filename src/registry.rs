@@ -42,6 +42,8 @@ async fn run(cfg: meshbridge_registry::Config) -> Result<ExitCode> {
     let node = meshbridge_registry::Node::start(cfg, identity.clone())
         .await
         .context("starting the registry node")?;
+    // Installed before the line below: a signal sent right after it is caught.
+    let signal = meshbridge_core::drain::shutdown_signal();
     // Tests and the demo wait for this line.
     println!(
         "registry node {} listening on {} (admin {}) as {}",
@@ -50,7 +52,7 @@ async fn run(cfg: meshbridge_registry::Config) -> Result<ExitCode> {
         node.admin_addr(),
         identity.id()
     );
-    meshbridge_core::drain::shutdown_signal().await;
+    signal.await;
     tracing::info!("signal received; draining");
     node.shutdown().await;
     reload.abort();

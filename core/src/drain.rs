@@ -121,21 +121,27 @@ impl Drop for Guard {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: call it before announcing readiness (the "listening"
+/// line), so that a signal sent right after that line is caught instead of killing the
+/// process with the default action (exit by signal, no drain).
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
@@ -169,5 +175,20 @@ mod tests {
             trigger.drain(Duration::from_secs(2)).await,
             Outcome::Forced { remaining: 1 }
         );
+    }
+
+    /// A SIGTERM that arrives after `shutdown_signal()` was called but before its future is
+    /// polled is caught (the process would otherwise die of it: this test process too).
+    #[tokio::test]
+    async fn a_signal_right_after_the_call_is_caught_not_fatal() {
+        let stop = shutdown_signal();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), stop)
+            .await
+            .expect("the signal resolves the future");
     }
 }

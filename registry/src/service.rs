@@ -119,6 +119,32 @@ impl Registry for RegistryApi {
         .await
     }
 
+    async fn revoke_site(
+        &self,
+        req: Request<proto::RemoveSiteRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("revoke sites")?;
+        let site = req.get_ref().site.clone();
+        let cmd = |_| Command::RevokeSite { site: site.clone() };
+        self.write("RevokeSite", req, cmd, |mut c, r| async move {
+            c.revoke_site(r).await
+        })
+        .await
+    }
+
+    async fn reinstate_site(
+        &self,
+        req: Request<proto::RemoveSiteRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("reinstate sites")?;
+        let site = req.get_ref().site.clone();
+        let cmd = |_| Command::ReinstateSite { site: site.clone() };
+        self.write("ReinstateSite", req, cmd, |mut c, r| async move {
+            c.reinstate_site(r).await
+        })
+        .await
+    }
+
     async fn put_export(
         &self,
         req: Request<proto::PutExportRequest>,
@@ -384,6 +410,9 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::SvidReply>, Status> {
         let caller = self.caller(&req)?;
         let issuer = join::need(self.issuer.as_ref())?;
+        if let Caller::Site { site, id } = &caller {
+            join::may_renew(&self.shared.catalog(), site, id)?;
+        }
         issuer.renew(&caller, req.get_ref()).map(Response::new)
     }
 }

@@ -231,6 +231,9 @@ async fn renew_issues_a_fresh_certificate_for_the_callers_own_id_only() {
     let east_id = j.cluster.pki.site("east");
     let before = east_id.cert_info();
     let east = j.cluster.client_as(east_id.clone()).await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
 
     // The CSR asks for west; the certificate is for the caller, east.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -269,6 +272,67 @@ async fn renew_issues_a_fresh_certificate_for_the_callers_own_id_only() {
         matches!(&err, ClientError::Rejected(Rejection::Invalid { field, .. }) if field == "csr_pem"),
         "{err}"
     );
+    j.cluster.shutdown().await;
+}
+
+/// Renewal ends with the site: a removed or revoked site's identity is refused renewal (and
+/// re-registration), until an admin reinstates it; an unregistered site cannot renew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_or_revoked_sites_renewal_is_refused_until_reinstated() {
+    let j = Joinable::start(1, Duration::from_secs(120)).await;
+    let admin = j.cluster.admin().await;
+    let east = j.cluster.client_as(j.cluster.pki.site("east")).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+
+    // Never registered: nothing to renew.
+    let err = east.renew(&csr).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("not registered"), "{err}");
+
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    east.renew(&csr).await.unwrap();
+
+    // Removed by an admin: no renewal, and the site cannot simply register again.
+    let removed = admin.remove_site("east").await.unwrap();
+    assert!(removed.changed);
+    let err = east.renew(&csr).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Rejected(Rejection::Revoked { site, .. }) if site == "east"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("reinstate"), "{err}");
+    let err = east
+        .register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Rejected(Rejection::Revoked { .. })),
+        "{err}"
+    );
+    // Only admins revoke or reinstate.
+    assert_eq!(
+        east.reinstate_site("east").await.unwrap_err().code(),
+        Some(Code::PermissionDenied)
+    );
+
+    // Reinstated: it registers and renews again.
+    assert!(admin.reinstate_site("east").await.unwrap().changed);
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    east.renew(&csr).await.unwrap();
+
+    // Revoked directly (registered or not): the same.
+    assert!(admin.revoke_site("east").await.unwrap().changed);
+    assert!(!admin.revoke_site("east").await.unwrap().changed);
+    assert!(east.renew(&csr).await.is_err());
+    let catalog = j.cluster.node(1).catalog();
+    assert!(catalog.site("east").is_none());
+    assert!(catalog.revoked_sites.contains_key("east"));
     j.cluster.shutdown().await;
 }
 

@@ -121,11 +121,12 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
+    let signal = meshbridge_core::drain::shutdown_signal();
     println!("\nThe mesh stays up until Ctrl-C. Try:");
     for line in mesh.try_next() {
         println!("  {line}");
     }
-    meshbridge_core::drain::shutdown_signal().await;
+    signal.await;
     println!(
         "\nstopping every process and removing {}",
         mesh.dir().display()

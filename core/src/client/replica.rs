@@ -51,6 +51,12 @@ pub fn apply_changes(catalog: &mut Catalog, revision: u64, changes: &[Change]) {
             Change::TokenForgotten { id } => {
                 catalog.tokens.remove(id);
             }
+            Change::SiteRevoked { site, revision } => {
+                catalog.revoked_sites.insert(site.clone(), *revision);
+            }
+            Change::SiteReinstated { site } => {
+                catalog.revoked_sites.remove(site);
+            }
         }
     }
     catalog.revision = revision;

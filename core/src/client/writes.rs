@@ -52,6 +52,24 @@ impl RegistryClient {
         .await
     }
 
+    /// Revoke `site` (registered or not): see [`Command::RevokeSite`](crate::model::Command).
+    pub async fn revoke_site(&self, site: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::RemoveSiteRequest { site: site.into() };
+        self.write("RevokeSite", req, |mut c, r| async move {
+            c.revoke_site(r).await
+        })
+        .await
+    }
+
+    /// Lift `site`'s revocation.
+    pub async fn reinstate_site(&self, site: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::RemoveSiteRequest { site: site.into() };
+        self.write("ReinstateSite", req, |mut c, r| async move {
+            c.reinstate_site(r).await
+        })
+        .await
+    }
+
     pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
         let req = proto::PutExportRequest {
             export: Some(proto::from_export(export)),

@@ -24,8 +24,18 @@ pub enum Command {
         #[serde(default)]
         links: Option<Vec<Link>>,
     },
-    /// Remove a site and all its exports.
+    /// Remove a site and all its exports, and revoke it: it cannot register again (nor its
+    /// agents renew their SVIDs) until it is reinstated or re-enrolled with a join token.
     RemoveSite {
+        site: String,
+    },
+    /// Revoke a site, registered or not: as [`Command::RemoveSite`], and also for a site
+    /// that never registered (an agent that joined and was found compromised).
+    RevokeSite {
+        site: String,
+    },
+    /// Lift a site's revocation (an admin's decision; a join token for the site does too).
+    ReinstateSite {
         site: String,
     },
     /// Replace a site's export of a service whole (generation fencing applies).
@@ -69,6 +79,8 @@ pub enum Change {
     PolicyRemoved { name: String },
     TokenUsed { token: TokenUse },
     TokenForgotten { id: String },
+    SiteRevoked { site: String, revision: u64 },
+    SiteReinstated { site: String },
 }
 
 /// What an accepted command did. `changes` may be empty (e.g. a tick with nothing to do);
@@ -105,6 +117,11 @@ pub enum Rejection {
     /// (a heartbeat or an export is not enough).
     #[error("site {site} was withdrawn at {since_ms} ms: register it again")]
     Withdrawn { site: String, since_ms: u64 },
+    /// The site was removed or revoked by an admin.
+    #[error(
+        "site {site} was revoked at revision {revision}: an admin must reinstate it (`ctl site reinstate`) or enrol it again with a join token"
+    )]
+    Revoked { site: String, revision: u64 },
 }
 
 /// How long a used join token is remembered after its expiry: a margin for leaders' clocks
@@ -120,6 +137,8 @@ impl Command {
             | Command::UseToken { at_ms, .. }
             | Command::Tick { at_ms } => Some(*at_ms),
             Command::RemoveSite { .. }
+            | Command::RevokeSite { .. }
+            | Command::ReinstateSite { .. }
             | Command::PutExport { .. }
             | Command::DeleteExport { .. }
             | Command::PutPolicy { .. }
@@ -138,11 +157,19 @@ impl Catalog {
         cmd.validate()?;
         let next = self.revision.saturating_add(1);
         let changes = match cmd {
-            Command::RegisterSite { spec, at_ms } => Ok(self.register_site(spec, *at_ms, next)),
+            Command::RegisterSite { spec, at_ms } => match self.revoked_sites.get(&spec.name) {
+                Some(revision) => Err(Rejection::Revoked {
+                    site: spec.name.clone(),
+                    revision: *revision,
+                }),
+                None => Ok(self.register_site(spec, *at_ms, next)),
+            },
             Command::Heartbeat { site, at_ms, links } => {
                 self.heartbeat(site, *at_ms, links.as_deref())
             }
-            Command::RemoveSite { site } => self.remove_site(site),
+            Command::RemoveSite { site } => self.remove_site(site, next),
+            Command::RevokeSite { site } => Ok(self.revoke_site(site, next)),
+            Command::ReinstateSite { site } => self.reinstate_site(site),
             Command::PutExport { export } => self.put_export(export, next),
             Command::DeleteExport {
                 site,
@@ -244,17 +271,41 @@ impl Catalog {
             .collect()
     }
 
-    fn remove_site(&mut self, name: &str) -> Result<Vec<Change>, Rejection> {
+    fn remove_site(&mut self, name: &str, next: u64) -> Result<Vec<Change>, Rejection> {
         if !self.sites.contains_key(name) {
             return Err(not_found("site", name));
         }
-        let mut changes = self.remove_exports_of(name);
-        self.export_tombstones.retain(|(_, site), _| site != name);
-        self.sites.remove(name);
-        changes.push(Change::SiteRemoved {
-            name: name.to_owned(),
-        });
-        Ok(changes)
+        Ok(self.revoke_site(name, next))
+    }
+
+    /// Removes the site (if registered) with its exports, and marks it revoked.
+    fn revoke_site(&mut self, name: &str, next: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.sites.contains_key(name) {
+            changes = self.remove_exports_of(name);
+            self.export_tombstones.retain(|(_, site), _| site != name);
+            self.sites.remove(name);
+            changes.push(Change::SiteRemoved {
+                name: name.to_owned(),
+            });
+        }
+        if !self.revoked_sites.contains_key(name) {
+            self.revoked_sites.insert(name.to_owned(), next);
+            changes.push(Change::SiteRevoked {
+                site: name.to_owned(),
+                revision: next,
+            });
+        }
+        changes
+    }
+
+    fn reinstate_site(&mut self, name: &str) -> Result<Vec<Change>, Rejection> {
+        if self.revoked_sites.remove(name).is_none() {
+            return Err(not_found("revoked site", name));
+        }
+        Ok(vec![Change::SiteReinstated {
+            site: name.to_owned(),
+        }])
     }
 
     fn put_export(&mut self, export: &Export, next: u64) -> Result<Vec<Change>, Rejection> {
@@ -386,7 +437,14 @@ impl Catalog {
             expires_ms,
         };
         self.tokens.insert(id.to_owned(), token.clone());
-        Ok(vec![Change::TokenUsed { token }])
+        let mut changes = vec![Change::TokenUsed { token }];
+        // A join token for the site is an admin's fresh enrolment: it lifts a revocation.
+        if self.revoked_sites.remove(site).is_some() {
+            changes.push(Change::SiteReinstated {
+                site: site.to_owned(),
+            });
+        }
+        Ok(changes)
     }
 
     /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),

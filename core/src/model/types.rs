@@ -269,6 +269,11 @@ pub struct Catalog {
     /// side state: watch deltas do not carry it.
     #[serde(default)]
     pub clock_ms: u64,
+    /// Sites an admin removed or revoked, with the revision of that: they may not register
+    /// again, and their agents may not renew SVIDs, until reinstated or enrolled again with
+    /// a join token.
+    #[serde(default)]
+    pub revoked_sites: BTreeMap<String, u64>,
 }
 
 impl Catalog {

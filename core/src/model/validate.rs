@@ -391,7 +391,9 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::RemoveSite { site } => check_label(site).map_err(|r| invalid("site", r)),
+            Command::RemoveSite { site }
+            | Command::RevokeSite { site }
+            | Command::ReinstateSite { site } => check_label(site).map_err(|r| invalid("site", r)),
             Command::PutExport { export } => export.validate(),
             Command::DeleteExport { site, service, .. } => {
                 check_label(site).map_err(|r| invalid("site", r))?;

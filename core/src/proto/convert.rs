@@ -253,6 +253,7 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
         Rejection::StaleGeneration { .. }
         | Rejection::Token { .. }
         | Rejection::Withdrawn { .. } => Code::FailedPrecondition,
+        Rejection::Revoked { .. } => Code::PermissionDenied,
     };
     match serde_json::to_vec(r) {
         Ok(details) => Status::with_details(code, r.to_string(), Bytes::from(details)),
@@ -263,9 +264,10 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
 /// The rejection carried by a status made with [`rejection_to_status`].
 pub fn rejection_from_status(status: &Status) -> Option<Rejection> {
     match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
-            serde_json::from_slice(status.details()).ok()
-        }
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::PermissionDenied => serde_json::from_slice(status.details()).ok(),
         _ => None,
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use meshbridge_core::id::SpiffeId;
 use meshbridge_core::join::TokenError;
-use meshbridge_core::model::{Command, Rejection};
+use meshbridge_core::model::{Catalog, Command, Rejection};
 use meshbridge_core::pki::{Ca, PkiError};
 use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, cert_info, parse_certs};
@@ -262,6 +262,24 @@ impl Issuer {
         info!(%id, not_after = svid.not_after_unix, "SVID renewed");
         Ok(svid)
     }
+}
+
+/// Whether `site`'s identity `id` may renew its SVID, as this node's catalog says: only a
+/// site that is registered and not revoked. (Renewal would otherwise never end: an agent of
+/// a removed site would keep a valid SVID forever.)
+pub fn may_renew(catalog: &Catalog, site: &str, id: &SpiffeId) -> Result<(), Status> {
+    if let Some(revision) = catalog.revoked_sites.get(site) {
+        return Err(refused(Rejection::Revoked {
+            site: site.to_owned(),
+            revision: *revision,
+        }));
+    }
+    if catalog.site(site).is_none() {
+        return Err(Status::permission_denied(format!(
+            "{id} may not renew: site {site:?} is not registered (removed, or never registered)"
+        )));
+    }
+    Ok(())
 }
 
 /// The issuer, or why there is none.

@@ -27,6 +27,7 @@ struct ImageRef<'a> {
     tokens: Pairs<'a, String, TokenUse>,
     export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
     clock_ms: u64,
+    revoked_sites: Pairs<'a, String, u64>,
     sessions: &'a Sessions,
 }
 
@@ -55,6 +56,8 @@ struct Image {
     #[serde(default)]
     clock_ms: u64,
     #[serde(default)]
+    revoked_sites: Vec<(String, u64)>,
+    #[serde(default)]
     sessions: Sessions,
 }
 
@@ -68,6 +71,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         tokens,
         export_tombstones,
         clock_ms,
+        revoked_sites,
     } = catalog;
     let image = ImageRef {
         format: FORMAT,
@@ -78,6 +82,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         tokens: Pairs(tokens),
         export_tombstones: Pairs(export_tombstones),
         clock_ms: *clock_ms,
+        revoked_sites: Pairs(revoked_sites),
         sessions,
     };
     super::encode("catalog image", &image)
@@ -101,6 +106,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         tokens,
         export_tombstones,
         clock_ms,
+        revoked_sites,
         sessions,
     } = super::decode("catalog image", bytes)?;
     let catalog = Catalog {
@@ -111,6 +117,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         tokens: tokens.into_iter().collect(),
         export_tombstones: export_tombstones.into_iter().collect(),
         clock_ms,
+        revoked_sites: revoked_sites.into_iter().collect(),
     };
     Ok((catalog, sessions))
 }
@@ -168,6 +175,7 @@ mod tests {
             tokens: [("t1".to_string(), token)].into(),
             export_tombstones: [((service, "west".to_string()), 7)].into(),
             clock_ms: 11,
+            revoked_sites: [("south".to_string(), 3)].into(),
         };
         let mut sessions = Sessions::default();
         let id = crate::types::RequestId { client: 9, seq: 4 };

@@ -108,7 +108,11 @@ fn revision_moves_by_one_per_command_with_changes() {
             // The site's lease lapsed long ago too.
             vec!["site+", "token-"],
         ),
-        (Command::RemoveSite { site: "a".into() }, 10, vec!["site-"]),
+        (
+            Command::RemoveSite { site: "a".into() },
+            10,
+            vec!["site-", "revoked"],
+        ),
     ];
     for (i, (cmd, revision, changes)) in steps.into_iter().enumerate() {
         let applied = c.apply(&cmd).unwrap();

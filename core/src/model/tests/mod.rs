@@ -133,6 +133,8 @@ pub(super) fn kinds(a: &Applied) -> Vec<&'static str> {
             Change::PolicyRemoved { .. } => "policy-",
             Change::TokenUsed { .. } => "token+",
             Change::TokenForgotten { .. } => "token-",
+            Change::SiteRevoked { .. } => "revoked",
+            Change::SiteReinstated { .. } => "reinstated",
         })
         .collect()
 }

@@ -88,6 +88,10 @@ fn remove_site_removes_its_exports() {
                 site: "a".into()
             },
             Change::SiteRemoved { name: "a".into() },
+            Change::SiteRevoked {
+                site: "a".into(),
+                revision: a.revision,
+            },
         ]
     );
     assert!(c.site("a").is_none());
@@ -312,4 +316,56 @@ fn serde_json_round_trips() {
     };
     let back: Rejection = serde_json::from_str(&serde_json::to_string(&rej).unwrap()).unwrap();
     assert_eq!(back, rej);
+}
+
+/// Removing or revoking a site is sticky: it cannot register again until an admin
+/// reinstates it or enrols it again with a join token; revoking works for a site that never
+/// registered; every step is a visible change.
+#[test]
+fn removed_and_revoked_sites_stay_out_until_reinstated_or_enrolled() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 100);
+    let removed = c.apply(&Command::RemoveSite { site: "a".into() }).unwrap();
+    assert_eq!(c.revoked_sites.get("a"), Some(&removed.revision));
+    let again = Command::RegisterSite {
+        spec: spec("a", "eu", "eu-1a"),
+        at_ms: 200,
+    };
+    let before = c.clone();
+    assert_eq!(
+        c.apply(&again),
+        Err(Rejection::Revoked {
+            site: "a".into(),
+            revision: removed.revision
+        })
+    );
+    assert_eq!(c, before, "a refusal changes nothing");
+    // An admin reinstates it: it may register again.
+    let r = c
+        .apply(&Command::ReinstateSite { site: "a".into() })
+        .unwrap();
+    assert_eq!(kinds(&r), vec!["reinstated"]);
+    c.apply(&again).unwrap();
+    assert!(
+        c.apply(&Command::ReinstateSite { site: "a".into() })
+            .is_err(),
+        "not revoked any more"
+    );
+
+    // Revoking a site that never registered (an agent that joined, then was found out).
+    let r = c.apply(&Command::RevokeSite { site: "vm".into() }).unwrap();
+    assert_eq!(kinds(&r), vec!["revoked"]);
+    let same = c.apply(&Command::RevokeSite { site: "vm".into() }).unwrap();
+    assert!(same.changes.is_empty(), "revoking twice changes nothing");
+    // A join token for it (an admin's fresh enrolment) lifts the revocation.
+    let joined = c
+        .apply(&Command::UseToken {
+            id: "t".into(),
+            site: "vm".into(),
+            expires_ms: 10_000,
+            at_ms: 300,
+        })
+        .unwrap();
+    assert_eq!(kinds(&joined), vec!["token+", "reinstated"]);
+    assert!(c.revoked_sites.is_empty());
 }
