@@ -8,6 +8,7 @@
 
 mod authz;
 pub mod config;
+mod gate;
 mod leases;
 mod listener;
 mod metrics;

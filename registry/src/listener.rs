@@ -20,7 +20,7 @@ use meshbridge_core::id::SpiffeId;
 use meshbridge_core::tls::{AllowList, Identity, describe, peer_id};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -29,6 +29,15 @@ use tonic::transport::server::Connected;
 use tracing::debug;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once; a connection beyond it is closed at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Open connections at once; beyond it, new ones are closed at accept.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections without a client certificate (joining agents) open at once.
+pub const MAX_ANONYMOUS: usize = 128;
+/// A connection without a client certificate is for one `Join`: it is closed this long
+/// after its handshake, whatever it does.
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Who is calling: in every request's extensions.
 #[derive(Clone, Debug)]
@@ -44,15 +53,30 @@ pub struct TlsIo {
     stream: TlsStream<TcpStream>,
     peer: Peer,
     kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// For a connection without a client certificate: when it is closed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its places under [`MAX_CONNECTIONS`] (and [`MAX_ANONYMOUS`]), given back on close.
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl TlsIo {
     fn killed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        self.kill
+        if self.kill.as_mut().poll(cx).is_ready() {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "registry node stopped",
+            ));
+        }
+        let expired = self
+            .deadline
             .as_mut()
-            .poll(cx)
-            .is_ready()
-            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "registry node stopped"))
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+        expired.then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection without a client certificate past its lifetime",
+            )
+        })
     }
 }
 
@@ -128,6 +152,8 @@ pub fn incoming(
         identity.server_config_optional_client(allow, &[ALPN_H2]),
     ));
     let (tx, rx) = mpsc::channel::<io::Result<TlsIo>>(64);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let anonymous = Arc::new(Semaphore::new(MAX_ANONYMOUS));
     tokio::spawn(async move {
         let mut handshakes = JoinSet::new();
         loop {
@@ -145,19 +171,46 @@ pub fn incoming(
                     continue;
                 }
             };
+            // Limits before anything is read: a flood of connections or slow handshakes
+            // cannot take every descriptor or task (closing the socket is the answer).
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                warn_limit(addr, "connections", MAX_CONNECTIONS);
+                continue;
+            };
+            if handshakes.len() >= MAX_HANDSHAKES {
+                warn_limit(addr, "TLS handshakes in progress", MAX_HANDSHAKES);
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let kill = Box::pin(kill.clone().cancelled_owned());
+            let anonymous = anonymous.clone();
             handshakes.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let id = peer_id(stream.get_ref().1.peer_certificates());
+                        let mut permits = vec![permit];
+                        let mut deadline = None;
+                        if id.is_none() {
+                            let Ok(anon) = anonymous.try_acquire_owned() else {
+                                warn_limit(
+                                    addr,
+                                    "connections without a certificate",
+                                    MAX_ANONYMOUS,
+                                );
+                                return;
+                            };
+                            permits.push(anon);
+                            deadline = Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
+                        }
                         let _ = tx
                             .send(Ok(TlsIo {
                                 stream,
                                 peer: Peer { addr, id },
                                 kill,
+                                deadline,
+                                _permits: permits,
                             }))
                             .await;
                     }
@@ -171,4 +224,15 @@ pub fn incoming(
         handshakes.abort_all();
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+}
+
+/// A connection closed because a limit was reached (rate-limited in the log by the limit
+/// itself: at most one line per refused connection, at debug beyond the first).
+fn warn_limit(addr: SocketAddr, what: &str, limit: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        debug!(client.addr = %addr, limit, "{what} at their limit; connection closed");
+    } else {
+        tracing::warn!(client.addr = %addr, limit, "{what} at their limit; connection closed (further ones are logged at debug)");
+    }
 }

@@ -57,6 +57,15 @@ pub enum StartError {
     Ca(#[source] meshbridge_core::pki::PkiError),
 }
 
+/// The largest request the registry API decodes (an export of `MAX_ENDPOINTS` endpoints is
+/// well under it); only the Raft service, open to registry nodes alone, takes larger ones.
+/// A larger request is refused with `ResourceExhausted` from its length prefix, unread.
+pub const MAX_API_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// HTTP/2 streams one client connection may have open at once (watches included).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Calls one connection may have in flight (a call counts until its response starts).
+pub const MAX_CALLS_PER_CONNECTION: usize = 64;
+
 /// Entry point: [`Node::start`].
 pub struct Node;
 
@@ -189,9 +198,12 @@ impl Node {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+            .layer(crate::gate::GateLayer::new(trust_domain.clone()))
             .add_service(
                 RegistryServer::new(RegistryApi::new(shared.clone()).with_issuer(issuer))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(MAX_API_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshbridge_core::client::{
-    ChannelOptions, ClientError, ClientOptions, anonymous_channel, join,
+    ChannelOptions, ClientError, ClientOptions, Consistency, anonymous_channel, join,
 };
 use meshbridge_core::model::Rejection;
 use meshbridge_core::pki::{Ca, Svid};
@@ -333,6 +333,49 @@ async fn a_removed_or_revoked_sites_renewal_is_refused_until_reinstated() {
     let catalog = j.cluster.node(1).catalog();
     assert!(catalog.site("east").is_none());
     assert!(catalog.revoked_sites.contains_key("east"));
+    j.cluster.shutdown().await;
+}
+
+/// Limits before authentication: a client without a certificate gets `OutOfRange` ("too
+/// large") for a 10 MiB `Join` (from the length prefix, before any handler), and `Unauthenticated`
+/// for anything but `Join` (the Raft service's large messages included) before its message
+/// is read; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_or_non_join_calls_without_a_certificate_are_refused_unread() {
+    let j = Joinable::start(1, Duration::from_secs(120)).await;
+    let url = j.cluster.url(1);
+    let big = "x".repeat(10 * 1024 * 1024);
+    let status = j
+        .anonymous(&url)
+        .max_encoding_message_size(usize::MAX)
+        .join(proto::JoinRequest {
+            token: big.clone(),
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    // tonic answers OutOfRange for a message over the decoding limit.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    // The Raft service takes messages up to 256 MiB from registry nodes; without a
+    // certificate the call is refused at the gate, not decoded and then refused (which
+    // answered PermissionDenied).
+    let channel = anonymous_channel(&url, &j.bundle(), TD, &ChannelOptions::default()).unwrap();
+    let status = proto::raft_client::RaftClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .append_entries(proto::RaftMessage {
+            json: big.into_bytes(),
+            early: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("only Join"), "{status:?}");
+
+    // A site identity is no node either.
+    let east = j.cluster.client_as(j.cluster.pki.site("east")).await;
+    east.list_sites(Consistency::Stale).await.unwrap();
     j.cluster.shutdown().await;
 }
 
