@@ -12,6 +12,7 @@ use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use serde_json::{Value, json};
 
+mod owners;
 mod site;
 mod status;
 mod token;
@@ -60,6 +61,11 @@ enum Cmd {
     Members {
         #[command(subcommand)]
         cmd: MembersCmd,
+    },
+    /// Export ownership: which sites may export the services of a namespace or service.
+    Owners {
+        #[command(subcommand)]
+        cmd: owners::OwnersCmd,
     },
     /// Take a site out of the mesh (remove, revoke) or let it back (reinstate).
     Site {
@@ -141,6 +147,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         }
         Cmd::Token { cmd } => token::run(&client, cmd, json_out).await?,
         Cmd::Site { cmd } => site::run(&client, cmd, json_out).await?,
+        Cmd::Owners { cmd } => owners::run(&client, cmd, consistency, json_out).await?,
         Cmd::Members { cmd } => {
             let reply = match cmd {
                 MembersCmd::Add {

@@ -108,6 +108,66 @@ async fn ctl_status_diagnoses_stale_sites_and_broken_trust() {
         "{s:#}"
     );
 
+    // No export ownership yet: a warning, not a problem.
+    assert!(
+        s["warnings"]
+            .to_string()
+            .contains("no export ownership rules"),
+        "{s:#}"
+    );
+    // Set one with the real ctl: it prints what changed, the warning goes, `list` shows it;
+    // a bad scope is refused naming the field.
+    let owners = |args: &[&str]| {
+        Command::new(BIN)
+            .args(&ctl[1..])
+            .arg("owners")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let put = owners(&["put", "demo", "--site", "east", "--site", "vm"]);
+    assert!(put.status.success(), "{put:?}");
+    let text = String::from_utf8_lossy(&put.stdout);
+    assert!(
+        text.contains("services of demo may now be exported by east, vm only"),
+        "{text}"
+    );
+    let list = owners(&["list", "-o", "json"]);
+    let rules: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rules[0]["scope"], "demo", "{rules:#}");
+    assert_eq!(rules[0]["sites"], serde_json::json!(["east", "vm"]));
+    let bad = owners(&["put", "Demo", "--site", "east"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("invalid scope"), "{err}");
+    let s = ctl_status(&ctl);
+    assert_eq!(s["warnings"], serde_json::json!([]), "{s:#}");
+    // `ctl site revoke` of a site that never registered, then reinstated.
+    let site = |args: &[&str]| {
+        Command::new(BIN)
+            .args(&ctl[1..])
+            .arg("site")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let revoked = site(&["revoke", "ghost"]);
+    assert!(
+        String::from_utf8_lossy(&revoked.stdout).contains("site ghost revoked"),
+        "{revoked:?}"
+    );
+    let again = site(&["revoke", "ghost", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(v["changed"], false, "{v:#}");
+    let back = site(&["reinstate", "ghost"]);
+    assert!(back.status.success(), "{back:?}");
+    let missing = site(&["reinstate", "ghost"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("revoked site not found: ghost"),
+        "{missing:?}"
+    );
+
     // Kill east's gateway: after its 3 s lease, east is stale, and west's link is down.
     let east_cfg = dir.join("gateway-east.toml");
     assert!(

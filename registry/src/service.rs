@@ -145,6 +145,38 @@ impl Registry for RegistryApi {
         .await
     }
 
+    async fn put_ownership(
+        &self,
+        req: Request<proto::OwnershipRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("set export ownership")?;
+        let (scope, sites) = (req.get_ref().scope.clone(), req.get_ref().sites.clone());
+        let cmd = |_| Command::PutOwnership {
+            scope: scope.clone(),
+            sites: sites.clone(),
+        };
+        self.write("PutOwnership", req, cmd, |mut c, r| async move {
+            c.put_ownership(r).await
+        })
+        .await
+    }
+
+    async fn delete_ownership(
+        &self,
+        req: Request<proto::OwnershipRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?
+            .require_admin("delete export ownership")?;
+        let scope = req.get_ref().scope.clone();
+        let cmd = |_| Command::DeleteOwnership {
+            scope: scope.clone(),
+        };
+        self.write("DeleteOwnership", req, cmd, |mut c, r| async move {
+            c.delete_ownership(r).await
+        })
+        .await
+    }
+
     async fn put_export(
         &self,
         req: Request<proto::PutExportRequest>,

@@ -519,3 +519,49 @@ async fn a_federated_partner_reads_but_is_neither_admin_nor_one_of_our_sites() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+/// Export ownership through the API: admins set it, a site that does not own a service
+/// cannot export it (the refusal names the rule), the owner can, and sites cannot change
+/// the rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_owners_may_export_a_service_once_ownership_is_set() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let admin = cluster.admin().await;
+    let east = cluster.site("east").await;
+    let west = cluster.site("west").await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    west.register_site(&spec("west", "us", "us-1a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        west.put_ownership("shop", &["west".into()])
+            .await
+            .unwrap_err()
+            .code(),
+        Some(Code::PermissionDenied)
+    );
+    assert!(
+        admin
+            .put_ownership("shop", &["east".into()])
+            .await
+            .unwrap()
+            .changed
+    );
+    let err = west
+        .put_export(&export("west", "cart", 1, &["10.9.9.9"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Rejected(Rejection::NotOwner { site, scope, .. }) if site == "west" && scope == "shop"),
+        "{err}"
+    );
+    east.put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
+    assert_eq!(catalog.owners["shop"], vec!["east".to_string()]);
+    assert_eq!(catalog.exports.len(), 1);
+    cluster.shutdown().await;
+}

@@ -84,6 +84,15 @@ pub(super) async fn status(
             }
         }
     }
+    // Warnings: worth knowing, not failures (the exit code stays 0).
+    let mut warnings: Vec<String> = Vec::new();
+    if let Ok(catalog) = client.catalog(consistency).await
+        && catalog.owners.is_empty()
+    {
+        warnings.push(
+            "no export ownership rules: any site may export any service and attract its traffic (set some with `ctl owners put NS --site S`)".into(),
+        );
+    }
     let cert = identity.cert_info();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -100,6 +109,7 @@ pub(super) async fn status(
         let v = json!({
             "ok": problems.is_empty(),
             "problems": problems,
+            "warnings": warnings,
             "registry": {"leader_id": leader.map(|l| l.0), "term": leader.map(|l| l.1), "nodes": node_rows},
             "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
             "links": link_rows,
@@ -122,6 +132,9 @@ pub(super) async fn status(
             for p in &problems {
                 println!("  {}", out.red(&format!("✗ {p}")));
             }
+        }
+        for w in &warnings {
+            println!("  ! warning: {w}");
         }
         println!();
         println!(

@@ -57,6 +57,12 @@ pub fn apply_changes(catalog: &mut Catalog, revision: u64, changes: &[Change]) {
             Change::SiteReinstated { site } => {
                 catalog.revoked_sites.remove(site);
             }
+            Change::OwnershipSet { scope, sites } => {
+                catalog.owners.insert(scope.clone(), sites.clone());
+            }
+            Change::OwnershipRemoved { scope } => {
+                catalog.owners.remove(scope);
+            }
         }
     }
     catalog.revision = revision;

@@ -70,6 +70,33 @@ impl RegistryClient {
         .await
     }
 
+    /// Only `sites` may export services of `scope` (`ns` or `ns/name`).
+    pub async fn put_ownership(
+        &self,
+        scope: &str,
+        sites: &[String],
+    ) -> Result<WriteResult, ClientError> {
+        let req = proto::OwnershipRequest {
+            scope: scope.into(),
+            sites: sites.to_vec(),
+        };
+        self.write("PutOwnership", req, |mut c, r| async move {
+            c.put_ownership(r).await
+        })
+        .await
+    }
+
+    pub async fn delete_ownership(&self, scope: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::OwnershipRequest {
+            scope: scope.into(),
+            sites: Vec::new(),
+        };
+        self.write("DeleteOwnership", req, |mut c, r| async move {
+            c.delete_ownership(r).await
+        })
+        .await
+    }
+
     pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
         let req = proto::PutExportRequest {
             export: Some(proto::from_export(export)),

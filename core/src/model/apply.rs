@@ -38,6 +38,16 @@ pub enum Command {
     ReinstateSite {
         site: String,
     },
+    /// Export ownership: only `sites` may export services in `scope` (a namespace `ns`, or
+    /// one service `ns/name`, which is more specific and decides alone). Existing exports of
+    /// other sites stay until they are written again.
+    PutOwnership {
+        scope: String,
+        sites: Vec<String>,
+    },
+    DeleteOwnership {
+        scope: String,
+    },
     /// Replace a site's export of a service whole (generation fencing applies).
     PutExport {
         export: Export,
@@ -81,6 +91,8 @@ pub enum Change {
     TokenForgotten { id: String },
     SiteRevoked { site: String, revision: u64 },
     SiteReinstated { site: String },
+    OwnershipSet { scope: String, sites: Vec<String> },
+    OwnershipRemoved { scope: String },
 }
 
 /// What an accepted command did. `changes` may be empty (e.g. a tick with nothing to do);
@@ -122,6 +134,16 @@ pub enum Rejection {
         "site {site} was revoked at revision {revision}: an admin must reinstate it (`ctl site reinstate`) or enrol it again with a join token"
     )]
     Revoked { site: String, revision: u64 },
+    /// Export ownership: the site may not export this service.
+    #[error(
+        "site {site} may not export {service}: services of {scope} are exported by {allowed:?} only (export ownership, `ctl owners`)"
+    )]
+    NotOwner {
+        site: String,
+        service: String,
+        scope: String,
+        allowed: Vec<String>,
+    },
 }
 
 /// How long a used join token is remembered after its expiry: a margin for leaders' clocks
@@ -139,6 +161,8 @@ impl Command {
             Command::RemoveSite { .. }
             | Command::RevokeSite { .. }
             | Command::ReinstateSite { .. }
+            | Command::PutOwnership { .. }
+            | Command::DeleteOwnership { .. }
             | Command::PutExport { .. }
             | Command::DeleteExport { .. }
             | Command::PutPolicy { .. }
@@ -178,6 +202,8 @@ impl Catalog {
             } => self.delete_export(site, service, *generation),
             Command::PutPolicy { policy } => Ok(self.put_policy(policy)),
             Command::DeletePolicy { name } => self.delete_policy(name),
+            Command::PutOwnership { scope, sites } => Ok(self.put_ownership(scope, sites)),
+            Command::DeleteOwnership { scope } => self.delete_ownership(scope),
             Command::UseToken {
                 id,
                 site,
@@ -308,7 +334,52 @@ impl Catalog {
         }])
     }
 
+    /// The ownership rule that decides who may export `service`: the service's own, else
+    /// its namespace's.
+    pub fn owners_of(&self, service: &ServiceKey) -> Option<(String, &[String])> {
+        let exact = format!("{}/{}", service.namespace, service.name);
+        if let Some(sites) = self.owners.get(&exact) {
+            return Some((exact, sites));
+        }
+        self.owners
+            .get(&service.namespace)
+            .map(|sites| (service.namespace.clone(), sites.as_slice()))
+    }
+
+    fn put_ownership(&mut self, scope: &str, sites: &[String]) -> Vec<Change> {
+        let mut sites = sites.to_vec();
+        sites.sort();
+        sites.dedup();
+        if self.owners.get(scope) == Some(&sites) {
+            return Vec::new();
+        }
+        self.owners.insert(scope.to_owned(), sites.clone());
+        vec![Change::OwnershipSet {
+            scope: scope.to_owned(),
+            sites,
+        }]
+    }
+
+    fn delete_ownership(&mut self, scope: &str) -> Result<Vec<Change>, Rejection> {
+        if self.owners.remove(scope).is_none() {
+            return Err(not_found("ownership rule", scope));
+        }
+        Ok(vec![Change::OwnershipRemoved {
+            scope: scope.to_owned(),
+        }])
+    }
+
     fn put_export(&mut self, export: &Export, next: u64) -> Result<Vec<Change>, Rejection> {
+        if let Some((scope, allowed)) = self.owners_of(&export.service)
+            && !allowed.contains(&export.site)
+        {
+            return Err(Rejection::NotOwner {
+                site: export.site.clone(),
+                service: export.service.to_string(),
+                scope,
+                allowed: allowed.to_vec(),
+            });
+        }
         let site = self
             .sites
             .get(&export.site)

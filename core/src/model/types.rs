@@ -274,6 +274,10 @@ pub struct Catalog {
     /// a join token.
     #[serde(default)]
     pub revoked_sites: BTreeMap<String, u64>,
+    /// Export ownership: scope (`ns` or `ns/name`) → the sites that may export services in
+    /// it (sorted). A service with no rule may be exported by any site.
+    #[serde(default)]
+    pub owners: BTreeMap<String, Vec<String>>,
 }
 
 impl Catalog {

@@ -195,6 +195,14 @@ fn service_key(key: &ServiceKey, p: &str) -> Result<(), Rejection> {
     check_label(&key.name).map_err(|r| invalid(format!("{p}.name"), r))
 }
 
+/// An ownership scope: a namespace `ns` or a service `ns/name`.
+fn check_scope(scope: &str) -> Result<(), Rejection> {
+    match scope.split_once('/') {
+        Some((ns, name)) => service_key(&ServiceKey::new(ns, name), "scope"),
+        None => check_label(scope).map_err(|r| invalid("scope", r)),
+    }
+}
+
 impl ServiceKey {
     /// Both parts are RFC 1123 labels (fields `service.namespace`, `service.name`).
     pub fn validate(&self) -> Result<(), Rejection> {
@@ -401,6 +409,23 @@ impl Command {
             }
             Command::PutPolicy { policy } => policy.validate(),
             Command::DeletePolicy { name } => check_subdomain(name).map_err(|r| invalid("name", r)),
+            Command::PutOwnership { scope, sites } => {
+                check_scope(scope)?;
+                if sites.is_empty() {
+                    return Err(invalid("sites", "must name at least one site"));
+                }
+                if sites.len() > MAX_GATEWAYS * 4 {
+                    return Err(invalid(
+                        "sites",
+                        too_many("sites", MAX_GATEWAYS * 4, sites.len()),
+                    ));
+                }
+                for (i, site) in sites.iter().enumerate() {
+                    check_label(site).map_err(|r| invalid(format!("sites[{i}]"), r))?;
+                }
+                Ok(())
+            }
+            Command::DeleteOwnership { scope } => check_scope(scope),
             Command::UseToken { id, site, .. } => {
                 check_token_id(id).map_err(|r| invalid("id", r))?;
                 check_label(site).map_err(|r| invalid("site", r))

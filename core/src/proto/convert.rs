@@ -253,7 +253,7 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
         Rejection::StaleGeneration { .. }
         | Rejection::Token { .. }
         | Rejection::Withdrawn { .. } => Code::FailedPrecondition,
-        Rejection::Revoked { .. } => Code::PermissionDenied,
+        Rejection::Revoked { .. } | Rejection::NotOwner { .. } => Code::PermissionDenied,
     };
     match serde_json::to_vec(r) {
         Ok(details) => Status::with_details(code, r.to_string(), Bytes::from(details)),

@@ -28,6 +28,7 @@ struct ImageRef<'a> {
     export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
     clock_ms: u64,
     revoked_sites: Pairs<'a, String, u64>,
+    owners: Pairs<'a, String, Vec<String>>,
     sessions: &'a Sessions,
 }
 
@@ -58,6 +59,8 @@ struct Image {
     #[serde(default)]
     revoked_sites: Vec<(String, u64)>,
     #[serde(default)]
+    owners: Vec<(String, Vec<String>)>,
+    #[serde(default)]
     sessions: Sessions,
 }
 
@@ -72,6 +75,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         export_tombstones,
         clock_ms,
         revoked_sites,
+        owners,
     } = catalog;
     let image = ImageRef {
         format: FORMAT,
@@ -83,6 +87,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         export_tombstones: Pairs(export_tombstones),
         clock_ms: *clock_ms,
         revoked_sites: Pairs(revoked_sites),
+        owners: Pairs(owners),
         sessions,
     };
     super::encode("catalog image", &image)
@@ -107,6 +112,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         export_tombstones,
         clock_ms,
         revoked_sites,
+        owners,
         sessions,
     } = super::decode("catalog image", bytes)?;
     let catalog = Catalog {
@@ -118,6 +124,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         export_tombstones: export_tombstones.into_iter().collect(),
         clock_ms,
         revoked_sites: revoked_sites.into_iter().collect(),
+        owners: owners.into_iter().collect(),
     };
     Ok((catalog, sessions))
 }
@@ -176,6 +183,7 @@ mod tests {
             export_tombstones: [((service, "west".to_string()), 7)].into(),
             clock_ms: 11,
             revoked_sites: [("south".to_string(), 3)].into(),
+            owners: [("payments".to_string(), vec!["east".to_string()])].into(),
         };
         let mut sessions = Sessions::default();
         let id = crate::types::RequestId { client: 9, seq: 4 };

@@ -135,6 +135,8 @@ pub(super) fn kinds(a: &Applied) -> Vec<&'static str> {
             Change::TokenForgotten { .. } => "token-",
             Change::SiteRevoked { .. } => "revoked",
             Change::SiteReinstated { .. } => "reinstated",
+            Change::OwnershipSet { .. } => "owners+",
+            Change::OwnershipRemoved { .. } => "owners-",
         })
         .collect()
 }

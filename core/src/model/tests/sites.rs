@@ -369,3 +369,81 @@ fn removed_and_revoked_sites_stay_out_until_reinstated_or_enrolled() {
     assert_eq!(kinds(&joined), vec!["token+", "reinstated"]);
     assert!(c.revoked_sites.is_empty());
 }
+
+/// Export ownership: once a namespace or service has owners, other sites' exports of it are
+/// refused (naming the rule); the service rule is more specific than the namespace's; a
+/// service without a rule stays open.
+#[test]
+fn export_ownership_decides_which_sites_may_export_a_service() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 100);
+    register(&mut c, "b", "eu", "eu-1a", 100);
+    let set = c
+        .apply(&Command::PutOwnership {
+            scope: key().namespace.clone(),
+            sites: vec!["b".into(), "a".into(), "a".into()],
+        })
+        .unwrap();
+    assert_eq!(kinds(&set), vec!["owners+"]);
+    assert_eq!(
+        c.owners[&key().namespace],
+        vec!["a".to_string(), "b".to_string()]
+    );
+    // Both owners may export in the namespace; a third may not.
+    let mut stranger = export("b", 1, &["10.0.0.2"]);
+    c.apply(&Command::PutExport {
+        export: stranger.clone(),
+    })
+    .unwrap();
+    register(&mut c, "evil", "eu", "eu-1a", 100);
+    stranger.site = "evil".into();
+    let before = c.clone();
+    let err = c
+        .apply(&Command::PutExport {
+            export: stranger.clone(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, Rejection::NotOwner { site, scope, .. } if site == "evil" && *scope == key().namespace),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ctl owners"), "{err}");
+    assert_eq!(c, before, "a refusal changes nothing");
+    // A rule for the service itself decides alone.
+    c.apply(&Command::PutOwnership {
+        scope: format!("{}/{}", key().namespace, key().name),
+        sites: vec!["evil".into()],
+    })
+    .unwrap();
+    c.apply(&Command::PutExport { export: stranger }).unwrap();
+    assert!(
+        c.apply(&Command::PutExport {
+            export: export("a", 1, &["10.0.0.1"])
+        })
+        .is_err()
+    );
+    // Other namespaces stay open.
+    let mut elsewhere = export("evil", 1, &["10.0.0.3"]);
+    elsewhere.service = ServiceKey::new("blog", "web");
+    c.apply(&Command::PutExport { export: elsewhere }).unwrap();
+    // Bad rules name the field.
+    let bad = c.apply(&Command::PutOwnership {
+        scope: "Shop".into(),
+        sites: vec!["a".into()],
+    });
+    assert!(matches!(bad, Err(Rejection::Invalid { field, .. }) if field == "scope"));
+    let bad = c.apply(&Command::PutOwnership {
+        scope: key().namespace.clone(),
+        sites: vec![],
+    });
+    assert!(matches!(bad, Err(Rejection::Invalid { field, .. }) if field == "sites"));
+    assert_eq!(
+        kinds(
+            &c.apply(&Command::DeleteOwnership {
+                scope: key().namespace.clone()
+            })
+            .unwrap()
+        ),
+        vec!["owners-"]
+    );
+}
