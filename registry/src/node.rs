@@ -183,6 +183,7 @@ impl Node {
             stop: stop.clone(),
             reset_cache: std::sync::Mutex::new(None),
             proposer: crate::propose::Proposer::start(raft.clone()),
+            watches: Default::default(),
         });
 
         let mut tasks = JoinSet::new();

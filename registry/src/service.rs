@@ -371,8 +371,9 @@ impl Registry for RegistryApi {
             .extensions()
             .get::<crate::listener::Peer>()
             .map(|p| p.addr);
+        let slot = self.shared.watch_slot(&caller.id().to_string())?;
         tracing::debug!(caller = %caller.id(), client.addr = ?addr, from, "watch opened");
-        Ok(Response::new(watch_stream(self.shared.clone(), from)))
+        Ok(Response::new(watch_stream(self.shared.clone(), from, slot)))
     }
 
     async fn status(

@@ -85,6 +85,48 @@ pub struct Shared {
     pub reset_cache: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
     /// Batches concurrent writes into Raft entries (group commit).
     pub proposer: crate::propose::Proposer,
+    /// Watch streams open on this node, by caller id (quota: [`MAX_WATCHES_PER_CALLER`]).
+    pub watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Watch streams one caller (SPIFFE id) may have open on one node. A gateway, agent or DNS
+/// server needs one; the rest is headroom for restarts whose old streams are still closing.
+pub const MAX_WATCHES_PER_CALLER: usize = 16;
+
+/// One open watch stream of a caller; given back on drop.
+pub struct WatchSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut counts = meshbridge_core::sync::lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// A slot for one more watch stream of `caller`, or the refusal at the quota.
+    pub fn watch_slot(&self, caller: &str) -> Result<WatchSlot, tonic::Status> {
+        let mut counts = meshbridge_core::sync::lock(&self.watches);
+        let n = counts.entry(caller.to_owned()).or_default();
+        if *n >= MAX_WATCHES_PER_CALLER {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{caller} has {MAX_WATCHES_PER_CALLER} watch streams open on this node already (the limit per caller)"
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            counts: self.watches.clone(),
+            caller: caller.to_owned(),
+        })
+    }
 }
 
 /// The wall clock in milliseconds since the epoch.

@@ -21,15 +21,18 @@ use meshbridge_core::proto::{self, watch_event::Event};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::shared::Shared;
+use crate::shared::{Shared, WatchSlot};
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
 
 /// A watch stream from revision `from` (0: start with a reset). The stream ends when the
-/// watcher goes away or the node shuts down.
-pub fn watch_stream(shared: Arc<Shared>, from: u64) -> WatchStream {
+/// watcher goes away or the node shuts down; `slot` (the caller's quota) is held until then.
+pub fn watch_stream(shared: Arc<Shared>, from: u64, slot: WatchSlot) -> WatchStream {
     let (tx, rx) = mpsc::channel(32);
-    tokio::spawn(serve(shared, from, tx));
+    tokio::spawn(async move {
+        let _slot = slot;
+        serve(shared, from, tx).await;
+    });
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (e, rx))
     }))

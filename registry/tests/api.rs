@@ -565,3 +565,72 @@ async fn only_owners_may_export_a_service_once_ownership_is_set() {
     assert_eq!(catalog.exports.len(), 1);
     cluster.shutdown().await;
 }
+
+/// Quota: one caller may hold `MAX_WATCHES_PER_CALLER` (16) watch streams on a node; the
+/// next is refused with `ResourceExhausted` naming the caller; closing one frees its place;
+/// another caller is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_streams_per_caller_are_bounded() {
+    use meshbridge_core::client::{ChannelOptions, lazy_channel, registry_allow_list};
+    let cluster = Cluster::start(1, |_| {}).await;
+    let east_id = cluster.pki.site("east");
+    let channel = lazy_channel(
+        &cluster.url(1),
+        &east_id,
+        registry_allow_list(&east_id),
+        &ChannelOptions::default(),
+    )
+    .unwrap();
+    let mut raw = Grpc::new(channel);
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        let mut s = raw
+            .watch(proto::WatchRequest { from_revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        // The reset arrives: the stream is being served.
+        s.message().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let err = raw
+        .watch(proto::WatchRequest { from_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("site/east/gateway"), "{err:?}");
+    // Another caller still watches.
+    let west = cluster.site("west").await;
+    west.list_sites(Consistency::Stale).await.unwrap();
+    let west_id = cluster.pki.site("west");
+    let mut other = Grpc::new(
+        lazy_channel(
+            &cluster.url(1),
+            &west_id,
+            registry_allow_list(&west_id),
+            &ChannelOptions::default(),
+        )
+        .unwrap(),
+    );
+    other
+        .watch(proto::WatchRequest { from_revision: 0 })
+        .await
+        .unwrap();
+    // Closing one of east's streams frees its place (the node notices the close).
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match raw.watch(proto::WatchRequest { from_revision: 0 }).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the place never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    cluster.shutdown().await;
+}

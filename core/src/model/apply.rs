@@ -134,6 +134,9 @@ pub enum Rejection {
         "site {site} was revoked at revision {revision}: an admin must reinstate it (`ctl site reinstate`) or enrol it again with a join token"
     )]
     Revoked { site: String, revision: u64 },
+    /// A quota of the catalog is reached.
+    #[error("quota reached: at most {limit} {what}")]
+    Quota { what: String, limit: u64 },
     /// Export ownership: the site may not export this service.
     #[error(
         "site {site} may not export {service}: services of {scope} are exported by {allowed:?} only (export ownership, `ctl owners`)"
@@ -145,6 +148,9 @@ pub enum Rejection {
         allowed: Vec<String>,
     },
 }
+
+/// Sites a catalog holds at most (a registration of a new site beyond it is refused).
+pub const MAX_SITES: usize = 10_000;
 
 /// How long a used join token is remembered after its expiry: a margin for leaders' clocks
 /// that disagree (a token is refused once expired by the highest time seen anyway).
@@ -186,6 +192,12 @@ impl Catalog {
                     site: spec.name.clone(),
                     revision: *revision,
                 }),
+                None if !self.sites.contains_key(&spec.name) && self.sites.len() >= MAX_SITES => {
+                    Err(Rejection::Quota {
+                        what: "sites".into(),
+                        limit: MAX_SITES as u64,
+                    })
+                }
                 None => Ok(self.register_site(spec, *at_ms, next)),
             },
             Command::Heartbeat { site, at_ms, links } => {

@@ -13,7 +13,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use apply::{Applied, Change, Command, Rejection, USED_TOKEN_KEEP_MS};
+pub use apply::{Applied, Change, Command, MAX_SITES, Rejection, USED_TOKEN_KEEP_MS};
 pub use merge::{
     EndpointGroup, MergedService, PortConflict, SiteRank, merge_exports, rank_of, rank_sites,
 };

@@ -254,6 +254,7 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
         | Rejection::Token { .. }
         | Rejection::Withdrawn { .. } => Code::FailedPrecondition,
         Rejection::Revoked { .. } | Rejection::NotOwner { .. } => Code::PermissionDenied,
+        Rejection::Quota { .. } => Code::ResourceExhausted,
     };
     match serde_json::to_vec(r) {
         Ok(details) => Status::with_details(code, r.to_string(), Bytes::from(details)),

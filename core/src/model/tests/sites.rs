@@ -447,3 +447,38 @@ fn export_ownership_decides_which_sites_may_export_a_service() {
         vec!["owners-"]
     );
 }
+
+/// Quota: a catalog holds at most `MAX_SITES` sites; registering one more is refused with
+/// the limit named, re-registering a known site still works.
+#[test]
+fn sites_beyond_the_quota_are_refused() {
+    let mut c = Catalog::default();
+    for i in 0..MAX_SITES {
+        c.apply(&Command::RegisterSite {
+            spec: spec(&format!("s{i}"), "eu", "eu-1a"),
+            at_ms: 1,
+        })
+        .unwrap();
+    }
+    let before = c.clone();
+    let err = c
+        .apply(&Command::RegisterSite {
+            spec: spec("one-more", "eu", "eu-1a"),
+            at_ms: 2,
+        })
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Rejection::Quota {
+            what: "sites".into(),
+            limit: MAX_SITES as u64
+        }
+    );
+    assert!(err.to_string().contains("at most 10000 sites"), "{err}");
+    assert_eq!(c, before);
+    c.apply(&Command::RegisterSite {
+        spec: spec("s7", "eu", "eu-1a"),
+        at_ms: 3,
+    })
+    .unwrap();
+}
