@@ -98,6 +98,16 @@ pub struct TunnelConfig {
     /// `reply_timeout_ms` for a stream, then go to another gateway. QUIC reserves about
     /// 32 bytes per allowed stream on every accepted link up front (16,384: 0.5 MiB).
     pub max_streams_per_link: u32,
+    /// Links (QUIC connections or TCP fallback connections) one peer identity may have open
+    /// to this gateway at once; more are closed after the handshake.
+    pub max_links_per_peer: usize,
+    /// Streams from all peers this gateway serves at once (each may hold a local
+    /// connection); past it a new stream is answered "draining" and its sender tries
+    /// another gateway of the site.
+    pub max_inbound_streams: usize,
+    /// A proxied connection through the tunnel with no byte either way for this long is
+    /// closed (both sides), so forgotten connections do not hold streams forever.
+    pub stream_idle_timeout_ms: u64,
 }
 
 /// Listeners for local clients.
@@ -183,6 +193,9 @@ impl Default for TunnelConfig {
             initial_mtu: 1_200,
             max_mtu: 1_452,
             max_streams_per_link: 16_384,
+            max_links_per_peer: 8,
+            max_inbound_streams: 65_536,
+            stream_idle_timeout_ms: 3_600_000,
         }
     }
 }
@@ -220,6 +233,9 @@ impl TunnelConfig {
     }
     pub fn idle_timeout(&self) -> Duration {
         ms(self.idle_timeout_ms)
+    }
+    pub fn stream_idle_timeout(&self) -> Duration {
+        ms(self.stream_idle_timeout_ms)
     }
     pub fn handshake_timeout(&self) -> Duration {
         ms(self.handshake_timeout_ms)
@@ -340,6 +356,21 @@ impl RoleConfig for Config {
             (1..=1_000_000).contains(&t.max_streams_per_link),
             "tunnel.max_streams_per_link",
             "must be within 1..=1000000",
+        );
+        p.check(
+            (1..=1_000).contains(&t.max_links_per_peer),
+            "tunnel.max_links_per_peer",
+            "must be within 1..=1000",
+        );
+        p.check(
+            (1..=10_000_000).contains(&t.max_inbound_streams),
+            "tunnel.max_inbound_streams",
+            "must be within 1..=10000000",
+        );
+        p.check(
+            t.stream_idle_timeout_ms >= 100,
+            "tunnel.stream_idle_timeout_ms",
+            "must be at least 100",
         );
         p.check(
             t.stream_window_bytes > 0 && t.connection_window_bytes >= t.stream_window_bytes,

@@ -254,7 +254,8 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
                 if !leftover.is_empty() {
                     cw.write_all(&leftover).await?;
                 }
-                splice(&mut cr, &mut cw, &mut recv, &mut send, &counts).await
+                let idle = sh.cfg.tunnel.stream_idle_timeout();
+                splice(&mut cr, &mut cw, &mut recv, &mut send, &counts, idle).await
             };
             r.await
         }

@@ -233,6 +233,18 @@ pub async fn serve_stream(
     let active = sh.metrics.streams_active.get_or_create(&labels).clone();
     active.inc();
     let began = Instant::now();
+    // At `tunnel.max_inbound_streams`: "draining", so the sender tries another gateway.
+    let Ok(_slot) = sh.inbound_streams.clone().try_acquire_owned() else {
+        let r = refuse(
+            ReplyStatus::Draining,
+            format!(
+                "gateway of site {} serves {} streams already (tunnel.max_inbound_streams)",
+                sh.site, sh.cfg.tunnel.max_inbound_streams
+            ),
+            "stream_limit",
+        );
+        return finish_refused(&sh, &peer, &mut send, None, r, began, &active).await;
+    };
     let read = tokio::time::timeout(sh.cfg.tunnel.preamble_timeout(), read_preamble(&mut recv));
     let (preamble, early) = match read.await {
         Ok(Ok(x)) => x,
@@ -274,7 +286,8 @@ pub async fn serve_stream(
         }
         let (mut er, mut ew) = endpoint.split();
         // Seen from the endpoint: "to tunnel" is what the endpoint sends back to the peer.
-        splice(&mut er, &mut ew, &mut recv, &mut send, &counts).await
+        let idle = sh.cfg.tunnel.stream_idle_timeout();
+        splice(&mut er, &mut ew, &mut recv, &mut send, &counts, idle).await
     }
     .await;
     let (from_endpoint, from_peer) = counts.get();

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshbridge_core::id::SpiffeId;
 use meshbridge_core::tls::describe;
 use tokio::net::TcpListener;
 
@@ -44,6 +45,10 @@ pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
                 let reason = format!("{id} is not a site identity (spiffe://<td>/site/<site>/...)");
                 return handshake_failed(&sh2, addr, Carrier::Quic, reason);
             }
+            let Some(_link) = sh2.peer_link(&id.to_string()) else {
+                conn.close(quinn::VarInt::from_u32(1), b"too many links from this peer");
+                return link_limit(&sh2, addr, Carrier::Quic, &id);
+            };
             let peer = Arc::new(Peer::new(id, Carrier::Quic, addr));
             let labels = link_up(&sh2, &peer, began.elapsed());
             loop {
@@ -112,6 +117,9 @@ pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
                 let reason = format!("{id} is not a site identity (spiffe://<td>/site/<site>/...)");
                 return handshake_failed(&sh2, addr, Carrier::Tcp, reason);
             }
+            let Some(_link) = sh2.peer_link(&id.to_string()) else {
+                return link_limit(&sh2, addr, Carrier::Tcp, &id);
+            };
             let peer = Arc::new(Peer::new(id, Carrier::Tcp, addr));
             let labels = link_up(&sh2, &peer, began.elapsed());
             let t = &sh2.cfg.tunnel;
@@ -143,6 +151,16 @@ fn link_up(sh: &Shared, peer: &Peer, took: Duration) -> PeerLabels {
         .observe(took.as_secs_f64());
     tracing::info!(peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr, transport = peer.carrier.name(), "peer link accepted");
     labels
+}
+
+/// A peer at `tunnel.max_links_per_peer`: its new link is closed.
+fn link_limit(sh: &Shared, addr: SocketAddr, carrier: Carrier, id: &SpiffeId) {
+    sh.metrics.failure(id.site().unwrap_or("-"), "link_limit");
+    tracing::warn!(
+        peer.id = %id, peer.addr = %addr, transport = carrier.name(),
+        limit = sh.cfg.tunnel.max_links_per_peer,
+        "peer link refused: too many links from this peer (tunnel.max_links_per_peer)"
+    );
 }
 
 fn handshake_failed(sh: &Shared, addr: SocketAddr, carrier: Carrier, reason: String) {

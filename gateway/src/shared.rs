@@ -36,11 +36,47 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// One permit per open local client connection.
     pub client_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per stream served from a peer (`tunnel.max_inbound_streams`).
+    pub inbound_streams: Arc<tokio::sync::Semaphore>,
+    /// Open links per peer identity (`tunnel.max_links_per_peer`).
+    peer_links: Arc<Mutex<HashMap<String, usize>>>,
     rr: Mutex<HashMap<(ServiceKey, u16), usize>>,
     roll: AtomicU64,
 }
 
+/// One open link of a peer identity; given back on drop.
+pub struct PeerLink {
+    links: Arc<Mutex<HashMap<String, usize>>>,
+    peer: String,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        let mut links = lock(&self.links);
+        if let Some(n) = links.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                links.remove(&self.peer);
+            }
+        }
+    }
+}
+
 impl Shared {
+    /// A place for one more link of `peer`, or `None` at `tunnel.max_links_per_peer`.
+    pub fn peer_link(&self, peer: &str) -> Option<PeerLink> {
+        let mut links = lock(&self.peer_links);
+        let n = links.entry(peer.to_owned()).or_default();
+        if *n >= self.cfg.tunnel.max_links_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(PeerLink {
+            links: self.peer_links.clone(),
+            peer: peer.to_owned(),
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Config,
@@ -65,6 +101,8 @@ impl Shared {
         );
         Self {
             client_slots: Arc::new(tokio::sync::Semaphore::new(cfg.listeners.max_connections)),
+            inbound_streams: Arc::new(tokio::sync::Semaphore::new(cfg.tunnel.max_inbound_streams)),
+            peer_links: Arc::default(),
             endpoint_ejections: Mutex::new(endpoint_ejections),
             site: cfg.site.clone(),
             cfg,

@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -134,14 +135,38 @@ where
     }
 }
 
-/// Join a local TCP side to a tunnel stream, both ways, until both directions have ended.
-/// On an error in either direction the tunnel stream is reset and the error returned.
+/// Resolves with an error once no byte moved either way for `idle` (checked every quarter
+/// of it, so a stream is closed between `idle` and 1.25 × `idle` after its last byte).
+async fn idle_watch(counts: &Counts, idle: Duration) -> io::Error {
+    let step = (idle / 4).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
+    let mut last = counts.get();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let now = counts.get();
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= idle {
+            return io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no bytes either way for {idle:?} (tunnel.stream_idle_timeout_ms)"),
+            );
+        }
+    }
+}
+
+/// Join a local TCP side to a tunnel stream, both ways, until both directions have ended or
+/// nothing moved for `idle`. On an error in either direction (or idleness) the tunnel stream
+/// is reset and the error returned.
 pub async fn splice<CR, CW>(
     client_r: &mut CR,
     client_w: &mut CW,
     tunnel_r: &mut RecvHalf,
     tunnel_w: &mut SendHalf,
     counts: &Counts,
+    idle: Duration,
 ) -> io::Result<()>
 where
     CR: AsyncRead + Unpin + ?Sized,
@@ -149,7 +174,10 @@ where
 {
     let up = pump(client_r, tunnel_w, &counts.to_tunnel);
     let down = pump(tunnel_r, client_w, &counts.from_tunnel);
-    let result = futures::future::try_join(up, down).await.map(|_| ());
+    let result = tokio::select! {
+        r = futures::future::try_join(up, down) => r.map(|_| ()),
+        e = idle_watch(counts, idle) => Err(e),
+    };
     match result {
         Ok(()) => tunnel_w.delivered().await,
         Err(_) => tunnel_w.reset(),

@@ -64,6 +64,9 @@ impl Drop for Slot {
     }
 }
 
+/// The largest header block a peer's request may carry on the HTTP/2 fallback.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
@@ -368,6 +371,8 @@ where
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(max_streams)
+        // Tunnel requests carry a few short headers; a peer cannot make us buffer more.
+        .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io);
     let mut conn = match tokio::time::timeout(idle_timeout, handshake).await {
         Ok(Ok(c)) => c,

@@ -274,6 +274,109 @@ async fn a_partners_site_is_not_ours_unless_named(t: TransportKind) -> Result<()
 }
 both_transports!(a_partners_site_is_not_ours_unless_named);
 
+/// Tunnel limits: one peer identity may hold `tunnel.max_links_per_peer` links to a
+/// gateway (more are closed after the handshake, counted as `link_limit`), and a gateway
+/// serves at most `tunnel.max_inbound_streams` streams at once (more are answered
+/// "draining", counted as `stream_limit`, and the client's connection fails over or fails).
+async fn links_per_peer_and_inbound_streams_are_bounded(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let mut cfg = mesh.config("east");
+    cfg.tunnel.max_links_per_peer = 2;
+    cfg.tunnel.max_inbound_streams = 1;
+    let east = mesh
+        .gateway_with(&site("east", "r1", "a"), cfg, mesh.identity("east"))
+        .await?;
+    let west = mesh.gateway(&site("west", "r1", "b")).await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+
+    // Streams: one connection through west holds east's only stream...
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("vip")?;
+    let mut held = TcpStream::connect(vip).await?;
+    round_trip(&mut held, b"holds the one stream").await?;
+    // ...so a second one is refused by east, and the client sees its connection fail.
+    assert!(ping(vip, "", b"one too many").await.is_err());
+    let line = "meshbridge_gateway_failures_total{site=\"east\",peer_site=\"west\",reason=\"stream_limit\"}";
+    let m = metrics_eventually(&east, line).await;
+    assert!(m.contains(line), "{m}");
+    drop(held);
+
+    // Links: a third link of the same peer identity is closed after the handshake.
+    let probe = mesh.identity("probe");
+    let tunnel = mesh.config("probe").tunnel;
+    let mut links = Vec::new();
+    for _ in 0..3 {
+        let dialer = Dialer::standalone(&probe, &tunnel, localhost(0))?;
+        // The third may fail at once (TCP: the server closes before HTTP/2) or be closed
+        // right after (QUIC): either way the server counts it.
+        if let Ok((link, _, _)) = dialer.connect(east.tunnel_addr(), carrier(t)).await {
+            links.push((dialer, link));
+        }
+    }
+    let line = "meshbridge_gateway_failures_total{site=\"east\",peer_site=\"probe\",reason=\"link_limit\"} 1";
+    let m = metrics_eventually(&east, line).await;
+    assert!(m.contains(line), "{m}");
+    for (dialer, link) in links {
+        link.close("done");
+        dialer.close();
+    }
+    Ok(())
+}
+both_transports!(links_per_peer_and_inbound_streams_are_bounded);
+
+/// A proxied connection with no byte either way for `tunnel.stream_idle_timeout_ms` is
+/// closed by the gateways; one that keeps talking is not.
+async fn idle_proxied_connections_are_closed(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let echo = Echo::start(None).await?;
+    let idle_cfg = |name: &str| {
+        let mut c = mesh.config(name);
+        c.tunnel.stream_idle_timeout_ms = 400;
+        c
+    };
+    let east = mesh
+        .gateway_with(
+            &site("east", "r1", "a"),
+            idle_cfg("east"),
+            mesh.identity("east"),
+        )
+        .await?;
+    let west = mesh
+        .gateway_with(
+            &site("west", "r1", "b"),
+            idle_cfg("west"),
+            mesh.identity("west"),
+        )
+        .await?;
+    mesh.feed.export("east", &key("echo"), PORT, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let vip = west
+        .service_addr(&key("echo"), PORT, WAIT)
+        .await
+        .context("vip")?;
+    let mut busy = TcpStream::connect(vip).await?;
+    let mut quiet = TcpStream::connect(vip).await?;
+    round_trip(&mut quiet, b"then silence").await?;
+    // The busy one talks every 100 ms for well past the idle timeout and stays open.
+    for i in 0..12 {
+        round_trip(&mut busy, format!("ping {i}").as_bytes()).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The quiet one was closed by now: reading ends (EOF or reset), without waiting.
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(std::time::Duration::from_millis(10), quiet.read(&mut buf))
+        .await
+        .context("the idle connection is still open")?;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    round_trip(&mut busy, b"still here").await?;
+    Ok(())
+}
+both_transports!(idle_proxied_connections_are_closed);
+
 async fn certificate_rotation_keeps_open_streams(t: TransportKind) -> Result<()> {
     let mesh = Mesh::new(t);
     let echo = Echo::start(None).await?;
