@@ -137,6 +137,7 @@ impl Node {
         let options = Options {
             delta_capacity: config.raft.watch_history,
             log_flush: Some(metrics.log_flush.clone()),
+            ..Options::default()
         };
         let opened = tokio::task::spawn_blocking(move || store::open_with(&dir, options)).await;
         let store_err = |source| StartError::Store {

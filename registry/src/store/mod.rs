@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::log::{EARLY_MAX_WRITES, EarlyAppend, LogStore, WriterFault};
 pub use self::sessions::{Session, Sessions};
-pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
+pub use self::state_machine::{MAX_EXPORTS_PER_SITE, SnapshotBuilder, StateMachineStore};
 pub use self::watch::{Compacted, DEFAULT_DELTA_CAPACITY, Delta, Feed};
 
 /// File name of the store inside its data directory.
@@ -62,6 +62,9 @@ pub struct Options {
     pub delta_capacity: usize,
     /// Observes the duration of every log writer commit (fsync included).
     pub log_flush: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Exports one site may have ([`MAX_EXPORTS_PER_SITE`]). Part of applying the log, so
+    /// every node of a cluster must use the same value: nodes use the default; tests lower it.
+    pub max_exports_per_site: usize,
 }
 
 impl Default for Options {
@@ -69,6 +72,7 @@ impl Default for Options {
         Self {
             delta_capacity: DEFAULT_DELTA_CAPACITY,
             log_flush: None,
+            max_exports_per_site: MAX_EXPORTS_PER_SITE,
         }
     }
 }
@@ -161,7 +165,7 @@ pub fn open_with(
 
     let db = Arc::new(db);
     let log = LogStore::new(db.clone(), options.log_flush)?;
-    let sm = StateMachineStore::load(db, options.delta_capacity)?;
+    let sm = StateMachineStore::load(db, options.delta_capacity, options.max_exports_per_site)?;
     tracing::info!(path = %path.display(), "opened raft store");
     Ok((log, sm))
 }

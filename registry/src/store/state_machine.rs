@@ -5,7 +5,9 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use meshbridge_core::model::{Applied, Catalog, Command};
+use std::collections::HashMap;
+
+use meshbridge_core::model::{Applied, Catalog, Change, Command, Rejection};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -33,6 +35,60 @@ pub struct StateMachineStore {
     spare: Option<(Arc<Catalog>, Vec<Command>)>,
     sessions: Arc<Sessions>,
     feed: Arc<Feed>,
+    /// Exports per site in `catalog`, derived (rebuilt at load and snapshot install): the
+    /// quota check needs it without walking every export.
+    export_counts: HashMap<String, usize>,
+    max_exports_per_site: usize,
+}
+
+/// Exports one site may have in the catalog (a new export beyond it is refused with
+/// `ResourceExhausted`). The same on every node: the check is part of applying the log.
+pub const MAX_EXPORTS_PER_SITE: usize = 10_000;
+
+fn count_exports(catalog: &Catalog) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for (_, site) in catalog.exports.keys() {
+        *counts.entry(site.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// A new export of a site at its quota: refused before the catalog sees it.
+fn quota_refusal(
+    catalog: &Catalog,
+    counts: &HashMap<String, usize>,
+    max: usize,
+    command: &Command,
+) -> Option<Rejection> {
+    let Command::PutExport { export } = command else {
+        return None;
+    };
+    let new = !catalog.exports.contains_key(&export.key());
+    (new && counts.get(&export.site).copied().unwrap_or(0) >= max).then(|| Rejection::Quota {
+        what: format!("exports of site {}", export.site),
+        limit: max as u64,
+    })
+}
+
+/// Keeps the per-site export counts in step with what a command changed (`catalog` is
+/// after it: an upserted export that was already counted is not counted again).
+fn count_changes(counts: &mut HashMap<String, usize>, changes: &[Change], catalog: &Catalog) {
+    for change in changes {
+        match change {
+            Change::ExportUpserted { export } if export.created_revision == catalog.revision => {
+                *counts.entry(export.site.clone()).or_default() += 1;
+            }
+            Change::ExportRemoved { site, .. } => {
+                if let Some(n) = counts.get_mut(site) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(site);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Builds a snapshot of the state machine as it was when the builder was taken.
@@ -49,7 +105,11 @@ static SNAPSHOT_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl StateMachineStore {
     /// Starts from the current snapshot, or empty when there is none.
-    pub(super) fn load(db: Arc<Database>, delta_capacity: usize) -> Result<Self, StoreError> {
+    pub(super) fn load(
+        db: Arc<Database>,
+        delta_capacity: usize,
+        max_exports_per_site: usize,
+    ) -> Result<Self, StoreError> {
         let (last_applied, membership, (catalog, sessions)) = match read_snapshot(&db)? {
             Some((meta, data)) => {
                 let (catalog, sessions) = image::decode(&data)?;
@@ -68,6 +128,7 @@ impl StateMachineStore {
                 (Catalog::default(), Sessions::default()),
             ),
         };
+        let export_counts = count_exports(&catalog);
         let catalog = Arc::new(catalog);
         let feed = Arc::new(Feed::new(catalog.clone(), delta_capacity));
         Ok(Self {
@@ -78,6 +139,8 @@ impl StateMachineStore {
             spare: None,
             sessions: Arc::new(sessions),
             feed,
+            export_counts,
+            max_exports_per_site,
         })
     }
 
@@ -164,7 +227,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             continue;
                         }
                         let catalog = work.get_or_insert_with(|| self.working_copy());
-                        let reply = catalog.apply(&request.command);
+                        let reply = match quota_refusal(
+                            catalog,
+                            &self.export_counts,
+                            self.max_exports_per_site,
+                            &request.command,
+                        ) {
+                            Some(refused) => Err(refused),
+                            None => catalog.apply(&request.command),
+                        };
+                        if let Ok(applied) = &reply {
+                            count_changes(&mut self.export_counts, &applied.changes, catalog);
+                        }
                         if reply.is_ok() {
                             // Refused commands change nothing; the others are replayed on
                             // the spare.
@@ -241,6 +315,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.export_counts = count_exports(&catalog);
         self.catalog = Arc::new(catalog);
         self.spare = None;
         self.sessions = Arc::new(sessions);

@@ -2,14 +2,16 @@
 
 use std::collections::BTreeSet;
 
-use meshbridge_core::model::{Command, Locality, SiteKind, SiteSpec};
+use meshbridge_core::model::{Command, Locality, Rejection, SiteKind, SiteSpec};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, RaftLogReader, RaftSnapshotBuilder};
 use tempfile::TempDir;
 
 use super::*;
-use crate::types::{Entry, EntryPayload, LogId, Membership, StorageError, TypeConfig, Vote};
+use crate::types::{
+    Entry, EntryPayload, LogId, Membership, Replies, StorageError, TypeConfig, Vote,
+};
 
 struct TempStore;
 
@@ -555,5 +557,100 @@ async fn a_crash_loses_held_and_queued_writes_and_calls_nobody_back() -> anyhow:
     assert_eq!(log.read_vote().await?, Some(Vote::new_committed(1, 1)));
     let state = log.get_log_state().await?;
     assert_eq!(state.last_log_id, Some(log_id(1, 2)));
+    Ok(())
+}
+
+fn put_export(site: &str, ns: &str, name: &str) -> Command {
+    use meshbridge_core::model::{Endpoint, Export, Port, Protocol, ServiceKey};
+    Command::PutExport {
+        export: Export {
+            site: site.into(),
+            service: ServiceKey::new(ns, name),
+            generation: 1,
+            ports: vec![Port {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_port: 80,
+            }],
+            endpoints: vec![Endpoint {
+                address: [10, 0, 0, 1].into(),
+                hostname: None,
+                ready: true,
+                weight: 1,
+                identity: None,
+            }],
+            headless: false,
+            created_revision: 0,
+            updated_revision: 0,
+        },
+    }
+}
+
+/// Quota: a site may have `max_exports_per_site` exports; a new one beyond it is refused
+/// as part of applying the log (every node the same), while updates, other sites and
+/// exports after a deletion still go through; the count survives a restart (rebuilt from
+/// the snapshot and the replayed log).
+#[tokio::test]
+async fn exports_per_site_are_bounded_by_the_state_machine() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let options = || Options {
+        max_exports_per_site: 2,
+        ..Options::default()
+    };
+    let entry = |index: u64, command: Command| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(crate::types::Proposal(vec![command.into()])),
+    };
+    let refused = |replies: &[Replies]| {
+        matches!(
+            replies.first().and_then(|r| r.first()),
+            Some(Err(Rejection::Quota { what, limit: 2 })) if what == "exports of site a"
+        )
+    };
+    {
+        let (_log, mut sm) = open_with(dir.path(), options())?;
+        let first = sm
+            .apply(vec![
+                entry(1, register("a", 1)),
+                entry(2, register("b", 1)),
+                entry(3, put_export("a", "shop", "one")),
+                entry(4, put_export("a", "shop", "two")),
+            ])
+            .await?;
+        assert!(first.iter().flatten().all(Result::is_ok), "{first:?}");
+        assert!(refused(
+            &sm.apply(vec![entry(5, put_export("a", "shop", "three"))])
+                .await?
+        ));
+        // Another site, and an update of a counted export: fine.
+        let other = sm
+            .apply(vec![entry(6, put_export("b", "shop", "three"))])
+            .await?;
+        assert!(other[0][0].is_ok(), "{other:?}");
+        let mut update = put_export("a", "shop", "one");
+        if let Command::PutExport { export } = &mut update {
+            export.generation = 2;
+        }
+        let updated = sm.apply(vec![entry(7, update)]).await?;
+        assert!(updated[0][0].is_ok(), "{updated:?}");
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+    }
+    // After a restart the count is rebuilt: still full, until one export goes.
+    let (_log, mut sm) = open_with(dir.path(), options())?;
+    assert!(refused(
+        &sm.apply(vec![entry(8, put_export("a", "shop", "three"))])
+            .await?
+    ));
+    let delete = Command::DeleteExport {
+        site: "a".into(),
+        service: meshbridge_core::model::ServiceKey::new("shop", "two"),
+        generation: 1,
+    };
+    sm.apply(vec![entry(9, delete)]).await?;
+    let again = sm
+        .apply(vec![entry(10, put_export("a", "shop", "three"))])
+        .await?;
+    assert!(again[0][0].is_ok(), "{again:?}");
     Ok(())
 }
