@@ -377,6 +377,32 @@ async fn idle_proxied_connections_are_closed(t: TransportKind) -> Result<()> {
 }
 both_transports!(idle_proxied_connections_are_closed);
 
+/// Dialing site `east` must reach exactly `spiffe://<our td>/site/east/gateway` (or its
+/// agent): a partner's `site/east`, another site, `east-evil` or a workload is the wrong peer.
+#[tokio::test]
+async fn a_dialed_site_must_present_exactly_its_own_id() {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let dialer = Dialer::standalone(
+        &mesh.identity("west"),
+        &mesh.config("west").tunnel,
+        localhost(0),
+    )
+    .unwrap();
+    let id = |s: &str| meshbridge_core::id::SpiffeId::parse(s).unwrap();
+    assert!(dialer.is_expected_peer("east", &id(&format!("spiffe://{TD}/site/east/gateway"))));
+    assert!(dialer.is_expected_peer("east", &id(&format!("spiffe://{TD}/site/east/agent"))));
+    for wrong in [
+        "spiffe://partner.example/site/east/gateway".to_string(),
+        format!("spiffe://{TD}/site/west/gateway"),
+        format!("spiffe://{TD}/site/east-evil/gateway"),
+        format!("spiffe://{TD}/site/east/gateway/extra"),
+        format!("spiffe://{TD}/ns/shop/sa/east"),
+    ] {
+        assert!(!dialer.is_expected_peer("east", &id(&wrong)), "{wrong}");
+    }
+    dialer.close();
+}
+
 async fn certificate_rotation_keeps_open_streams(t: TransportKind) -> Result<()> {
     let mesh = Mesh::new(t);
     let echo = Echo::start(None).await?;
