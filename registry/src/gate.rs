@@ -2,7 +2,8 @@
 //! without a certificate may call `Join` only, and only registry nodes of our trust domain
 //! may use the Raft service (whose messages may be large). What passes is then authorized
 //! per method by [`crate::authz::Caller`] as before; the gate only makes sure that nobody
-//! unauthenticated gets a large message buffered and decoded first.
+//! unauthenticated gets a large message buffered and decoded first (and `Join`/`Renew`,
+//! small by nature, are cut off at [`SMALL_CALL_BYTES`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
 use http::{Request, Response};
+use http_body_util::Limited;
 use tonic::Status;
 use tonic::body::Body;
 
@@ -17,6 +19,10 @@ use crate::listener::Peer;
 
 /// The one method served to a client without a certificate.
 pub const JOIN_PATH: &str = "/meshbridge.registry.v1.Registry/Join";
+/// `Join` and `Renew` carry a token and a CSR (a few KiB): their request bodies are cut
+/// off past this, however large the API's decoding limit.
+pub const SMALL_CALL_BYTES: usize = 64 * 1024;
+const SMALL_CALLS: [&str; 2] = [JOIN_PATH, "/meshbridge.registry.v1.Registry/Renew"];
 /// The node-to-node service.
 pub const RAFT_PREFIX: &str = "/meshbridge.registry.v1.Raft/";
 
@@ -89,6 +95,10 @@ where
             Some(status) => {
                 tracing::debug!(path = req.uri().path(), error = %status.message(), "refused at the gate");
                 Either::Right(ready(Ok(status.into_http())))
+            }
+            None if SMALL_CALLS.contains(&req.uri().path()) => {
+                let req = req.map(|body| Body::new(Limited::new(body, SMALL_CALL_BYTES)));
+                Either::Left(self.inner.call(req))
             }
             None => Either::Left(self.inner.call(req)),
         }

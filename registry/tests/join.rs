@@ -357,6 +357,16 @@ async fn large_or_non_join_calls_without_a_certificate_are_refused_unread() {
     // tonic answers OutOfRange for a message over the decoding limit.
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("too large"), "{status:?}");
+    // Under the API's 4 MiB but far over what a Join needs: cut off at 64 KiB.
+    let status = j
+        .anonymous(&url)
+        .join(proto::JoinRequest {
+            token: "x".repeat(1024 * 1024),
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("length limit"), "{status:?}");
 
     // The Raft service takes messages up to 256 MiB from registry nodes; without a
     // certificate the call is refused at the gate, not decoded and then refused (which
