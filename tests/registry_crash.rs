@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use meshbridge_core::client::{ClientError, ClientOptions, Consistency, RegistryClient};
 use meshbridge_registry::Config;
+use meshbridge_testkit::http::get_json;
 use meshbridge_testkit::linearizability::{Event, Op, Out, Recorder, check, policies};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 use rand::Rng;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TD: &str = "crash.example";
 const KEYS: [&str; 3] = ["k0", "k1", "k2"];
@@ -173,22 +173,6 @@ impl Registry {
             .await
             .unwrap()
     }
-}
-
-/// `GET path` on an admin address, as JSON; `None` if the node does not answer.
-async fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.ok()?;
-        let body = out.split_once("\r\n\r\n")?.1;
-        serde_json::from_str(body).ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), io)
-        .await
-        .ok()?
 }
 
 /// What the clients did: the register history, and the unique policies whose puts were

@@ -495,6 +495,9 @@ listen = "nowhere"
 keepalive_ms = 9000
 peers_allowed = ["not an id"]
 max_streams_per_link = 0
+max_links_per_peer = 0
+max_inbound_streams = 0
+stream_idle_timeout_ms = 5
 [listeners]
 sni = "x"
 "#;
@@ -508,6 +511,9 @@ sni = "x"
             "tunnel.peers_allowed",
             "tunnel.keepalive_ms",
             "tunnel.max_streams_per_link",
+            "tunnel.max_links_per_peer",
+            "tunnel.max_inbound_streams",
+            "tunnel.stream_idle_timeout_ms",
             "listeners.sni",
         ] {
             assert!(fields.contains(&want), "{want} missing from {fields:?}");

@@ -175,6 +175,8 @@ where
     let up = pump(client_r, tunnel_w, &counts.to_tunnel);
     let down = pump(tunnel_r, client_w, &counts.from_tunnel);
     let result = tokio::select! {
+        // The data first, without select's per-poll random draw: this runs on every wake.
+        biased;
         r = futures::future::try_join(up, down) => r.map(|_| ()),
         e = idle_watch(counts, idle) => Err(e),
     };

@@ -2,6 +2,7 @@
 //!
 //! - [`fault`]: TCP and UDP proxies that inject latency, loss and blackholes (this kernel
 //!   has no `tc netem`);
+//! - [`http`]: GET on an admin port;
 //! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
 //! - [`pki`]: a throw-away CA and SVIDs on disk;
 //! - [`process`]: run the real binary and wait for the lines it prints;
@@ -12,6 +13,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod fault;
+pub mod http;
 pub mod linearizability;
 pub mod netns;
 pub mod pki;

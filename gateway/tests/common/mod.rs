@@ -408,14 +408,9 @@ pub async fn http_connect(proxy: SocketAddr, authority: &str) -> Result<(String,
 
 /// A plain HTTP GET on the admin listener.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    meshbridge_testkit::http::get(addr, path)
+        .await
+        .context("the admin listener did not answer")
 }
 
 /// Wait (bounded) until the gateway has no connection or stream in flight.

@@ -334,14 +334,9 @@ pub fn visible(c: &meshbridge_core::model::Catalog) -> meshbridge_core::model::C
 
 /// The Prometheus text of a node's admin `/metrics`.
 pub async fn metrics(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    meshbridge_testkit::http::get(addr, "/metrics")
         .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        .expect("the admin port answers")
 }
 
 /// The value of a metric line that starts with `series` (name and labels), if present.
