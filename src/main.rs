@@ -8,6 +8,7 @@ mod demo;
 mod dns;
 mod echo;
 mod gateway;
+mod kube;
 mod pki;
 mod registry;
 mod source;
@@ -52,6 +53,8 @@ enum Command {
     Echo(echo::Args),
     /// Run a site's east-west gateway.
     Gateway(gateway::Args),
+    /// Run a cluster's Kubernetes adapter (MCS ServiceExport/ServiceImport), or print its CRDs.
+    Kube(kube::Args),
     /// Run a registry node (Raft-replicated catalog, registry API).
     Registry(registry::Args),
     /// Run the whole mesh on this machine and show it working.
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Echo(args) => runtime().and_then(|rt| rt.block_on(echo::run(args))),
         Command::Gateway(args) => gateway::main(args),
         Command::Registry(args) => registry::main(args),
+        Command::Kube(args) => runtime().and_then(|rt| rt.block_on(kube::run(args))),
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
     };
     match result {

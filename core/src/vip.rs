@@ -129,6 +129,113 @@ pub fn assign_catalog(
     assign(range, oldest.into_iter().map(|(k, r)| (k.clone(), r)))
 }
 
+/// A range of TCP ports (`first-last`, inclusive) for service listeners on one address: the
+/// Kubernetes adapter points an imported service's EndpointSlice at `gateway:port`, and the
+/// gateway listens there, both from [`assign_ports`] over the same catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn new(first: u16, last: u16) -> Result<Self, String> {
+        if first == 0 || last < first {
+            return Err(format!("{first}-{last}: need 1 <= first <= last"));
+        }
+        Ok(Self { first, last })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        u32::from(self.last - self.first) + 1
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected a port range like 20000-29999"))?;
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{s:?}: {x:?} is not a port"))
+        };
+        Self::new(parse(a)?, parse(b)?).map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl serde::Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One listener port per (service, service port) for every TCP port of every non-headless
+/// service in the catalog, whichever site exports it: the same FNV-1a hash and probing as
+/// VIPs, over `namespace/name:port`, oldest service first, so a port once given keeps its
+/// slot while its service exists. Pairs that do not fit get none.
+pub fn assign_ports(
+    range: PortRange,
+    catalog: &crate::model::Catalog,
+) -> BTreeMap<(ServiceKey, u16), u16> {
+    let mut oldest: BTreeMap<&ServiceKey, u64> = BTreeMap::new();
+    for ((key, _site), export) in &catalog.exports {
+        let e = oldest.entry(key).or_insert(u64::MAX);
+        *e = (*e).min(export.created_revision);
+    }
+    let mut list: Vec<(u64, ServiceKey, u16)> = Vec::new();
+    for svc in catalog.services() {
+        if svc.headless {
+            continue;
+        }
+        let rev = oldest.get(&svc.key).copied().unwrap_or(u64::MAX);
+        for p in svc
+            .ports
+            .iter()
+            .filter(|p| p.protocol == crate::model::Protocol::Tcp)
+        {
+            list.push((rev, svc.key.clone(), p.port));
+        }
+    }
+    list.sort();
+    list.dedup();
+    let cap = range.capacity();
+    let mut used = HashSet::new();
+    let mut out = BTreeMap::new();
+    for (_, key, port) in list {
+        if used.len() as u32 >= cap {
+            break;
+        }
+        let mut h = fnv1a(&key);
+        for b in [b':'].into_iter().chain(port.to_string().bytes()) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        let mut slot = h % cap;
+        while !used.insert(slot) {
+            slot = (slot + 1) % cap;
+        }
+        out.insert((key, port), range.first + slot as u16);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +285,82 @@ mod tests {
                 .parse::<VipRange>()
                 .unwrap_err()
                 .contains("not an IPv4")
+        );
+    }
+
+    fn catalog_with(services: &[(&str, u64, &[u16], bool)]) -> crate::model::Catalog {
+        use crate::model::{Export, Port, Protocol};
+        let mut c = crate::model::Catalog::default();
+        for (name, rev, ports, headless) in services {
+            let e = Export {
+                site: "east".into(),
+                service: key(name),
+                generation: 1,
+                ports: ports
+                    .iter()
+                    .map(|p| Port {
+                        name: format!("p{p}"),
+                        port: *p,
+                        protocol: Protocol::Tcp,
+                        target_port: *p,
+                    })
+                    .collect(),
+                endpoints: Vec::new(),
+                headless: *headless,
+                created_revision: *rev,
+                updated_revision: *rev,
+            };
+            c.exports.insert(e.key(), std::sync::Arc::new(e));
+        }
+        c
+    }
+
+    #[test]
+    fn ports_are_stable_distinct_and_skip_headless_services() {
+        let range: PortRange = "20000-20009".parse().unwrap();
+        let before = assign_ports(range, &catalog_with(&[("a", 1, &[80, 443], false)]));
+        let after = assign_ports(
+            range,
+            &catalog_with(&[
+                ("a", 1, &[80, 443], false),
+                ("b", 2, &[80], false),
+                ("h", 3, &[80], true),
+            ]),
+        );
+        assert_eq!(before[&(key("a"), 80)], after[&(key("a"), 80)]);
+        assert_eq!(before[&(key("a"), 443)], after[&(key("a"), 443)]);
+        assert_eq!(after.len(), 3, "{after:?}");
+        let ports: HashSet<u16> = after.values().copied().collect();
+        assert_eq!(ports.len(), 3);
+        assert!(ports.iter().all(|p| (20000..=20009).contains(p)));
+        // A full range gives what fits, oldest first.
+        let tiny = assign_ports(
+            PortRange::new(1000, 1001).unwrap(),
+            &catalog_with(&[("a", 1, &[80, 443], false), ("b", 2, &[80], false)]),
+        );
+        assert_eq!(tiny.len(), 2);
+        assert!(!tiny.contains_key(&(key("b"), 80)));
+    }
+
+    #[test]
+    fn bad_port_ranges_are_explained() {
+        assert!(
+            "20000"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("expected a port range")
+        );
+        assert!(
+            "3-2"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("first <= last")
+        );
+        assert!(
+            "1-x"
+                .parse::<PortRange>()
+                .unwrap_err()
+                .contains("not a port")
         );
     }
 }

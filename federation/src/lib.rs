@@ -5,4 +5,5 @@
 
 pub mod agent;
 pub mod dns;
+pub mod kube;
 pub mod site;

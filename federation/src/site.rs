@@ -151,24 +151,8 @@ async fn reconcile(
 ) -> Result<(), ClientError> {
     let wanted: BTreeMap<&ServiceKey, &LocalExport> =
         want.iter().map(|e| (&e.service, e)).collect();
-    for (key, local) in &wanted {
-        if put.get(*key).is_some_and(|(_, have)| have == *local) {
-            continue;
-        }
-        let generation = gens.next();
-        let export = Export {
-            site: site.to_string(),
-            service: (*key).clone(),
-            generation,
-            ports: local.ports.clone(),
-            endpoints: local.endpoints.clone(),
-            headless: local.headless,
-            created_revision: 0,
-            updated_revision: 0,
-        };
-        client.put_export(&export).await?;
-        tracing::info!(%site, service = %key, generation, ready = local.endpoints.iter().filter(|e| e.ready).count(), "export updated");
-        put.insert((*key).clone(), (generation, (*local).clone()));
+    for local in wanted.values() {
+        put_one(client, site, local, put, gens).await?;
     }
     let gone: Vec<ServiceKey> = put
         .keys()
@@ -176,16 +160,134 @@ async fn reconcile(
         .cloned()
         .collect();
     for key in gone {
-        let generation = gens.next();
-        match client.delete_export(site, &key, generation).await {
-            Ok(_) => {}
-            Err(e) if e.code() == Some(Code::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-        tracing::info!(%site, service = %key, "export withdrawn");
-        put.remove(&key);
+        withdraw_one(client, site, &key, put, gens).await?;
     }
     Ok(())
+}
+
+/// Write `local` unless the registry holds it already; true when written.
+async fn put_one(
+    client: &RegistryClient,
+    site: &str,
+    local: &LocalExport,
+    put: &mut BTreeMap<ServiceKey, (u64, LocalExport)>,
+    gens: &mut Generations,
+) -> Result<bool, ClientError> {
+    if put
+        .get(&local.service)
+        .is_some_and(|(_, have)| have == local)
+    {
+        return Ok(false);
+    }
+    let generation = gens.next();
+    let export = Export {
+        site: site.to_string(),
+        service: local.service.clone(),
+        generation,
+        ports: local.ports.clone(),
+        endpoints: local.endpoints.clone(),
+        headless: local.headless,
+        created_revision: 0,
+        updated_revision: 0,
+    };
+    client.put_export(&export).await?;
+    tracing::info!(%site, service = %local.service, generation, ready = local.endpoints.iter().filter(|e| e.ready).count(), "export updated");
+    put.insert(local.service.clone(), (generation, local.clone()));
+    Ok(true)
+}
+
+async fn withdraw_one(
+    client: &RegistryClient,
+    site: &str,
+    key: &ServiceKey,
+    put: &mut BTreeMap<ServiceKey, (u64, LocalExport)>,
+    gens: &mut Generations,
+) -> Result<(), ClientError> {
+    let generation = gens.next();
+    match client.delete_export(site, key, generation).await {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(Code::NotFound) => {}
+        Err(e) => return Err(e),
+    }
+    tracing::info!(%site, service = %key, "export withdrawn");
+    put.remove(key);
+    Ok(())
+}
+
+/// A site's exports as the registry holds them, kept equal to a wanted set one service at a
+/// time (so one refused export does not hold up the others). Used by the Kubernetes
+/// adapter, which reports per service.
+pub struct ExportWriter {
+    site: String,
+    put: BTreeMap<ServiceKey, (u64, LocalExport)>,
+    gens: Generations,
+}
+
+impl ExportWriter {
+    /// Start from what `catalog` holds for `site` (a new leader adopts its predecessor's
+    /// exports, and generations continue above theirs).
+    pub fn adopt(site: &str, catalog: &meshbridge_core::model::Catalog) -> Self {
+        let mut put = BTreeMap::new();
+        let mut top = 0;
+        for ((key, s), e) in &catalog.exports {
+            if s != site {
+                continue;
+            }
+            top = top.max(e.generation);
+            put.insert(
+                key.clone(),
+                (
+                    e.generation,
+                    LocalExport {
+                        service: key.clone(),
+                        ports: e.ports.clone(),
+                        endpoints: e.endpoints.clone(),
+                        headless: e.headless,
+                    },
+                ),
+            );
+        }
+        Self {
+            site: site.to_string(),
+            put,
+            gens: Generations(top),
+        }
+    }
+
+    /// Make the registry hold `local`; true when a new generation was written.
+    pub async fn put(
+        &mut self,
+        client: &RegistryClient,
+        local: &LocalExport,
+    ) -> Result<bool, ClientError> {
+        put_one(client, &self.site, local, &mut self.put, &mut self.gens).await
+    }
+
+    /// Withdraw `key` (gone from the registry already is fine).
+    pub async fn withdraw(
+        &mut self,
+        client: &RegistryClient,
+        key: &ServiceKey,
+    ) -> Result<(), ClientError> {
+        withdraw_one(client, &self.site, key, &mut self.put, &mut self.gens).await
+    }
+
+    /// Whether the registry holds exactly `local` (as far as this writer knows).
+    pub fn holds(&self, local: &LocalExport) -> bool {
+        self.put
+            .get(&local.service)
+            .is_some_and(|(_, have)| have == local)
+    }
+
+    /// Services the registry holds for this site.
+    pub fn keys(&self) -> Vec<ServiceKey> {
+        self.put.keys().cloned().collect()
+    }
+
+    /// The generation last written for `key`.
+    pub fn generation(&self, key: &ServiceKey) -> Option<u64> {
+        self.put.get(key).map(|(g, _)| *g)
+    }
 }
 
 /// Shared handle on a keeper's status.

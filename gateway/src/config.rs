@@ -118,6 +118,10 @@ pub struct ListenersConfig {
     pub max_connections: usize,
     /// Service listeners: one VIP per imported service from this range, one listener per port.
     pub vip_range: Option<VipRange>,
+    /// Kubernetes sites: one address, a port per imported (service, port) from a range; the
+    /// kube adapter points imported EndpointSlices at these ports (its `import.ports` must
+    /// be the same range).
+    pub import_ports: Option<ImportPorts>,
     /// SNI passthrough listener (like Istio's 15443).
     pub sni: Option<String>,
     /// HTTP CONNECT listener.
@@ -125,6 +129,16 @@ pub struct ListenersConfig {
     /// Service listeners at fixed addresses (like a ServiceImport's IP in a cluster, or a
     /// port on a host that cannot use VIPs): bound at start, whatever the catalog says.
     pub fixed: Vec<FixedListener>,
+}
+
+/// Port-per-service listeners on one address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportPorts {
+    /// The address to listen on (in a pod: `0.0.0.0`).
+    pub address: std::net::IpAddr,
+    /// `first-last`, e.g. `20000-29999`.
+    pub ports: meshbridge_core::vip::PortRange,
 }
 
 /// One fixed service listener.
@@ -205,6 +219,7 @@ impl Default for ListenersConfig {
         Self {
             max_connections: 100_000,
             vip_range: None,
+            import_ports: None,
             sni: None,
             connect: None,
             fixed: Vec::new(),
@@ -398,6 +413,11 @@ impl RoleConfig for Config {
                 "must be more than 0",
             );
         }
+        p.check(
+            self.listeners.vip_range.is_none() || self.listeners.import_ports.is_none(),
+            "listeners.import_ports",
+            "set either listeners.vip_range or listeners.import_ports, not both",
+        );
         p.check(
             self.listeners.max_connections > 0,
             "listeners.max_connections",

@@ -168,7 +168,20 @@ impl Gateway {
 
         let (services_tx, services_rx) = watch::channel(ServiceAddrs::new());
         if let Some(range) = config.listeners.vip_range {
-            tasks.spawn(services::reconcile(sh.clone(), range, services_tx));
+            tasks.spawn(services::reconcile(
+                sh.clone(),
+                services::Addressing::Vips(range),
+                services_tx,
+            ));
+        } else if let Some(p) = &config.listeners.import_ports {
+            tasks.spawn(services::reconcile(
+                sh.clone(),
+                services::Addressing::Ports {
+                    address: p.address,
+                    range: p.ports,
+                },
+                services_tx,
+            ));
         }
         let mut fixed_addrs = Vec::new();
         for f in &config.listeners.fixed {

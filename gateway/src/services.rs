@@ -1,6 +1,8 @@
 //! Service listeners: each imported service gets a VIP from the configured range (the same
-//! deterministic assignment the DNS stub uses) and a listener per TCP port. Reconciled on
-//! every catalog change; a listener that goes away leaves its open connections alone.
+//! deterministic assignment the DNS stub uses) and a listener per TCP port; or, in a
+//! Kubernetes site, a port per (service, port) on one address (the same assignment the kube
+//! adapter writes into the imported EndpointSlices). Reconciled on every catalog change; a
+//! listener that goes away leaves its open connections alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshbridge_core::model::{Catalog, Protocol, ServiceKey};
-use meshbridge_core::vip::{VipRange, assign_catalog};
+use meshbridge_core::vip::{PortRange, VipRange, assign_catalog, assign_ports};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -23,33 +25,53 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Bound service listeners: (service, port) → address.
 pub type ServiceAddrs = BTreeMap<(ServiceKey, u16), SocketAddr>;
 
+/// How imported services get their listener addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// A VIP per service from the range, the service's own port numbers.
+    Vips(VipRange),
+    /// One address, a port per (service, port) from the range.
+    Ports { address: IpAddr, range: PortRange },
+}
+
 /// The listeners the catalog asks for: services exported by at least one other site.
 pub fn desired(
     catalog: &Catalog,
     own_site: &str,
-    range: VipRange,
+    addressing: Addressing,
 ) -> BTreeMap<SocketAddr, (ServiceKey, u16)> {
-    let vips = assign_catalog(range, catalog);
+    let (vips, ports) = match addressing {
+        Addressing::Vips(range) => (assign_catalog(range, catalog), BTreeMap::new()),
+        Addressing::Ports { range, .. } => (BTreeMap::new(), assign_ports(range, catalog)),
+    };
     let mut out = BTreeMap::new();
     for svc in catalog.services() {
         if svc.headless || svc.groups.iter().all(|g| g.site == own_site) {
             continue;
         }
-        let Some(vip) = vips.get(&svc.key) else {
-            continue;
-        };
         for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-            out.insert(
-                SocketAddr::new(IpAddr::V4(*vip), p.port),
-                (svc.key.clone(), p.port),
-            );
+            let addr = match addressing {
+                Addressing::Vips(_) => vips
+                    .get(&svc.key)
+                    .map(|vip| SocketAddr::new(IpAddr::V4(*vip), p.port)),
+                Addressing::Ports { address, .. } => ports
+                    .get(&(svc.key.clone(), p.port))
+                    .map(|port| SocketAddr::new(address, *port)),
+            };
+            if let Some(addr) = addr {
+                out.insert(addr, (svc.key.clone(), p.port));
+            }
         }
     }
     out
 }
 
 /// Keep the listeners in line with the catalog until the gateway stops accepting.
-pub async fn reconcile(sh: Arc<Shared>, range: VipRange, published: watch::Sender<ServiceAddrs>) {
+pub async fn reconcile(
+    sh: Arc<Shared>,
+    addressing: Addressing,
+    published: watch::Sender<ServiceAddrs>,
+) {
     let mut catalog = sh.catalog.clone();
     let mut bound: HashMap<SocketAddr, ((ServiceKey, u16), CancellationToken)> = HashMap::new();
     // A listener that could not be bound (address taken by another process) is retried
@@ -57,7 +79,7 @@ pub async fn reconcile(sh: Arc<Shared>, range: VipRange, published: watch::Sende
     let mut retry = RETRY_MIN;
     loop {
         let mut failed = 0usize;
-        let want = desired(&catalog.borrow_and_update().clone(), &sh.site, range);
+        let want = desired(&catalog.borrow_and_update().clone(), &sh.site, addressing);
         bound.retain(|addr, (key, stop)| {
             let keep = want.get(addr) == Some(key);
             if !keep {
@@ -168,11 +190,30 @@ mod tests {
             c.exports.insert(e.key(), Arc::new(e));
         }
         let range: VipRange = "127.240.0.0/16".parse().unwrap();
-        let d = desired(&c, "west", range);
+        let d = desired(&c, "west", Addressing::Vips(range));
         let keys: Vec<_> = d.values().cloned().collect();
         assert_eq!(keys, vec![(ServiceKey::new("ns", "remote"), 80)]);
         let addr = d.keys().next().unwrap();
         assert_eq!(addr.port(), 80);
         assert!(matches!(addr.ip(), IpAddr::V4(ip) if range.contains(ip)));
+        // Port addressing: one address, the port the kube adapter computes from the catalog.
+        let ports: PortRange = "20000-20099".parse().unwrap();
+        let address: IpAddr = "10.1.0.2".parse().unwrap();
+        let d = desired(
+            &c,
+            "west",
+            Addressing::Ports {
+                address,
+                range: ports,
+            },
+        );
+        let want = assign_ports(ports, &c)[&(ServiceKey::new("ns", "remote"), 80)];
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            vec![(
+                SocketAddr::new(address, want),
+                (ServiceKey::new("ns", "remote"), 80)
+            )]
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! - [`fault`]: TCP and UDP proxies that inject latency, loss and blackholes (this kernel
 //!   has no `tc netem`);
 //! - [`http`]: GET on an admin port;
+//! - [`kube`]: a real etcd and kube-apiservers (built from their Go modules) for the kube
+//!   adapter's tests;
 //! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
 //! - [`pki`]: a throw-away CA and SVIDs on disk;
 //! - [`process`]: run the real binary and wait for the lines it prints;
@@ -14,6 +16,7 @@
 
 pub mod fault;
 pub mod http;
+pub mod kube;
 pub mod linearizability;
 pub mod netns;
 pub mod pki;

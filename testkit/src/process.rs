@@ -72,6 +72,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process has ended.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }

@@ -1,0 +1,380 @@
+//! Two Kubernetes clusters (`east`, `west`: real kube-apiservers on one real etcd), a
+//! one-node registry, a gateway per site and the adapters, all real processes on
+//! 127.0.0.1. The gateways' addresses in the clusters' object model are
+//! `10.244.<site>.10`: nothing sends traffic to them in these tests (the data path is
+//! tested in network namespaces).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, CustomResourceExt};
+use meshbridge_core::client::RegistryClient;
+use meshbridge_core::model::Catalog;
+use meshbridge_core::tls::IdentityFiles;
+use meshbridge_federation::kube::crd::{ServiceExport, ServiceImport};
+use meshbridge_testkit::kube::{ApiServer, ApiServerOptions, Etcd, User};
+use meshbridge_testkit::pki::TestPki;
+use meshbridge_testkit::process::Proc;
+use tokio::sync::watch;
+
+pub const TD: &str = "kube.example";
+pub const READY: Duration = Duration::from_secs(60);
+pub const IMPORT_PORTS: &str = "20000-20999";
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_meshbridge")
+}
+
+pub fn free_port() -> u16 {
+    meshbridge_testkit::kube::free_port().unwrap()
+}
+
+pub fn spawn(name: &str, args: &[&str]) -> Proc {
+    let mut cmd = tokio::process::Command::new(exe());
+    cmd.args(args).env(
+        "MESHBRIDGE_LOG",
+        "info,openraft=warn,hickory_server=warn,hickory_proto=warn,kube=warn,tower=warn,hyper=warn",
+    );
+    Proc::spawn(name, cmd).unwrap()
+}
+
+fn tls_section(files: &IdentityFiles) -> String {
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+        files.cert, files.key, files.bundle
+    )
+}
+
+/// The adapter's RBAC user in each cluster.
+pub fn adapter_user(site: &str) -> User {
+    User {
+        name: format!("system:serviceaccount:meshbridge:adapter-{site}"),
+        token: format!("adapter-{site}-token-{}", rand::random::<u32>()),
+        groups: vec!["system:serviceaccounts".into()],
+    }
+}
+
+pub struct Cluster {
+    pub api: ApiServer,
+    pub admin: Client,
+}
+
+pub struct Env {
+    pub pki: TestPki,
+    #[allow(dead_code)] // the 410 test compacts it
+    pub etcd: Etcd,
+    pub clusters: BTreeMap<&'static str, Cluster>,
+    pub registry_url: String,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Proc,
+    gateways: Vec<Proc>,
+    pub root: PathBuf,
+}
+
+/// The gateway address of `site` in its cluster's object model.
+pub fn gateway_ip(site: &str) -> String {
+    match site {
+        "east" => "10.244.1.10".into(),
+        _ => "10.244.2.10".into(),
+    }
+}
+
+impl Env {
+    pub async fn start(sites: &[&'static str], opts: ApiServerOptions) -> Result<Self> {
+        let etcd = Etcd::start().await?;
+        let mut clusters = BTreeMap::new();
+        for site in sites {
+            let mut o = opts.clone();
+            o.users.push(adapter_user(site));
+            let api = ApiServer::start(site, &etcd, o).await?;
+            let admin = api.client("admin").await?;
+            install_crds(&admin).await?;
+            for ns in ["meshbridge", "shop"] {
+                create_namespace(&admin, ns).await?;
+            }
+            gateway_service(&admin, &gateway_ip(site)).await?;
+            clusters.insert(*site, Cluster { api, admin });
+        }
+        let pki = TestPki::new(TD);
+        let root = pki.dir().to_path_buf();
+        let port = free_port();
+        let url = format!("https://127.0.0.1:{port}");
+        let node = pki.issue("registry-1", &format!("spiffe://{TD}/registry/1"));
+        let cfg = root.join("registry.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "node_id = 1\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 data_dir = {:?}\n{}\
+                 [leases]\ntick_interval_ms = 200\n[initial_members]\n1 = \"{url}\"\n",
+                root.join("registry-data"),
+                tls_section(&node),
+            ),
+        )?;
+        let mut registry = spawn(
+            "registry",
+            &["registry", "--config", cfg.to_str().unwrap_or_default()],
+        );
+        registry.wait_for("listening on", READY).await?;
+        let mut gateways = Vec::new();
+        for site in sites {
+            let gw = pki.issue(
+                &format!("gw-{site}"),
+                &format!("spiffe://{TD}/site/{site}/gateway"),
+            );
+            let cfg = root.join(format!("gw-{site}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
+                     [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
+                     [gateway.listeners]\nimport_ports = {{ address = \"127.0.0.1\", ports = \"{IMPORT_PORTS}\" }}\n{}\
+                     [source]\nregistry = [\"{url}\"]\n\
+                     [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\n",
+                    root.join(format!("gw-{site}-data")),
+                    tls_section(&gw),
+                ),
+            )?;
+            let mut p = spawn(
+                &format!("gateway {site}"),
+                &["gateway", "--config", cfg.to_str().unwrap_or_default()],
+            );
+            p.wait_for("listening on", READY).await?;
+            gateways.push(p);
+        }
+        let ctl = pki.identity("ctl", &format!("spiffe://{TD}/ctl/test"));
+        let client = RegistryClient::connect(std::slice::from_ref(&url), ctl).await?;
+        let catalog = client.watch_catalog();
+        Ok(Self {
+            pki,
+            etcd,
+            clusters,
+            registry_url: url,
+            catalog,
+            registry,
+            gateways,
+            root,
+        })
+    }
+
+    pub fn admin(&self, site: &str) -> &Client {
+        &self.clusters[site].admin
+    }
+
+    /// The adapter's config for `site`; `extra` is appended (TOML).
+    pub fn adapter_config(
+        &self,
+        site: &str,
+        name: &str,
+        user: &str,
+        extra: &str,
+    ) -> Result<PathBuf> {
+        let files = self.pki.issue(
+            &format!("adapter-{name}"),
+            &format!("spiffe://{TD}/site/{site}/adapter"),
+        );
+        let kubeconfig = self.clusters[site].api.kubeconfig(user)?;
+        let path = self.root.join(format!("adapter-{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [\"{}\"]\nkubeconfig = {kubeconfig:?}\n\
+                 admin_listen = \"127.0.0.1:0\"\ndebounce_ms = 50\n{extra}\n{}\
+                 [import]\ngateway_service = \"meshbridge/meshbridge-gateway\"\nports = \"{IMPORT_PORTS}\"\n\
+                 [leader_election]\nidentity = \"{name}\"\nlease_duration_ms = 3000\nrenew_deadline_ms = 2000\nretry_period_ms = 300\n",
+                self.registry_url,
+                tls_section(&files),
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// Start an adapter for `site` as the admin user (RBAC tests use their own user).
+    pub async fn adapter(&self, site: &str, name: &str) -> Result<Proc> {
+        let cfg = self.adapter_config(site, name, "admin", "")?;
+        let mut p = spawn(
+            &format!("adapter {name}"),
+            &["kube", "--config", cfg.to_str().unwrap_or_default()],
+        );
+        p.wait_for("kube adapter", READY).await?;
+        Ok(p)
+    }
+
+    /// Wait (event-driven, on the registry's watch stream) until `pred` holds.
+    pub async fn until_catalog(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Catalog) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut rx = self.catalog.clone();
+        let r = tokio::time::timeout(within, rx.wait_for(|c| pred(c)))
+            .await
+            .map(|r| r.is_ok());
+        match r {
+            Ok(true) => Ok(start.elapsed()),
+            Ok(false) => bail!("{what}: catalog watch ended"),
+            Err(_) => bail!(
+                "{what}: not within {within:?}; catalog: {:?}",
+                self.catalog.borrow().exports.keys().collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        for g in &mut self.gateways {
+            g.terminate(Duration::from_secs(5)).await;
+        }
+        self.registry.terminate(Duration::from_secs(5)).await;
+    }
+}
+
+pub async fn install_crds(client: &Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [ServiceExport::crd(), ServiceImport::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.create(&PostParams::default(), &crd)
+            .await
+            .with_context(|| format!("CRD {name}"))?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("CRD {name} not established"))??;
+    }
+    Ok(())
+}
+
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+/// The gateways' Service and the EndpointSlice a controller would have written for it.
+async fn gateway_service(client: &Client, ip: &str) -> Result<()> {
+    let svc = service("meshbridge-gateway", false, &[("tunnel", 15443, 15443)]);
+    Api::<Service>::namespaced(client.clone(), "meshbridge")
+        .create(&PostParams::default(), &svc)
+        .await?;
+    let slice = endpoint_slice(
+        "meshbridge-gateway",
+        "meshbridge-gateway-1",
+        &[(ip, Some(true), None, None, None)],
+        &[("tunnel", 15443)],
+    );
+    Api::<EndpointSlice>::namespaced(client.clone(), "meshbridge")
+        .create(&PostParams::default(), &slice)
+        .await?;
+    Ok(())
+}
+
+/// A Service with `ports` = (name, port, targetPort).
+pub fn service(name: &str, headless: bool, ports: &[(&str, i32, i32)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: headless.then(|| "None".into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, t)| ServicePort {
+                        name: Some((*n).into()),
+                        port: *p,
+                        target_port: Some(
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(*t),
+                        ),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An endpoint: (address, ready, serving, terminating, hostname).
+pub type Ep<'a> = (
+    &'a str,
+    Option<bool>,
+    Option<bool>,
+    Option<bool>,
+    Option<&'a str>,
+);
+
+pub fn endpoint_slice(
+    service: &str,
+    name: &str,
+    endpoints: &[Ep<'_>],
+    ports: &[(&str, i32)],
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(a, ready, serving, terminating, host)| Endpoint {
+                    addresses: vec![(*a).into()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        serving: *serving,
+                        terminating: *terminating,
+                    }),
+                    hostname: host.map(String::from),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p)| EndpointPort {
+                    name: Some((*n).into()),
+                    port: Some(*p),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+pub fn service_export(name: &str) -> ServiceExport {
+    ServiceExport {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Default::default(),
+        status: None,
+    }
+}
