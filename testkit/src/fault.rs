@@ -26,6 +26,9 @@ pub enum Mode {
     Loss(f64),
     /// Drop everything; existing TCP connections stall, new ones are accepted and stall.
     Blackhole,
+    /// TCP: close every connection now, and each new one as soon as it is accepted (a peer
+    /// that went away). UDP treats it as Blackhole.
+    Reset,
 }
 
 /// A TCP forwarder with faults.
@@ -45,6 +48,10 @@ impl TcpFault {
         tasks.spawn(async move {
             let mut conns = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                if *rx.borrow() == Mode::Reset {
+                    drop(client);
+                    continue;
+                }
                 let rx = rx.clone();
                 conns.spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
@@ -84,7 +91,11 @@ async fn pipe(
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
+        let read = tokio::select! {
+            r = from.read(&mut buf) => r,
+            _ = mode.wait_for(|m| *m == Mode::Reset) => return,
+        };
+        let n = match read {
             Ok(0) | Err(_) => {
                 let _ = to.shutdown().await;
                 return;
@@ -94,6 +105,7 @@ async fn pipe(
         loop {
             let current = *mode.borrow_and_update();
             match current {
+                Mode::Reset => return,
                 Mode::Blackhole => {
                     // Hold the bytes until the link heals (or the test ends).
                     if mode.changed().await.is_err() {
@@ -191,7 +203,7 @@ fn verdict(mode: &watch::Receiver<Mode>, rng: &Mutex<rand::rngs::StdRng>) -> Opt
     match *mode.borrow() {
         Mode::Pass => Some(Duration::ZERO),
         Mode::Latency(d) => Some(d),
-        Mode::Blackhole => None,
+        Mode::Blackhole | Mode::Reset => None,
         Mode::Loss(p) => {
             let roll: f64 = rng.lock().map(|mut r| r.random()).unwrap_or(1.0);
             (roll >= p).then_some(Duration::ZERO)

@@ -334,8 +334,14 @@ impl ApiServer {
 
     /// A kubeconfig file for `user`, in the cluster's temp dir.
     pub fn kubeconfig(&self, user: &str) -> Result<PathBuf> {
+        self.kubeconfig_at(user, &self.url(), &format!("kubeconfig-{user}"))
+    }
+
+    /// A kubeconfig for `user` that reaches the API server at `server` (a fault proxy in
+    /// front of it, say), written as `file` in the cluster's temp dir.
+    pub fn kubeconfig_at(&self, user: &str, server: &str, file: &str) -> Result<PathBuf> {
         let token = self.token_of(user)?;
-        let path = self.dir.path().join(format!("kubeconfig-{user}"));
+        let path = self.dir.path().join(file);
         std::fs::write(
             &path,
             format!(
@@ -343,7 +349,7 @@ impl ApiServer {
                  users:\n- name: {user}\n  user:\n    token: {token}\n\
                  contexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {user}\n    namespace: default\ncurrent-context: {c}\n",
                 c = self.name,
-                url = self.url(),
+                url = server,
                 ca = self.ca_file().display(),
             ),
         )?;

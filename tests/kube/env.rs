@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by tests/kube*.rs; each uses part of it
 //! Two Kubernetes clusters (`east`, `west`: real kube-apiservers on one real etcd), a
 //! one-node registry, a gateway per site and the adapters, all real processes on
 //! 127.0.0.1. The gateways' addresses in the clusters' object model are
@@ -175,14 +176,13 @@ impl Env {
         &self,
         site: &str,
         name: &str,
-        user: &str,
+        kubeconfig: &std::path::Path,
         extra: &str,
     ) -> Result<PathBuf> {
         let files = self.pki.issue(
             &format!("adapter-{name}"),
             &format!("spiffe://{TD}/site/{site}/adapter"),
         );
-        let kubeconfig = self.clusters[site].api.kubeconfig(user)?;
         let path = self.root.join(format!("adapter-{name}.toml"));
         std::fs::write(
             &path,
@@ -200,13 +200,30 @@ impl Env {
 
     /// Start an adapter for `site` as the admin user (RBAC tests use their own user).
     pub async fn adapter(&self, site: &str, name: &str) -> Result<Proc> {
-        let cfg = self.adapter_config(site, name, "admin", "")?;
+        let kubeconfig = self.clusters[site].api.kubeconfig("admin")?;
+        Ok(self.adapter_with(site, name, &kubeconfig).await?.0)
+    }
+
+    /// Start an adapter with its own kubeconfig; also returns its admin address.
+    pub async fn adapter_with(
+        &self,
+        site: &str,
+        name: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Result<(Proc, std::net::SocketAddr)> {
+        let cfg = self.adapter_config(site, name, kubeconfig, "")?;
         let mut p = spawn(
             &format!("adapter {name}"),
             &["kube", "--config", cfg.to_str().unwrap_or_default()],
         );
-        p.wait_for("kube adapter", READY).await?;
-        Ok(p)
+        let line = p.wait_for("kube adapter", READY).await?;
+        let admin = line
+            .split("admin ")
+            .nth(1)
+            .and_then(|r| r.split([' ', ',']).next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no admin address in {line:?}"))?;
+        Ok((p, admin))
     }
 
     /// Wait (event-driven, on the registry's watch stream) until `pred` holds.
@@ -377,4 +394,40 @@ pub fn service_export(name: &str) -> ServiceExport {
         spec: Default::default(),
         status: None,
     }
+}
+
+/// Create Service `name` (port http 80 → 8080), one EndpointSlice with `ips` ready, and
+/// its ServiceExport, in `shop`.
+pub async fn export_service(client: &Client, name: &str, ips: &[&str]) -> Result<()> {
+    Api::<Service>::namespaced(client.clone(), "shop")
+        .create(
+            &PostParams::default(),
+            &service(name, false, &[("http", 80, 8080)]),
+        )
+        .await?;
+    let eps: Vec<Ep<'_>> = ips
+        .iter()
+        .map(|ip| (*ip, Some(true), None, None, None))
+        .collect();
+    Api::<EndpointSlice>::namespaced(client.clone(), "shop")
+        .create(
+            &PostParams::default(),
+            &endpoint_slice(name, &format!("{name}-1"), &eps, &[("http", 8080)]),
+        )
+        .await?;
+    Api::<ServiceExport>::namespaced(client.clone(), "shop")
+        .create(&PostParams::default(), &service_export(name))
+        .await?;
+    Ok(())
+}
+
+/// The addresses `site` exports for shop/`name`, sorted, or None when it exports nothing.
+pub fn exported(c: &Catalog, site: &str, name: &str) -> Option<Vec<String>> {
+    let e = c.exports.get(&(
+        meshbridge_core::model::ServiceKey::new("shop", name),
+        site.to_string(),
+    ))?;
+    let mut v: Vec<String> = e.endpoints.iter().map(|e| e.address.to_string()).collect();
+    v.sort();
+    Some(v)
 }

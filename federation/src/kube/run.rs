@@ -72,6 +72,8 @@ pub struct Metrics {
     pub exports: Gauge,
     pub imports: Gauge,
     pub reconciles: Counter,
+    /// Watches that expired (410 Gone) and listed again.
+    pub relists: Counter,
     pub errors: Counter,
     /// Unix seconds of the last reconcile that wrote without an error.
     pub last_success: Gauge<i64, AtomicI64>,
@@ -97,6 +99,11 @@ impl Metrics {
         );
         r.register("reconciles", "Reconcile passes", self.reconciles.clone());
         r.register(
+            "relists",
+            "Watches that expired (410 Gone) and listed again",
+            self.relists.clone(),
+        );
+        r.register(
             "errors",
             "Kubernetes or registry writes that failed",
             self.errors.clone(),
@@ -114,6 +121,7 @@ fn spawn_reflector<K>(
     wc: watcher::Config,
     what: &'static str,
     notify: Arc<Notify>,
+    relists: Counter,
     stop: CancellationToken,
 ) -> Store<K>
 where
@@ -137,6 +145,10 @@ where
                             tracing::debug!(what, "listed");
                         }
                         notify.notify_one();
+                    }
+                    Some(Err(watcher::Error::WatchError(s))) if s.code == 410 => {
+                        relists.inc();
+                        tracing::info!(what, message = %s.message, "watch expired (410 Gone); listing again");
                     }
                     Some(Err(e)) => {
                         if !failing {
@@ -171,6 +183,7 @@ where
         wc: &watcher::Config,
         what: &'static str,
         notify: &Arc<Notify>,
+        relists: &Counter,
         stop: &CancellationToken,
     ) -> Self {
         let apis: Vec<Api<K>> = if namespaces.is_empty() {
@@ -183,7 +196,16 @@ where
         };
         Self(
             apis.into_iter()
-                .map(|api| spawn_reflector(api, wc.clone(), what, notify.clone(), stop.clone()))
+                .map(|api| {
+                    spawn_reflector(
+                        api,
+                        wc.clone(),
+                        what,
+                        notify.clone(),
+                        relists.clone(),
+                        stop.clone(),
+                    )
+                })
                 .collect(),
         )
     }
@@ -240,14 +262,22 @@ pub async fn run(
     let notify = Arc::new(Notify::new());
     let ns = &cfg.namespaces;
     let not_ours = watcher::Config::default().labels(&format!("!{IMPORT_LABEL}"));
-    let services: Stores<Service> =
-        Stores::spawn(&client, ns, &not_ours, "services", &notify, &stop);
+    let services: Stores<Service> = Stores::spawn(
+        &client,
+        ns,
+        &not_ours,
+        "services",
+        &notify,
+        &metrics.relists,
+        &stop,
+    );
     let slices: Stores<EndpointSlice> = Stores::spawn(
         &client,
         ns,
         &watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL},!{IMPORT_LABEL}")),
         "endpointslices",
         &notify,
+        &metrics.relists,
         &stop,
     );
     let exports: Stores<ServiceExport> = Stores::spawn(
@@ -256,6 +286,7 @@ pub async fn run(
         &watcher::Config::default(),
         "serviceexports",
         &notify,
+        &metrics.relists,
         &stop,
     );
     let imports: Stores<ServiceImport> = Stores::spawn(
@@ -264,6 +295,7 @@ pub async fn run(
         &watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         "serviceimports",
         &notify,
+        &metrics.relists,
         &stop,
     );
     let gateway = match cfg.import.gateway_service_key() {
@@ -273,6 +305,7 @@ pub async fn run(
             &watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={gname}")),
             "gateway endpointslices",
             &notify,
+            &metrics.relists,
             &stop,
         )),
         _ => None,
@@ -518,10 +551,11 @@ impl Reconciler<'_> {
             };
             let api: Api<ServiceExport> = Api::namespaced(self.client.clone(), &key.namespace);
             let patch = serde_json::json!({ "status": { "conditions": conds } });
-            if let Err(e) = api
+            let r = api
                 .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+                .await;
+            if let Err(e) = delete_ok(r) {
+                // (Not found: deleted since the cache saw it; nothing to report on.)
                 errors += 1;
                 tracing::warn!(service = %key, error = %e, "cannot write the ServiceExport's status");
             }
