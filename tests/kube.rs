@@ -381,3 +381,97 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
     env.stop().await;
     Ok(())
 }
+
+/// Ask `server` (UDP) for the A records of `name`.
+async fn dig_a(server: std::net::SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut msg = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    sock.connect(server).await?;
+    sock.send(&msg.to_vec()?).await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await??;
+    let answer = Message::from_vec(&buf[..n])?;
+    Ok(answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coredns_multicluster_answers_from_the_imports_the_adapter_writes() -> Result<()> {
+    let env = Env::start(&["east", "west"], ApiServerOptions::default()).await?;
+    let mut a_east = env.adapter("east", "east-0").await?;
+    let mut a_west = env.adapter("west", "west-0").await?;
+    export_service(env.admin("east"), "web", &["10.1.0.1"]).await?;
+    let imports: Api<ServiceImport> = Api::namespaced(env.admin("west").clone(), "shop");
+    let si = until_import(&imports, "web", "west's import", |si| {
+        si.is_some_and(|si| !si.spec.ips.is_empty())
+    })
+    .await
+    .unwrap();
+
+    // CoreDNS built from its Go module, `kubernetes` plugin with `multicluster`, reading
+    // west's API server with a token.
+    let coredns = meshbridge_testkit::kube::tool("coredns")?;
+    let port = free_port();
+    let corefile = env.root.join("Corefile");
+    let kubeconfig = env.clusters["west"].api.kubeconfig("admin")?;
+    std::fs::write(
+        &corefile,
+        format!(
+            ".:{port} {{\n  bind 127.0.0.1\n  kubernetes cluster.local clusterset.local {{\n    kubeconfig {} west\n    multicluster clusterset.local\n  }}\n}}\n",
+            kubeconfig.display()
+        ),
+    )?;
+    let mut cmd = tokio::process::Command::new(coredns);
+    cmd.arg("-conf").arg(&corefile);
+    let mut dns = meshbridge_testkit::process::Proc::spawn("coredns", cmd)?;
+    dns.wait_for("CoreDNS-", READY).await?;
+    let server: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let want: std::net::Ipv4Addr = si.spec.ips[0].parse()?;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    let mut last;
+    loop {
+        match dig_a(server, "web.shop.svc.clusterset.local").await {
+            Ok(ips) if ips == vec![want] => break,
+            other => last = Some(format!("{other:?}")),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CoreDNS never answered {want} for web.shop.svc.clusterset.local (last: {last:?}); log:\n{}",
+            dns.collect().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("CoreDNS answers web.shop.svc.clusterset.local = {want} (the ServiceImport's IP)");
+    // The import withdrawn: CoreDNS stops answering.
+    Api::<ServiceExport>::namespaced(env.admin("east").clone(), "shop")
+        .delete("web", &DeleteParams::default())
+        .await?;
+    until_import(&imports, "web", "import removed", |si| si.is_none()).await;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !dig_a(server, "web.shop.svc.clusterset.local")
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CoreDNS still answers a removed import"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    dns.terminate(Duration::from_secs(5)).await;
+    a_east.terminate(Duration::from_secs(5)).await;
+    a_west.terminate(Duration::from_secs(5)).await;
+    env.stop().await;
+    Ok(())
+}
