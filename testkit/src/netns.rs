@@ -143,3 +143,57 @@ impl Link {
         Ok(())
     }
 }
+
+/// A veth pair between this (the test's) network namespace and `ns`, with an address on
+/// each end (/24): a "pod" namespace that reaches processes of the test host, and that
+/// they reach. Take the /24 from [`crate::slots`] so parallel tests never share one.
+/// The host end is deleted on drop (which deletes both ends).
+pub struct HostLink {
+    host_dev: String,
+}
+
+impl HostLink {
+    pub fn new(ns: &Netns, host_addr: &str, ns_addr: &str) -> anyhow::Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (host_dev, ns_dev) = (
+            format!("mbh{}x{n}", std::process::id() % 100_000),
+            format!("mbh{n}n"),
+        );
+        ip(&[
+            "link",
+            "add",
+            &host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_dev,
+            "netns",
+            ns.name(),
+        ])?;
+        let link = Self {
+            host_dev: host_dev.clone(),
+        };
+        ip(&["addr", "add", &format!("{host_addr}/24"), "dev", &host_dev])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{ns_addr}/24"),
+            "dev",
+            &ns_dev,
+        ])?;
+        ip(&["link", "set", &host_dev, "up"])?;
+        ip(&["-n", ns.name(), "link", "set", &ns_dev, "up"])?;
+        Ok(link)
+    }
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_dev])
+            .output();
+    }
+}

@@ -91,6 +91,23 @@ pub fn gateway_ip(site: &str) -> String {
 
 impl Env {
     pub async fn start(sites: &[&'static str], opts: ApiServerOptions) -> Result<Self> {
+        Self::start_with(sites, opts, &[]).await
+    }
+
+    /// `gateway_addrs`: (site, address) for sites whose gateway is reached at a real
+    /// address (its import listener binds it, and the cluster's gateway EndpointSlice names
+    /// it); other sites' gateways listen on 127.0.0.1 and appear as `gateway_ip(site)`.
+    pub async fn start_with(
+        sites: &[&'static str],
+        opts: ApiServerOptions,
+        gateway_addrs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let addr_of = |site: &str| {
+            gateway_addrs
+                .iter()
+                .find(|(s, _)| *s == site)
+                .map(|(_, a)| a.to_string())
+        };
         let etcd = Etcd::start().await?;
         let mut clusters = BTreeMap::new();
         for site in sites {
@@ -102,7 +119,7 @@ impl Env {
             for ns in ["meshbridge", "shop"] {
                 create_namespace(&admin, ns).await?;
             }
-            gateway_service(&admin, &gateway_ip(site)).await?;
+            gateway_service(&admin, &addr_of(site).unwrap_or_else(|| gateway_ip(site))).await?;
             clusters.insert(*site, Cluster { api, admin });
         }
         let pki = TestPki::new(TD);
@@ -138,10 +155,11 @@ impl Env {
                 format!(
                     "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
                      [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-                     [gateway.listeners]\nimport_ports = {{ address = \"127.0.0.1\", ports = \"{IMPORT_PORTS}\" }}\n{}\
+                     [gateway.listeners]\nimport_ports = {{ address = \"{}\", ports = \"{IMPORT_PORTS}\" }}\n{}\
                      [source]\nregistry = [\"{url}\"]\n\
                      [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\n",
                     root.join(format!("gw-{site}-data")),
+                    addr_of(site).unwrap_or_else(|| "127.0.0.1".into()),
                     tls_section(&gw),
                 ),
             )?;
