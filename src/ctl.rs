@@ -204,6 +204,11 @@ pub(crate) fn sites_json(sites: &[Site], now_ms: u64) -> Value {
                     "state": state_name(&s.state), "staleness_seconds": s.staleness_seconds(now_ms),
                     "lease_age_ms": now_ms.saturating_sub(s.last_heartbeat_ms), "lease_ttl_ms": s.lease_ttl_ms,
                     "grace_ms": s.grace_ms, "gateways": s.gateways,
+                    "instances": s.instances.iter().map(|i| json!({
+                        "name": i.name, "gateways": i.gateways,
+                        "heartbeat_age_ms": now_ms.saturating_sub(i.last_heartbeat_ms),
+                        "links": i.links.len(),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect(),
@@ -260,6 +265,15 @@ pub(crate) fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
             s.staleness_seconds(now_ms),
             s.gateways.join(","),
         );
+        // A site with several gateways: each on a line of its own.
+        for i in &s.instances {
+            println!(
+                "  gateway {:<40} {:>8.1}s  {}",
+                i.name,
+                now_ms.saturating_sub(i.last_heartbeat_ms) as f64 / 1000.0,
+                i.gateways.join(","),
+            );
+        }
     }
 }
 

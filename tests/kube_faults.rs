@@ -209,3 +209,60 @@ async fn a_watch_that_gets_410_gone_relists_without_losing_or_duplicating() -> R
     env.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_of_one_site_both_register_and_a_killed_one_leaves_after_its_lease()
+-> Result<()> {
+    let env = Env::start(&["east"], ApiServerOptions::default()).await?;
+    let mut second = start_gateway(
+        &env.pki,
+        &env.registry_url,
+        "east",
+        "gw-east-1",
+        "127.0.0.1",
+    )
+    .await?;
+    env.until_catalog("both gateways of east registered", WITHIN, |c| {
+        c.sites
+            .get("east")
+            .is_some_and(|s| s.instances.len() == 2 && s.gateways.len() == 2)
+    })
+    .await?;
+    // `ctl status` shows each gateway of the site.
+    let out = tokio::process::Command::new(exe())
+        .args(["ctl", "--registry", &env.registry_url, "--tls-dir"])
+        .arg(env.root.join("ctl"))
+        .args(["status", "-o", "json"])
+        .output()
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+    let east = v["sites"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "east"))
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = east["instances"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["gw-east-0", "gw-east-1"], "{east:#}");
+
+    // SIGKILL one: after one lease (3 s) its address leaves; the site stays fresh.
+    let gone = env.catalog.borrow().sites["east"].instances[1]
+        .gateways
+        .clone();
+    second.kill9().await;
+    let took = env
+        .until_catalog("the killed gateway dropped from east", WITHIN, |c| {
+            c.sites.get("east").is_some_and(|s| {
+                s.instances.len() == 1
+                    && !s.gateways.iter().any(|g| gone.contains(g))
+                    && s.state == meshbridge_core::model::SiteState::Fresh
+            })
+        })
+        .await?;
+    println!("killed gateway left the site {took:?} after SIGKILL (lease 3 s)");
+    env.stop().await;
+    Ok(())
+}

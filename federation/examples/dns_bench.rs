@@ -26,6 +26,7 @@ fn catalog(n: u32) -> Catalog {
         state: SiteState::Fresh,
         created_revision: 1,
         links: Vec::new(),
+        instances: Vec::new(),
     };
     c.sites.insert("bench".into(), Arc::new(site));
     for i in 0..n {

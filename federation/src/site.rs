@@ -110,7 +110,11 @@ pub async fn keep_reporting<L: Fn() -> Vec<Link>>(
                 put.clear();
                 tracing::info!(site = %spec.name, "site registered");
             } else if let Err(e) = client
-                .heartbeat_with_links(&spec.name, links.as_ref().map(|l| l()).as_deref())
+                .heartbeat_with_links(
+                    &spec.name,
+                    &spec.instance,
+                    links.as_ref().map(|l| l()).as_deref(),
+                )
                 .await
             {
                 // A withdrawn or forgotten site registers again, then re-exports everything.
@@ -401,9 +405,22 @@ pub struct Registration {
     pub lease_ttl_ms: u64,
     #[serde(default)]
     pub grace_ms: u64,
+    /// This gateway's name within the site, for a site with several gateways (each then
+    /// registers and reports itself). Default: `$POD_NAME` when set (the Helm chart sets
+    /// it), else none (the gateway registers the whole site).
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 impl Registration {
+    /// The instance name in effect.
+    pub fn instance_name(&self) -> String {
+        self.instance
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .unwrap_or_default()
+    }
+
     pub fn spec(&self, site: &str, default_advertise: &str) -> SiteSpec {
         SiteSpec {
             name: site.to_string(),
@@ -419,6 +436,7 @@ impl Registration {
             },
             lease_ttl_ms: self.lease_ttl_ms,
             grace_ms: self.grace_ms,
+            instance: self.instance_name(),
         }
     }
 }

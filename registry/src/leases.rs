@@ -32,6 +32,18 @@ pub fn due(catalog: &Catalog, now_ms: u64) -> (Vec<(String, &'static str)>, bool
             SiteState::Stale { since_ms } if since_ms.saturating_add(site.grace_ms) <= now_ms => {
                 Some("withdrawn")
             }
+            // One of several gateways missed its lease while another keeps the site fresh.
+            SiteState::Fresh
+                if {
+                    let lapsed = |i: &&meshbridge_core::model::GatewayInstance| {
+                        i.last_heartbeat_ms.saturating_add(site.lease_ttl_ms) <= now_ms
+                    };
+                    let n = site.instances.iter().filter(lapsed).count();
+                    n > 0 && n < site.instances.len()
+                } =>
+            {
+                Some("fresh (a gateway instance left)")
+            }
             _ => None,
         };
         if let Some(state) = next {
@@ -95,6 +107,7 @@ mod tests {
             state,
             created_revision: 1,
             links: Vec::new(),
+            instances: Vec::new(),
         };
         (name.into(), Arc::new(site))
     }

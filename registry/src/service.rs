@@ -95,10 +95,12 @@ impl Registry for RegistryApi {
             .get_ref()
             .report_links
             .then(|| proto::to_links(&req.get_ref().links));
+        let instance = req.get_ref().instance.clone();
         let cmd = |at_ms| Command::Heartbeat {
             site: site.clone(),
             at_ms,
             links: links.clone(),
+            instance: instance.clone(),
         };
         self.write("Heartbeat", req, cmd, |mut c, r| async move {
             c.heartbeat(r).await

@@ -146,11 +146,46 @@ pub fn render(c: &Catalog, now_ms: u64, node: u64, leader: Option<u64>) -> Strin
             groups = groups.join(" "),
         );
     }
+    // Sites with several gateways: each gateway, its addresses, heartbeat and links.
+    let mut gateways = String::new();
+    for s in c.sites.values() {
+        for i in &s.instances {
+            let links: Vec<String> = i
+                .links
+                .iter()
+                .map(|l| {
+                    format!(
+                        r#"<span class="{cls}">{} {}</span>"#,
+                        esc(&l.peer_site),
+                        if l.connected { "up" } else { "down" },
+                        cls = if l.connected { "group" } else { "group bad" },
+                    )
+                })
+                .collect();
+            let _ = write!(
+                gateways,
+                r#"<tr class="gateway" data-site="{site}" data-gateway="{name}"><td>{site}</td><td>{name}</td><td>{addrs}</td><td>{age:.1}s</td><td>{links}</td></tr>"#,
+                site = esc(&s.name),
+                name = esc(&i.name),
+                addrs = esc(&i.gateways.join(", ")),
+                age = now_ms.saturating_sub(i.last_heartbeat_ms) as f64 / 1000.0,
+                links = links.join(" "),
+            );
+        }
+    }
+    let gateways = if gateways.is_empty() {
+        String::new()
+    } else {
+        format!(
+            r#"<h2>Gateways</h2><table id="gateways"><tr><th>site</th><th>gateway</th><th>addresses</th><th>heartbeat</th><th>links</th></tr>{gateways}</table>"#
+        )
+    };
     format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2"><title>meshbridge status</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}.bad{{color:#c73a3a}}.group{{margin-right:10px}}</style></head>
 <body><h1>meshbridge</h1><p id="summary">registry node {node}, leader {leader}, catalog revision {rev}, {ns} sites, {nv} services</p>
 {svg}
+{gateways}
 <h2>Services</h2><table id="services"><tr><th>service</th><th>ports</th><th>ready endpoints per site</th></tr>{rows}</table></body></html>"#,
         leader = leader
             .map(|l| l.to_string())
@@ -181,6 +216,7 @@ mod tests {
                 gateways: vec!["127.0.0.1:1".into()],
                 lease_ttl_ms: 1000,
                 grace_ms: 1000,
+                instance: String::new(),
             };
             c.apply(&Command::RegisterSite { spec, at_ms: 1 }).unwrap();
         }
@@ -195,6 +231,7 @@ mod tests {
             site: "west".into(),
             at_ms: 2,
             links: Some(links),
+            instance: String::new(),
         })
         .unwrap();
         let html = render(&c, 3, 1, Some(1));

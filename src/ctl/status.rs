@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
-use meshbridge_core::model::{Site, SiteState};
+use meshbridge_core::model::{Link, Site, SiteState};
 use meshbridge_core::tls::Identity;
 use serde_json::{Value, json};
 
@@ -181,8 +181,12 @@ pub(super) async fn status(
                 println!(
                     "{:<24} {:<6} {:<pad$} {:>9} {:>8}  {}",
                     format!(
-                        "{} → {}",
+                        "{}{} → {}",
                         l["from"].as_str().unwrap_or(""),
+                        l["gateway"]
+                            .as_str()
+                            .map(|g| format!(" ({g})"))
+                            .unwrap_or_default(),
                         l["to"].as_str().unwrap_or("")
                     ),
                     l["transport"].as_str().unwrap_or("-"),
@@ -231,12 +235,25 @@ fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
             .map(|l| l.connected)
     };
     for s in sites {
-        for l in &s.links {
+        // Each gateway's own links when the site has several (named in the row).
+        let reports: Vec<(Option<&str>, &Link)> = if s.instances.is_empty() {
+            s.links.iter().map(|l| (None, l)).collect()
+        } else {
+            s.instances
+                .iter()
+                .flat_map(|i| i.links.iter().map(move |l| (Some(i.name.as_str()), l)))
+                .collect()
+        };
+        for (gateway, l) in reports {
             rows.push(json!({
-                "from": s.name, "to": l.peer_site, "connected": l.connected, "transport": l.transport,
+                "from": s.name, "gateway": gateway, "to": l.peer_site, "connected": l.connected, "transport": l.transport,
                 "rtt_ms": l.rtt_us.map(|us| us as f64 / 1000.0), "failures": l.failures, "last_error": l.last_error,
                 "reporter_state": state_label(&s.state),
             }));
+            let from = match gateway {
+                Some(g) => format!("{} ({g})", s.name),
+                None => s.name.clone(),
+            };
             if !matches!(s.state, SiteState::Fresh) {
                 continue; // a stale site's reports are old; its staleness is reported already
             }
@@ -244,13 +261,10 @@ fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
                 let reason = l.last_error.as_deref().unwrap_or("no error recorded");
                 match up(&l.peer_site, &s.name) {
                     Some(true) => problems.push(format!(
-                        "link {} → {} is down in one direction ({} → {} is up): {reason}",
-                        s.name, l.peer_site, l.peer_site, s.name
+                        "link {from} → {} is down in one direction ({} → {} is up): {reason}",
+                        l.peer_site, l.peer_site, s.name
                     )),
-                    _ => problems.push(format!(
-                        "link {} → {} is down: {reason}",
-                        s.name, l.peer_site
-                    )),
+                    _ => problems.push(format!("link {from} → {} is down: {reason}", l.peer_site)),
                 }
             }
             if l.connected

@@ -58,7 +58,7 @@ fn tls_section(files: &IdentityFiles) -> String {
 /// The adapter's RBAC user in each cluster.
 pub fn adapter_user(site: &str) -> User {
     User {
-        name: format!("system:serviceaccount:meshbridge:adapter-{site}"),
+        name: "system:serviceaccount:meshbridge:meshbridge-kube-adapter".into(),
         token: format!("adapter-{site}-token-{}", rand::random::<u32>()),
         groups: vec!["system:serviceaccounts".into()],
     }
@@ -79,6 +79,41 @@ pub struct Env {
     registry: Proc,
     gateways: Vec<Proc>,
     pub root: PathBuf,
+}
+
+/// A gateway process of `site`, registered as gateway instance `instance`; its import
+/// listener binds `bind`.
+pub async fn start_gateway(
+    pki: &TestPki,
+    registry: &str,
+    site: &str,
+    instance: &str,
+    bind: &str,
+) -> Result<Proc> {
+    let root = pki.dir();
+    let gw = pki.issue(
+        &format!("gw-{instance}"),
+        &format!("spiffe://{TD}/site/{site}/gateway"),
+    );
+    let cfg = root.join(format!("gw-{instance}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
+             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
+             [gateway.listeners]\nimport_ports = {{ address = \"{bind}\", ports = \"{IMPORT_PORTS}\" }}\n{}\
+             [source]\nregistry = [\"{registry}\"]\n\
+             [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\ninstance = \"{instance}\"\n",
+            root.join(format!("gw-{instance}-data")),
+            tls_section(&gw),
+        ),
+    )?;
+    let mut p = spawn(
+        &format!("gateway {instance}"),
+        &["gateway", "--config", cfg.to_str().unwrap_or_default()],
+    );
+    p.wait_for("listening on", READY).await?;
+    Ok(p)
 }
 
 /// The gateway address of `site` in its cluster's object model.
@@ -145,29 +180,8 @@ impl Env {
         registry.wait_for("listening on", READY).await?;
         let mut gateways = Vec::new();
         for site in sites {
-            let gw = pki.issue(
-                &format!("gw-{site}"),
-                &format!("spiffe://{TD}/site/{site}/gateway"),
-            );
-            let cfg = root.join(format!("gw-{site}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
-                     [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-                     [gateway.listeners]\nimport_ports = {{ address = \"{}\", ports = \"{IMPORT_PORTS}\" }}\n{}\
-                     [source]\nregistry = [\"{url}\"]\n\
-                     [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\n",
-                    root.join(format!("gw-{site}-data")),
-                    addr_of(site).unwrap_or_else(|| "127.0.0.1".into()),
-                    tls_section(&gw),
-                ),
-            )?;
-            let mut p = spawn(
-                &format!("gateway {site}"),
-                &["gateway", "--config", cfg.to_str().unwrap_or_default()],
-            );
-            p.wait_for("listening on", READY).await?;
+            let bind = addr_of(site).unwrap_or_else(|| "127.0.0.1".into());
+            let p = start_gateway(&pki, &url, site, &format!("gw-{site}-0"), &bind).await?;
             gateways.push(p);
         }
         let ctl = pki.identity("ctl", &format!("spiffe://{TD}/ctl/test"));

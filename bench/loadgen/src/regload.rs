@@ -133,6 +133,7 @@ fn spec(name: &str) -> SiteSpec {
         // Long lease: the benchmark must not see its sites lapse.
         lease_ttl_ms: 3_600_000,
         grace_ms: 3_600_000,
+        instance: String::new(),
     }
 }
 

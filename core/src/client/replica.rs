@@ -256,6 +256,7 @@ mod tests {
             gateways: vec![],
             lease_ttl_ms: 1_000,
             grace_ms: 1_000,
+            instance: String::new(),
         }
     }
 
@@ -297,6 +298,7 @@ mod tests {
                 state: crate::model::SiteState::Fresh,
                 created_revision: 1,
                 links: Vec::new(),
+                instances: Vec::new(),
             },
         }
     }
@@ -382,6 +384,7 @@ mod tests {
                 site: "east".into(),
                 at_ms: 500,
                 links: None,
+                instance: String::new(),
             },
             // West lapses, then is withdrawn (its export goes).
             Command::Tick { at_ms: 1_200 },

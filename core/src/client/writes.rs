@@ -18,17 +18,20 @@ impl RegistryClient {
     }
 
     pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
-        self.heartbeat_with_links(site, None).await
+        self.heartbeat_with_links(site, "", None).await
     }
 
-    /// Renews the lease and, when `links` is given, replaces the site's reported links.
+    /// Renews the lease and, when `links` is given, replaces the reported links: the
+    /// site's, or with `instance`, that gateway instance's.
     pub async fn heartbeat_with_links(
         &self,
         site: &str,
+        instance: &str,
         links: Option<&[crate::model::Link]>,
     ) -> Result<WriteResult, ClientError> {
         let req = proto::HeartbeatRequest {
             site: site.into(),
+            instance: instance.into(),
             report_links: links.is_some(),
             links: links
                 .unwrap_or_default()

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::types::*;
 
+/// Gateway instances one site may register (a Deployment's replicas, say).
+pub const MAX_INSTANCES: usize = 64;
+
 /// A write to the catalog, as replicated through the Raft log.
 /// Time-dependent commands carry `at_ms`, the leader's wall clock when it proposed them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +26,9 @@ pub enum Command {
         /// The site's view of its tunnel links; `None` keeps the last report.
         #[serde(default)]
         links: Option<Vec<Link>>,
+        /// The reporting gateway, for a site registered by instance (else empty).
+        #[serde(default)]
+        instance: String,
     },
     /// Remove a site and all its exports, and revoke it: it cannot register again (nor its
     /// agents renew their SVIDs) until it is reinstated or re-enrolled with a join token.
@@ -198,11 +204,25 @@ impl Catalog {
                         limit: MAX_SITES as u64,
                     })
                 }
+                None if !spec.instance.is_empty()
+                    && self.sites.get(&spec.name).is_some_and(|s| {
+                        s.instances.len() >= MAX_INSTANCES
+                            && !s.instances.iter().any(|i| i.name == spec.instance)
+                    }) =>
+                {
+                    Err(Rejection::Quota {
+                        what: "gateway instances per site".into(),
+                        limit: MAX_INSTANCES as u64,
+                    })
+                }
                 None => Ok(self.register_site(spec, *at_ms, next)),
             },
-            Command::Heartbeat { site, at_ms, links } => {
-                self.heartbeat(site, *at_ms, links.as_deref())
-            }
+            Command::Heartbeat {
+                site,
+                at_ms,
+                links,
+                instance,
+            } => self.heartbeat(site, instance, *at_ms, links.as_deref()),
             Command::RemoveSite { site } => self.remove_site(site, next),
             Command::RevokeSite { site } => Ok(self.revoke_site(site, next)),
             Command::ReinstateSite { site } => self.reinstate_site(site),
@@ -252,7 +272,7 @@ impl Catalog {
 
     fn register_site(&mut self, spec: &SiteSpec, at_ms: u64, next: u64) -> Vec<Change> {
         let old = self.sites.get(&spec.name).map(|s| &**s);
-        let site = Site {
+        let mut site = Site {
             name: spec.name.clone(),
             kind: spec.kind,
             locality: spec.locality.clone(),
@@ -263,13 +283,34 @@ impl Catalog {
             state: SiteState::Fresh,
             created_revision: old.map_or(next, |s| s.created_revision),
             links: old.map_or_else(Vec::new, |s| s.links.clone()),
+            instances: Vec::new(),
         };
+        if !spec.instance.is_empty() {
+            // One gateway of several: it replaces its own entry, the others stay.
+            let mut instances = old.map_or_else(Vec::new, |s| s.instances.clone());
+            let links = instances
+                .iter()
+                .find(|i| i.name == spec.instance)
+                .map(|i| i.links.clone())
+                .unwrap_or_default();
+            instances.retain(|i| i.name != spec.instance);
+            instances.push(GatewayInstance {
+                name: spec.instance.clone(),
+                gateways: spec.gateways.clone(),
+                links,
+                last_heartbeat_ms: at_ms,
+            });
+            instances.sort_by(|a, b| a.name.cmp(&b.name));
+            site.instances = instances;
+            site.derive_from_instances();
+        }
         self.upsert_site(site)
     }
 
     fn heartbeat(
         &mut self,
         name: &str,
+        instance: &str,
         at_ms: u64,
         links: Option<&[Link]>,
     ) -> Result<Vec<Change>, Rejection> {
@@ -286,8 +327,21 @@ impl Catalog {
         let mut site = (**old).clone();
         site.last_heartbeat_ms = Self::renewed(Some(old), at_ms);
         site.state = SiteState::Fresh;
-        if let Some(links) = links {
-            site.links = links.to_vec();
+        if instance.is_empty() {
+            if let Some(links) = links {
+                site.links = links.to_vec();
+            }
+        } else {
+            // An instance the registry does not know (dropped after missing its lease, or
+            // never registered) must register again: NotFound tells it to.
+            let Some(i) = site.instances.iter_mut().find(|i| i.name == instance) else {
+                return Err(not_found("gateway instance", &format!("{name}/{instance}")));
+            };
+            i.last_heartbeat_ms = i.last_heartbeat_ms.max(at_ms);
+            if let Some(links) = links {
+                i.links = links.to_vec();
+            }
+            site.derive_from_instances();
         }
         Ok(self.upsert_site(site))
     }
@@ -547,11 +601,24 @@ impl Catalog {
             {
                 state = SiteState::Withdrawn { since_ms: at_ms };
             }
-            if state != site.state {
-                updated.push(Site {
+            // A gateway instance that missed its lease leaves the site (its addresses with
+            // it) while another instance keeps the site fresh; the last one stays, so a
+            // stale site keeps an address to be reached at.
+            let live =
+                |i: &GatewayInstance| i.last_heartbeat_ms.saturating_add(site.lease_ttl_ms) > at_ms;
+            let drop_some = state == SiteState::Fresh
+                && site.instances.iter().any(live)
+                && !site.instances.iter().all(live);
+            if state != site.state || drop_some {
+                let mut s = Site {
                     state,
                     ..(**site).clone()
-                });
+                };
+                if drop_some {
+                    s.instances.retain(live);
+                    s.derive_from_instances();
+                }
+                updated.push(s);
             }
         }
         for site in updated {

@@ -76,9 +76,28 @@ pub struct Site {
     pub state: SiteState,
     /// Revision at which the site was first registered.
     pub created_revision: u64,
-    /// The site's tunnel links to peer sites, as its gateway last reported them.
+    /// The site's tunnel links to peer sites, as its gateway last reported them (with
+    /// several gateways: every gateway's links, in the order of `instances`).
     #[serde(default)]
     pub links: Vec<Link>,
+    /// The gateways (or agents) that registered themselves by name, each with its own
+    /// addresses, links and heartbeat, sorted by name. `gateways` and `links` are then the
+    /// union of theirs. Empty for a site registered whole (no instance name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<GatewayInstance>,
+}
+
+/// One of several gateways of a site.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayInstance {
+    /// Its name within the site (a pod name, a host name).
+    pub name: String,
+    /// Where peers reach it (`host:port`).
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub links: Vec<Link>,
+    /// Leader time of its last register or heartbeat.
+    pub last_heartbeat_ms: u64,
 }
 
 /// One tunnel link as seen from a site's gateway, reported with its heartbeats.
@@ -105,6 +124,26 @@ pub const MAX_LINKS: usize = 256;
 pub const MAX_LINK_ERROR: usize = 512;
 
 impl Site {
+    /// With instances: `gateways` and `links` become the union of theirs (addresses once,
+    /// in instance order).
+    pub fn derive_from_instances(&mut self) {
+        if self.instances.is_empty() {
+            return;
+        }
+        let mut gateways: Vec<String> = Vec::new();
+        for g in self.instances.iter().flat_map(|i| &i.gateways) {
+            if !gateways.contains(g) {
+                gateways.push(g.clone());
+            }
+        }
+        self.gateways = gateways;
+        self.links = self
+            .instances
+            .iter()
+            .flat_map(|i| i.links.clone())
+            .collect();
+    }
+
     /// When the lease lapses if no heartbeat arrives.
     pub fn lease_expires_ms(&self) -> u64 {
         self.last_heartbeat_ms.saturating_add(self.lease_ttl_ms)
@@ -134,6 +173,11 @@ pub struct SiteSpec {
     pub gateways: Vec<String>,
     pub lease_ttl_ms: u64,
     pub grace_ms: u64,
+    /// This gateway's name within the site, when a site has several: each registers and
+    /// reports itself, and the site's addresses are the union of theirs. Empty: the
+    /// registration is the whole site's (it replaces the address list).
+    #[serde(default)]
+    pub instance: String,
 }
 
 #[derive(

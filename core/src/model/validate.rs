@@ -210,6 +210,23 @@ impl ServiceKey {
     }
 }
 
+/// A gateway instance name: empty, or a DNS subdomain (a pod or host name).
+fn check_instance(name: &str) -> Result<(), String> {
+    if name.len() > 253 {
+        return Err(format!("{} characters, at most 253", name.len()));
+    }
+    if name
+        .split('.')
+        .any(|part| !part.is_empty() && check_label(part).is_err())
+        || name.starts_with('.')
+        || name.ends_with('.')
+        || name.contains("..")
+    {
+        return Err(format!("{name:?} is not a DNS name (a-z 0-9 - .)"));
+    }
+    Ok(())
+}
+
 impl SiteSpec {
     /// Fields are named as in [`Command::RegisterSite`]: `spec.gateways[1]`.
     pub fn validate(&self) -> Result<(), Rejection> {
@@ -235,6 +252,7 @@ impl SiteSpec {
         if self.lease_ttl_ms == 0 {
             return Err(invalid("spec.lease_ttl_ms", "must be greater than 0"));
         }
+        check_instance(&self.instance).map_err(|r| invalid("spec.instance", r))?;
         Ok(())
     }
 }
@@ -375,8 +393,14 @@ impl Command {
     pub fn validate(&self) -> Result<(), Rejection> {
         match self {
             Command::RegisterSite { spec, .. } => spec.validate(),
-            Command::Heartbeat { site, links, .. } => {
+            Command::Heartbeat {
+                site,
+                links,
+                instance,
+                ..
+            } => {
                 check_label(site).map_err(|r| invalid("site", r))?;
+                check_instance(instance).map_err(|r| invalid("instance", r))?;
                 let links = links.as_deref().unwrap_or_default();
                 if links.len() > super::MAX_LINKS {
                     return Err(invalid(

@@ -65,6 +65,7 @@ pub fn to_site_spec(
         gateways: spec.gateways.clone(),
         lease_ttl_ms: spec.lease_ttl_ms.unwrap_or(default_ttl_ms),
         grace_ms: spec.grace_ms.unwrap_or(default_grace_ms),
+        instance: spec.instance.clone(),
     })
 }
 
@@ -87,6 +88,7 @@ pub fn from_site_spec(spec: &model::SiteSpec) -> pb::SiteSpec {
         gateways: spec.gateways.clone(),
         lease_ttl_ms: (!defaults).then_some(spec.lease_ttl_ms),
         grace_ms: (!defaults).then_some(spec.grace_ms),
+        instance: spec.instance.clone(),
     }
 }
 
@@ -394,6 +396,7 @@ mod tests {
             gateways: vec![],
             lease_ttl_ms: 0,
             grace_ms: 0,
+            instance: String::new(),
         };
         let back = to_site_spec(Some(&from_site_spec(&spec)), 15_000, 600_000).unwrap();
         assert_eq!((back.lease_ttl_ms, back.grace_ms), (15_000, 600_000));

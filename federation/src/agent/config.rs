@@ -195,6 +195,7 @@ impl Config {
             },
             lease_ttl_ms: self.lease_ttl_ms,
             grace_ms: self.grace_ms,
+            instance: String::new(),
         }
     }
 

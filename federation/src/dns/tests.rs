@@ -27,6 +27,7 @@ fn site(name: &str, state: SiteState) -> Arc<Site> {
         state,
         created_revision: 1,
         links: Vec::new(),
+        instances: Vec::new(),
     })
 }
 

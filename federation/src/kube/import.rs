@@ -347,6 +347,7 @@ mod tests {
                     state: SiteState::Fresh,
                     created_revision: 1,
                     links: Vec::new(),
+                    instances: Vec::new(),
                 })
             });
             c.exports.insert(e.key(), Arc::new(e));

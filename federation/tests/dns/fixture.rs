@@ -47,6 +47,7 @@ impl World {
             state,
             created_revision: self.catalog.revision,
             links: Vec::new(),
+            instances: Vec::new(),
         };
         self.catalog.sites.insert(name.into(), Arc::new(site));
         self

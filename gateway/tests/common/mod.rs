@@ -125,6 +125,7 @@ impl Feed {
             state: SiteState::Fresh,
             created_revision: 1,
             links: Vec::new(),
+            instances: Vec::new(),
         };
         self.edit(|c| {
             c.sites.insert(s.name.clone(), Arc::new(site));

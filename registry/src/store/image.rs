@@ -152,6 +152,7 @@ mod tests {
             state: SiteState::Stale { since_ms: 40_000 },
             created_revision: 1,
             links: Vec::new(),
+            instances: Vec::new(),
         };
         let export = Export {
             site: "east".into(),

@@ -45,6 +45,7 @@ fn register(name: &str, at_ms: u64) -> Command {
             gateways: vec!["10.0.0.1:15443".into()],
             lease_ttl_ms: 30_000,
             grace_ms: 600_000,
+            instance: String::new(),
         },
         at_ms,
     }
@@ -147,6 +148,7 @@ async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()>
         site: "nowhere".into(),
         at_ms: 1,
         links: None,
+        instance: String::new(),
     };
     let entry = Entry {
         log_id: log_id(1, 1),
@@ -237,6 +239,7 @@ async fn batches_on_the_spare_match_a_plain_replay() -> anyhow::Result<()> {
                     site: format!("s{}", batch / 2),
                     at_ms: index * 10,
                     links: None,
+                    instance: String::new(),
                 },
                 // Refused: changes nothing, and is not replayed.
                 _ => Command::RemoveSite {
@@ -275,6 +278,7 @@ async fn a_proposal_of_several_writes_applies_each_in_order_with_its_own_reply()
         site: "nowhere".into(),
         at_ms: 1,
         links: None,
+        instance: String::new(),
     };
     let proposal = Proposal(vec![
         Request {

@@ -290,6 +290,7 @@ pub fn spec(name: &str, region: &str, zone: &str) -> SiteSpec {
         gateways: vec![format!("{name}.gw.example:15443")],
         lease_ttl_ms: 60_000,
         grace_ms: 600_000,
+        instance: String::new(),
     }
 }
 

@@ -53,6 +53,7 @@ fn revision_moves_by_one_per_command_with_changes() {
                 site: "a".into(),
                 at_ms: 1_000,
                 links: None,
+                instance: String::new(),
             },
             4,
             vec!["site+"],
@@ -62,6 +63,7 @@ fn revision_moves_by_one_per_command_with_changes() {
                 site: "a".into(),
                 at_ms: 1_000,
                 links: None,
+                instance: String::new(),
             },
             4,
             vec![],
@@ -351,6 +353,7 @@ fn heartbeats_carry_link_reports_and_bad_ones_name_the_field() {
         site: "a".into(),
         at_ms,
         links,
+        instance: String::new(),
     };
     c.apply(&hb(Some(vec![link("b", true), link("c", false)]), 10))
         .unwrap();

@@ -97,6 +97,7 @@ fn stale_then_heartbeat_is_fresh_again() {
             site: "a".into(),
             at_ms: TTL + 10,
             links: None,
+            instance: String::new(),
         })
         .unwrap();
     let site = c.site("a").unwrap();

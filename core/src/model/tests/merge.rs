@@ -23,6 +23,7 @@ fn group(site: &str, region: &str, zone: &str, state: SiteState, ready: usize) -
         state,
         created_revision: 1,
         links: Vec::new(),
+        instances: Vec::new(),
     };
     EndpointGroup::from_export(&e, Some(&site))
 }

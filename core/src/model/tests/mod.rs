@@ -26,6 +26,7 @@ pub(super) fn spec(name: &str, region: &str, zone: &str) -> SiteSpec {
         gateways: vec![format!("{name}.gw.example:15443")],
         lease_ttl_ms: TTL,
         grace_ms: GRACE,
+        instance: String::new(),
     }
 }
 

@@ -28,6 +28,7 @@ fn register_site_updates_and_heartbeat_rules() {
         site: site.into(),
         at_ms,
         links: None,
+        instance: String::new(),
     };
     assert_eq!(
         c.apply(&hb("zz", 300)),
@@ -250,6 +251,7 @@ fn rejections_leave_the_catalog_unchanged() {
                 site: "zz".into(),
                 at_ms: 5,
                 links: None,
+                instance: String::new(),
             },
         ),
         ("remove unknown", Command::RemoveSite { site: "zz".into() }),
@@ -481,4 +483,75 @@ fn sites_beyond_the_quota_are_refused() {
         at_ms: 3,
     })
     .unwrap();
+}
+
+#[test]
+fn several_gateways_of_one_site_register_and_report_each_for_itself() {
+    let mut c = Catalog::default();
+    let gw = |name: &str, addr: &str, at_ms| {
+        let mut s = spec("east", "eu", "eu-1a");
+        s.instance = name.into();
+        s.gateways = vec![addr.into()];
+        Command::RegisterSite { spec: s, at_ms }
+    };
+    let hb = |name: &str, peer: &str, at_ms| Command::Heartbeat {
+        site: "east".into(),
+        at_ms,
+        links: Some(vec![Link {
+            peer_site: peer.into(),
+            connected: true,
+            ..Default::default()
+        }]),
+        instance: name.into(),
+    };
+    c.apply(&gw("gw-b", "10.0.0.2:15443", 100)).unwrap();
+    c.apply(&gw("gw-a", "10.0.0.1:15443", 100)).unwrap();
+    // The second registration did not replace the first: both addresses, in name order.
+    let s = c.site("east").unwrap();
+    assert_eq!(
+        s.gateways,
+        vec!["10.0.0.1:15443".to_string(), "10.0.0.2:15443".to_string()]
+    );
+    assert_eq!(
+        s.instances
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["gw-a", "gw-b"]
+    );
+    // Each heartbeat replaces its own gateway's links only.
+    c.apply(&hb("gw-a", "west", 200)).unwrap();
+    c.apply(&hb("gw-b", "north", 200)).unwrap();
+    let s = c.site("east").unwrap();
+    let peers: Vec<&str> = s.links.iter().map(|l| l.peer_site.as_str()).collect();
+    assert_eq!(peers, vec!["west", "north"]);
+    assert_eq!(s.instances[0].links[0].peer_site, "west");
+    assert_eq!(s.instances[1].links[0].peer_site, "north");
+    // gw-b stops; gw-a keeps the site fresh. One lease later gw-b and its address leave.
+    c.apply(&hb("gw-a", "west", 200 + TTL)).unwrap();
+    tick(&mut c, 200 + TTL + 1);
+    let s = c.site("east").unwrap();
+    assert_eq!(s.state, SiteState::Fresh);
+    assert_eq!(s.gateways, vec!["10.0.0.1:15443".to_string()]);
+    assert_eq!(s.instances.len(), 1);
+    // A dropped gateway's heartbeat is refused with NotFound, so it registers again.
+    assert_eq!(
+        c.apply(&hb("gw-b", "north", 200 + TTL + 2)),
+        Err(Rejection::NotFound {
+            what: "gateway instance".into(),
+            name: "east/gw-b".into()
+        })
+    );
+    // The last gateway is never dropped: a stale site keeps an address.
+    tick(&mut c, 200 + 3 * TTL);
+    let s = c.site("east").unwrap();
+    assert!(matches!(s.state, SiteState::Stale { .. }));
+    assert_eq!(s.gateways, vec!["10.0.0.1:15443".to_string()]);
+    // A bad instance name is refused, naming the field.
+    let mut bad = spec("east", "eu", "eu-1a");
+    bad.instance = "Gw_1".into();
+    assert!(matches!(
+        c.apply(&Command::RegisterSite { spec: bad, at_ms: 1 }),
+        Err(Rejection::Invalid { field, .. }) if field == "spec.instance"
+    ));
 }

@@ -188,6 +188,7 @@ fn invalid_commands_name_the_field() {
                 site: "B".into(),
                 at_ms: 0,
                 links: None,
+                instance: String::new(),
             },
             "site",
         ),
