@@ -475,3 +475,74 @@ async fn coredns_multicluster_answers_from_the_imports_the_adapter_writes() -> R
     env.stop().await;
     Ok(())
 }
+
+/// Run `meshbridge kube` with `kubeconfig` (no API server or registry needed to fail).
+fn adapter_config_with(dir: &std::path::Path, kubeconfig: &std::path::Path) -> std::path::PathBuf {
+    let pki = meshbridge_testkit::pki::TestPki::new(TD);
+    let files = pki.issue("adapter", &format!("spiffe://{TD}/site/east/adapter"));
+    let path = dir.join("kube.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "site = \"east\"\ntrust_domain = \"{TD}\"\nregistry = [\"https://127.0.0.1:1\"]\nkubeconfig = {kubeconfig:?}\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+            files.cert, files.key, files.bundle
+        ),
+    )
+    .unwrap();
+    // The PKI's files must outlive the process: keep its dir.
+    std::mem::forget(pki);
+    path
+}
+
+#[tokio::test]
+async fn a_missing_or_bad_kubeconfig_is_named_and_an_unreachable_api_server_is_retried()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Missing.
+    let missing = dir.path().join("no-such-kubeconfig");
+    let cfg = adapter_config_with(dir.path(), &missing);
+    let out = tokio::process::Command::new(exe())
+        .args(["kube", "--config"])
+        .arg(&cfg)
+        .output()
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("cannot read"),
+        "{err}"
+    );
+    // Not a kubeconfig.
+    let bad = dir.path().join("bad-kubeconfig");
+    std::fs::write(&bad, "clusters: [this is not: a kubeconfig")?;
+    let cfg = adapter_config_with(dir.path(), &bad);
+    let out = tokio::process::Command::new(exe())
+        .args(["kube", "--config"])
+        .arg(&cfg)
+        .output()
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+    // An API server that is not there: a clear error, and it keeps trying.
+    let port = free_port();
+    let unreachable = dir.path().join("kubeconfig-unreachable");
+    std::fs::write(
+        &unreachable,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
+        ),
+    )?;
+    let cfg = adapter_config_with(dir.path(), &unreachable);
+    let mut p = spawn("adapter", &["kube", "--config", cfg.to_str().unwrap()]);
+    p.wait_for("cannot reach the Kubernetes API server; retrying", WITHIN)
+        .await?;
+    p.wait_for("cannot reach the Kubernetes API server; retrying", WITHIN)
+        .await?;
+    assert!(!p.exited(), "the adapter gave up");
+    assert!(!p.log.iter().any(|l| l.contains("export updated")));
+    p.terminate(Duration::from_secs(5)).await;
+    Ok(())
+}

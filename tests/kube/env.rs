@@ -31,8 +31,13 @@ pub const TD: &str = "kube.example";
 pub const READY: Duration = Duration::from_secs(60);
 pub const IMPORT_PORTS: &str = "20000-20999";
 
-pub fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_meshbridge")
+/// The binary under test: the one cargo built for this test (or `MESHBRIDGE_BIN`, or the
+/// release build, for the benchmark example, which cargo gives no such path).
+pub fn exe() -> String {
+    option_env!("CARGO_BIN_EXE_meshbridge")
+        .map(String::from)
+        .or_else(|| std::env::var("MESHBRIDGE_BIN").ok())
+        .unwrap_or_else(|| "target/release/meshbridge".into())
 }
 
 pub fn free_port() -> u16 {

@@ -561,8 +561,9 @@ impl Reconciler<'_> {
             }
         }
 
-        // Imports.
-        if self.cfg.import.enabled {
+        // Imports. Never from a catalog not yet received (revision 0): an adapter that
+        // starts while the registry is down keeps the imports it finds (static stability).
+        if self.cfg.import.enabled && catalog.revision > 0 {
             let desired = import::desired(
                 catalog,
                 &site,
