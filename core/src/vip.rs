@@ -303,6 +303,7 @@ mod tests {
                         port: *p,
                         protocol: Protocol::Tcp,
                         target_port: *p,
+                        app_protocol: None,
                     })
                     .collect(),
                 endpoints: Vec::new(),

@@ -41,6 +41,7 @@ fn catalog(n: u32) -> Catalog {
                 port: 80,
                 protocol: Protocol::Tcp,
                 target_port: 80,
+                app_protocol: None,
             }],
             endpoints: vec![Endpoint {
                 address: IpAddr::V4(ip),
@@ -48,6 +49,7 @@ fn catalog(n: u32) -> Catalog {
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             }],
             headless: false,
             created_revision: u64::from(i) + 2,

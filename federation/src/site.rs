@@ -267,6 +267,62 @@ impl ExportWriter {
         put_one(client, &self.site, local, &mut self.put, &mut self.gens).await
     }
 
+    /// Make the registry hold every export of `want` it does not hold yet, up to
+    /// `concurrency` writes in flight (an initial sync of thousands of services is bound
+    /// by round trips, not by the registry). Returns the services whose write failed.
+    pub async fn put_many(
+        &mut self,
+        client: &RegistryClient,
+        want: &[&LocalExport],
+        concurrency: usize,
+    ) -> Vec<(ServiceKey, ClientError)> {
+        use futures::StreamExt;
+        let pending: Vec<LocalExport> = want
+            .iter()
+            .filter(|l| !self.holds(l))
+            .map(|l| (*l).clone())
+            .collect();
+        let jobs: Vec<(Export, LocalExport)> = pending
+            .into_iter()
+            .map(|local| {
+                let export = Export {
+                    site: self.site.clone(),
+                    service: local.service.clone(),
+                    generation: self.gens.next(),
+                    ports: local.ports.clone(),
+                    endpoints: local.endpoints.clone(),
+                    headless: local.headless,
+                    created_revision: 0,
+                    updated_revision: 0,
+                };
+                (export, local)
+            })
+            .collect();
+        // Each future owns what it sends (no borrows held across the stream).
+        let results: Vec<(u64, LocalExport, Result<(), ClientError>)> =
+            futures::stream::iter(jobs.into_iter().map(|(export, local)| {
+                let client = client.clone();
+                async move {
+                    let r = client.put_export(&export).await.map(|_| ());
+                    (export.generation, local, r)
+                }
+            }))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        let mut failed = Vec::new();
+        for (generation, local, r) in results {
+            match r {
+                Ok(()) => {
+                    tracing::info!(site = %self.site, service = %local.service, generation, ready = local.endpoints.iter().filter(|e| e.ready).count(), "export updated");
+                    self.put.insert(local.service.clone(), (generation, local));
+                }
+                Err(e) => failed.push((local.service.clone(), e)),
+            }
+        }
+        failed
+    }
+
     /// Withdraw `key` (gone from the registry already is fine).
     pub async fn withdraw(
         &mut self,
@@ -353,6 +409,7 @@ impl ExportSpec {
                     port: p.port,
                     protocol: p.protocol,
                     target_port: p.target_port.unwrap_or(p.port),
+                    app_protocol: None,
                 })
                 .collect(),
             endpoints: self
@@ -364,6 +421,7 @@ impl ExportSpec {
                     ready,
                     weight: e.weight.unwrap_or(1),
                     identity: e.identity.clone(),
+                    zone: None,
                 })
                 .collect(),
             headless: self.headless,

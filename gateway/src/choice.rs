@@ -180,6 +180,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 target_port: 8080,
+                app_protocol: None,
             }],
             endpoints: vec![],
             weight,

@@ -158,12 +158,14 @@ mod tests {
                     port: 80,
                     protocol: Protocol::Tcp,
                     target_port: 8080,
+                    app_protocol: None,
                 },
                 Port {
                     name: "dns".into(),
                     port: 53,
                     protocol: Protocol::Udp,
                     target_port: 53,
+                    app_protocol: None,
                 },
             ],
             endpoints: vec![Endpoint {
@@ -172,6 +174,7 @@ mod tests {
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             }],
             headless,
             created_revision: 1,

@@ -105,6 +105,7 @@ fn export(site: &str, ns: &str, name: &str, generation: u64, endpoints: usize) -
             port: 8080,
             protocol: Protocol::Tcp,
             target_port: 8080,
+            app_protocol: None,
         }],
         endpoints: (0..endpoints)
             .map(|i| Endpoint {
@@ -113,6 +114,7 @@ fn export(site: &str, ns: &str, name: &str, generation: u64, endpoints: usize) -
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             })
             .collect(),
         headless: false,

@@ -270,6 +270,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 target_port: 80,
+                app_protocol: None,
             }],
             endpoints: vec![Endpoint {
                 address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
@@ -277,6 +278,7 @@ mod tests {
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             }],
             headless: false,
             created_revision: 0,

@@ -208,6 +208,9 @@ pub struct Port {
     pub port: u16,
     pub protocol: Protocol,
     pub target_port: u16,
+    /// The application protocol (Kubernetes `appProtocol`: `http`, `kubernetes.io/h2c`…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
 
 /// One endpoint of an export.
@@ -221,6 +224,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// SPIFFE id the endpoint's workload runs as, when known.
     pub identity: Option<String>,
+    /// The endpoint's zone within its site (Kubernetes EndpointSlice `zone`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 /// A site's statement "here are my endpoints of service S, ports P, generation G".

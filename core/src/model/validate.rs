@@ -303,6 +303,20 @@ impl Export {
             if port.target_port == 0 {
                 return Err(invalid(f("target_port"), "must be in 1..=65535"));
             }
+            if let Some(a) = &port.app_protocol
+                && (a.is_empty()
+                    || a.len() > 316
+                    || !a
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)))
+            {
+                return Err(invalid(
+                    f("app_protocol"),
+                    format!(
+                        "{a:?}: at most 316 of a-z A-Z 0-9 - _ . / (like Kubernetes appProtocol)"
+                    ),
+                ));
+            }
             if let Some(j) = numbers.insert((port.port, port.protocol), i) {
                 return Err(invalid(
                     f("port"),
@@ -355,6 +369,9 @@ impl Export {
             }
             if let Some(id) = &ep.identity {
                 check_spiffe_id(id).map_err(|r| invalid(f("identity"), r))?;
+            }
+            if let Some(z) = &ep.zone {
+                check_locality_part(z).map_err(|r| invalid(f("zone"), r))?;
             }
         }
         Ok(())

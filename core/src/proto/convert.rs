@@ -119,6 +119,7 @@ fn to_port(p: &pb::Port, i: usize) -> Result<model::Port, Rejection> {
         port,
         protocol,
         target_port,
+        app_protocol: p.app_protocol.clone(),
     })
 }
 
@@ -135,6 +136,7 @@ fn to_endpoint(e: &pb::Endpoint, i: usize) -> Result<model::Endpoint, Rejection>
         ready: e.ready,
         weight: e.weight.unwrap_or(1),
         identity: e.identity.clone(),
+        zone: e.zone.clone(),
     })
 }
 
@@ -183,6 +185,7 @@ pub fn from_export(e: &model::Export) -> pb::Export {
                 port: p.port.into(),
                 protocol: protocol(p.protocol).into(),
                 target_port: p.target_port.into(),
+                app_protocol: p.app_protocol.clone(),
             })
             .collect(),
         endpoints: e
@@ -194,6 +197,7 @@ pub fn from_export(e: &model::Export) -> pb::Export {
                 ready: ep.ready,
                 weight: Some(ep.weight),
                 identity: ep.identity.clone(),
+                zone: ep.zone.clone(),
             })
             .collect(),
         headless: e.headless,
@@ -323,6 +327,7 @@ mod tests {
             port,
             protocol: pb::Protocol::Tcp.into(),
             target_port: 0,
+            app_protocol: None,
         }
     }
 
@@ -341,6 +346,7 @@ mod tests {
                 ready: true,
                 weight: None,
                 identity: None,
+                zone: None,
             }],
             headless: false,
         }

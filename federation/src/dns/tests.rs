@@ -41,6 +41,7 @@ fn export(site: &str, name: &str, ip: &str, headless: bool, rev: u64) -> Arc<Exp
             port: 80,
             protocol: Protocol::Tcp,
             target_port: 8080,
+            app_protocol: None,
         }],
         endpoints: vec![Endpoint {
             address: ip.parse().unwrap(),
@@ -48,6 +49,7 @@ fn export(site: &str, name: &str, ip: &str, headless: bool, rev: u64) -> Arc<Exp
             ready: true,
             weight: 1,
             identity: None,
+            zone: None,
         }],
         headless,
         created_revision: rev,

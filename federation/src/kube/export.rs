@@ -102,6 +102,7 @@ pub fn build(
             port,
             protocol: proto,
             target_port: target,
+            app_protocol: p.app_protocol.clone().filter(|a| !a.is_empty()),
         });
     }
     if ports.is_empty() {
@@ -133,6 +134,7 @@ pub fn build(
                 ready: false,
                 weight: 1,
                 identity: None,
+                zone: e.zone.clone().filter(|z| !z.is_empty()),
             });
             ep.ready |= exported_ready;
         }
@@ -226,15 +228,17 @@ mod tests {
             None,
             vec![port("http", 80, Some(IntOrString::String("web".into())))],
         );
+        let mut zoned = ep("10.1.0.1", Some(true), Some(true), Some(false)); // ready
+        zoned.zone = Some("eu-west-1a".into());
         let s1 = slice(
             "IPv4",
             vec![
-                ep("10.1.0.1", Some(true), Some(true), Some(false)), // ready
-                ep("10.1.0.2", None, None, None),                    // unknown: ready
+                zoned,
+                ep("10.1.0.2", None, None, None), // unknown: ready
                 ep("10.1.0.3", Some(false), Some(true), Some(true)), // draining: listed, not ready
                 ep("10.1.0.4", Some(false), Some(false), Some(true)), // gone: left out
-                ep("10.1.0.5", Some(false), Some(false), None),      // not ready: left out
-                ep("not-an-ip", Some(true), None, None),             // odd: skipped
+                ep("10.1.0.5", Some(false), Some(false), None), // not ready: left out
+                ep("not-an-ip", Some(true), None, None), // odd: skipped
             ],
             vec![("http", 8080)],
         );

@@ -123,7 +123,7 @@ pub fn desired(
                     .map(|p| ServicePort {
                         name: (!p.name.is_empty()).then(|| p.name.clone()),
                         protocol: Some(protocol_name(p.protocol).into()),
-                        app_protocol: None,
+                        app_protocol: p.app_protocol.clone(),
                         port: i32::from(p.port),
                     })
                     .collect(),
@@ -188,6 +188,7 @@ pub fn desired(
                         .map(|e| SliceEndpoint {
                             addresses: vec![e.address.to_string()],
                             hostname: e.hostname.clone(),
+                            zone: e.zone.clone(),
                             conditions: Some(EndpointConditions {
                                 ready: Some(e.ready),
                                 serving: Some(e.ready),
@@ -227,13 +228,14 @@ pub fn desired(
                     port: i32::from(p.port),
                     protocol: Some("TCP".into()),
                     target_port: Some(IntOrString::Int(i32::from(*gw_port))),
+                    app_protocol: p.app_protocol.clone(),
                     ..Default::default()
                 });
                 slice_ports.push(EndpointPort {
                     name: Some(port_name),
                     port: Some(i32::from(*gw_port)),
                     protocol: Some("TCP".into()),
-                    ..Default::default()
+                    app_protocol: p.app_protocol.clone(),
                 });
             }
             let mut slices = Vec::new();
@@ -311,12 +313,14 @@ mod tests {
                     port: 80,
                     protocol: Protocol::Tcp,
                     target_port: 8080,
+                    app_protocol: None,
                 },
                 Port {
                     name: "dns".into(),
                     port: 53,
                     protocol: Protocol::Udp,
                     target_port: 53,
+                    app_protocol: None,
                 },
             ],
             endpoints: vec![Endpoint {
@@ -325,6 +329,7 @@ mod tests {
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             }],
             headless,
             created_revision: rev,

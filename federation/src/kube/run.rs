@@ -43,6 +43,10 @@ pub const FIELD_MANAGER: &str = "meshbridge-kube-adapter";
 /// A full re-apply of every import this often (repairs objects someone changed by hand).
 const REAPPLY_EVERY: Duration = Duration::from_secs(300);
 const RESYNC: Duration = Duration::from_secs(30);
+/// Export writes in flight at once.
+const EXPORT_CONCURRENCY: usize = 32;
+/// Imports applied at once (each is a few API calls in a row).
+const IMPORT_CONCURRENCY: usize = 16;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -501,26 +505,30 @@ impl Reconciler<'_> {
         let Some(writer) = self.writer.as_mut() else {
             return errors + 1;
         };
-        for (key, (_, v)) in &verdicts {
-            let Ok(local) = v else { continue };
-            if !*leading.borrow() {
-                return errors;
-            }
-            if let Err(e) = writer.put(self.registry, local).await {
-                errors += 1;
-                let reason = match e.code() {
-                    Some(
-                        tonic::Code::InvalidArgument
-                        | tonic::Code::PermissionDenied
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::ResourceExhausted
-                        | tonic::Code::OutOfRange,
-                    ) => "RegistryRejected",
-                    _ => "RegistryUnavailable",
-                };
-                tracing::warn!(service = %key, error = %e, "export not written");
-                write_errors.insert(key.clone(), (reason.into(), e.to_string()));
-            }
+        if !*leading.borrow() {
+            return errors;
+        }
+        let want: Vec<&LocalExport> = verdicts
+            .values()
+            .filter_map(|(_, v)| v.as_ref().ok())
+            .collect();
+        for (key, e) in writer
+            .put_many(self.registry, &want, EXPORT_CONCURRENCY)
+            .await
+        {
+            errors += 1;
+            let reason = match e.code() {
+                Some(
+                    tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::OutOfRange,
+                ) => "RegistryRejected",
+                _ => "RegistryUnavailable",
+            };
+            tracing::warn!(service = %key, error = %e, "export not written");
+            write_errors.insert(key, (reason.into(), e.to_string()));
         }
         let valid: BTreeSet<&ServiceKey> = verdicts
             .iter()
@@ -571,24 +579,40 @@ impl Reconciler<'_> {
                 self.cfg.import.ports,
                 &self.namespaces,
             );
-            for (key, d) in &desired {
-                if !*leading.borrow() {
-                    return errors;
-                }
-                let fingerprint =
-                    serde_json::to_string(&(&d.import, &d.service, &d.slices)).unwrap_or_default();
-                if self.applied.get(key) == Some(&fingerprint) {
-                    continue;
-                }
-                match apply_import(self.client, d).await {
+            if !*leading.borrow() {
+                return errors;
+            }
+            let todo: Vec<(ServiceKey, Desired, String)> = desired
+                .iter()
+                .filter_map(|(key, d)| {
+                    let fingerprint = serde_json::to_string(&(&d.import, &d.service, &d.slices))
+                        .unwrap_or_default();
+                    (self.applied.get(key) != Some(&fingerprint))
+                        .then(|| (key.clone(), d.clone(), fingerprint))
+                })
+                .collect();
+            // Each future owns its import and a client handle (no borrows across the stream).
+            let results: Vec<_> =
+                futures::stream::iter(todo.into_iter().map(|(key, d, fingerprint)| {
+                    let client = self.client.clone();
+                    async move {
+                        let r = apply_import(&client, &d).await;
+                        (key, fingerprint, r)
+                    }
+                }))
+                .buffer_unordered(IMPORT_CONCURRENCY)
+                .collect()
+                .await;
+            for (key, fingerprint, r) in results {
+                match r {
                     Ok(()) => {
                         tracing::info!(service = %key, "import applied");
-                        self.applied.insert(key.clone(), fingerprint);
+                        self.applied.insert(key, fingerprint);
                     }
                     Err(e) => {
                         errors += 1;
-                        self.applied.remove(key);
                         tracing::warn!(service = %key, error = %format!("{e:#}"), "import not applied; will retry");
+                        self.applied.remove(&key);
                     }
                 }
             }

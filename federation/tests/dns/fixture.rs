@@ -80,6 +80,7 @@ pub fn port(name: &str, port: u16, target_port: u16) -> Port {
         port,
         protocol: Protocol::Tcp,
         target_port,
+        app_protocol: None,
     }
 }
 
@@ -90,6 +91,7 @@ pub fn ep(address: &str, hostname: Option<&str>) -> Endpoint {
         ready: true,
         weight: 1,
         identity: None,
+        zone: None,
     }
 }
 

@@ -144,6 +144,7 @@ impl Feed {
                 port,
                 protocol: Protocol::Tcp,
                 target_port,
+                app_protocol: None,
             }],
             endpoints: endpoints
                 .iter()
@@ -153,6 +154,7 @@ impl Feed {
                     ready: true,
                     weight: 1,
                     identity: None,
+                    zone: None,
                 })
                 .collect(),
             headless: false,

@@ -576,6 +576,7 @@ fn put_export(site: &str, ns: &str, name: &str) -> Command {
                 port: 80,
                 protocol: Protocol::Tcp,
                 target_port: 80,
+                app_protocol: None,
             }],
             endpoints: vec![Endpoint {
                 address: [10, 0, 0, 1].into(),
@@ -583,6 +584,7 @@ fn put_export(site: &str, ns: &str, name: &str) -> Command {
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             }],
             headless: false,
             created_revision: 0,

@@ -308,6 +308,7 @@ pub fn export(site: &str, service: &str, generation: u64, addrs: &[&str]) -> Exp
             port: 80,
             protocol: Protocol::Tcp,
             target_port: 8080,
+            app_protocol: None,
         }],
         endpoints: addrs
             .iter()
@@ -317,6 +318,7 @@ pub fn export(site: &str, service: &str, generation: u64, addrs: &[&str]) -> Exp
                 ready: true,
                 weight: 1,
                 identity: None,
+                zone: None,
             })
             .collect(),
         headless: false,

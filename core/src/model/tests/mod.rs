@@ -45,6 +45,7 @@ pub(super) fn ep(addr: &str) -> Endpoint {
         ready: true,
         weight: 1,
         identity: None,
+        zone: None,
     }
 }
 
@@ -54,6 +55,7 @@ pub(super) fn port(name: &str, port: u16) -> Port {
         port,
         protocol: Protocol::Tcp,
         target_port: port,
+        app_protocol: None,
     }
 }
 

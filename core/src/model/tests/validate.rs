@@ -343,6 +343,7 @@ fn valid_edge_cases_pass() {
                     port: 80,
                     protocol: Protocol::Udp,
                     target_port: 53,
+                    app_protocol: None,
                 })
             }),
         ),
