@@ -8,7 +8,9 @@
 //!    adapter is stopped; then the time from its start to all S in the registry;
 //! 3. adapter RSS: idle (nothing exported), and with 1,000 Services × 10 endpoints.
 //!
-//! Environment: CHANGES, SERVICES, RSS_SERVICES. Prints one line per figure.
+//! Environment: CHANGES, SERVICES, RSS_SERVICES; PHASES (default `latency,rss,sync`) picks
+//! the parts. During the sync phase west's adapter is stopped, so the figure is east's
+//! export path alone (2 cores shared by everything here). Prints one line per figure.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
@@ -222,6 +224,7 @@ async fn main() -> Result<()> {
     let changes = var("CHANGES", 200);
     let services = var("SERVICES", 10_000);
     let rss_services = var("RSS_SERVICES", 1_000);
+    let phases = std::env::var("PHASES").unwrap_or_else(|_| "latency,rss,sync".into());
     let env = Env::start(&["east", "west"], ApiServerOptions::default()).await?;
 
     // RSS idle: both adapters up, nothing exported.
@@ -231,27 +234,38 @@ async fn main() -> Result<()> {
     let idle = rss_kib(a_east.pid().unwrap_or(0));
     println!("adapter RSS idle: {:.1} MiB", idle as f64 / 1024.0);
 
-    change_latency(&env, changes).await?;
+    if phases.contains("latency") {
+        change_latency(&env, changes).await?;
+    }
 
     // RSS with RSS_SERVICES × 10 endpoints exported.
-    create_services(env.admin("east"), "r", rss_services, 10).await?;
-    env.until_catalog("rss services exported", Duration::from_secs(300), |c| {
-        c.exports
-            .keys()
-            .filter(|(k, s)| s == "east" && k.name.starts_with('r'))
-            .count()
-            >= rss_services
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    println!(
-        "adapter RSS with {rss_services} services x 10 endpoints: {:.1} MiB (west, importing them: {:.1} MiB)",
-        rss_kib(a_east.pid().unwrap_or(0)) as f64 / 1024.0,
-        rss_kib(a_west.pid().unwrap_or(0)) as f64 / 1024.0
-    );
+    if phases.contains("rss") {
+        create_services(env.admin("east"), "r", rss_services, 10).await?;
+        env.until_catalog("rss services exported", Duration::from_secs(300), |c| {
+            c.exports
+                .keys()
+                .filter(|(k, s)| s == "east" && k.name.starts_with('r'))
+                .count()
+                >= rss_services
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        println!(
+            "adapter RSS with {rss_services} services x 10 endpoints: {:.1} MiB (west, importing them: {:.1} MiB)",
+            rss_kib(a_east.pid().unwrap_or(0)) as f64 / 1024.0,
+            rss_kib(a_west.pid().unwrap_or(0)) as f64 / 1024.0
+        );
+    }
+    if !phases.contains("sync") {
+        a_east.terminate(Duration::from_secs(5)).await;
+        a_west.terminate(Duration::from_secs(5)).await;
+        env.stop().await;
+        return Ok(());
+    }
 
     // Initial sync: stop east's adapter, create SERVICES more, start it, time to all of them.
     a_east.terminate(Duration::from_secs(5)).await;
+    a_west.terminate(Duration::from_secs(5)).await;
     create_services(env.admin("east"), "s", services, 1).await?;
     let t0 = Instant::now();
     let mut a_east = env.adapter("east", "east-1").await?;
@@ -268,7 +282,6 @@ async fn main() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     a_east.terminate(Duration::from_secs(5)).await;
-    a_west.terminate(Duration::from_secs(5)).await;
     env.stop().await;
     Ok(())
 }

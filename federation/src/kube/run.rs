@@ -546,27 +546,41 @@ impl Reconciler<'_> {
         }
         self.metrics.exports.set(writer.keys().len() as i64);
 
-        // Conditions on the ServiceExports.
-        for (key, (se, v)) in &verdicts {
-            let want = conditions(&site, key, v, writer, write_errors.get(key), catalog);
-            let current = se
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or(&[]);
-            let Some(conds) = status::merge(current, &want, se.metadata.generation) else {
-                continue;
-            };
-            let api: Api<ServiceExport> = Api::namespaced(self.client.clone(), &key.namespace);
-            let patch = serde_json::json!({ "status": { "conditions": conds } });
-            let r = api
-                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await;
-            if let Err(e) = delete_ok(r) {
-                // (Not found: deleted since the cache saw it; nothing to report on.)
-                errors += 1;
-                tracing::warn!(service = %key, error = %e, "cannot write the ServiceExport's status");
-            }
+        // Conditions on the ServiceExports: only changed ones, several writes at once.
+        let patches: Vec<(ServiceKey, serde_json::Value)> = verdicts
+            .iter()
+            .filter_map(|(key, (se, v))| {
+                let want = conditions(&site, key, v, writer, write_errors.get(key), catalog);
+                let current = se
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or(&[]);
+                let conds = status::merge(current, &want, se.metadata.generation)?;
+                Some((
+                    key.clone(),
+                    serde_json::json!({ "status": { "conditions": conds } }),
+                ))
+            })
+            .collect();
+        let failures: Vec<(ServiceKey, kube::Error)> =
+            futures::stream::iter(patches.into_iter().map(|(key, patch)| {
+                let api: Api<ServiceExport> = Api::namespaced(self.client.clone(), &key.namespace);
+                async move {
+                    let r = api
+                        .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await;
+                    // (Not found: deleted since the cache saw it; nothing to report on.)
+                    delete_ok(r).err().map(|e| (key, e))
+                }
+            }))
+            .buffer_unordered(IMPORT_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        for (key, e) in failures {
+            errors += 1;
+            tracing::warn!(service = %key, error = %e, "cannot write the ServiceExport's status");
         }
 
         // Imports. Never from a catalog not yet received (revision 0): an adapter that
