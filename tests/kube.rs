@@ -270,6 +270,78 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
         export_view(c, "east", "web").is_some_and(|v| v.contains(&("10.1.0.9".to_string(), true)))
     })
     .await?;
+    // Scale down: the endpoint leaves the registry.
+    slices.delete("web-2", &DeleteParams::default()).await?;
+    env.until_catalog("scaled down", WITHIN, |c| {
+        export_view(c, "east", "web").is_some_and(|v| !v.iter().any(|(a, _)| a == "10.1.0.9"))
+    })
+    .await?;
+
+    // A headless service: west's imported EndpointSlice carries east's endpoints, so
+    // scaling east up and down shows there.
+    svcs.create(
+        &PostParams::default(),
+        &service("pg", true, &[("pg", 5432, 5432)]),
+    )
+    .await?;
+    slices
+        .create(
+            &PostParams::default(),
+            &endpoint_slice(
+                "pg",
+                "pg-1",
+                &[("10.1.1.1", Some(true), None, None, Some("pg-0"))],
+                &[("pg", 5432)],
+            ),
+        )
+        .await?;
+    exports
+        .create(&PostParams::default(), &service_export("pg"))
+        .await?;
+    let west_pg = |want: Vec<&'static str>| {
+        let api: Api<EndpointSlice> = Api::namespaced(west.clone(), "shop");
+        async move {
+            let deadline = tokio::time::Instant::now() + WITHIN;
+            loop {
+                let list = api
+                    .list(
+                        &ListParams::default().labels("multicluster.kubernetes.io/service-name=pg"),
+                    )
+                    .await
+                    .unwrap();
+                let mut got: Vec<String> = list
+                    .items
+                    .iter()
+                    .flat_map(|s| s.endpoints.clone().unwrap_or_default())
+                    .flat_map(|e| e.addresses)
+                    .collect();
+                got.sort();
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "west's pg slices {got:?}, want {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    west_pg(vec!["10.1.1.1"]).await;
+    slices
+        .create(
+            &PostParams::default(),
+            &endpoint_slice(
+                "pg",
+                "pg-2",
+                &[("10.1.1.2", Some(true), None, None, Some("pg-1"))],
+                &[("pg", 5432)],
+            ),
+        )
+        .await?;
+    west_pg(vec!["10.1.1.1", "10.1.1.2"]).await;
+    slices.delete("pg-1", &DeleteParams::default()).await?;
+    west_pg(vec!["10.1.1.2"]).await;
 
     // West exports the same name with an incompatible port: the later export (west's)
     // gets Conflict=True naming the winner; east's stays without a conflict.
