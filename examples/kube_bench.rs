@@ -87,8 +87,8 @@ async fn start_dns(env: &Env) -> Result<(meshbridge_testkit::process::Proc, Sock
         &cfg,
         format!(
             "[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"west\"\n[dns.rate_limit]\nper_client_qps = 0\n\
-             [source]\nregistry = [\"{}\"]\n[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-            env.registry_url, files.cert, files.key, files.bundle
+             [source]\nregistry = [{}]\n[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+            env.registry_list, files.cert, files.key, files.bundle
         ),
     )?;
     let mut p = spawn("dns", &["dns", "--config", cfg.to_str().unwrap()]);

@@ -81,13 +81,15 @@ pub struct Env {
     pub clusters: BTreeMap<&'static str, Cluster>,
     pub registry_url: String,
     pub catalog: watch::Receiver<Arc<Catalog>>,
-    registry: Proc,
+    registry: Vec<Proc>,
+    /// Every node's URL, as a TOML list's inside (`"https://…", "https://…"`).
+    pub registry_list: String,
     gateways: Vec<Proc>,
     pub root: PathBuf,
 }
 
 /// A gateway process of `site`, registered as gateway instance `instance`; its import
-/// listener binds `bind`.
+/// listener binds `bind`. `registry` is the inside of a TOML list of URLs.
 pub async fn start_gateway(
     pki: &TestPki,
     registry: &str,
@@ -107,7 +109,7 @@ pub async fn start_gateway(
             "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
              [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
              [gateway.listeners]\nimport_ports = {{ address = \"{bind}\", ports = \"{IMPORT_PORTS}\" }}\n{}\
-             [source]\nregistry = [\"{registry}\"]\n\
+             [source]\nregistry = [{registry}]\n\
              [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\ninstance = \"{instance}\"\n",
             root.join(format!("gw-{instance}-data")),
             tls_section(&gw),
@@ -164,39 +166,65 @@ impl Env {
         }
         let pki = TestPki::new(TD);
         let root = pki.dir().to_path_buf();
-        let port = free_port();
-        let url = format!("https://127.0.0.1:{port}");
-        let node = pki.issue("registry-1", &format!("spiffe://{TD}/registry/1"));
-        let cfg = root.join("registry.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "node_id = 1\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 data_dir = {:?}\n{}\
-                 [leases]\ntick_interval_ms = 200\n[initial_members]\n1 = \"{url}\"\n",
-                root.join("registry-data"),
-                tls_section(&node),
-            ),
-        )?;
-        let mut registry = spawn(
-            "registry",
-            &["registry", "--config", cfg.to_str().unwrap_or_default()],
-        );
-        registry.wait_for("listening on", READY).await?;
+        // A 3-node registry, as a deployment runs it.
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("https://127.0.0.1:{p}"))
+            .collect();
+        let url = urls[0].clone();
+        let members: String = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{} = \"{u}\"\n", i + 1))
+            .collect();
+        let mut registry = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = i + 1;
+            let node = pki.issue(
+                &format!("registry-{id}"),
+                &format!("spiffe://{TD}/registry/{id}"),
+            );
+            let cfg = root.join(format!("registry-{id}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                     data_dir = {:?}\n{}\
+                     [leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
+                    root.join(format!("registry-{id}-data")),
+                    tls_section(&node),
+                ),
+            )?;
+            registry.push(spawn(
+                &format!("registry {id}"),
+                &["registry", "--config", cfg.to_str().unwrap_or_default()],
+            ));
+        }
+        for r in &mut registry {
+            r.wait_for("listening on", READY).await?;
+        }
+        let registry_list = urls
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut gateways = Vec::new();
         for site in sites {
             let bind = addr_of(site).unwrap_or_else(|| "127.0.0.1".into());
-            let p = start_gateway(&pki, &url, site, &format!("gw-{site}-0"), &bind).await?;
+            let p =
+                start_gateway(&pki, &registry_list, site, &format!("gw-{site}-0"), &bind).await?;
             gateways.push(p);
         }
         let ctl = pki.identity("ctl", &format!("spiffe://{TD}/ctl/test"));
-        let client = RegistryClient::connect(std::slice::from_ref(&url), ctl).await?;
+        let client = RegistryClient::connect(&urls, ctl).await?;
         let catalog = client.watch_catalog();
         Ok(Self {
             pki,
             etcd,
             clusters,
             registry_url: url,
+            registry_list,
             catalog,
             registry,
             gateways,
@@ -224,11 +252,11 @@ impl Env {
         std::fs::write(
             &path,
             format!(
-                "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [\"{}\"]\nkubeconfig = {kubeconfig:?}\n\
+                "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [{}]\nkubeconfig = {kubeconfig:?}\n\
                  admin_listen = \"127.0.0.1:0\"\ndebounce_ms = 50\n{extra}\n{}\
                  [import]\ngateway_service = \"meshbridge/meshbridge-gateway\"\nports = \"{IMPORT_PORTS}\"\n\
                  [leader_election]\nidentity = \"{name}\"\nlease_duration_ms = 3000\nrenew_deadline_ms = 2000\nretry_period_ms = 300\n",
-                self.registry_url,
+                self.registry_list,
                 tls_section(&files),
             ),
         )?;
@@ -289,7 +317,9 @@ impl Env {
         for g in &mut self.gateways {
             g.terminate(Duration::from_secs(5)).await;
         }
-        self.registry.terminate(Duration::from_secs(5)).await;
+        for r in &mut self.registry {
+            r.terminate(Duration::from_secs(5)).await;
+        }
     }
 }
 
