@@ -53,31 +53,6 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn a_records(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let mut msg = Message::new(rand::random(), MessageType::Query, OpCode::Query);
-    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    sock.connect(server).await.unwrap();
-    sock.send(&msg.to_vec().unwrap()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await else {
-        return Vec::new();
-    };
-    Message::from_vec(&buf[..n])
-        .map(|m| {
-            m.answers
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::A(a) => Some(a.0),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn start_dns(env: &Env) -> Result<(meshbridge_testkit::process::Proc, SocketAddr)> {
     let files = env
         .pki
@@ -166,8 +141,9 @@ async fn change_latency(env: &Env, changes: usize) -> Result<()> {
         imp.push(t0.elapsed());
         let want_ip: Ipv4Addr = want.parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !a_records(dns_addr, "lat.shop.svc.clusterset.local")
+        while !dig_a(dns_addr, "lat.shop.svc.clusterset.local")
             .await
+            .unwrap_or_default()
             .contains(&want_ip)
         {
             anyhow::ensure!(Instant::now() < deadline, "dns never answered {want}");

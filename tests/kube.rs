@@ -31,29 +31,22 @@ fn cond<'a>(se: &'a ServiceExport, t: &str) -> Option<(&'a str, &'a str, &'a str
         .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
 }
 
-/// Poll the ServiceExport until `pred` holds on it (the adapter writes its status).
+/// Wait until `pred` holds on the ServiceExport (the adapter writes its status).
 async fn until_export(
     api: &Api<ServiceExport>,
     name: &str,
     what: &str,
     pred: impl Fn(&ServiceExport) -> bool,
 ) -> ServiceExport {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    loop {
+    eventually(what, WITHIN, || async {
         let se = api
             .get(name)
             .await
             .unwrap_or_else(|e| panic!("{what}: get {name}: {e}"));
-        if pred(&se) {
-            return se;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WITHIN:?}; status: {:?}",
-            se.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let seen = format!("{:?}", se.status);
+        (pred(&se).then_some(se), seen)
+    })
+    .await
 }
 
 async fn until_import(
@@ -62,21 +55,15 @@ async fn until_import(
     what: &str,
     pred: impl Fn(Option<&ServiceImport>) -> bool,
 ) -> Option<ServiceImport> {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    loop {
+    eventually(what, WITHIN, || async {
         let si = api
             .get_opt(name)
             .await
             .unwrap_or_else(|e| panic!("{what}: get {name}: {e}"));
-        if pred(si.as_ref()) {
-            return si;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WITHIN:?}; now: {si:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let seen = format!("{si:?}");
+        (pred(si.as_ref()).then_some(si), seen)
+    })
+    .await
 }
 
 fn export_view(c: &Catalog, site: &str, svc: &str) -> Option<Vec<(String, bool)>> {
@@ -110,23 +97,20 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
         &service("web", false, &[("http", 80, 8080)]),
     )
     .await?;
-    slices
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "web",
-                "web-1",
-                &[
-                    ("10.1.0.1", Some(true), Some(true), Some(false), None),
-                    ("10.1.0.2", None, None, None, None),
-                    ("10.1.0.3", Some(false), Some(true), Some(true), None),
-                    ("10.1.0.4", Some(false), Some(false), Some(true), None),
-                    ("10.1.0.5", Some(false), Some(false), None, None),
-                ],
-                &[("http", 8080)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east,
+        "web",
+        "web-1",
+        &[
+            ("10.1.0.1", Some(true), Some(true), Some(false), None),
+            ("10.1.0.2", None, None, None, None),
+            ("10.1.0.3", Some(false), Some(true), Some(true), None),
+            ("10.1.0.4", Some(false), Some(false), Some(true), None),
+            ("10.1.0.5", Some(false), Some(false), None, None),
+        ],
+        &[("http", 8080)],
+    )
+    .await?;
     exports
         .create(&PostParams::default(), &service_export("web"))
         .await?;
@@ -255,17 +239,14 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
     );
 
     // Scale up: a new ready endpoint reaches the registry.
-    slices
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "web",
-                "web-2",
-                &[("10.1.0.9", Some(true), None, None, None)],
-                &[("http", 8080)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east,
+        "web",
+        "web-2",
+        &[("10.1.0.9", Some(true), None, None, None)],
+        &[("http", 8080)],
+    )
+    .await?;
     env.until_catalog("scaled up", WITHIN, |c| {
         export_view(c, "east", "web").is_some_and(|v| v.contains(&("10.1.0.9".to_string(), true)))
     })
@@ -284,17 +265,14 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
         &service("pg", true, &[("pg", 5432, 5432)]),
     )
     .await?;
-    slices
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "pg",
-                "pg-1",
-                &[("10.1.1.1", Some(true), None, None, Some("pg-0"))],
-                &[("pg", 5432)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east,
+        "pg",
+        "pg-1",
+        &[("10.1.1.1", Some(true), None, None, Some("pg-0"))],
+        &[("pg", 5432)],
+    )
+    .await?;
     exports
         .create(&PostParams::default(), &service_export("pg"))
         .await?;
@@ -328,17 +306,14 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
         }
     };
     west_pg(vec!["10.1.1.1"]).await;
-    slices
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "pg",
-                "pg-2",
-                &[("10.1.1.2", Some(true), None, None, Some("pg-1"))],
-                &[("pg", 5432)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east,
+        "pg",
+        "pg-2",
+        &[("10.1.1.2", Some(true), None, None, Some("pg-1"))],
+        &[("pg", 5432)],
+    )
+    .await?;
     west_pg(vec!["10.1.1.1", "10.1.1.2"]).await;
     slices.delete("pg-1", &DeleteParams::default()).await?;
     west_pg(vec!["10.1.1.2"]).await;
@@ -452,29 +427,6 @@ async fn a_service_exported_in_east_is_imported_in_west_and_withdrawn_with_its_e
     a_west.terminate(Duration::from_secs(5)).await;
     env.stop().await;
     Ok(())
-}
-
-/// Ask `server` (UDP) for the A records of `name`.
-async fn dig_a(server: std::net::SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>> {
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let mut msg = Message::new(rand::random(), MessageType::Query, OpCode::Query);
-    msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    sock.connect(server).await?;
-    sock.send(&msg.to_vec()?).await?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await??;
-    let answer = Message::from_vec(&buf[..n])?;
-    Ok(answer
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use env::*;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use meshbridge_federation::kube::crd::ServiceExport;
 use meshbridge_testkit::fault::{Mode, TcpFault};
 use meshbridge_testkit::kube::ApiServerOptions;
@@ -84,17 +83,14 @@ async fn two_replicas_one_writer_and_the_standby_takes_over_when_the_leader_is_k
         "took over before the lease ran out: {took:?}"
     );
     // The new leader writes: a change made after the kill reaches the registry.
-    Api::<EndpointSlice>::namespaced(east.clone(), "shop")
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "web",
-                "web-2",
-                &[("10.1.0.2", Some(true), None, None, None)],
-                &[("http", 8080)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east.clone(),
+        "web",
+        "web-2",
+        &[("10.1.0.2", Some(true), None, None, None)],
+        &[("http", 8080)],
+    )
+    .await?;
     env.until_catalog("web scaled by the new leader", WITHIN, |c| {
         exported(c, "east", "web").is_some_and(|v| v.len() == 2)
     })
@@ -163,18 +159,14 @@ async fn a_watch_that_gets_410_gone_relists_without_losing_or_duplicating() -> R
 
     // Cut the adapter off, change things behind its back, compact etcd past them.
     proxy.set(Mode::Reset);
-    let slices = Api::<EndpointSlice>::namespaced(east.clone(), "shop");
-    slices
-        .create(
-            &PostParams::default(),
-            &endpoint_slice(
-                "web",
-                "web-2",
-                &[("10.1.0.2", Some(true), None, None, None)],
-                &[("http", 8080)],
-            ),
-        )
-        .await?;
+    add_slice(
+        &east,
+        "web",
+        "web-2",
+        &[("10.1.0.2", Some(true), None, None, None)],
+        &[("http", 8080)],
+    )
+    .await?;
     Api::<ServiceExport>::namespaced(east.clone(), "shop")
         .delete("old", &DeleteParams::default())
         .await?;

@@ -571,7 +571,7 @@ impl Reconciler<'_> {
                         .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await;
                     // (Not found: deleted since the cache saw it; nothing to report on.)
-                    delete_ok(r).err().map(|e| (key, e))
+                    ok_if_gone(r).err().map(|e| (key, e))
                 }
             }))
             .buffer_unordered(IMPORT_CONCURRENCY)
@@ -842,14 +842,15 @@ async fn apply_import(client: &Client, d: &Desired) -> Result<()> {
     for s in slices.list(&ours).await? {
         let sname = s.name_any();
         if !wanted.contains(&sname) {
-            delete_ok(slices.delete(&sname, &DeleteParams::default()).await)
+            ok_if_gone(slices.delete(&sname, &DeleteParams::default()).await)
                 .with_context(|| format!("EndpointSlice {ns}/{sname}"))?;
         }
     }
     Ok(())
 }
 
-fn delete_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+/// Success, or the object is gone already (404): either way nothing is left to do.
+fn ok_if_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match r {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -868,19 +869,19 @@ async fn delete_import(client: &Client, key: &ServiceKey) -> Result<()> {
         "{IMPORT_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}"
     ));
     for s in slices.list(&ours).await? {
-        delete_ok(slices.delete(&s.name_any(), &DeleteParams::default()).await)?;
+        ok_if_gone(slices.delete(&s.name_any(), &DeleteParams::default()).await)?;
     }
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     if let Some(s) = services.get_opt(&derived).await?
         && managed(&s)
     {
-        delete_ok(services.delete(&derived, &DeleteParams::default()).await)?;
+        ok_if_gone(services.delete(&derived, &DeleteParams::default()).await)?;
     }
     let imports: Api<ServiceImport> = Api::namespaced(client.clone(), ns);
     if let Some(i) = imports.get_opt(name).await?
         && managed(&i)
     {
-        delete_ok(imports.delete(name, &DeleteParams::default()).await)?;
+        ok_if_gone(imports.delete(name, &DeleteParams::default()).await)?;
     }
     Ok(())
 }
