@@ -17,10 +17,10 @@
 #[path = "../tests/kube/env.rs"]
 mod env;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use env::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -53,34 +53,10 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn start_dns(env: &Env) -> Result<(meshbridge_testkit::process::Proc, SocketAddr)> {
-    let files = env
-        .pki
-        .issue("dns-west", &format!("spiffe://{TD}/site/west/dns"));
-    let cfg = env.root.join("dns-west.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"west\"\n[dns.rate_limit]\nper_client_qps = 0\n\
-             [source]\nregistry = [{}]\n[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-            env.registry_list, files.cert, files.key, files.bundle
-        ),
-    )?;
-    let mut p = spawn("dns", &["dns", "--config", cfg.to_str().unwrap()]);
-    let line = p.wait_for("listening on", READY).await?;
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([' ', ',']).next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address in {line:?}"))?;
-    Ok((p, addr))
-}
-
 async fn change_latency(env: &Env, changes: usize) -> Result<()> {
     let east = env.admin("east").clone();
     let west = env.admin("west").clone();
-    let (mut dns, dns_addr) = start_dns(env).await?;
+    let (mut dns, dns_addr) = env.start_dns("west").await?;
     Api::<Service>::namespaced(east.clone(), "shop")
         .create(
             &PostParams::default(),

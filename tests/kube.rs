@@ -8,6 +8,7 @@
 #[path = "kube/env.rs"]
 mod env;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -476,23 +477,51 @@ async fn coredns_multicluster_answers_from_the_imports_the_adapter_writes() -> R
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("CoreDNS answers web.shop.svc.clusterset.local = {want} (the ServiceImport's IP)");
-    // The import withdrawn: CoreDNS stops answering.
+
+    // `meshbridge dns` of site west answers the same address: west's adapter reports the
+    // ClusterSetIP to the registry as west's import address, and every replica of west
+    // answers it (east has the endpoints and no import).
+    let (mut mdns, mdns_addr) = env.start_dns("west").await?;
+    let ip = IpAddr::V4(want);
+    env.until_catalog("west's import address in the registry", WITHIN, |c| {
+        c.import(&ServiceKey::new("shop", "web"), "west")
+            .is_some_and(|i| i.ips == vec![ip])
+    })
+    .await?;
+    eventually(
+        "meshbridge dns (west) answers the ClusterSetIP",
+        WITHIN,
+        || async {
+            let got = dig_a(mdns_addr, "web.shop.svc.clusterset.local").await;
+            let seen = format!("{got:?}");
+            (got.is_ok_and(|ips| ips == vec![want]).then_some(()), seen)
+        },
+    )
+    .await;
+    println!("meshbridge dns (west) answers web.shop.svc.clusterset.local = {want} as well");
+
+    // The import withdrawn: CoreDNS stops answering, and so does meshbridge dns.
     Api::<ServiceExport>::namespaced(env.admin("east").clone(), "shop")
         .delete("web", &DeleteParams::default())
         .await?;
     until_import(&imports, "web", "import removed", |si| si.is_none()).await;
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !dig_a(server, "web.shop.svc.clusterset.local")
-        .await
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "CoreDNS still answers a removed import"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for (who, server) in [("CoreDNS", server), ("meshbridge dns", mdns_addr)] {
+        eventually(
+            &format!("{who} stops answering a removed import"),
+            WITHIN,
+            || async {
+                let got = dig_a(server, "web.shop.svc.clusterset.local").await;
+                let seen = format!("{got:?}");
+                (got.is_ok_and(|ips| ips.is_empty()).then_some(()), seen)
+            },
+        )
+        .await;
     }
+    env.until_catalog("west's import address removed", WITHIN, |c| {
+        c.imports.is_empty()
+    })
+    .await?;
+    mdns.terminate(Duration::from_secs(5)).await;
     dns.terminate(Duration::from_secs(5)).await;
     a_east.terminate(Duration::from_secs(5)).await;
     a_west.terminate(Duration::from_secs(5)).await;

@@ -195,6 +195,22 @@ impl Registry for RegistryApi {
         .await
     }
 
+    async fn put_import(
+        &self,
+        req: Request<proto::PutImportRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let caller = self.caller(&req)?;
+        let import = proto::to_import(req.get_ref()).map_err(refused)?;
+        caller.require_site(&import.site, "write import addresses")?;
+        let cmd = |_| Command::PutImport {
+            import: import.clone(),
+        };
+        self.write("PutImport", req, cmd, |mut c, r| async move {
+            c.put_import(r).await
+        })
+        .await
+    }
+
     async fn delete_export(
         &self,
         req: Request<proto::DeleteExportRequest>,

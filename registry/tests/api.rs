@@ -9,10 +9,25 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use meshbridge_core::client::{ClientError, Consistency, RegistryClient};
-use meshbridge_core::model::{Endpoint, MAX_ENDPOINTS, Policy, Principal, Rejection, SiteRank};
+use meshbridge_core::model::{
+    Endpoint, Import, MAX_ENDPOINTS, Policy, Principal, Rejection, SiteRank,
+};
 use meshbridge_core::proto::{self, registry_client::RegistryClient as Grpc};
 use support::{Cluster, export, key, spec, visible};
 use tonic::Code;
+
+/// Sites east (eu) and west (us), registered, with their clients.
+async fn east_and_west(cluster: &Cluster) -> (RegistryClient, RegistryClient) {
+    let east = cluster.site("east").await;
+    let west = cluster.site("west").await;
+    east.register_site(&spec("east", "eu", "eu-1a"))
+        .await
+        .unwrap();
+    west.register_site(&spec("west", "us", "us-1a"))
+        .await
+        .unwrap();
+    (east, west)
+}
 
 fn field(err: ClientError) -> String {
     match err {
@@ -193,14 +208,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sites_may_write_only_their_own_registration_and_exports() {
     let cluster = Cluster::start(3, |_| {}).await;
-    let east = cluster.site("east").await;
-    let west = cluster.site("west").await;
-    east.register_site(&spec("east", "eu", "eu-1a"))
-        .await
-        .unwrap();
-    west.register_site(&spec("west", "us", "us-1a"))
-        .await
-        .unwrap();
+    let (_east, west) = east_and_west(&cluster).await;
 
     let err = west
         .put_export(&export("east", "cart", 1, &["10.0.0.1"]))
@@ -527,14 +535,7 @@ async fn a_federated_partner_reads_but_is_neither_admin_nor_one_of_our_sites() {
 async fn only_owners_may_export_a_service_once_ownership_is_set() {
     let cluster = Cluster::start(1, |_| {}).await;
     let admin = cluster.admin().await;
-    let east = cluster.site("east").await;
-    let west = cluster.site("west").await;
-    east.register_site(&spec("east", "eu", "eu-1a"))
-        .await
-        .unwrap();
-    west.register_site(&spec("west", "us", "us-1a"))
-        .await
-        .unwrap();
+    let (east, west) = east_and_west(&cluster).await;
     assert_eq!(
         west.put_ownership("shop", &["west".into()])
             .await
@@ -563,6 +564,73 @@ async fn only_owners_may_export_a_service_once_ownership_is_set() {
     let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
     assert_eq!(catalog.owners["shop"], vec!["east".to_string()]);
     assert_eq!(catalog.exports.len(), 1);
+    cluster.shutdown().await;
+}
+
+/// Import addresses: a site writes its own, never another site's; a bad address is refused naming the field over
+/// the wire; no addresses removes the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_writes_its_own_import_addresses_only() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let admin = cluster.admin().await;
+    let (east, west) = east_and_west(&cluster).await;
+    east.put_export(&export("east", "cart", 1, &["10.0.0.1"]))
+        .await
+        .unwrap();
+    let import = |site: &str, generation, ips: &[&str]| Import {
+        site: site.into(),
+        service: key("cart"),
+        generation,
+        ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
+    };
+    let w = west
+        .put_import(&import("west", 3, &["10.96.0.7"]))
+        .await
+        .unwrap();
+    assert!(w.changed);
+    // East may not say where west's clients reach a service.
+    let err = east
+        .put_import(&import("west", 4, &["10.96.0.66"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    // Bad input is named, over the wire as in the model.
+    let ident = cluster.pki.site("west");
+    let channel = meshbridge_core::client::lazy_channel(
+        &cluster.url(1),
+        &ident,
+        meshbridge_core::client::registry_allow_list(&ident),
+        &Default::default(),
+    )
+    .unwrap();
+    let bad = Grpc::new(channel)
+        .put_import(proto::PutImportRequest {
+            site: "west".into(),
+            service: Some(proto::from_service_key(&key("cart"))),
+            generation: 9,
+            ips: vec!["10.96.0.7".into(), "not-an-ip".into()],
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("import.ips[1]"), "{bad:?}");
+    assert_eq!(
+        field(
+            west.put_import(&import("west", 9, &["10.96.0.7", "10.96.0.8"]))
+                .await
+                .unwrap_err()
+        ),
+        "import.ips[1]"
+    );
+    let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
+    assert_eq!(
+        catalog.import(&key("cart"), "west").map(|i| i.ips.clone()),
+        Some(vec!["10.96.0.7".parse().unwrap()])
+    );
+    assert_eq!(catalog.imports.len(), 1);
+    // No addresses: removed.
+    west.put_import(&import("west", 10, &[])).await.unwrap();
+    let catalog = admin.catalog(Consistency::Linearizable).await.unwrap();
+    assert!(catalog.imports.is_empty());
     cluster.shutdown().await;
 }
 

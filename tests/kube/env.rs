@@ -313,6 +313,35 @@ impl Env {
         }
     }
 
+    /// Start `meshbridge dns` for `site` (from the registry), on a free loopback port.
+    pub async fn start_dns(&self, site: &str) -> Result<(Proc, std::net::SocketAddr)> {
+        let files = self.pki.issue(
+            &format!("dns-{site}"),
+            &format!("spiffe://{TD}/site/{site}/dns"),
+        );
+        let cfg = self.root.join(format!("dns-{site}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"{site}\"\n[dns.rate_limit]\nper_client_qps = 0\n\
+                 [source]\nregistry = [{}]\n[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+                self.registry_list, files.cert, files.key, files.bundle
+            ),
+        )?;
+        let mut p = spawn(
+            "dns",
+            &["dns", "--config", cfg.to_str().unwrap_or_default()],
+        );
+        let line = p.wait_for("listening on", READY).await?;
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split([' ', ',']).next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in {line:?}"))?;
+        Ok((p, addr))
+    }
+
     pub async fn stop(mut self) {
         for g in &mut self.gateways {
             g.terminate(Duration::from_secs(5)).await;

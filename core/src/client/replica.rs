@@ -37,6 +37,14 @@ pub fn apply_changes(catalog: &mut Catalog, revision: u64, changes: &[Change]) {
             Change::ExportRemoved { service, site } => {
                 catalog.exports.remove(&(service.clone(), site.clone()));
             }
+            Change::ImportUpserted { import } => {
+                catalog
+                    .imports
+                    .insert(import.key(), Arc::new(import.clone()));
+            }
+            Change::ImportRemoved { service, site } => {
+                catalog.imports.remove(&(service.clone(), site.clone()));
+            }
             Change::PolicyUpserted { policy } => {
                 catalog
                     .policies

@@ -1,7 +1,7 @@
 //! Typed writes of [`RegistryClient`].
 
 use super::{ClientError, RegistryClient, WriteResult};
-use crate::model::{Export, Policy, ServiceKey, SiteSpec};
+use crate::model::{Export, Import, Policy, ServiceKey, SiteSpec};
 use crate::proto;
 
 impl RegistryClient {
@@ -126,6 +126,17 @@ impl RegistryClient {
         self.write("DeleteExport", req, |mut c, r| async move {
             c.delete_export(r).await
         })
+        .await
+    }
+
+    /// Set (or, with no addresses, remove) `import.site`'s import address of a service.
+    pub async fn put_import(&self, import: &Import) -> Result<WriteResult, ClientError> {
+        let req = proto::from_import(import);
+        self.write(
+            "PutImport",
+            req,
+            |mut c, r| async move { c.put_import(r).await },
+        )
         .await
     }
 

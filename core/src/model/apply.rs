@@ -64,6 +64,11 @@ pub enum Command {
         service: ServiceKey,
         generation: u64,
     },
+    /// Set a site's import addresses of a service (generation fencing applies); an import
+    /// with no addresses removes the site's record.
+    PutImport {
+        import: Import,
+    },
     PutPolicy {
         policy: Policy,
     },
@@ -91,6 +96,8 @@ pub enum Change {
     SiteRemoved { name: String },
     ExportUpserted { export: Export },
     ExportRemoved { service: ServiceKey, site: String },
+    ImportUpserted { import: Import },
+    ImportRemoved { service: ServiceKey, site: String },
     PolicyUpserted { policy: Policy },
     PolicyRemoved { name: String },
     TokenUsed { token: TokenUse },
@@ -177,6 +184,7 @@ impl Command {
             | Command::DeleteOwnership { .. }
             | Command::PutExport { .. }
             | Command::DeleteExport { .. }
+            | Command::PutImport { .. }
             | Command::PutPolicy { .. }
             | Command::DeletePolicy { .. } => None,
         }
@@ -232,6 +240,7 @@ impl Catalog {
                 service,
                 generation,
             } => self.delete_export(site, service, *generation),
+            Command::PutImport { import } => self.put_import(import),
             Command::PutPolicy { policy } => Ok(self.put_policy(policy)),
             Command::DeletePolicy { name } => self.delete_policy(name),
             Command::PutOwnership { scope, sites } => Ok(self.put_ownership(scope, sites)),
@@ -346,21 +355,25 @@ impl Catalog {
         Ok(self.upsert_site(site))
     }
 
-    /// Remove every export of `site`, in key order.
+    /// Remove every export and import of `site`, each in key order.
     fn remove_exports_of(&mut self, site: &str) -> Vec<Change> {
-        let keys: Vec<(ServiceKey, String)> = self
-            .exports
-            .keys()
-            .filter(|(_, s)| s == site)
-            .cloned()
-            .collect();
-        keys.into_iter()
-            .map(|key| {
-                self.exports.remove(&key);
-                let (service, site) = key;
-                Change::ExportRemoved { service, site }
-            })
-            .collect()
+        let of_site = |k: &&(ServiceKey, String)| k.1 == site;
+        let exports: Vec<(ServiceKey, String)> =
+            self.exports.keys().filter(of_site).cloned().collect();
+        let imports: Vec<(ServiceKey, String)> =
+            self.imports.keys().filter(of_site).cloned().collect();
+        let mut changes = Vec::with_capacity(exports.len() + imports.len());
+        for key in exports {
+            self.exports.remove(&key);
+            let (service, site) = key;
+            changes.push(Change::ExportRemoved { service, site });
+        }
+        for key in imports {
+            self.imports.remove(&key);
+            let (service, site) = key;
+            changes.push(Change::ImportRemoved { service, site });
+        }
+        changes
     }
 
     fn remove_site(&mut self, name: &str, next: u64) -> Result<Vec<Change>, Rejection> {
@@ -516,6 +529,48 @@ impl Catalog {
         Ok(vec![Change::ExportRemoved {
             service: service.clone(),
             site: site.to_owned(),
+        }])
+    }
+
+    fn put_import(&mut self, import: &Import) -> Result<Vec<Change>, Rejection> {
+        let site = self
+            .sites
+            .get(&import.site)
+            .ok_or_else(|| not_found("site", &import.site))?;
+        if let SiteState::Withdrawn { since_ms } = site.state {
+            return Err(Rejection::Withdrawn {
+                site: import.site.clone(),
+                since_ms,
+            });
+        }
+        let key = import.key();
+        if let Some(old) = self.imports.get(&key) {
+            let stale = import.generation < old.generation
+                || (import.generation == old.generation && **old != *import);
+            if stale {
+                return Err(Rejection::StaleGeneration {
+                    site: import.site.clone(),
+                    service: import.service.to_string(),
+                    got: import.generation,
+                    stored: old.generation,
+                });
+            }
+            if import.generation == old.generation {
+                return Ok(Vec::new());
+            }
+        }
+        if import.ips.is_empty() {
+            return Ok(match self.imports.remove(&key) {
+                Some(_) => vec![Change::ImportRemoved {
+                    service: key.0,
+                    site: key.1,
+                }],
+                None => Vec::new(),
+            });
+        }
+        self.imports.insert(key, Arc::new(import.clone()));
+        Ok(vec![Change::ImportUpserted {
+            import: import.clone(),
         }])
     }
 

@@ -262,6 +262,26 @@ impl Export {
     }
 }
 
+/// A site's statement "my clients reach service S at these addresses": the ClusterSetIP
+/// that a Kubernetes site's API server allocated to the ServiceImport of a service exported
+/// elsewhere. At most one address per family; no addresses is not stored (the record is
+/// removed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Import {
+    pub site: String,
+    pub service: ServiceKey,
+    /// Monotonic per (site, service); an older generation is rejected (fencing).
+    pub generation: u64,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Import {
+    /// The `(service, site)` key of this import in [`Catalog::imports`].
+    pub fn key(&self) -> (ServiceKey, String) {
+        (self.service.clone(), self.site.clone())
+    }
+}
+
 /// A principal allowed by a policy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "value")]
@@ -303,8 +323,13 @@ pub struct Catalog {
     pub revision: u64,
     pub sites: BTreeMap<String, Arc<Site>>,
     /// Keyed by (service, site).
-    #[serde(with = "exports_as_list")]
+    #[serde(with = "records_as_list")]
     pub exports: BTreeMap<(ServiceKey, String), Arc<Export>>,
+    /// Import addresses, keyed by (service, site): where a site's clients reach a service
+    /// exported elsewhere (a Kubernetes site's ServiceImport ClusterSetIP). Each site's DNS
+    /// answers them for that site.
+    #[serde(default, with = "records_as_list")]
+    pub imports: BTreeMap<(ServiceKey, String), Arc<Import>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     pub tokens: BTreeMap<String, TokenUse>,
     /// Generation at which each (service, site) export was deleted: a later put must carry a
@@ -350,6 +375,13 @@ impl Catalog {
             .map(|(_, e)| &**e)
     }
 
+    /// The addresses `site` reaches `service` at, if it imports it under its own address.
+    pub fn import(&self, service: &ServiceKey, site: &str) -> Option<&Import> {
+        self.imports
+            .get(&(service.clone(), site.to_owned()))
+            .map(|i| &**i)
+    }
+
     /// Every export of `site`, ordered by service key.
     pub fn exports_of_site<'a>(&'a self, site: &'a str) -> impl Iterator<Item = &'a Export> {
         self.exports
@@ -359,30 +391,58 @@ impl Catalog {
     }
 }
 
-/// Serde for the exports map as a list (tuple keys cannot be JSON object keys).
-mod exports_as_list {
+/// A record keyed by `(service, site)` in the catalog.
+pub trait SiteRecord {
+    const WHAT: &'static str;
+    fn key(&self) -> (ServiceKey, String);
+}
+
+impl SiteRecord for Export {
+    const WHAT: &'static str = "export";
+    fn key(&self) -> (ServiceKey, String) {
+        Export::key(self)
+    }
+}
+
+impl SiteRecord for Import {
+    const WHAT: &'static str = "import";
+    fn key(&self) -> (ServiceKey, String) {
+        Import::key(self)
+    }
+}
+
+/// Serde for a map of [`SiteRecord`]s as a list (tuple keys cannot be JSON object keys).
+mod records_as_list {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::{Export, ServiceKey};
+    use super::{ServiceKey, SiteRecord};
 
-    type Map = BTreeMap<(ServiceKey, String), Arc<Export>>;
+    type Map<T> = BTreeMap<(ServiceKey, String), Arc<T>>;
 
-    pub fn serialize<S: Serializer>(map: &Map, ser: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: Serialize, S: Serializer>(map: &Map<T>, ser: S) -> Result<S::Ok, S::Error> {
         ser.collect_seq(map.values())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Map, D::Error> {
-        let list = Vec::<Arc<Export>>::deserialize(de)?;
+    pub fn deserialize<'de, T, D>(de: D) -> Result<Map<T>, D::Error>
+    where
+        T: SiteRecord + Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        let list = Vec::<Arc<T>>::deserialize(de)?;
         let mut map = Map::new();
-        for export in list {
-            if let Some(dup) = map.insert(export.key(), export) {
+        for record in list {
+            let (service, site) = record.key();
+            if map
+                .insert((service.clone(), site.clone()), record)
+                .is_some()
+            {
                 return Err(D::Error::custom(format!(
-                    "duplicate export of {} by site {}",
-                    dup.service, dup.site
+                    "duplicate {} of {service} by site {site}",
+                    T::WHAT
                 )));
             }
         }

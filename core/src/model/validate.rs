@@ -378,6 +378,28 @@ impl Export {
     }
 }
 
+impl Import {
+    /// Fields are named as in [`Command::PutImport`]: `import.ips[1]`.
+    pub fn validate(&self) -> Result<(), Rejection> {
+        check_label(&self.site).map_err(|r| invalid("import.site", r))?;
+        service_key(&self.service, "import.service")?;
+        if self.ips.len() > 2 {
+            return Err(invalid(
+                "import.ips",
+                too_many("addresses (one per family)", 2, self.ips.len()),
+            ));
+        }
+        for (i, ip) in self.ips.iter().enumerate() {
+            let f = format!("import.ips[{i}]");
+            check_endpoint_address(*ip).map_err(|r| invalid(&f, r))?;
+            if self.ips[..i].iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+                return Err(invalid(f, format!("{ip}: a second address of its family")));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Policy {
     /// Fields are named as in [`Command::PutPolicy`]: `policy.allow[0]`.
     pub fn validate(&self) -> Result<(), Rejection> {
@@ -448,6 +470,7 @@ impl Command {
                 check_label(site).map_err(|r| invalid("site", r))?;
                 service.validate()
             }
+            Command::PutImport { import } => import.validate(),
             Command::PutPolicy { policy } => policy.validate(),
             Command::DeletePolicy { name } => check_subdomain(name).map_err(|r| invalid("name", r)),
             Command::PutOwnership { scope, sites } => {

@@ -167,6 +167,38 @@ pub fn to_export(export: Option<&pb::Export>) -> Result<model::Export, Rejection
     })
 }
 
+/// An import address record from the wire.
+pub fn to_import(r: &pb::PutImportRequest) -> Result<model::Import, Rejection> {
+    let ips = r
+        .ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            ip.parse::<IpAddr>().map_err(|_| {
+                invalid(
+                    format!("import.ips[{i}]"),
+                    format!("{ip:?} is not an IPv4 or IPv6 address"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(model::Import {
+        site: r.site.clone(),
+        service: to_service_key(r.service.as_ref(), "import.service")?,
+        generation: r.generation,
+        ips,
+    })
+}
+
+pub fn from_import(i: &model::Import) -> pb::PutImportRequest {
+    pb::PutImportRequest {
+        site: i.site.clone(),
+        service: Some(from_service_key(&i.service)),
+        generation: i.generation,
+        ips: i.ips.iter().map(ToString::to_string).collect(),
+    }
+}
+
 pub fn from_export(e: &model::Export) -> pb::Export {
     let protocol = |p: model::Protocol| match p {
         model::Protocol::Tcp => pb::Protocol::Tcp,

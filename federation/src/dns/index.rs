@@ -7,16 +7,20 @@
 //! a namespace's map included when nothing in it changed. When a site's lease state or
 //! locality changed, or (in VIP mode) the set of services did, it falls back to
 //! [`Index::rebuild`], which walks every service but still reuses the names of those whose
-//! exports, sites and VIP did not change.
+//! exports, sites, VIP and import address did not change. A service this site imports under
+//! an address of its own (a Kubernetes site's ClusterSetIP, in [`Catalog::imports`])
+//! answers that address.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use hickory_proto::rr::rdata::{NS, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
-use meshbridge_core::model::{Catalog, Export, Locality, ServiceKey, SiteState, merge_exports};
+use meshbridge_core::model::{
+    Catalog, Export, Import, Locality, ServiceKey, SiteState, merge_exports,
+};
 use meshbridge_core::vip::assign_catalog;
 use tracing::warn;
 
@@ -107,6 +111,7 @@ impl Index {
         // A new point of view changes every headless service.
         let prev = prev.filter(|p| p.from == from && p.zone == zone);
         let vips = config.vip_range.map(|r| assign_catalog(r, catalog));
+        let imports = site_imports(catalog, &config.site);
         let view = View {
             site: &config.site,
             from: &from,
@@ -123,12 +128,13 @@ impl Index {
                 continue;
             }
             let vip = vips.as_ref().and_then(|v| v.get(key).copied());
+            let import = imports.get(key).copied();
             let reused = prev
                 .and_then(|p| p.service_zone(key))
-                .filter(|z| z.inputs.same(catalog, &group, vip));
+                .filter(|z| z.inputs.same(catalog, &group, vip, import));
             let zone_of_service = match reused {
                 Some(z) => Some(z.clone()),
-                None => service_zone(&view, &zone, catalog, key, &group, vip),
+                None => service_zone(&view, &zone, catalog, key, &group, vip, import),
             };
             group.clear();
             if let Some(z) = zone_of_service.filter(|z| !z.nodes.is_empty()) {
@@ -216,10 +222,11 @@ impl Index {
             let old = self.service_zone(key);
             // VIP mode: the assignment did not move (see `apply`).
             let vip = old.and_then(|z| z.inputs.vip());
+            let import = catalog.imports.get(&(key.clone(), config.site.clone()));
             let new = if exports.is_empty() {
                 None
             } else {
-                service_zone(&view, &zone, catalog, key, &exports, vip)
+                service_zone(&view, &zone, catalog, key, &exports, vip, import)
             }
             .filter(|z| !z.nodes.is_empty());
             names -= old.map_or(0, |z| z.nodes.len());
@@ -451,6 +458,15 @@ pub(crate) fn diff(previous: &Catalog, catalog: &Catalog) -> CatalogDiff {
             services.push(key.0.clone());
         }
     }
+    // Import addresses changed (any site's: cheap, and only this site's change answers).
+    let before = services.len();
+    for (service, _) in changed_records(&previous.imports, &catalog.imports) {
+        services.push(service.clone());
+    }
+    if services.len() > before {
+        services.sort();
+        services.dedup();
+    }
     if services.is_empty() {
         CatalogDiff::Same
     } else {
@@ -461,6 +477,51 @@ pub(crate) fn diff(previous: &Catalog, catalog: &Catalog) -> CatalogDiff {
     }
 }
 
+/// Keys whose records differ between two maps that share the `Arc` of every unchanged
+/// record (compared by pointer first), in key order.
+fn changed_records<'a, K: Ord, T: PartialEq>(
+    a: &'a BTreeMap<K, Arc<T>>,
+    b: &'a BTreeMap<K, Arc<T>>,
+) -> Vec<&'a K> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
+                if !Arc::ptr_eq(va, vb) && va != vb {
+                    out.push(*ka);
+                }
+                a.next();
+                b.next();
+            }
+            (Some((ka, _)), Some((kb, _))) if ka < kb => {
+                out.push(*ka);
+                a.next();
+            }
+            (Some((ka, _)), None) => {
+                out.push(*ka);
+                a.next();
+            }
+            (_, Some((kb, _))) => {
+                out.push(*kb);
+                b.next();
+            }
+        }
+    }
+    out
+}
+
+/// This site's import address records, by service.
+fn site_imports<'a>(catalog: &'a Catalog, site: &str) -> HashMap<&'a ServiceKey, &'a Arc<Import>> {
+    catalog
+        .imports
+        .iter()
+        .filter(|((_, s), _)| s == site)
+        .map(|((k, _), i)| (k, i))
+        .collect()
+}
+
 /// Merge `exports` (all of service `key`) and build its names.
 fn service_zone(
     view: &View<'_>,
@@ -469,6 +530,7 @@ fn service_zone(
     key: &ServiceKey,
     exports: &[&Arc<Export>],
     vip: Option<Ipv4Addr>,
+    import: Option<&Arc<Import>>,
 ) -> Option<Arc<ServiceZone>> {
     let Some(base) = service::service_name(zone, key) else {
         warn!(service = %key, "service name does not fit in a DNS name; not served");
@@ -476,8 +538,8 @@ fn service_zone(
     };
     let merged = merge_exports(key, exports.iter().map(|e| &***e), &catalog.sites);
     Some(Arc::new(ServiceZone {
-        inputs: Inputs::new(catalog, exports, vip),
-        nodes: service::nodes(view, &merged, base, vip),
+        inputs: Inputs::new(catalog, exports, vip, import),
+        nodes: service::nodes(view, &merged, base, vip, import.map(|i| &**i)),
     }))
 }
 

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use hickory_proto::rr::rdata::SRV;
 use hickory_proto::rr::{Name, RData};
 use meshbridge_core::model::{
-    Catalog, Endpoint, EndpointGroup, Export, Locality, MergedService, ServiceKey, SiteRank,
-    SiteState, rank_sites,
+    Catalog, Endpoint, EndpointGroup, Export, Import, Locality, MergedService, ServiceKey,
+    SiteRank, SiteState, rank_sites,
 };
 
 use super::build::{Nodes, Sets, address};
@@ -34,10 +34,16 @@ pub(crate) struct Inputs {
     exports: Vec<Arc<Export>>,
     sites: Vec<(Discriminant<SiteState>, Locality)>,
     vip: Option<Ipv4Addr>,
+    import: Option<Arc<Import>>,
 }
 
 impl Inputs {
-    pub(crate) fn new(catalog: &Catalog, exports: &[&Arc<Export>], vip: Option<Ipv4Addr>) -> Self {
+    pub(crate) fn new(
+        catalog: &Catalog,
+        exports: &[&Arc<Export>],
+        vip: Option<Ipv4Addr>,
+        import: Option<&Arc<Import>>,
+    ) -> Self {
         Self {
             exports: exports.iter().map(|e| Arc::clone(e)).collect(),
             sites: exports
@@ -45,6 +51,7 @@ impl Inputs {
                 .map(|e| site_inputs(catalog, &e.site))
                 .collect(),
             vip,
+            import: import.cloned(),
         }
     }
 
@@ -60,8 +67,14 @@ impl Inputs {
         catalog: &Catalog,
         exports: &[&Arc<Export>],
         vip: Option<Ipv4Addr>,
+        import: Option<&Arc<Import>>,
     ) -> bool {
         self.vip == vip
+            && match (&self.import, import) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                _ => false,
+            }
             && self.exports.len() == exports.len()
             && self
                 .exports
@@ -122,12 +135,14 @@ pub(crate) struct View<'a> {
     pub vips: bool,
 }
 
-/// The names of `svc` (empty when it has none).
+/// The names of `svc` (empty when it has none). `import` is this site's import address
+/// record of the service, if any.
 pub(crate) fn nodes(
     view: &View<'_>,
     svc: &MergedService,
     base: Name,
     vip: Option<Ipv4Addr>,
+    import: Option<&Import>,
 ) -> Nodes {
     let mut sets = Sets::new(base, view.ttl);
     if svc.headless {
@@ -136,7 +151,11 @@ pub(crate) fn nodes(
         // A service only this site exports gets no listener (the gateway and agent bind
         // VIPs for imports only): it resolves to its own endpoints, VIP mode or not.
         let local_only = svc.groups.iter().all(|g| g.site == view.site);
-        let addrs: Vec<IpAddr> = if view.vips && !local_only {
+        let addrs: Vec<IpAddr> = if let Some(import) = import.filter(|i| !i.ips.is_empty()) {
+            // Where this site's own clients reach it (a Kubernetes site's ClusterSetIP, as
+            // its adapter reported it): the same answer the cluster's CoreDNS gives.
+            import.ips.clone()
+        } else if view.vips && !local_only {
             vip.map(IpAddr::V4).into_iter().collect()
         } else {
             svc.groups

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use hickory_proto::rr::{LowerName, Name, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use meshbridge_core::model::{
-    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+    Catalog, Endpoint, Export, Import, Locality, Port, Protocol, ServiceKey, Site, SiteKind,
+    SiteState,
 };
 
 use meshbridge_core::vip::assign_catalog;
@@ -54,6 +55,15 @@ fn export(site: &str, name: &str, ip: &str, headless: bool, rev: u64) -> Arc<Exp
         headless,
         created_revision: rev,
         updated_revision: rev,
+    })
+}
+
+fn import(site: &str, service: ServiceKey, ip: &str) -> Arc<Import> {
+    Arc::new(Import {
+        site: site.into(),
+        service,
+        generation: 1,
+        ips: vec![ip.parse().unwrap()],
     })
 }
 
@@ -166,6 +176,51 @@ fn address(index: &Index, service: &str) -> Option<IpAddr> {
     }
 }
 
+#[test]
+fn a_site_that_imports_a_service_under_its_own_address_answers_it() {
+    let mut cat = catalog();
+    let a = ServiceKey::new("ns", "a");
+    let west = Config::for_test("west");
+    let vip_west = Config {
+        vip_range: Some("127.240.0.0/16".parse().unwrap()),
+        ..Config::for_test("west")
+    };
+    let east = Config::for_test("east");
+    // West has no endpoint of `a` and no address for it yet: no answer.
+    let west_before = Index::build(&west, &cat).unwrap();
+    assert_eq!(address(&west_before, "a"), None);
+    let previous = cat.clone();
+    let i = import("west", a.clone(), "10.96.0.7");
+    cat.imports.insert(i.key(), i);
+    cat.revision += 1;
+    assert!(!same_dns_inputs(&previous, &cat));
+    // West answers its ClusterSetIP, in VIP mode too (the site said where its clients reach
+    // it); east, which exports `a`, still answers its endpoint.
+    for (config, want) in [
+        (&west, "10.96.0.7"),
+        (&vip_west, "10.96.0.7"),
+        (&east, "10.0.0.1"),
+    ] {
+        let built = Index::build(config, &cat).unwrap();
+        assert_eq!(
+            address(&built, "a"),
+            Some(want.parse().unwrap()),
+            "{}",
+            config.site
+        );
+        let before = Index::build(config, &previous).unwrap();
+        let updated = before.update(config, &previous, &cat).unwrap();
+        assert_eq!(updated.dump(), built.dump(), "{}: update", config.site);
+    }
+    // Removed: back to what west answered before.
+    let previous = cat.clone();
+    cat.imports.clear();
+    cat.revision += 1;
+    let index = Index::build(&west, &previous).unwrap();
+    let updated = index.update(&west, &previous, &cat).unwrap();
+    assert_eq!(address(&updated, "a"), None);
+}
+
 /// Whether DNS answers from `a` and `b` are the same.
 fn same_dns_inputs(a: &Catalog, b: &Catalog) -> bool {
     diff(a, b) == CatalogDiff::Same
@@ -239,11 +294,12 @@ impl Steps {
 
 /// One random change to `cat`, of the kinds a registry makes: an export put (new endpoint
 /// address, readiness, headless flag, a new service or namespace), an export deleted, a
-/// site's lease state changed, a heartbeat (a new `Site` with the same DNS inputs).
+/// site's lease state changed, a heartbeat (a new `Site` with the same DNS inputs), a site's
+/// import address set or removed.
 fn random_change(cat: &mut Catalog, steps: &mut Steps, rev: u64) {
     let sites = ["east", "west", "north"];
     let site_name = sites[steps.below(3) as usize];
-    match steps.below(10) {
+    match steps.below(12) {
         0..=4 => {
             let ns = format!("ns{}", steps.below(3));
             let name = format!("s{}", steps.below(6));
@@ -275,6 +331,24 @@ fn random_change(cat: &mut Catalog, steps: &mut Steps, rev: u64) {
                 _ => SiteState::Fresh,
             };
             cat.sites.insert(site_name.into(), site(site_name, state));
+        }
+        10 => {
+            let service = ServiceKey::new(
+                format!("ns{}", steps.below(3)),
+                format!("s{}", steps.below(6)),
+            );
+            let ip = format!("10.96.0.{}", 1 + steps.below(200));
+            let i = import(site_name, service, &ip);
+            cat.imports.insert(i.key(), i);
+        }
+        11 => {
+            let n = cat.imports.len() as u64;
+            if n > 0 {
+                let k = cat.imports.keys().nth(steps.below(n) as usize).cloned();
+                if let Some(k) = k {
+                    cat.imports.remove(&k);
+                }
+            }
         }
         _ => {
             // A heartbeat: a new `Site` value, same state and locality.

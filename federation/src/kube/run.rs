@@ -21,7 +21,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use meshbridge_core::client::{Consistency, RegistryClient};
-use meshbridge_core::model::{Catalog, ServiceKey};
+use meshbridge_core::model::{Catalog, Import, ServiceKey};
 use meshbridge_core::tls::Identity;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -338,6 +338,7 @@ pub async fn run(
         metrics: &metrics,
         writer: None,
         applied: BTreeMap::new(),
+        addresses: ImportAddresses::default(),
         namespaces: cfg.namespaces.iter().cloned().collect(),
     };
     let mut retry = RETRY_MIN;
@@ -357,6 +358,7 @@ pub async fn run(
         if !is_leader {
             state.writer = None;
             state.applied.clear();
+            state.addresses = ImportAddresses::default();
             continue;
         }
         // Gather a burst of changes into one pass.
@@ -443,7 +445,89 @@ struct Reconciler<'a> {
     writer: Option<ExportWriter>,
     /// Imports applied, by the JSON of what was applied.
     applied: BTreeMap<ServiceKey, String>,
+    /// This site's ClusterSetIPs as written to the registry.
+    addresses: ImportAddresses,
     namespaces: BTreeSet<String>,
+}
+
+/// The ClusterSetIPs of this cluster's ServiceImports, kept in the registry as the site's
+/// import addresses, so `meshbridge dns` (any replica of this site) answers what CoreDNS
+/// answers here.
+#[derive(Default)]
+struct ImportAddresses {
+    /// Written and not yet seen in the catalog replica: service → (addresses, revision of
+    /// the write). A pass before the replica catches up does not write them again.
+    pending: BTreeMap<ServiceKey, (Vec<IpAddr>, u64)>,
+    generation: u64,
+}
+
+impl ImportAddresses {
+    fn next_generation(&mut self, held: u64) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.generation = now.max(self.generation + 1).max(held + 1);
+        self.generation
+    }
+
+    /// Make the registry hold `want` (service → ClusterSetIPs) as `site`'s import
+    /// addresses, and nothing else. Returns the number of failed writes.
+    async fn reconcile(
+        &mut self,
+        registry: &RegistryClient,
+        site: &str,
+        want: &BTreeMap<ServiceKey, Vec<IpAddr>>,
+        catalog: &Catalog,
+    ) -> usize {
+        self.pending.retain(|_, (_, rev)| *rev > catalog.revision);
+        let held: BTreeMap<&ServiceKey, &Import> = catalog
+            .imports
+            .iter()
+            .filter(|((_, s), _)| s == site)
+            .map(|((k, _), i)| (k, &**i))
+            .collect();
+        let mut jobs: Vec<Import> = Vec::new();
+        let keys: BTreeSet<&ServiceKey> = want.keys().chain(held.keys().copied()).collect();
+        for key in keys {
+            let ips = want.get(key).cloned().unwrap_or_default();
+            let now = match self.pending.get(key) {
+                Some((written, _)) => written,
+                None => held.get(key).map_or(&[][..], |i| i.ips.as_slice()),
+            };
+            if now == ips.as_slice() {
+                continue;
+            }
+            let top = held.get(key).map_or(0, |i| i.generation);
+            jobs.push(Import {
+                site: site.to_owned(),
+                service: key.clone(),
+                generation: self.next_generation(top),
+                ips,
+            });
+        }
+        let results: Vec<_> = futures::stream::iter(jobs.into_iter().map(|import| async move {
+            let r = registry.put_import(&import).await;
+            (import, r)
+        }))
+        .buffer_unordered(EXPORT_CONCURRENCY)
+        .collect()
+        .await;
+        let mut errors = 0;
+        for (import, r) in results {
+            match r {
+                Ok(w) => {
+                    tracing::info!(service = %import.service, ips = ?import.ips, "import address written to the registry");
+                    self.pending
+                        .insert(import.service, (import.ips, w.revision));
+                }
+                Err(e) => {
+                    errors += 1;
+                    tracing::warn!(service = %import.service, error = %e, "import address not written; will retry");
+                }
+            }
+        }
+        errors
+    }
 }
 
 impl Reconciler<'_> {
@@ -653,6 +737,27 @@ impl Reconciler<'_> {
                 }
             }
             self.metrics.imports.set(desired.len() as i64);
+
+            // The ClusterSetIPs the API server allocated, for this site's DNS answers.
+            let want: BTreeMap<ServiceKey, Vec<IpAddr>> = view
+                .imports
+                .iter()
+                .filter(|i| managed(i.as_ref()) && i.metadata.deletion_timestamp.is_none())
+                .filter(|i| desired.contains_key(&key_of(i.as_ref())))
+                .filter_map(|i| {
+                    let mut ips: Vec<IpAddr> =
+                        i.spec.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                    ips.sort_by_key(|ip| !ip.is_ipv4());
+                    ips.dedup_by_key(|ip| ip.is_ipv4());
+                    (!ips.is_empty()).then(|| (key_of(i.as_ref()), ips))
+                })
+                .collect();
+            if *leading.borrow() {
+                errors += self
+                    .addresses
+                    .reconcile(self.registry, &site, &want, catalog)
+                    .await;
+            }
         }
         errors
     }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use meshbridge_core::model::{Catalog, Export, Policy, ServiceKey, Site, TokenUse};
+use meshbridge_core::model::{Catalog, Export, Import, Policy, ServiceKey, Site, TokenUse};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::StoreError;
@@ -23,6 +23,7 @@ struct ImageRef<'a> {
     revision: u64,
     sites: Pairs<'a, String, Arc<Site>>,
     exports: Pairs<'a, (ServiceKey, String), Arc<Export>>,
+    imports: Pairs<'a, (ServiceKey, String), Arc<Import>>,
     policies: Pairs<'a, String, Arc<Policy>>,
     tokens: Pairs<'a, String, TokenUse>,
     export_tombstones: Pairs<'a, (ServiceKey, String), u64>,
@@ -50,6 +51,8 @@ struct Image {
     revision: u64,
     sites: Vec<(String, Arc<Site>)>,
     exports: Vec<((ServiceKey, String), Arc<Export>)>,
+    #[serde(default)]
+    imports: Vec<((ServiceKey, String), Arc<Import>)>,
     policies: Vec<(String, Arc<Policy>)>,
     tokens: Vec<(String, TokenUse)>,
     #[serde(default)]
@@ -70,6 +73,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         revision,
         sites,
         exports,
+        imports,
         policies,
         tokens,
         export_tombstones,
@@ -82,6 +86,7 @@ pub(super) fn encode(catalog: &Catalog, sessions: &Sessions) -> Result<Vec<u8>, 
         revision: *revision,
         sites: Pairs(sites),
         exports: Pairs(exports),
+        imports: Pairs(imports),
         policies: Pairs(policies),
         tokens: Pairs(tokens),
         export_tombstones: Pairs(export_tombstones),
@@ -107,6 +112,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         revision,
         sites,
         exports,
+        imports,
         policies,
         tokens,
         export_tombstones,
@@ -119,6 +125,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<(Catalog, Sessions), StoreError> {
         revision,
         sites: sites.into_iter().collect(),
         exports: exports.into_iter().collect(),
+        imports: imports.into_iter().collect(),
         policies: policies.into_iter().collect(),
         tokens: tokens.into_iter().collect(),
         export_tombstones: export_tombstones.into_iter().collect(),
@@ -179,6 +186,16 @@ mod tests {
             revision: 4,
             sites: [("east".to_string(), Arc::new(site))].into(),
             exports: [((service.clone(), "east".to_string()), Arc::new(export))].into(),
+            imports: [(
+                (service.clone(), "west".to_string()),
+                Arc::new(Import {
+                    site: "west".into(),
+                    service: service.clone(),
+                    generation: 5,
+                    ips: vec!["10.96.0.7".parse().expect("ip")],
+                }),
+            )]
+            .into(),
             policies: [("cart-from-web".to_string(), Arc::new(policy))].into(),
             tokens: [("t1".to_string(), token)].into(),
             export_tombstones: [((service, "west".to_string()), 7)].into(),

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod apply;
+mod imports;
 mod lease;
 mod merge;
 mod sites;
@@ -132,6 +133,8 @@ pub(super) fn kinds(a: &Applied) -> Vec<&'static str> {
             Change::SiteRemoved { .. } => "site-",
             Change::ExportUpserted { .. } => "export+",
             Change::ExportRemoved { .. } => "export-",
+            Change::ImportUpserted { .. } => "import+",
+            Change::ImportRemoved { .. } => "import-",
             Change::PolicyUpserted { .. } => "policy+",
             Change::PolicyRemoved { .. } => "policy-",
             Change::TokenUsed { .. } => "token+",
