@@ -174,3 +174,40 @@ async fn run(cfg: File) -> Result<ExitCode> {
     let _ = reload.await;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use meshbridge_core::config::parse_with_env;
+
+    use super::File;
+
+    /// The chart passes a Node's topology labels as `MESHBRIDGE_REGISTER__REGION`/`__ZONE`;
+    /// a label that reads as a number (zone `1`) is still the site's zone.
+    #[test]
+    fn register_region_and_zone_come_from_the_environment_numbers_included() {
+        let text = "[gateway]\nsite = \"east\"\ndata_dir = \"/d\"\n\
+                    [tls]\ncert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n\
+                    [source]\nregistry = [\"https://127.0.0.1:7443\"]\n\
+                    [register]\nregion = \"r-file\"\n";
+        let vars = |region: &str, zone: &str| {
+            vec![
+                (
+                    "MESHBRIDGE_REGISTER__REGION".to_string(),
+                    region.to_string(),
+                ),
+                ("MESHBRIDGE_REGISTER__ZONE".to_string(), zone.to_string()),
+            ]
+        };
+        for (region, zone) in [("eu-west", "eu-west-1b"), ("7", "1"), ("", "")] {
+            let cfg: File = parse_with_env("gw.toml", text, &vars(region, zone))
+                .unwrap_or_else(|e| panic!("{region}/{zone}: {e}"));
+            let reg = cfg.register.unwrap_or_else(|| panic!("no [register]"));
+            assert_eq!((reg.region.as_str(), reg.zone.as_str()), (region, zone));
+        }
+        let err = parse_with_env::<File>("gw.toml", text, &vars("eu", "[1]"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("register.zone"), "{err}");
+    }
+}

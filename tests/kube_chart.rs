@@ -199,3 +199,144 @@ async fn every_rendered_object_is_accepted_and_the_charts_rbac_is_enough_and_no_
     env.stop().await;
     Ok(())
 }
+
+/// With no `site.region`/`site.zone`, a gateway of the chart places its site by its Node's
+/// `topology.kubernetes.io/*` labels: the real API server copies them onto the pod when it
+/// is bound to a Node (PodTopologyLabels admission), the pod's downward-API environment
+/// (resolved here from the pod as the kubelet would: no kubelet runs) overrides the
+/// gateway's `[register]` region and zone, and the registry shows the site there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_takes_its_sites_region_and_zone_from_its_nodes_topology_labels() -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::api::{ObjectMeta, PostParams};
+
+    let env = Env::start(&["east"], ApiServerOptions::default()).await?;
+    let admin = env.admin("east").clone();
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some("node-a".into()),
+            labels: Some(
+                [
+                    ("topology.kubernetes.io/region", "eu-west"),
+                    ("topology.kubernetes.io/zone", "eu-west-1b"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &node)
+        .await?;
+
+    // The chart's gateway pod, as its Deployment would create it, bound to node-a.
+    let sets = [
+        "site.name=east",
+        "trustDomain=kube.example",
+        "registry.urls={https://registry.example:7443}",
+    ];
+    let deployment = render(&sets)
+        .await?
+        .into_iter()
+        .find(|o| {
+            o.types.as_ref().is_some_and(|t| t.kind == "Deployment")
+                && o.metadata.name.as_deref() == Some("meshbridge-gateway")
+        })
+        .context("no gateway Deployment rendered")?;
+    let deployment: Deployment = serde_json::from_value(serde_json::to_value(&deployment)?)?;
+    let template = deployment.spec.template;
+    let mut spec = template.spec.context("pod template without spec")?;
+    spec.node_name = Some("node-a".into());
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("meshbridge-gateway-test".into()),
+            namespace: Some("meshbridge".into()),
+            ..template.metadata.unwrap_or_default()
+        },
+        spec: Some(spec),
+        ..Default::default()
+    };
+    let pod = Api::<Pod>::namespaced(admin.clone(), "meshbridge")
+        .create(&PostParams::default(), &pod)
+        .await?;
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("topology.kubernetes.io/region")
+            .map(String::as_str),
+        Some("eu-west"),
+        "the API server did not copy the Node's topology labels onto the pod: {labels:?}"
+    );
+
+    // The gateway container's environment, resolved as the kubelet does.
+    let container = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "gateway"))
+        .context("no gateway container")?;
+    let mut vars = Vec::new();
+    for var in container.env.iter().flatten() {
+        let Some(path) = var
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str())
+        else {
+            continue;
+        };
+        if let Some(label) = path
+            .strip_prefix("metadata.labels['")
+            .and_then(|r| r.strip_suffix("']"))
+        {
+            let value = labels.get(label).cloned().unwrap_or_default();
+            vars.push((var.name.clone(), value));
+        }
+    }
+    vars.sort();
+    assert_eq!(
+        vars,
+        vec![
+            (
+                "MESHBRIDGE_REGISTER__REGION".to_string(),
+                "eu-west".to_string()
+            ),
+            (
+                "MESHBRIDGE_REGISTER__ZONE".to_string(),
+                "eu-west-1b".to_string()
+            ),
+        ]
+    );
+
+    // A gateway with that environment (its config file says region "r-east") places the
+    // site where its Node is.
+    let mut gw = start_gateway_env(
+        &env.pki,
+        &env.registry_list,
+        "east",
+        "gw-east-node-a",
+        "127.0.0.1",
+        &vars,
+    )
+    .await?;
+    env.until_catalog("east placed by its Node's labels", WITHIN, |c| {
+        c.site("east").is_some_and(|s| {
+            s.locality.region == "eu-west"
+                && s.locality.zone == "eu-west-1b"
+                && s.instances.iter().any(|i| i.name == "gw-east-node-a")
+        })
+    })
+    .await?;
+
+    // An explicit site.region wins: the chart then takes only the zone from the Node.
+    let with_region = [&sets[..], &["site.region=eu-central"]].concat();
+    let rendered = serde_json::to_string(&render(&with_region).await?)?;
+    assert!(!rendered.contains("MESHBRIDGE_REGISTER__REGION"));
+    assert!(rendered.contains("MESHBRIDGE_REGISTER__ZONE"));
+    gw.terminate(Duration::from_secs(5)).await;
+    env.stop().await;
+    Ok(())
+}

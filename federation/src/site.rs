@@ -451,9 +451,11 @@ impl ExportSpec {
 pub struct Registration {
     #[serde(default)]
     pub kind: meshbridge_core::model::SiteKind,
-    #[serde(default)]
+    /// Where the site is. A number is taken as its text: a Node's zone label `1` passed as
+    /// `MESHBRIDGE_REGISTER__ZONE=1` (the chart's default) reads as a TOML integer.
+    #[serde(default, deserialize_with = "text")]
     pub region: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub zone: String,
     /// Where peers reach this site's tunnel (`host:port`); defaults to the tunnel listener.
     #[serde(default)]
@@ -468,6 +470,24 @@ pub struct Registration {
     /// it), else none (the gateway registers the whole site).
     #[serde(default)]
     pub instance: Option<String>,
+}
+
+/// A string, or a number or boolean as its text.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Str(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(match <Text as serde::Deserialize>::deserialize(d)? {
+        Text::Str(s) => s,
+        Text::Int(i) => i.to_string(),
+        Text::Float(f) => f.to_string(),
+        Text::Bool(b) => b.to_string(),
+    })
 }
 
 impl Registration {

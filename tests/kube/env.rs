@@ -44,13 +44,18 @@ pub fn free_port() -> u16 {
     meshbridge_testkit::kube::free_port().unwrap()
 }
 
-pub fn spawn(name: &str, args: &[&str]) -> Proc {
+/// The meshbridge binary with `args` and the tests' log filter.
+pub fn command(args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(exe());
     cmd.args(args).env(
         "MESHBRIDGE_LOG",
         "info,openraft=warn,hickory_server=warn,hickory_proto=warn,kube=warn,tower=warn,hyper=warn",
     );
-    Proc::spawn(name, cmd).unwrap()
+    cmd
+}
+
+pub fn spawn(name: &str, args: &[&str]) -> Proc {
+    Proc::spawn(name, command(args)).unwrap()
 }
 
 fn tls_section(files: &IdentityFiles) -> String {
@@ -97,6 +102,18 @@ pub async fn start_gateway(
     instance: &str,
     bind: &str,
 ) -> Result<Proc> {
+    start_gateway_env(pki, registry, site, instance, bind, &[]).await
+}
+
+/// [`start_gateway`] with environment variables (`MESHBRIDGE_*` overrides, say).
+pub async fn start_gateway_env(
+    pki: &TestPki,
+    registry: &str,
+    site: &str,
+    instance: &str,
+    bind: &str,
+    vars: &[(String, String)],
+) -> Result<Proc> {
     let root = pki.dir();
     let gw = pki.issue(
         &format!("gw-{instance}"),
@@ -115,10 +132,9 @@ pub async fn start_gateway(
             tls_section(&gw),
         ),
     )?;
-    let mut p = spawn(
-        &format!("gateway {instance}"),
-        &["gateway", "--config", cfg.to_str().unwrap_or_default()],
-    );
+    let mut cmd = command(&["gateway", "--config", cfg.to_str().unwrap_or_default()]);
+    cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+    let mut p = Proc::spawn(&format!("gateway {instance}"), cmd)?;
     p.wait_for("listening on", READY).await?;
     Ok(p)
 }

@@ -29,11 +29,6 @@ pub struct Config {
     /// Namespaces to export from and import into; empty: all.
     #[serde(default)]
     pub namespaces: Vec<String>,
-    /// Where this cluster is (for locality-aware failover; both may be left out).
-    #[serde(default)]
-    pub region: String,
-    #[serde(default)]
-    pub zone: String,
     #[serde(default)]
     pub import: ImportConfig,
     #[serde(default)]
