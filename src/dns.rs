@@ -30,6 +30,11 @@ pub struct File {
     /// `/healthz`, `/readyz`, `/metrics`, `/config_dump`.
     #[serde(default)]
     pub admin_listen: Option<String>,
+    /// Where the catalog in use is kept (`catalog.json`), so that a restart while the
+    /// registry is unreachable answers as before instead of NXDOMAIN (static stability).
+    /// Without it, a restarted server has nothing to answer until the registry does.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl RoleConfig for File {
@@ -48,6 +53,8 @@ impl RoleConfig for File {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let cfg: File = config::load(Some(&args.config))?;
     tracing::info!(config = %config::effective(&cfg), "effective configuration");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
     let (catalog, _client) = match &cfg.tls {
         Some(files) => {
             let identity = Identity::load(files.clone()).context("loading TLS files")?;
@@ -56,7 +63,19 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                     .clone()
                     .watch_files(Duration::from_secs(5), std::future::pending()),
             );
-            cfg.source.open(&identity, None).await?
+            let (catalog, client) = cfg.source.open(&identity, None).await?;
+            match &cfg.data_dir {
+                Some(dir) => (
+                    meshbridge_gateway::snapshot::statically_stable(dir, catalog, &stop, &tasks),
+                    client,
+                ),
+                None => {
+                    tracing::warn!(
+                        "no data_dir: after a restart while the registry is unreachable this server has nothing to answer"
+                    );
+                    (catalog, client)
+                }
+            }
         }
         None => {
             let path = cfg
@@ -104,5 +123,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     signal.await;
     ready.set(false);
     server.shutdown(Duration::from_secs(2)).await;
+    // The catalog's last save.
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -48,6 +48,17 @@ fn default_workers() -> usize {
     1
 }
 
+impl File {
+    /// The embedded DNS server's settings, its `site` defaulting to the gateway's.
+    fn dns_config(&self) -> Option<dns::Config> {
+        let mut d = self.dns.clone()?;
+        if d.site.is_empty() {
+            d.site.clone_from(&self.gateway.site);
+        }
+        Some(d)
+    }
+}
+
 impl RoleConfig for File {
     fn validate(&self, p: &mut Problems) {
         let mut inner = Problems::default();
@@ -69,7 +80,7 @@ impl RoleConfig for File {
             e.validate(&format!("exports[{i}]"), p);
         }
         meshbridge_core::runtime::check_workers(p, "workers", self.workers);
-        if let Some(d) = &self.dns {
+        if let Some(d) = self.dns_config() {
             let mut inner = Problems::default();
             d.validate(&mut inner);
             for pr in inner.0 {
@@ -131,9 +142,11 @@ async fn run(cfg: File) -> Result<ExitCode> {
             stop.clone().cancelled_owned(),
         )));
     }
-    let dns_server = match &cfg.dns {
+    let dns_server = match cfg.dns_config() {
         Some(d) => Some(
-            dns::DnsServer::start(d.clone(), catalog.clone())
+            // From the gateway's catalog: its persisted snapshot while the registry has
+            // not answered since a restart (static stability), then the registry's.
+            dns::DnsServer::start(d, gw.catalog_watch())
                 .await
                 .context("starting DNS")?,
         ),
@@ -184,7 +197,7 @@ mod tests {
     /// The chart passes a Node's topology labels as `MESHBRIDGE_REGISTER__REGION`/`__ZONE`;
     /// a label that reads as a number (zone `1`) is still the site's zone.
     #[test]
-    fn register_region_and_zone_come_from_the_environment_numbers_included() {
+    fn register_region_and_zone_come_from_the_environment_numbers_included_and_dns_site_defaults() {
         let text = "[gateway]\nsite = \"east\"\ndata_dir = \"/d\"\n\
                     [tls]\ncert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n\
                     [source]\nregistry = [\"https://127.0.0.1:7443\"]\n\
@@ -204,6 +217,10 @@ mod tests {
             let reg = cfg.register.unwrap_or_else(|| panic!("no [register]"));
             assert_eq!((reg.region.as_str(), reg.zone.as_str()), (region, zone));
         }
+        // An embedded [dns] answers as the gateway's site unless told otherwise.
+        let with_dns = format!("{text}[dns]\nlisten = \"127.0.0.1:0\"\n");
+        let cfg: File = parse_with_env("gw.toml", &with_dns, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.dns_config().map(|d| d.site), Some("east".to_string()));
         let err = parse_with_env::<File>("gw.toml", text, &vars("eu", "[1]"))
             .err()
             .map(|e| e.to_string())

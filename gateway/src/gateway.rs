@@ -115,27 +115,7 @@ impl Gateway {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
 
-        let start_catalog = snapshot::initial(&config.data_dir, &catalog);
-        let from_source = Arc::ptr_eq(&start_catalog, &catalog.borrow());
-        // The revision the data dir holds: the snapshot started from, or the source's first
-        // catalog once saved here (0 makes the persistence task save it).
-        let mut on_disk = start_catalog.revision;
-        if start_catalog.revision > 0
-            && from_source
-            && let Err(e) = snapshot::save(&config.data_dir, &start_catalog)
-        {
-            tracing::warn!(error = %e, "cannot persist the catalog");
-            on_disk = 0;
-        }
-        let (effective_tx, effective_rx) = watch::channel(start_catalog);
-        tasks.spawn(snapshot::persist(
-            config.data_dir.clone(),
-            effective_rx.clone(),
-            on_disk,
-            Duration::from_secs(1),
-            stop.clone(),
-        ));
-        tasks.spawn(snapshot::follow(catalog, effective_tx, stop.clone()));
+        let effective_rx = snapshot::statically_stable(&config.data_dir, catalog, &stop, &tasks);
 
         let dialer = Dialer::new(
             endpoint.clone(),
@@ -328,6 +308,11 @@ impl GatewayHandle {
     /// The catalog in use.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.shared.catalog()
+    }
+    /// The catalog in use, as it changes: the persisted snapshot until the source's first
+    /// catalog (what an embedded DNS server should answer from).
+    pub fn catalog_watch(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.shared.catalog.clone()
     }
     /// Wait up to `within` until the catalog in use reaches `revision`; false on timeout.
     pub async fn wait_for_revision(&self, revision: u64, within: Duration) -> bool {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use meshbridge_core::model::Catalog;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// File name of the snapshot inside the data dir.
 pub const FILE: &str = "catalog.json";
@@ -84,12 +86,46 @@ pub fn initial(data_dir: &Path, source: &watch::Receiver<Arc<Catalog>>) -> Arc<C
     }
 }
 
+/// The catalog to serve from, kept on disk: the persisted snapshot in `data_dir` while
+/// `source` holds only its placeholder (a restart while the registry is unreachable), then
+/// the source's; each catalog put in use is saved (at most once a second, always the latest
+/// and once more at `stop`). The two tasks run on `tasks` until `stop`.
+pub fn statically_stable(
+    data_dir: &Path,
+    source: watch::Receiver<Arc<Catalog>>,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> watch::Receiver<Arc<Catalog>> {
+    let start = initial(data_dir, &source);
+    let from_source = Arc::ptr_eq(&start, &source.borrow());
+    // The revision the data dir holds: the snapshot started from, or the source's first
+    // catalog once saved here (0 makes the persistence task save it).
+    let mut on_disk = start.revision;
+    if start.revision > 0
+        && from_source
+        && let Err(e) = save(data_dir, &start)
+    {
+        tracing::warn!(error = %e, "cannot persist the catalog");
+        on_disk = 0;
+    }
+    let (effective_tx, effective_rx) = watch::channel(start);
+    tasks.spawn(persist(
+        data_dir.to_path_buf(),
+        effective_rx.clone(),
+        on_disk,
+        std::time::Duration::from_secs(1),
+        stop.clone(),
+    ));
+    tasks.spawn(follow(source, effective_tx, stop.clone()));
+    effective_rx
+}
+
 /// Follow the source into `effective` until the source is dropped (then keep serving the
 /// last catalog) or `stop` fires.
 pub async fn follow(
     mut source: watch::Receiver<Arc<Catalog>>,
     effective: watch::Sender<Arc<Catalog>>,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
@@ -120,7 +156,7 @@ pub async fn persist(
     mut catalog: watch::Receiver<Arc<Catalog>>,
     on_disk: u64,
     min_interval: std::time::Duration,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
 ) {
     let mut saved = on_disk;
     loop {

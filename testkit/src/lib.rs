@@ -20,5 +20,6 @@ pub mod kube;
 pub mod linearizability;
 pub mod netns;
 pub mod pki;
+pub mod probe;
 pub mod process;
 pub mod slots;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use meshbridge_core::client::{ClientError, ClientOptions, RegistryClient};
 use meshbridge_core::drain::Outcome;
-use meshbridge_core::model::{Catalog, Link};
+use meshbridge_core::model::Link;
 use meshbridge_core::tls::Identity;
-use meshbridge_gateway::{Gateway, GatewayHandle, snapshot};
+use meshbridge_gateway::{Gateway, GatewayHandle};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -54,27 +54,6 @@ pub struct AgentHandle {
     stop: CancellationToken,
 }
 
-/// The replica as seen by the gateway and the DNS stub: the persisted catalog until the
-/// registry's first answer, then the registry's.
-fn statically_stable(
-    cfg: &Config,
-    mut source: watch::Receiver<Arc<Catalog>>,
-    tasks: &mut JoinSet<()>,
-) -> watch::Receiver<Arc<Catalog>> {
-    let (tx, rx) = watch::channel(snapshot::initial(&cfg.data_dir, &source));
-    tasks.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                r = source.changed() => if r.is_err() { return },
-            }
-            let next = source.borrow_and_update().clone();
-            tx.send_replace(next);
-        }
-    });
-    rx
-}
-
 impl Agent {
     /// Start everything; returns once every listener is bound. A refused join token, an
     /// unusable certificate or a port in use is an error naming the cause.
@@ -89,11 +68,13 @@ impl Agent {
         let client = RegistryClient::with_options(&cfg.registry, identity.clone(), opts)
             .await
             .map_err(AgentError::Registry)?;
+        // The gateway serves the persisted catalog until the registry's first answer, and
+        // the DNS stub answers from the gateway's catalog (static stability for both).
         let replica = client.clone().watch_catalog();
-        let catalog = statically_stable(&cfg, replica, &mut tasks);
-        let gateway = Gateway::start(cfg.gateway(), identity.clone(), catalog.clone())
+        let gateway = Gateway::start(cfg.gateway(), identity.clone(), replica)
             .await
             .map_err(AgentError::Gateway)?;
+        let catalog = gateway.catalog_watch();
         let dns = match cfg.dns() {
             Some(d) => Some(
                 DnsServer::start(d, catalog.clone())

@@ -1,0 +1,154 @@
+//! Static stability of DNS: a gateway with embedded DNS and a standalone `meshbridge dns`,
+//! both restarted (SIGKILL) while the registry is down (SIGKILL too), answer from the
+//! catalog they persisted — not NXDOMAIN until the registry comes back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use meshbridge_core::tls::IdentityFiles;
+use meshbridge_testkit::pki::TestPki;
+use meshbridge_testkit::probe::{dig_a, eventually};
+use meshbridge_testkit::process::Proc;
+
+const TD: &str = "static.example";
+const READY: Duration = Duration::from_secs(30);
+const NAME: &str = "web.shop.svc.clusterset.local";
+
+fn spawn(name: &str, cfg: &Path, role: &str) -> Proc {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+    cmd.args([role, "--config", cfg.to_str().unwrap()])
+        .env("MESHBRIDGE_LOG", "info,openraft=warn,hickory_server=warn");
+    Proc::spawn(name, cmd).unwrap()
+}
+
+fn tls(files: &IdentityFiles) -> String {
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+        files.cert, files.key, files.bundle
+    )
+}
+
+/// The address after `label` in a "listening on" line (`dns 127.0.0.1:5353, …`).
+fn addr_after(line: &str, label: &str) -> Result<SocketAddr> {
+    line.split(label)
+        .nth(1)
+        .and_then(|r| r.split([' ', ',']).next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address after {label:?} in {line:?}"))
+}
+
+/// Start (or restart) a process and the DNS address it prints.
+async fn start(name: &str, cfg: &Path, role: &str, label: &str) -> Result<(Proc, SocketAddr)> {
+    let mut p = spawn(name, cfg, role);
+    let line = p.wait_for("listening on", READY).await?;
+    Ok((p, addr_after(&line, label)?))
+}
+
+async fn until_persisted(dir: &Path) {
+    let file = dir.join("catalog.json");
+    eventually(
+        &format!("{} holds the export", file.display()),
+        READY,
+        || async {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            (
+                text.contains("\"web\"").then_some(()),
+                format!("{} bytes", text.len()),
+            )
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_from_its_persisted_catalog_after_a_restart_while_the_registry_is_down()
+-> Result<()> {
+    let pki = TestPki::new(TD);
+    let root = pki.dir().to_path_buf();
+    let port = meshbridge_testkit::kube::free_port()?;
+    let url = format!("https://127.0.0.1:{port}");
+
+    let reg = pki.issue("registry-1", &format!("spiffe://{TD}/registry/1"));
+    let reg_cfg = root.join("registry.toml");
+    std::fs::write(
+        &reg_cfg,
+        format!(
+            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{}[initial_members]\n1 = \"{url}\"\n",
+            root.join("registry-data"),
+            tls(&reg),
+        ),
+    )?;
+    let mut registry = spawn("registry", &reg_cfg, "registry");
+    registry.wait_for("listening on", READY).await?;
+
+    // East's gateway exports shop/web (an object-model address: DNS only, never dialled)
+    // and embeds east's DNS.
+    let gw = pki.issue("gw-east", &format!("spiffe://{TD}/site/east/gateway"));
+    let gw_dir = root.join("gw-east-data");
+    let gw_cfg = root.join("gw-east.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "[gateway]\nsite = \"east\"\ndata_dir = {gw_dir:?}\ndrain_deadline_ms = 500\n\
+             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n{}\
+             [source]\nregistry = [\"{url}\"]\n[register]\n\
+             [[exports]]\nnamespace = \"shop\"\nname = \"web\"\nports = [{{ name = \"http\", port = 80 }}]\n\
+             endpoints = [{{ address = \"10.1.0.1\" }}]\n\
+             [dns]\nlisten = \"127.0.0.1:0\"\n[dns.rate_limit]\nper_client_qps = 0\n",
+            tls(&gw),
+        ),
+    )?;
+    // A standalone DNS server of east, keeping its catalog in its own data_dir.
+    let dns = pki.issue("dns-east", &format!("spiffe://{TD}/site/east/dns"));
+    let dns_dir = root.join("dns-east-data");
+    let dns_cfg = root.join("dns-east.toml");
+    std::fs::write(
+        &dns_cfg,
+        format!(
+            "data_dir = {dns_dir:?}\n[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"east\"\n\
+             [dns.rate_limit]\nper_client_qps = 0\n[source]\nregistry = [\"{url}\"]\n{}",
+            tls(&dns),
+        ),
+    )?;
+    let (mut gateway, gw_dns) = start("gateway", &gw_cfg, "gateway", "dns ").await?;
+    let (mut standalone, dns_addr) = start("dns", &dns_cfg, "dns", "listening on ").await?;
+    let want = vec![Ipv4Addr::new(10, 1, 0, 1)];
+    for (who, server) in [("embedded", gw_dns), ("standalone", dns_addr)] {
+        eventually(&format!("{who} DNS answers {NAME}"), READY, || async {
+            let got = dig_a(server, NAME).await;
+            let seen = format!("{got:?}");
+            (got.is_ok_and(|ips| ips == want).then_some(()), seen)
+        })
+        .await;
+    }
+    until_persisted(&gw_dir).await;
+    until_persisted(&dns_dir).await;
+
+    // The registry dies, then both DNS servers are killed and started again.
+    registry.kill9().await;
+    gateway.kill9().await;
+    standalone.kill9().await;
+    let (mut gateway, gw_dns) = start("gateway (restarted)", &gw_cfg, "gateway", "dns ").await?;
+    let (mut standalone, dns_addr) =
+        start("dns (restarted)", &dns_cfg, "dns", "listening on ").await?;
+    // Their first answer, with the registry still down, is the persisted one.
+    for (who, server, p) in [
+        ("embedded", gw_dns, &mut gateway),
+        ("standalone", dns_addr, &mut standalone),
+    ] {
+        let got = dig_a(server, NAME).await?;
+        assert_eq!(
+            got,
+            want,
+            "{who} DNS after a restart with the registry down; log:\n{}",
+            p.collect().join("\n")
+        );
+    }
+    gateway.terminate(Duration::from_secs(5)).await;
+    standalone.terminate(Duration::from_secs(5)).await;
+    Ok(())
+}
