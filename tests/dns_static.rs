@@ -4,46 +4,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use meshbridge_core::tls::IdentityFiles;
+use anyhow::Result;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::{dig_a, eventually};
 use meshbridge_testkit::process::Proc;
+use support::{READY, addr_after, registry, spawn, tls};
 
 const TD: &str = "static.example";
-const READY: Duration = Duration::from_secs(30);
 const NAME: &str = "web.shop.svc.clusterset.local";
-
-fn spawn(name: &str, cfg: &Path, role: &str) -> Proc {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"));
-    cmd.args([role, "--config", cfg.to_str().unwrap()])
-        .env("MESHBRIDGE_LOG", "info,openraft=warn,hickory_server=warn");
-    Proc::spawn(name, cmd).unwrap()
-}
-
-fn tls(files: &IdentityFiles) -> String {
-    format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        files.cert, files.key, files.bundle
-    )
-}
-
-/// The address after `label` in a "listening on" line (`dns 127.0.0.1:5353, …`).
-fn addr_after(line: &str, label: &str) -> Result<SocketAddr> {
-    line.split(label)
-        .nth(1)
-        .and_then(|r| r.split([' ', ',']).next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address after {label:?} in {line:?}"))
-}
 
 /// Start (or restart) a process and the DNS address it prints.
 async fn start(name: &str, cfg: &Path, role: &str, label: &str) -> Result<(Proc, SocketAddr)> {
-    let mut p = spawn(name, cfg, role);
+    let mut p = spawn(name, cfg, role, &[])?;
     let line = p.wait_for("listening on", READY).await?;
     Ok((p, addr_after(&line, label)?))
 }
@@ -69,21 +47,7 @@ async fn dns_answers_from_its_persisted_catalog_after_a_restart_while_the_regist
 -> Result<()> {
     let pki = TestPki::new(TD);
     let root = pki.dir().to_path_buf();
-    let port = meshbridge_testkit::kube::free_port()?;
-    let url = format!("https://127.0.0.1:{port}");
-
-    let reg = pki.issue("registry-1", &format!("spiffe://{TD}/registry/1"));
-    let reg_cfg = root.join("registry.toml");
-    std::fs::write(
-        &reg_cfg,
-        format!(
-            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{}[initial_members]\n1 = \"{url}\"\n",
-            root.join("registry-data"),
-            tls(&reg),
-        ),
-    )?;
-    let mut registry = spawn("registry", &reg_cfg, "registry");
-    registry.wait_for("listening on", READY).await?;
+    let (mut registry, url) = registry(&pki, TD).await?;
 
     // East's gateway exports shop/web (an object-model address: DNS only, never dialled)
     // and embeds east's DNS.

@@ -88,12 +88,14 @@ fn plan(sh: &Shared, catalog: &Catalog, target: &Target) -> Vec<Candidate> {
     }
 }
 
-/// Reach `target`, sending `early` bytes (already read from the client) ahead of the payload.
+/// Reach `target`, sending `early` bytes (already read from the client) ahead of the payload;
+/// the preamble carries `trace_id` to the receiving gateway.
 pub async fn dial(
     sh: &Shared,
     target: &Target,
     source: Option<&str>,
     early: &[u8],
+    trace_id: [u8; 16],
 ) -> Result<Dialed, DialError> {
     let catalog = sh.catalog();
     let candidates = plan(sh, &catalog, target);
@@ -112,7 +114,7 @@ pub async fn dial(
         target: target.clone(),
         source_identity: source.map(str::to_string),
         source_site: Some(sh.site.clone()),
-        trace_id: Some(rand::random()),
+        trace_id: Some(trace_id),
     };
     let mut tried = Vec::new();
     let n = candidates.len().min(sh.cfg.failover.max_attempts);

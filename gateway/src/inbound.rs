@@ -14,7 +14,7 @@ use crate::connect::{self, MAX_HEAD_LEN};
 use crate::dial::{DialError, Dialed, dial};
 use crate::metrics::{Direction, KindLabel};
 use crate::outbound::describe_target;
-use crate::preamble::{ReplyStatus, Target};
+use crate::preamble::{ReplyStatus, Target, TraceHex};
 use crate::shared::Shared;
 use crate::sni::{self, MAX_CLIENT_HELLO_LEN};
 use crate::stream::{Counts, splice, splice_local};
@@ -221,10 +221,11 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
     let early = buf.split_off(head_len).freeze();
     // Boxed: dialing is most of this future's size (6.5 of 7.6 KB), and the task's future
     // is copied when it is spawned and again when it ends.
-    let dialed = Box::pin(dial(sh, &target, None, &early)).await;
+    let trace: [u8; 16] = rand::random();
+    let dialed = Box::pin(dial(sh, &target, None, &early, trace)).await;
     let dialed = match dialed {
         Ok(d) => d,
-        Err(e) => return refused(sh, &mut client, addr, &kind, e).await,
+        Err(e) => return refused(sh, &mut client, addr, &kind, e, &trace).await,
     };
     if let Kind::Connect = kind {
         let (code, text) = connect::status_for(ReplyStatus::Ok);
@@ -272,15 +273,23 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
     }
     tracing::info!(
         target: "meshbridge::access", direction = "outgoing", listener = kind.name(),
-        client.addr = %addr, target = %describe_target(&target), peer.site = %site,
-        via = %via, status = "ok", bytes.from_client = up, bytes.to_client = down,
+        client.addr = %addr, dest = %describe_target(&target), peer.site = %site,
+        via = %via, trace_id = %TraceHex(Some(&trace)), status = "ok",
+        bytes.from_client = up, bytes.to_client = down,
         duration_ms = began.elapsed().as_millis() as u64,
         error = result.err().map(|e| e.to_string()).unwrap_or_default(),
         "proxied"
     );
 }
 
-async fn refused(sh: &Shared, client: &mut TcpStream, addr: SocketAddr, kind: &Kind, e: DialError) {
+async fn refused(
+    sh: &Shared,
+    client: &mut TcpStream,
+    addr: SocketAddr,
+    kind: &Kind,
+    e: DialError,
+    trace: &[u8; 16],
+) {
     sh.metrics.failure("-", "no_site");
     match kind {
         Kind::Connect => {
@@ -296,8 +305,8 @@ async fn refused(sh: &Shared, client: &mut TcpStream, addr: SocketAddr, kind: &K
     let _ = client.shutdown().await;
     tracing::info!(
         target: "meshbridge::access", direction = "outgoing", listener = kind.name(),
-        client.addr = %addr, target = %e.target, status = ?e.status, reason = %e.reason,
-        "refused"
+        client.addr = %addr, dest = %e.target, trace_id = %TraceHex(Some(trace)),
+        status = ?e.status, reason = %e.reason, "refused"
     );
 }
 

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::metrics::{Direction, SiteLabel, StreamLabels};
 use crate::policy::{self, Decision};
-use crate::preamble::{MAX_PREAMBLE_LEN, Preamble, Reply, ReplyStatus, Target};
+use crate::preamble::{MAX_PREAMBLE_LEN, Preamble, Reply, ReplyStatus, Target, TraceHex};
 use crate::shared::Shared;
 use crate::stream::{Counts, RecvHalf, SendHalf, splice};
 use crate::transport::Carrier;
@@ -304,7 +304,8 @@ pub async fn serve_stream(
         peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr,
         transport = peer.carrier.name(),
         source.claimed = preamble.source_identity.as_deref().unwrap_or("-"),
-        target = %describe_target(&preamble.target),
+        trace_id = %TraceHex(preamble.trace_id.as_ref()),
+        dest = %describe_target(&preamble.target),
         endpoint = %addr,
         status = "ok",
         bytes.from_peer = from_peer, bytes.to_peer = from_endpoint,
@@ -372,7 +373,8 @@ async fn finish_refused(
         direction = "incoming",
         peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr,
         transport = peer.carrier.name(),
-        target = %preamble.map(|p| describe_target(&p.target)).unwrap_or_else(|| "-".into()),
+        dest = %preamble.map(|p| describe_target(&p.target)).unwrap_or_else(|| "-".into()),
+        trace_id = %TraceHex(preamble.and_then(|p| p.trace_id.as_ref())),
         status = ?r.status, reason = %r.reason,
         duration_ms = began.elapsed().as_millis() as u64,
         "refused"

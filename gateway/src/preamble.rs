@@ -102,6 +102,19 @@ pub struct Preamble {
     pub trace_id: Option<[u8; 16]>,
 }
 
+/// A trace id as W3C Trace Context writes it: 32 lowercase hex digits, `-` when absent. Both
+/// gateways log it on their access lines, so one connection can be followed across sites.
+pub struct TraceHex<'a>(pub Option<&'a [u8; 16]>);
+
+impl std::fmt::Display for TraceHex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => id.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Outcome of a tunnel request, sent back by the receiving gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReplyStatus {
