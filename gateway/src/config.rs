@@ -41,9 +41,16 @@ pub struct Config {
     pub site: String,
     /// Where the last catalog is persisted (`catalog.json`), for restarts without a registry.
     pub data_dir: PathBuf,
-    /// DNS zone of service names in SNI and CONNECT targets.
-    #[serde(default = "default_zone")]
-    pub zone: String,
+    /// DNS zones of service names in SNI and CONNECT targets: `<svc>.<ns>.svc.<zone>` in any
+    /// of them names the federated service. Default: `clusterset.local` (the MCS zone) and
+    /// `cluster.local` (what Istio sidecars put in SNI, `outbound_.<port>_._.<svc>.<ns>.svc.
+    /// cluster.local`). `zone = "…"` (one zone) is read as a list of one.
+    #[serde(
+        default = "default_zones",
+        alias = "zone",
+        deserialize_with = "one_or_more"
+    )]
+    pub zones: Vec<String>,
     /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/debug/*`); off when unset.
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -180,8 +187,22 @@ pub struct FailoverConfig {
     pub eject_max_ms: u64,
 }
 
-fn default_zone() -> String {
-    "clusterset.local".into()
+fn default_zones() -> Vec<String> {
+    vec!["clusterset.local".into(), "cluster.local".into()]
+}
+
+/// A list of strings, or one string as a list of one.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    Ok(match OneOrMore::deserialize(d)? {
+        OneOrMore::One(s) => vec![s],
+        OneOrMore::More(v) => v,
+    })
 }
 
 fn default_drain_ms() -> u64 {
@@ -299,7 +320,7 @@ impl Config {
         Self {
             site: site.into(),
             data_dir: data_dir.into(),
-            zone: default_zone(),
+            zones: default_zones(),
             admin_listen: None,
             drain_deadline_ms: 5_000,
             tunnel: TunnelConfig {
@@ -333,7 +354,21 @@ impl RoleConfig for Config {
             "data_dir",
             "must not be empty",
         );
-        p.check(!self.zone.is_empty(), "zone", "must not be empty");
+        p.check(
+            !self.zones.is_empty(),
+            "zones",
+            "must name at least one zone",
+        );
+        for (i, z) in self.zones.iter().enumerate() {
+            let name = z.strip_suffix('.').unwrap_or(z);
+            p.check(
+                !name.is_empty()
+                    && name.len() <= 200
+                    && name.split('.').all(meshbridge_core::model::is_dns_label),
+                format!("zones[{i}]"),
+                format!("{z:?} is not a DNS name of lowercase labels"),
+            );
+        }
         if let Some(a) = &self.admin_listen {
             p.socket_addr("admin_listen", a);
         }
@@ -501,7 +536,18 @@ eject_max_ms = 60000
         assert_eq!(cfg.tunnel.transport_for("west"), TransportKind::Auto);
         assert_eq!(cfg.policy.default, DefaultAction::Deny);
         assert_eq!(cfg.tunnel.idle_timeout(), Duration::from_secs(5));
-        assert_eq!(cfg.zone, "clusterset.local");
+        // `zone = "…"`, the older one-zone form, is a list of one.
+        assert_eq!(cfg.zones, vec!["clusterset.local".to_string()]);
+        let cfg: Config =
+            parse_with_env("gw.toml", "site = \"east\"\ndata_dir = \"/d\"\n", &[]).unwrap();
+        assert_eq!(cfg.zones, vec!["clusterset.local", "cluster.local"]);
+        let err = parse_with_env::<Config>(
+            "gw.toml",
+            "site = \"east\"\ndata_dir = \"/d\"\nzones = [\"cluster.local\", \"Bad_Zone\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].field, "zones[1]", "{err}");
     }
 
     #[test]

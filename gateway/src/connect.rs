@@ -51,10 +51,10 @@ impl ConnectError {
 
 /// Parse a CONNECT request head at the start of `buf`: `Ok(None)` while more bytes are
 /// needed, otherwise the target and the length of the head (later bytes are tunnel payload).
-/// Service hosts must be in `zone` (e.g. `clusterset.local`).
+/// Service hosts must be in one of `zones` (e.g. `clusterset.local`).
 pub fn parse_connect(
     buf: &[u8],
-    zone: &str,
+    zones: &[impl AsRef<str>],
 ) -> Result<Option<(ConnectTarget, usize)>, ConnectError> {
     check_method(buf)?;
     let head = &buf[..buf.len().min(MAX_HEAD_LEN)];
@@ -75,7 +75,7 @@ pub fn parse_connect(
         let line = &head[line_start..i];
         line_start = i + 2;
         match (&target, line.is_empty()) {
-            (None, _) => target = Some(request_line(line, zone)?),
+            (None, _) => target = Some(request_line(line, zones)?),
             (Some(_), false) => header_line(line)?,
             (Some(t), true) => return Ok(Some((t.clone(), i + 2))),
         }
@@ -144,7 +144,7 @@ fn check_method(buf: &[u8]) -> Result<(), ConnectError> {
     Ok(())
 }
 
-fn request_line(line: &[u8], zone: &str) -> Result<ConnectTarget, ConnectError> {
+fn request_line(line: &[u8], zones: &[impl AsRef<str>]) -> Result<ConnectTarget, ConnectError> {
     let line = std::str::from_utf8(line)
         .map_err(|_| ConnectError::Malformed("request line is not UTF-8"))?;
     let mut parts = line.split(' ');
@@ -158,13 +158,13 @@ fn request_line(line: &[u8], zone: &str) -> Result<ConnectTarget, ConnectError> 
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
         return Err(ConnectError::Version(version.chars().take(32).collect()));
     }
-    parse_target(target, zone).map_err(|reason| ConnectError::BadTarget {
+    parse_target(target, zones).map_err(|reason| ConnectError::BadTarget {
         target: target.chars().take(300).collect(),
         reason,
     })
 }
 
-fn parse_target(target: &str, zone: &str) -> Result<ConnectTarget, &'static str> {
+fn parse_target(target: &str, zones: &[impl AsRef<str>]) -> Result<ConnectTarget, &'static str> {
     let (host, port) = if let Some(rest) = target.strip_prefix('[') {
         rest.split_once("]:")
             .ok_or("IPv6 address without `]:port`")?
@@ -195,7 +195,7 @@ fn parse_target(target: &str, zone: &str) -> Result<ConnectTarget, &'static str>
     }
     let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
     let (namespace, name) =
-        service_host(&host, zone).ok_or("not <svc>.<ns>.svc.<zone> or an IP address")?;
+        service_host(&host, zones).ok_or("not <svc>.<ns>.svc.<zone> or an IP address")?;
     Ok(Target::Service {
         namespace,
         name,
@@ -272,7 +272,7 @@ mod tests {
         for (head, want) in heads() {
             let bytes = [head.as_bytes(), b"\x16\x03\x01payload"].concat();
             assert_eq!(
-                parse_connect(&bytes, ZONE),
+                parse_connect(&bytes, &[ZONE]),
                 Ok(Some((want, head.len()))),
                 "{head:?}"
             );
@@ -284,7 +284,7 @@ mod tests {
         for (head, _) in heads() {
             for cut in 0..head.len() {
                 assert_eq!(
-                    parse_connect(&head.as_bytes()[..cut], ZONE),
+                    parse_connect(&head.as_bytes()[..cut], &[ZONE]),
                     Ok(None),
                     "{:?}",
                     &head[..cut]
@@ -400,7 +400,7 @@ mod tests {
         for (bytes, want) in cases {
             let status = want.status();
             assert_eq!(
-                parse_connect(bytes, ZONE),
+                parse_connect(bytes, &[ZONE]),
                 Err(want),
                 "{:?}",
                 String::from_utf8_lossy(bytes)
@@ -418,20 +418,23 @@ mod tests {
         };
         let exact = padded(MAX_HEAD_LEN);
         assert_eq!(
-            parse_connect(exact.as_bytes(), ZONE),
+            parse_connect(exact.as_bytes(), &[ZONE]),
             Ok(Some((endpoint("1.2.3.4:80"), MAX_HEAD_LEN)))
         );
         let over = padded(MAX_HEAD_LEN + 1);
         let max = MAX_HEAD_LEN;
         assert_eq!(
-            parse_connect(over.as_bytes(), ZONE),
+            parse_connect(over.as_bytes(), &[ZONE]),
             Err(ConnectError::HeadTooLarge { max })
         );
         assert_eq!(
-            parse_connect(&over.as_bytes()[..max], ZONE),
+            parse_connect(&over.as_bytes()[..max], &[ZONE]),
             Err(ConnectError::HeadTooLarge { max })
         );
-        assert_eq!(parse_connect(&over.as_bytes()[..max - 1], ZONE), Ok(None));
+        assert_eq!(
+            parse_connect(&over.as_bytes()[..max - 1], &[ZONE]),
+            Ok(None)
+        );
     }
 
     #[test]

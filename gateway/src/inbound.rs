@@ -193,7 +193,7 @@ async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind
                 &mut buf,
                 MAX_HEAD_LEN,
                 head_timeout,
-                |b| connect::parse_connect(b, &sh.cfg.zone),
+                |b| connect::parse_connect(b, &sh.cfg.zones),
                 connect::ConnectError::status,
             )
             .await
@@ -314,8 +314,19 @@ async fn refused(
 /// else the listener's port when the service has it.
 fn sni_target(sh: &Shared, name: Option<&str>, listener_port: u16) -> Result<Target, String> {
     let name = name.ok_or("ClientHello without SNI: cannot route")?;
-    let route = sni::route_from_sni(name, &sh.cfg.zone)
-        .ok_or_else(|| format!("server name {name:?} is not a service in {}", sh.cfg.zone))?;
+    let route = sni::route_from_sni(name, &sh.cfg.zones).ok_or_else(|| {
+        format!(
+            "server name {name:?} is not a service in {}",
+            sh.cfg.zones.join(" or ")
+        )
+    })?;
+    if let Some(subset) = &route.subset {
+        tracing::debug!(
+            sni = name,
+            subset,
+            "Istio subset in the server name ignored: the service is reached as a whole"
+        );
+    }
     if route.port.is_some() {
         return Ok(route.target(listener_port));
     }

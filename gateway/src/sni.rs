@@ -51,6 +51,9 @@ pub struct SniRoute {
     /// The port named in Istio's `outbound_.<port>_._.<host>` form; `None` for a plain
     /// service host name, whose port is the listener's.
     pub port: Option<u16>,
+    /// An Istio subset (`outbound_.<port>_.<subset>_.<host>`): not ours to pick by (the
+    /// service's endpoints are reached as a whole); kept to be logged.
+    pub subset: Option<String>,
 }
 
 impl SniRoute {
@@ -137,41 +140,51 @@ fn complete_hello(handshake: &[u8]) -> Result<Option<ClientHelloInfo>, SniError>
     handshake.get(4..end).map(parse_body).transpose()
 }
 
-/// `<svc>.<ns>.svc.<zone>` or Istio's `outbound_.<port>_._.<svc>.<ns>.svc.<zone>`, case and a
-/// trailing dot ignored. Istio subsets (`outbound_.<port>_.<subset>_.<host>`) do not route.
-pub fn route_from_sni(sni: &str, zone: &str) -> Option<SniRoute> {
+/// `<svc>.<ns>.svc.<zone>` or Istio's `outbound_.<port>_.<subset>_.<svc>.<ns>.svc.<zone>`
+/// (subset empty or a label), in any of `zones`; case and a trailing dot ignored.
+pub fn route_from_sni<Z: AsRef<str>>(sni: &str, zones: &[Z]) -> Option<SniRoute> {
     let sni = sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase();
-    if let Some((namespace, name)) = service_host(&sni, zone) {
+    if let Some((namespace, name)) = service_host(&sni, zones) {
         return Some(SniRoute {
             namespace,
             name,
             port: None,
+            subset: None,
         });
     }
     let rest = sni.strip_prefix("outbound_.")?;
-    let (port, rest) = rest.split_once("_._.")?;
+    let (port, rest) = rest.split_once("_.")?;
     if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
-    let (namespace, name) = service_host(rest, zone)?;
+    let (subset, host) = rest.split_once("_.")?;
+    if !subset.is_empty() && !is_dns_label(subset) {
+        return None;
+    }
+    let (namespace, name) = service_host(host, zones)?;
     Some(SniRoute {
         namespace,
         name,
         port: Some(port),
+        subset: (!subset.is_empty()).then(|| subset.to_string()),
     })
 }
 
-/// `(namespace, name)` from a lowercase `<svc>.<ns>.svc.<zone>` host name.
-pub(crate) fn service_host(host: &str, zone: &str) -> Option<(String, String)> {
-    let zone = zone.strip_suffix('.').unwrap_or(zone).to_ascii_lowercase();
-    if zone.is_empty() {
-        return None;
-    }
-    let service = host.strip_suffix(zone.as_str())?.strip_suffix(".svc.")?;
-    let (name, namespace) = service.split_once('.')?;
-    (is_dns_label(name) && is_dns_label(namespace))
-        .then(|| (namespace.to_string(), name.to_string()))
+/// `(namespace, name)` from a lowercase `<svc>.<ns>.svc.<zone>` host name, `zone` one of
+/// `zones`.
+pub(crate) fn service_host<Z: AsRef<str>>(host: &str, zones: &[Z]) -> Option<(String, String)> {
+    zones.iter().find_map(|zone| {
+        let zone = zone.as_ref();
+        let zone = zone.strip_suffix('.').unwrap_or(zone).to_ascii_lowercase();
+        if zone.is_empty() {
+            return None;
+        }
+        let service = host.strip_suffix(zone.as_str())?.strip_suffix(".svc.")?;
+        let (name, namespace) = service.split_once('.')?;
+        (is_dns_label(name) && is_dns_label(namespace))
+            .then(|| (namespace.to_string(), name.to_string()))
+    })
 }
 
 /// An RFC 1123 label as Kubernetes uses them: 1–63 of a-z 0-9 -, alphanumeric at both ends.
@@ -513,12 +526,13 @@ mod tests {
 
     #[test]
     fn service_names_route() {
-        let zone = "clusterset.local";
+        let zone = ["clusterset.local"];
         let route = |ns: &str, name: &str, port| {
             Some(SniRoute {
                 namespace: ns.into(),
                 name: name.into(),
                 port,
+                subset: None,
             })
         };
         let cases = [
@@ -549,6 +563,13 @@ mod tests {
             ),
             (
                 "outbound_.9080_.v1_.reviews.default.svc.clusterset.local",
+                Some(SniRoute {
+                    subset: Some("v1".into()),
+                    ..route("default", "reviews", Some(9080)).unwrap()
+                }),
+            ),
+            (
+                "outbound_.9080_.v1.x_.reviews.default.svc.clusterset.local",
                 None,
             ),
             (
@@ -565,13 +586,23 @@ mod tests {
             ("", None),
         ];
         for (sni, want) in cases {
-            assert_eq!(route_from_sni(sni, zone), want, "{sni}");
+            assert_eq!(route_from_sni(sni, &zone), want, "{sni}");
         }
-        assert_eq!(
-            route_from_sni("a.b.svc.cluster.local", "cluster.local."),
-            route("b", "a", None)
-        );
-        assert_eq!(route_from_sni("a.b.svc.", ""), None);
+        // Several zones at once (the gateway's default: MCS's and Istio's).
+        let both = ["clusterset.local", "cluster.local."];
+        for sni in [
+            "a.b.svc.cluster.local",
+            "a.b.svc.clusterset.local",
+            "outbound_.80_._.a.b.svc.cluster.local",
+        ] {
+            assert_eq!(
+                route_from_sni(sni, &both).map(|r| (r.namespace, r.name)),
+                Some(("b".to_string(), "a".to_string())),
+                "{sni}"
+            );
+        }
+        assert_eq!(route_from_sni("a.b.svc.example.com", &both), None);
+        assert_eq!(route_from_sni("a.b.svc.", &[""]), None);
         let target = route("b", "a", None).unwrap().target(15443);
         assert_eq!(
             target,

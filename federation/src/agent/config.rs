@@ -154,10 +154,18 @@ impl Config {
         meshbridge_gateway::Config {
             site: self.site.clone(),
             data_dir: self.data_dir.clone(),
-            zone: self
-                .dns
-                .as_ref()
-                .map_or_else(|| dns::DEFAULT_ZONE.to_string(), |d| d.zone.clone()),
+            // The DNS stub's zone, and Istio's `cluster.local` as every gateway accepts.
+            zones: {
+                let mut zones = vec![
+                    self.dns
+                        .as_ref()
+                        .map_or_else(|| dns::DEFAULT_ZONE.to_string(), |d| d.zone.clone()),
+                ];
+                if !zones.iter().any(|z| z == "cluster.local") {
+                    zones.push("cluster.local".into());
+                }
+                zones
+            },
             admin_listen: self.admin_listen.clone(),
             drain_deadline_ms: self.drain_deadline_ms,
             tunnel: self.tunnel.clone(),
