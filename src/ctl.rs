@@ -12,7 +12,9 @@ use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use serde_json::{Value, json};
 
+mod export;
 mod owners;
+mod policy;
 mod site;
 mod status;
 mod token;
@@ -66,6 +68,16 @@ enum Cmd {
     Owners {
         #[command(subcommand)]
         cmd: owners::OwnersCmd,
+    },
+    /// Policies: which principals may reach a service.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
+    /// Exports as the registry holds them, per site.
+    Export {
+        #[command(subcommand)]
+        cmd: export::ExportCmd,
     },
     /// Take a site out of the mesh (remove, revoke) or let it back (reinstate).
     Site {
@@ -145,7 +157,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 print_service_detail(&svc, &out);
             }
         }
-        Cmd::Token { cmd } => token::run(&client, cmd, json_out).await?,
+        Cmd::Token { cmd } => token::run(&client, cmd, consistency, json_out).await?,
+        Cmd::Policy { cmd } => policy::run(&client, cmd, consistency, json_out).await?,
+        Cmd::Export { cmd } => export::run(&client, cmd, consistency, json_out).await?,
         Cmd::Site { cmd } => site::run(&client, cmd, json_out).await?,
         Cmd::Owners { cmd } => owners::run(&client, cmd, consistency, json_out).await?,
         Cmd::Members { cmd } => {

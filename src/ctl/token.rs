@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
-use meshbridge_core::client::RegistryClient;
+use meshbridge_core::client::{Consistency, RegistryClient};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -23,14 +23,54 @@ pub enum TokenCmd {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
+    /// Join tokens that have been used: id, site, when, and until when the registry
+    /// remembers them (a token is single use; the registry records each use).
+    List,
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     meshbridge_core::pki::parse_duration(s)
 }
 
-pub async fn run(client: &RegistryClient, cmd: TokenCmd, json_out: bool) -> Result<()> {
+pub async fn run(
+    client: &RegistryClient,
+    cmd: TokenCmd,
+    consistency: Consistency,
+    json_out: bool,
+) -> Result<()> {
     match cmd {
+        TokenCmd::List => {
+            let catalog = client.catalog(consistency).await?;
+            let when = |ms: u64| meshbridge_core::tls::rfc3339((ms / 1000) as i64);
+            if json_out {
+                let list: Vec<_> = catalog
+                    .tokens
+                    .values()
+                    .map(|t| {
+                        json!({
+                            "id": t.id,
+                            "site": t.site,
+                            "used": when(t.used_at_ms),
+                            "expires": when(t.expires_ms),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if catalog.tokens.is_empty() {
+                println!("no join token has been used");
+            } else {
+                println!("{:<24} {:<20} {:<22} EXPIRES", "ID", "SITE", "USED");
+                for t in catalog.tokens.values() {
+                    println!(
+                        "{:<24} {:<20} {:<22} {}",
+                        t.id,
+                        t.site,
+                        when(t.used_at_ms),
+                        when(t.expires_ms)
+                    );
+                }
+            }
+        }
         TokenCmd::Create { site, role, ttl } => {
             let t = client.create_join_token(&site, &role, ttl).await?;
             if json_out {

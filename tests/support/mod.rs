@@ -40,7 +40,8 @@ pub fn addr_after(line: &str, label: &str) -> Result<SocketAddr> {
         .with_context(|| format!("no address after {label:?} in {line:?}"))
 }
 
-/// A one-node registry of `pki`'s trust domain, listening; with its URL.
+/// A one-node registry of `pki`'s trust domain (minting join tokens with its CA), listening;
+/// with its URL.
 pub async fn registry(pki: &TestPki, td: &str) -> Result<(Proc, String)> {
     let root = pki.dir();
     let port = meshbridge_testkit::kube::free_port()?;
@@ -50,8 +51,9 @@ pub async fn registry(pki: &TestPki, td: &str) -> Result<(Proc, String)> {
     std::fs::write(
         &cfg,
         format!(
-            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{}[initial_members]\n1 = \"{url}\"\n",
+            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nca_dir = {:?}\n{}[initial_members]\n1 = \"{url}\"\n",
             root.join("registry-data"),
+            pki.ca_dir(),
             tls(&files),
         ),
     )?;
