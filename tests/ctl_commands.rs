@@ -230,6 +230,36 @@ async fn policy_export_and_token_commands_print_what_changed_and_name_bad_input(
     assert_eq!(used[0]["id"], minted["id"], "{used}");
     assert_eq!(used[0]["site"], "vm-1", "{used}");
     assert!(ctl.ok(&["token", "list"]).contains("vm-1"));
+    // Revoked before use: listed as such, and a join with it is refused saying so.
+    let second = ctl.json(&["token", "create", "--site", "vm-2"]);
+    let id = second["id"].as_str().unwrap();
+    let revoked = ctl.ok(&["token", "revoke", id]);
+    assert!(
+        revoked.contains(&format!("join token {id} revoked")),
+        "{revoked}"
+    );
+    assert!(ctl.ok(&["token", "revoke", id]).contains("already revoked"));
+    let err = meshbridge_core::client::join(
+        std::slice::from_ref(&url),
+        &admin.bundle,
+        second["token"].as_str().unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("revoked"), "{err}");
+    let list = ctl.json(&["token", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == id && t["state"] == "revoked"),
+        "{list}"
+    );
+    // A used token cannot be revoked; the refusal names the site to revoke instead.
+    let err = ctl.fails(&["token", "revoke", minted["id"].as_str().unwrap()]);
+    assert!(err.contains("ctl site revoke vm-1"), "{err}");
     let err = ctl.fails(&["token", "create", "--site", "Bad_Site"]);
     assert!(err.contains("Bad_Site"), "{err}");
     Ok(())

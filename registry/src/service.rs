@@ -259,6 +259,22 @@ impl Registry for RegistryApi {
         .await
     }
 
+    async fn revoke_token(
+        &self,
+        req: Request<proto::RevokeTokenRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        self.caller(&req)?.require_admin("revoke join tokens")?;
+        let id = req.get_ref().id.clone();
+        let cmd = |at_ms| Command::RevokeToken {
+            id: id.clone(),
+            at_ms,
+        };
+        self.write("RevokeToken", req, cmd, |mut c, r| async move {
+            c.revoke_token(r).await
+        })
+        .await
+    }
+
     async fn list_services(
         &self,
         req: Request<proto::ReadRequest>,

@@ -500,6 +500,9 @@ async fn tokens_are_for_admins_and_need_a_ca() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
+    // Revoking one is for admins too.
+    let err = east.revoke_token("some-token").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied), "{err}");
     for (site, role, ttl, field) in [
         ("VM_1", "agent", HOUR, "site"),
         ("vm1", "root", HOUR, "role"),

@@ -23,9 +23,12 @@ pub enum TokenCmd {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
-    /// Join tokens that have been used: id, site, when, and until when the registry
-    /// remembers them (a token is single use; the registry records each use).
+    /// Join tokens that have been used or revoked: id, site, when, and until when the
+    /// registry remembers them (a token is single use; the registry records each use).
     List,
+    /// Revoke a token before it is used (by the id `create` printed): a join with it is
+    /// then refused.
+    Revoke { id: String },
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -50,25 +53,47 @@ pub async fn run(
                         json!({
                             "id": t.id,
                             "site": t.site,
-                            "used": when(t.used_at_ms),
+                            "state": if t.revoked { "revoked" } else { "used" },
+                            "at": when(t.used_at_ms),
                             "expires": when(t.expires_ms),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if catalog.tokens.is_empty() {
-                println!("no join token has been used");
+                println!("no join token has been used or revoked");
             } else {
-                println!("{:<24} {:<20} {:<22} EXPIRES", "ID", "SITE", "USED");
+                println!(
+                    "{:<24} {:<8} {:<20} {:<22} EXPIRES",
+                    "ID", "STATE", "SITE", "AT"
+                );
                 for t in catalog.tokens.values() {
                     println!(
-                        "{:<24} {:<20} {:<22} {}",
+                        "{:<24} {:<8} {:<20} {:<22} {}",
                         t.id,
-                        t.site,
+                        if t.revoked { "revoked" } else { "used" },
+                        if t.site.is_empty() { "-" } else { &t.site },
                         when(t.used_at_ms),
                         when(t.expires_ms)
                     );
                 }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let r = client.revoke_token(&id).await?;
+            if json_out {
+                let v = json!({"id": id, "revoked": true, "changed": r.changed, "revision": r.revision});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if r.changed {
+                println!(
+                    "join token {id} revoked: a join with it is refused (catalog revision {})",
+                    r.revision
+                );
+            } else {
+                println!(
+                    "join token {id} was already revoked (catalog revision {})",
+                    r.revision
+                );
             }
         }
         TokenCmd::Create { site, role, ttl } => {

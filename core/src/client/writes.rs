@@ -140,6 +140,15 @@ impl RegistryClient {
         .await
     }
 
+    /// Revoke join token `id` before it is used (admins only).
+    pub async fn revoke_token(&self, id: &str) -> Result<WriteResult, ClientError> {
+        let req = proto::RevokeTokenRequest { id: id.into() };
+        self.write("RevokeToken", req, |mut c, r| async move {
+            c.revoke_token(r).await
+        })
+        .await
+    }
+
     pub async fn put_policy(&self, policy: &Policy) -> Result<WriteResult, ClientError> {
         let req = proto::PutPolicyRequest {
             policy: Some(proto::from_policy(policy)),

@@ -82,6 +82,12 @@ pub enum Command {
         expires_ms: u64,
         at_ms: u64,
     },
+    /// Revoke a join token before it is used (an admin's decision): a join with it is then
+    /// refused. Remembered as long as a token can live ([`MAX_TOKEN_TTL_MS`] from `at_ms`).
+    RevokeToken {
+        id: String,
+        at_ms: u64,
+    },
     /// Leader clock tick: lapse leases, withdraw sites past their grace, forget expired tokens.
     Tick {
         at_ms: u64,
@@ -165,6 +171,9 @@ pub enum Rejection {
 /// Sites a catalog holds at most (a registration of a new site beyond it is refused).
 pub const MAX_SITES: usize = 10_000;
 
+/// The longest a join token can be valid (the registry mints none longer).
+pub const MAX_TOKEN_TTL_MS: u64 = 7 * 86_400_000;
+
 /// How long a used join token is remembered after its expiry: a margin for leaders' clocks
 /// that disagree (a token is refused once expired by the highest time seen anyway).
 pub const USED_TOKEN_KEEP_MS: u64 = 3_600_000;
@@ -176,6 +185,7 @@ impl Command {
             Command::RegisterSite { at_ms, .. }
             | Command::Heartbeat { at_ms, .. }
             | Command::UseToken { at_ms, .. }
+            | Command::RevokeToken { at_ms, .. }
             | Command::Tick { at_ms } => Some(*at_ms),
             Command::RemoveSite { .. }
             | Command::RevokeSite { .. }
@@ -251,6 +261,7 @@ impl Catalog {
                 expires_ms,
                 at_ms,
             } => self.use_token(id, site, *expires_ms, *at_ms),
+            Command::RevokeToken { id, at_ms } => self.revoke_token(id, *at_ms),
             Command::Tick { at_ms } => Ok(self.tick(*at_ms)),
         }?;
         if let Some(at_ms) = cmd.at_ms() {
@@ -608,10 +619,14 @@ impl Catalog {
         if let Some(used) = self.tokens.get(id) {
             return Err(Rejection::Token {
                 id: id.to_owned(),
-                reason: format!(
-                    "already used by site {} at {} ms",
-                    used.site, used.used_at_ms
-                ),
+                reason: if used.revoked {
+                    format!("revoked by an admin at {} ms", used.used_at_ms)
+                } else {
+                    format!(
+                        "already used by site {} at {} ms",
+                        used.site, used.used_at_ms
+                    )
+                },
             });
         }
         // Time never goes back here, whatever the current leader's clock says.
@@ -627,6 +642,7 @@ impl Catalog {
             site: site.to_owned(),
             used_at_ms: at_ms,
             expires_ms,
+            revoked: false,
         };
         self.tokens.insert(id.to_owned(), token.clone());
         let mut changes = vec![Change::TokenUsed { token }];
@@ -637,6 +653,30 @@ impl Catalog {
             });
         }
         Ok(changes)
+    }
+
+    fn revoke_token(&mut self, id: &str, at_ms: u64) -> Result<Vec<Change>, Rejection> {
+        match self.tokens.get(id) {
+            Some(t) if t.revoked => Ok(Vec::new()),
+            Some(t) => Err(Rejection::Token {
+                id: id.to_owned(),
+                reason: format!(
+                    "already used by site {} at {} ms: revoking it changes nothing (take the site out with `ctl site revoke {}`)",
+                    t.site, t.used_at_ms, t.site
+                ),
+            }),
+            None => {
+                let token = TokenUse {
+                    id: id.to_owned(),
+                    site: String::new(),
+                    used_at_ms: at_ms,
+                    expires_ms: at_ms.max(self.clock_ms).saturating_add(MAX_TOKEN_TTL_MS),
+                    revoked: true,
+                };
+                self.tokens.insert(id.to_owned(), token.clone());
+                Ok(vec![Change::TokenUsed { token }])
+            }
+        }
     }
 
     /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),

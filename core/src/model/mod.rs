@@ -13,7 +13,9 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use apply::{Applied, Change, Command, MAX_SITES, Rejection, USED_TOKEN_KEEP_MS};
+pub use apply::{
+    Applied, Change, Command, MAX_SITES, MAX_TOKEN_TTL_MS, Rejection, USED_TOKEN_KEEP_MS,
+};
 pub use merge::{
     EndpointGroup, MergedService, PortConflict, SiteRank, merge_exports, rank_of, rank_sites,
 };

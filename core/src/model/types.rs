@@ -309,9 +309,13 @@ pub struct Policy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUse {
     pub id: String,
+    /// The site that used it; empty for a token revoked before use.
     pub site: String,
     pub used_at_ms: u64,
     pub expires_ms: u64,
+    /// Revoked by an admin before anyone used it (`used_at_ms` is then when).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
 }
 
 /// The replicated catalog at a revision. Cloning is cheap-ish: values are behind `Arc`.

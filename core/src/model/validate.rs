@@ -494,6 +494,7 @@ impl Command {
                 check_token_id(id).map_err(|r| invalid("id", r))?;
                 check_label(site).map_err(|r| invalid("site", r))
             }
+            Command::RevokeToken { id, .. } => check_token_id(id).map_err(|r| invalid("id", r)),
             Command::Tick { .. } => Ok(()),
         }
     }

@@ -181,6 +181,7 @@ mod tests {
             site: "east".into(),
             used_at_ms: 5,
             expires_ms: 9,
+            revoked: false,
         };
         let catalog = Catalog {
             revision: 4,

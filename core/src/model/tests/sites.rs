@@ -163,6 +163,48 @@ fn tokens_are_single_use_and_expire() {
     ));
 }
 
+#[test]
+fn a_revoked_token_cannot_be_used_and_a_used_one_cannot_be_revoked() {
+    let mut c = populated();
+    let revoke = |id: &str, at_ms| Command::RevokeToken {
+        id: id.into(),
+        at_ms,
+    };
+    let a = c.apply(&revoke("t2", 2_000)).unwrap();
+    assert_eq!(kinds(&a), vec!["token+"]);
+    assert!(c.tokens["t2"].revoked && c.tokens["t2"].site.is_empty());
+    assert_eq!(c.tokens["t2"].expires_ms, 2_000 + MAX_TOKEN_TTL_MS);
+    // Again: nothing changes.
+    assert!(c.apply(&revoke("t2", 3_000)).unwrap().changes.is_empty());
+    // A join with it is refused, and says why.
+    let used = c.apply(&Command::UseToken {
+        id: "t2".into(),
+        site: "a".into(),
+        expires_ms: 60_000,
+        at_ms: 4_000,
+    });
+    assert!(
+        matches!(&used, Err(Rejection::Token { reason, .. }) if reason.contains("revoked")),
+        "{used:?}"
+    );
+    // A used token: revoking it is refused, pointing at the site instead.
+    let before = c.clone();
+    let r = c.apply(&revoke("t1", 5_000));
+    assert!(
+        matches!(&r, Err(Rejection::Token { reason, .. }) if reason.contains("ctl site revoke a")),
+        "{r:?}"
+    );
+    assert_eq!(c, before);
+    // A bad id is named.
+    assert_eq!(field_of(c.apply(&revoke("", 5_000))), "id");
+    // Forgotten like a used token, after its longest life and the keep margin.
+    let a = tick(&mut c, 2_001 + MAX_TOKEN_TTL_MS + USED_TOKEN_KEEP_MS);
+    assert!(
+        a.changes
+            .contains(&Change::TokenForgotten { id: "t2".into() })
+    );
+}
+
 /// A new leader whose clock is behind must not accept a used token again, nor an expired
 /// one: used tokens are kept past expiry plus a margin, and expiry is judged by the highest
 /// time the catalog has seen.
