@@ -70,6 +70,9 @@ pub struct LeaseConfig {
     pub default_grace_ms: u64,
     /// How often the leader checks leases (and writes a tick when one lapsed).
     pub tick_interval_ms: u64,
+    /// A withdrawn site is listed (`ctl status`, `ctl sites`, `/ui`) for this long, then
+    /// forgotten (it registers afresh if it comes back); 0 keeps withdrawn sites forever.
+    pub forget_withdrawn_after_ms: u64,
 }
 
 impl Default for LeaseConfig {
@@ -78,6 +81,7 @@ impl Default for LeaseConfig {
             default_ttl_ms: 15_000,
             default_grace_ms: 600_000,
             tick_interval_ms: 1_000,
+            forget_withdrawn_after_ms: 86_400_000,
         }
     }
 }
@@ -200,6 +204,7 @@ impl Config {
                 default_ttl_ms: 15_000,
                 default_grace_ms: 600_000,
                 tick_interval_ms: 100,
+                ..LeaseConfig::default()
             },
             raft: RaftConfig::default(),
             ca_dir: None,

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshbridge_core::model::{Catalog, Command, SiteState};
+use meshbridge_core::model::{Catalog, Command, SiteState, USED_TOKEN_KEEP_MS};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -50,12 +50,24 @@ pub fn due(catalog: &Catalog, now_ms: u64) -> (Vec<(String, &'static str)>, bool
             sites.push((site.name.clone(), state));
         }
     }
-    let tokens = catalog.tokens.values().any(|t| t.expires_ms < now_ms);
+    // As the state machine forgets them: past expiry by the keep margin, by the highest
+    // clock seen (a token merely expired is not worth a log entry yet).
+    let now = now_ms.max(catalog.clock_ms);
+    let tokens = catalog
+        .tokens
+        .values()
+        .any(|t| t.expires_ms.saturating_add(USED_TOKEN_KEEP_MS) < now);
     (sites, tokens)
 }
 
-/// Runs until `stop` is cancelled.
-pub async fn run(s: Arc<Shared>, interval: Duration, stop: CancellationToken) {
+/// Runs until `stop` is cancelled. Sites withdrawn for `forget_after_ms` are forgotten
+/// (never when 0).
+pub async fn run(
+    s: Arc<Shared>,
+    interval: Duration,
+    forget_after_ms: u64,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut metrics = s.raft.metrics();
@@ -68,7 +80,32 @@ pub async fn run(s: Arc<Shared>, interval: Duration, stop: CancellationToken) {
             continue;
         }
         let now = now_ms();
-        let (sites, tokens) = due(&s.catalog(), now);
+        let catalog = s.catalog();
+        let forget: Vec<String> = if forget_after_ms > 0 {
+            catalog
+                .forgettable(now, forget_after_ms)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !forget.is_empty() {
+            let cmd = Command::ForgetWithdrawn {
+                at_ms: now,
+                keep_ms: forget_after_ms,
+            };
+            match s.propose(cmd).await {
+                Ok(reply) => {
+                    info!(sites = ?forget, revision = reply.revision, "withdrawn sites forgotten")
+                }
+                Err(Attempt::NotLeader) => {}
+                Err(Attempt::Failed(status)) => {
+                    warn!(error = %status.message(), "forgetting withdrawn sites failed");
+                }
+            }
+        }
+        let (sites, tokens) = due(&catalog, now);
         if sites.is_empty() && !tokens {
             continue;
         }
@@ -135,6 +172,20 @@ mod tests {
             ]
         );
         assert!(!tokens);
+        // A used token expired a moment ago is not worth a tick; past the keep margin it is.
+        let mut with_token = catalog.clone();
+        with_token.tokens.insert(
+            "t".into(),
+            meshbridge_core::model::TokenUse {
+                id: "t".into(),
+                site: "vm".into(),
+                used_at_ms: 1_000,
+                expires_ms: 10_000,
+                revoked: false,
+            },
+        );
+        assert!(!due(&with_token, 10_500).1);
+        assert!(due(&with_token, 10_001 + USED_TOKEN_KEEP_MS).1);
         let mut after = catalog.clone();
         let applied = after.apply(&Command::Tick { at_ms: 10_500 }).unwrap();
         assert!(!applied.changes.is_empty());

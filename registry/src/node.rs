@@ -229,6 +229,7 @@ impl Node {
         tasks.spawn(crate::leases::run(
             shared.clone(),
             Duration::from_millis(config.leases.tick_interval_ms),
+            config.leases.forget_withdrawn_after_ms,
             stop.clone(),
         ));
         tasks.spawn(handle::refresh(

@@ -156,6 +156,59 @@ async fn silent_site_turns_stale_then_withdrawn_and_a_resumed_site_is_fresh() {
     cluster.shutdown().await;
 }
 
+/// A withdrawn site stays listed for `forget_withdrawn_after_ms`, then is gone from every
+/// replica; a fresh site is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_withdrawn_site_is_listed_for_a_while_then_forgotten() {
+    const FORGET_MS: u64 = 1_500;
+    let cluster = Cluster::start(3, |c| c.leases.forget_withdrawn_after_ms = FORGET_MS).await;
+    let east = cluster.site("east").await;
+    let west = cluster.site("west").await;
+    let mut replica = cluster.admin().await.watch_catalog();
+    east.register_site(&short("east", "eu-1a")).await.unwrap();
+    west.register_site(&spec("west", "eu", "eu-1b"))
+        .await
+        .unwrap();
+    let withdrawn_at = wait_state(
+        &mut replica,
+        "east",
+        |s| matches!(s, SiteState::Withdrawn { .. }),
+        Duration::from_secs(10),
+    )
+    .await;
+    let gone = tokio::time::timeout(
+        Duration::from_secs(10),
+        replica.wait_for(|c| c.site("east").is_none()),
+    )
+    .await
+    .map(|r| r.is_ok());
+    assert_eq!(
+        gone,
+        Ok(true),
+        "east never forgotten: {:?}",
+        replica.borrow().site("east")
+    );
+    let listed_for = withdrawn_at.elapsed();
+    assert!(
+        listed_for >= Duration::from_millis(FORGET_MS - 200),
+        "forgotten {listed_for:?} after withdrawal"
+    );
+    assert!(
+        replica.borrow().site("west").is_some(),
+        "a fresh site was forgotten"
+    );
+    // It may come back: it registers afresh.
+    east.register_site(&short("east", "eu-1a")).await.unwrap();
+    wait_state(
+        &mut replica,
+        "east",
+        |s| *s == SiteState::Fresh,
+        Duration::from_secs(5),
+    )
+    .await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn heartbeats_keep_a_site_fresh_across_a_leader_change() {
     let mut cluster = Cluster::start(3, |_| {}).await;

@@ -88,6 +88,12 @@ pub enum Command {
         id: String,
         at_ms: u64,
     },
+    /// Forget sites withdrawn for at least `keep_ms` by `at_ms` (their records go; a site
+    /// that comes back registers afresh). Proposed by the leader when one is due.
+    ForgetWithdrawn {
+        at_ms: u64,
+        keep_ms: u64,
+    },
     /// Leader clock tick: lapse leases, withdraw sites past their grace, forget expired tokens.
     Tick {
         at_ms: u64,
@@ -186,6 +192,7 @@ impl Command {
             | Command::Heartbeat { at_ms, .. }
             | Command::UseToken { at_ms, .. }
             | Command::RevokeToken { at_ms, .. }
+            | Command::ForgetWithdrawn { at_ms, .. }
             | Command::Tick { at_ms } => Some(*at_ms),
             Command::RemoveSite { .. }
             | Command::RevokeSite { .. }
@@ -262,6 +269,9 @@ impl Catalog {
                 at_ms,
             } => self.use_token(id, site, *expires_ms, *at_ms),
             Command::RevokeToken { id, at_ms } => self.revoke_token(id, *at_ms),
+            Command::ForgetWithdrawn { at_ms, keep_ms } => {
+                Ok(self.forget_withdrawn(*at_ms, *keep_ms))
+            }
             Command::Tick { at_ms } => Ok(self.tick(*at_ms)),
         }?;
         if let Some(at_ms) = cmd.at_ms() {
@@ -677,6 +687,35 @@ impl Catalog {
                 Ok(vec![Change::TokenUsed { token }])
             }
         }
+    }
+
+    /// Sites withdrawn for at least `keep_ms` at `at_ms`, in name order.
+    pub fn forgettable(&self, at_ms: u64, keep_ms: u64) -> Vec<&str> {
+        self.sites
+            .values()
+            .filter(|s| {
+                matches!(s.state, SiteState::Withdrawn { since_ms }
+                    if since_ms.saturating_add(keep_ms) <= at_ms)
+            })
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    fn forget_withdrawn(&mut self, at_ms: u64, keep_ms: u64) -> Vec<Change> {
+        let names: Vec<String> = self
+            .forgettable(at_ms, keep_ms)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let mut changes = Vec::new();
+        for name in names {
+            // (A withdrawn site holds no exports or imports; this clears any left anyway.)
+            changes.extend(self.remove_exports_of(&name));
+            self.export_tombstones.retain(|(_, s), _| *s != name);
+            self.sites.remove(&name);
+            changes.push(Change::SiteRemoved { name });
+        }
+        changes
     }
 
     /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),

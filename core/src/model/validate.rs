@@ -495,7 +495,7 @@ impl Command {
                 check_label(site).map_err(|r| invalid("site", r))
             }
             Command::RevokeToken { id, .. } => check_token_id(id).map_err(|r| invalid("id", r)),
-            Command::Tick { .. } => Ok(()),
+            Command::Tick { .. } | Command::ForgetWithdrawn { .. } => Ok(()),
         }
     }
 }

@@ -597,3 +597,34 @@ fn several_gateways_of_one_site_register_and_report_each_for_itself() {
         Err(Rejection::Invalid { field, .. }) if field == "spec.instance"
     ));
 }
+
+#[test]
+fn withdrawn_sites_are_forgotten_after_the_keep_time_only() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    register(&mut c, "b", "eu", "eu-1b", 0);
+    c.apply(&Command::Heartbeat {
+        site: "b".into(),
+        at_ms: TTL + GRACE,
+        links: None,
+        instance: String::new(),
+    })
+    .unwrap();
+    tick(&mut c, TTL + GRACE);
+    assert!(
+        matches!(c.sites["a"].state, SiteState::Withdrawn { since_ms } if since_ms == TTL + GRACE)
+    );
+    let forget = |c: &mut Catalog, at_ms| {
+        c.apply(&Command::ForgetWithdrawn {
+            at_ms,
+            keep_ms: 1_000,
+        })
+        .unwrap()
+    };
+    assert!(forget(&mut c, TTL + GRACE + 999).changes.is_empty());
+    assert_eq!(c.forgettable(TTL + GRACE + 999, 1_000), Vec::<&str>::new());
+    assert_eq!(c.forgettable(TTL + GRACE + 1_000, 1_000), vec!["a"]);
+    let a = forget(&mut c, TTL + GRACE + 1_000);
+    assert_eq!(kinds(&a), vec!["site-"]);
+    assert!(c.site("a").is_none() && c.site("b").is_some());
+}
