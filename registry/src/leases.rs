@@ -23,13 +23,18 @@ pub fn due(catalog: &Catalog, now_ms: u64) -> (Vec<(String, &'static str)>, bool
         let next = match site.state {
             SiteState::Fresh if site.lease_expires_ms() <= now_ms => {
                 let stale_since = site.lease_expires_ms();
-                if stale_since.saturating_add(site.grace_ms) <= now_ms {
+                if stale_since.saturating_add(site.grace_ms) <= now_ms
+                    && catalog.vouchers(&site.name, now_ms).is_empty()
+                {
                     Some("withdrawn")
                 } else {
                     Some("stale")
                 }
             }
-            SiteState::Stale { since_ms } if since_ms.saturating_add(site.grace_ms) <= now_ms => {
+            SiteState::Stale { since_ms }
+                if since_ms.saturating_add(site.grace_ms) <= now_ms
+                    && catalog.vouchers(&site.name, now_ms).is_empty() =>
+            {
                 Some("withdrawn")
             }
             // One of several gateways missed its lease while another keeps the site fresh.

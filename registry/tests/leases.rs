@@ -156,6 +156,64 @@ async fn silent_site_turns_stale_then_withdrawn_and_a_resumed_site_is_fresh() {
     cluster.shutdown().await;
 }
 
+/// A partial partition: the registry no longer hears east, but west (fresh) reports a live
+/// tunnel to east's gateway. East turns stale and stays stale past its grace while that
+/// lasts; once west reports the link down, east is withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_a_live_peer_still_reaches_stays_stale_instead_of_withdrawn() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let east = cluster.site("east").await;
+    let west = cluster.site("west").await;
+    let mut replica = cluster.admin().await.watch_catalog();
+    east.register_site(&short("east", "eu-1a")).await.unwrap();
+    west.register_site(&short("west", "eu-1b")).await.unwrap();
+    // West heartbeats with its link to east up or down; east is silent.
+    let beat = |connected| {
+        let west = west.clone();
+        let links = vec![meshbridge_core::model::Link {
+            peer_site: "east".into(),
+            connected,
+            transport: Some("quic".into()),
+            rtt_us: Some(300),
+            failures: 0,
+            last_error: None,
+        }];
+        async move {
+            west.heartbeat_with_links("west", "", Some(&links))
+                .await
+                .unwrap();
+        }
+    };
+    beat(true).await;
+    let stale_at = wait_state(
+        &mut replica,
+        "east",
+        |s| matches!(s, SiteState::Stale { .. }),
+        Duration::from_secs(10),
+    )
+    .await;
+    // Twice the grace, with west vouching all along: still stale.
+    while stale_at.elapsed() < Duration::from_millis(2 * GRACE_MS) {
+        beat(true).await;
+        tokio::time::sleep(Duration::from_millis(TTL_MS / 4)).await;
+    }
+    let east_state = replica.borrow().site("east").map(|s| s.state);
+    assert!(
+        matches!(east_state, Some(SiteState::Stale { .. })),
+        "east: {east_state:?}"
+    );
+    // West's tunnel to east goes down: east is withdrawn at the next tick.
+    beat(false).await;
+    wait_state(
+        &mut replica,
+        "east",
+        |s| matches!(s, SiteState::Withdrawn { .. }),
+        Duration::from_secs(5),
+    )
+    .await;
+    cluster.shutdown().await;
+}
+
 /// A withdrawn site stays listed for `forget_withdrawn_after_ms`, then is gone from every
 /// replica; a fresh site is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -55,18 +55,7 @@ pub(super) async fn status(
     let sites = client.list_sites(consistency).await.ok();
     let services = client.list_services(consistency).await.ok();
     if let Some(list) = &sites {
-        for s in &list.sites {
-            match s.state {
-                SiteState::Stale { .. } => problems.push(format!(
-                    "site {} is stale for {} s (lease lapsed): its endpoints rank last and are withdrawn after {} s",
-                    s.name,
-                    s.staleness_seconds(list.now_ms),
-                    s.grace_ms / 1000
-                )),
-                SiteState::Withdrawn { .. } => problems.push(format!("site {} is withdrawn: its endpoints are gone", s.name)),
-                SiteState::Fresh => {}
-            }
-        }
+        problems.extend(site_problems(&list.sites, list.now_ms));
     }
     let mut link_rows = Vec::new();
     if let Some(list) = &sites {
@@ -219,6 +208,53 @@ pub(super) async fn status(
     })
 }
 
+/// Stale and withdrawn sites, and why a stale site past its grace is still not withdrawn (a
+/// partial partition: live sites still reach its gateway).
+fn site_problems(sites: &[Site], now_ms: u64) -> Vec<String> {
+    let catalog = meshbridge_core::model::Catalog {
+        sites: sites
+            .iter()
+            .map(|s| (s.name.clone(), std::sync::Arc::new(s.clone())))
+            .collect(),
+        ..Default::default()
+    };
+    let mut problems = Vec::new();
+    for s in sites {
+        match s.state {
+            SiteState::Stale { since_ms } => {
+                let vouchers = catalog.vouchers(&s.name, now_ms);
+                let stale_s = s.staleness_seconds(now_ms);
+                problems.push(if vouchers.is_empty() {
+                    format!(
+                        "site {} is stale for {stale_s} s (lease lapsed): its endpoints rank last and are withdrawn after {} s",
+                        s.name,
+                        s.grace_ms / 1000
+                    )
+                } else if since_ms.saturating_add(s.grace_ms) <= now_ms {
+                    format!(
+                        "site {} is stale for {stale_s} s, past its {} s grace, but kept, not withdrawn: {} still reach its gateway (partial partition: the registry lost the site, the data plane did not)",
+                        s.name,
+                        s.grace_ms / 1000,
+                        vouchers.join(", ")
+                    )
+                } else {
+                    format!(
+                        "site {} is stale for {stale_s} s (lease lapsed) while {} still reach its gateway (partial partition): its endpoints rank last; it is not withdrawn while they do",
+                        s.name,
+                        vouchers.join(", ")
+                    )
+                });
+            }
+            SiteState::Withdrawn { .. } => problems.push(format!(
+                "site {} is withdrawn: its endpoints are gone",
+                s.name
+            )),
+            SiteState::Fresh => {}
+        }
+    }
+    problems
+}
+
 /// Problems and rows from the links every site reported with its heartbeats: links down
 /// (with the peer's TLS reason), links down in one direction only, and stale sites that a
 /// peer still reaches (the control plane lost them, the data plane did not).
@@ -288,5 +324,72 @@ fn state_label(s: &SiteState) -> &'static str {
         SiteState::Fresh => "fresh",
         SiteState::Stale { .. } => "stale",
         SiteState::Withdrawn { .. } => "withdrawn",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshbridge_core::model::{Link, Locality, Site, SiteKind, SiteState};
+
+    use super::site_problems;
+
+    fn site(name: &str, state: SiteState, links: &[(&str, bool)]) -> Site {
+        Site {
+            name: name.into(),
+            kind: SiteKind::Cluster,
+            locality: Locality::default(),
+            gateways: vec![],
+            lease_ttl_ms: 10_000,
+            grace_ms: 60_000,
+            last_heartbeat_ms: 100_000,
+            state,
+            created_revision: 1,
+            links: links
+                .iter()
+                .map(|(peer, connected)| Link {
+                    peer_site: (*peer).into(),
+                    connected: *connected,
+                    transport: None,
+                    rtt_us: None,
+                    failures: 0,
+                    last_error: None,
+                })
+                .collect(),
+            instances: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_stale_site_a_live_peer_reaches_is_explained_as_a_partial_partition() {
+        let now = 105_000;
+        let past_grace = SiteState::Stale { since_ms: 40_000 };
+        let in_grace = SiteState::Stale { since_ms: 100_000 };
+        let cases = [
+            // (east's state, west's link to east up, the words expected)
+            (
+                past_grace,
+                true,
+                "past its 60 s grace, but kept, not withdrawn: west still reach",
+            ),
+            (
+                in_grace,
+                true,
+                "while west still reach its gateway (partial partition)",
+            ),
+            (
+                in_grace,
+                false,
+                "(lease lapsed): its endpoints rank last and are withdrawn after 60 s",
+            ),
+        ];
+        for (state, up, want) in cases {
+            let sites = [
+                site("east", state, &[]),
+                site("west", SiteState::Fresh, &[("east", up)]),
+            ];
+            let problems = site_problems(&sites, now);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(want), "{state:?} {up}: {problems:?}");
+        }
     }
 }

@@ -689,6 +689,21 @@ impl Catalog {
         }
     }
 
+    /// The sites whose gateways report a live tunnel to `site` and whose own lease holds at
+    /// `at_ms`, in name order: while there is one, a stale `site` is not withdrawn.
+    pub fn vouchers(&self, site: &str, at_ms: u64) -> Vec<&str> {
+        self.sites
+            .values()
+            .filter(|s| {
+                s.name != site
+                    && s.state == SiteState::Fresh
+                    && s.lease_expires_ms() > at_ms
+                    && s.links.iter().any(|l| l.peer_site == site && l.connected)
+            })
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
     /// Sites withdrawn for at least `keep_ms` at `at_ms`, in name order.
     pub fn forgettable(&self, at_ms: u64, keep_ms: u64) -> Vec<&str> {
         self.sites
@@ -730,8 +745,11 @@ impl Catalog {
                     since_ms: site.lease_expires_ms(),
                 };
             }
+            // A partial partition: the registry lost the site, but a live site's gateway
+            // still reaches it. It stays stale (demoted), not withdrawn, while that lasts.
             if let SiteState::Stale { since_ms } = state
                 && since_ms.saturating_add(site.grace_ms) <= at_ms
+                && self.vouchers(&site.name, at_ms).is_empty()
             {
                 state = SiteState::Withdrawn { since_ms: at_ms };
             }

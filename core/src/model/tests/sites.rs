@@ -628,3 +628,40 @@ fn withdrawn_sites_are_forgotten_after_the_keep_time_only() {
     assert_eq!(kinds(&a), vec!["site-"]);
     assert!(c.site("a").is_none() && c.site("b").is_some());
 }
+
+#[test]
+fn a_stale_site_that_a_live_site_reaches_is_not_withdrawn() {
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    register(&mut c, "b", "eu", "eu-1b", 0);
+    let beat_b = |c: &mut Catalog, at_ms, connected| {
+        c.apply(&Command::Heartbeat {
+            site: "b".into(),
+            at_ms,
+            links: Some(vec![Link {
+                peer_site: "a".into(),
+                connected,
+                transport: None,
+                rtt_us: None,
+                failures: 0,
+                last_error: None,
+            }]),
+            instance: String::new(),
+        })
+        .unwrap();
+    };
+    beat_b(&mut c, TTL + GRACE, true);
+    assert_eq!(c.vouchers("a", TTL + GRACE), vec!["b"]);
+    tick(&mut c, TTL + GRACE);
+    assert!(
+        matches!(c.sites["a"].state, SiteState::Stale { .. }),
+        "{:?}",
+        c.sites["a"].state
+    );
+    // b's own lease lapsing ends its word for a.
+    assert!(c.vouchers("a", TTL + GRACE + TTL).is_empty());
+    // b reports the link down: a is withdrawn.
+    beat_b(&mut c, TTL + GRACE + 10, false);
+    tick(&mut c, TTL + GRACE + 10);
+    assert!(matches!(c.sites["a"].state, SiteState::Withdrawn { .. }));
+}
