@@ -311,7 +311,7 @@ pub(crate) fn print_services(services: &[MergedService]) {
             "{:<32} {:<24} {:<9} {}",
             s.key.to_string(),
             ports.join(","),
-            s.conflicts.len(),
+            s.conflicts.len() + s.type_conflicts.len(),
             sites.join(" ")
         );
     }
@@ -325,6 +325,18 @@ fn print_service_detail(s: &MergedService, out: &Printer) {
     );
     for p in &s.ports {
         println!("  port {} {}/{}", p.name, p.port, p.protocol);
+    }
+    for c in &s.type_conflicts {
+        println!(
+            "  {}",
+            out.red(&format!(
+                "type conflict: site {} exports it as {}, site {} (older) wins as {}",
+                c.loser_site,
+                meshbridge_core::model::TypeConflict::type_name(!c.headless),
+                c.winner_site,
+                meshbridge_core::model::TypeConflict::type_name(c.headless)
+            ))
+        );
     }
     for c in &s.conflicts {
         println!(

@@ -130,13 +130,12 @@ pub fn render(c: &Catalog, now_ms: u64, node: u64, leader: Option<u64>) -> Strin
                 )
             })
             .collect();
-        let conflicts = if svc.conflicts.is_empty() {
-            String::new()
-        } else {
-            format!(
-                r#" <b class="bad">{} port conflict(s)</b>"#,
-                svc.conflicts.len()
-            )
+        let conflicts = match (svc.conflicts.len(), svc.type_conflicts.len()) {
+            (0, 0) => String::new(),
+            (ports, 0) => format!(r#" <b class="bad">{ports} port conflict(s)</b>"#),
+            (ports, types) => {
+                format!(r#" <b class="bad">{ports} port conflict(s), {types} type conflict(s)</b>"#)
+            }
         };
         let _ = write!(
             rows,

@@ -71,6 +71,16 @@ pub(super) async fn status(
                     s.key, c.port_name, c.loser_site, c.loser.port, c.loser.protocol, c.winner_site, c.winner.port, c.winner.protocol
                 ));
             }
+            for c in &s.type_conflicts {
+                problems.push(format!(
+                    "service {}: type conflict: site {} exports it as {}, site {} (older, wins) as {}",
+                    s.key,
+                    c.loser_site,
+                    meshbridge_core::model::TypeConflict::type_name(!c.headless),
+                    c.winner_site,
+                    meshbridge_core::model::TypeConflict::type_name(c.headless)
+                ));
+            }
         }
     }
     // Warnings: worth knowing, not failures (the exit code stays 0).

@@ -6,7 +6,9 @@
 //!   `port` or `protocol`), the export with the oldest `created_revision` wins (ties by site
 //!   name) and a [`PortConflict`] is recorded. `target_port` is per site (each site's
 //!   endpoints listen where they listen), so it never conflicts; it is kept per group;
-//! - a service is headless when any export says so.
+//! - the service's type (headless or ClusterSetIP) is the oldest export's; an export of the
+//!   other type is recorded as a [`TypeConflict`] (its endpoints still serve, in the
+//!   winner's type).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +25,10 @@ pub struct MergedService {
     pub ports: Vec<Port>,
     /// Conflicting port definitions that lost to an older export.
     pub conflicts: Vec<PortConflict>,
-    /// True when any export is headless.
+    /// Exports of the other type (headless or not) than the oldest export's.
+    #[serde(default)]
+    pub type_conflicts: Vec<TypeConflict>,
+    /// The oldest export's type: headless (DNS answers endpoints) or not (one address).
     pub headless: bool,
     /// One group per exporting site, ordered by site name.
     pub groups: Vec<EndpointGroup>,
@@ -49,6 +54,23 @@ pub struct PortConflict {
     pub loser_site: String,
     pub winner: Port,
     pub loser: Port,
+}
+
+/// Two exports disagree on the service's type; the older export's wins (MCS: "the oldest
+/// export wins").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeConflict {
+    pub winner_site: String,
+    pub loser_site: String,
+    /// The type in effect: headless or not (ClusterSetIP).
+    pub headless: bool,
+}
+
+impl TypeConflict {
+    /// `Headless` or `ClusterSetIP`, as the MCS API names them.
+    pub fn type_name(headless: bool) -> &'static str {
+        if headless { "Headless" } else { "ClusterSetIP" }
+    }
 }
 
 /// One site's endpoints of a service, with what a caller needs to reach them.
@@ -189,7 +211,16 @@ pub fn merge_exports<'a>(
             }
         }
     }
-    let headless = exports.iter().any(|e| e.headless);
+    let headless = exports.first().is_some_and(|e| e.headless);
+    let type_conflicts = exports
+        .iter()
+        .filter(|e| e.headless != headless)
+        .map(|e| TypeConflict {
+            winner_site: exports.first().map(|w| w.site.clone()).unwrap_or_default(),
+            loser_site: e.site.clone(),
+            headless,
+        })
+        .collect();
     let mut groups: Vec<EndpointGroup> = exports
         .iter()
         .map(|e| EndpointGroup::from_export(e, sites.get(&e.site).map(|s| &**s)))
@@ -199,6 +230,7 @@ pub fn merge_exports<'a>(
         key: key.clone(),
         ports,
         conflicts,
+        type_conflicts,
         headless,
         groups,
     }

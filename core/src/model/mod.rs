@@ -17,7 +17,8 @@ pub use apply::{
     Applied, Change, Command, MAX_SITES, MAX_TOKEN_TTL_MS, Rejection, USED_TOKEN_KEEP_MS,
 };
 pub use merge::{
-    EndpointGroup, MergedService, PortConflict, SiteRank, merge_exports, rank_of, rank_sites,
+    EndpointGroup, MergedService, PortConflict, SiteRank, TypeConflict, merge_exports, rank_of,
+    rank_sites,
 };
 pub use types::*;
 pub use validate::{

@@ -30,7 +30,10 @@ use super::config::Config;
 use super::service::{self, Inputs, View};
 
 /// The version of the MCS DNS schema served in `dns-version.<zone>`.
-pub const DNS_SCHEMA_VERSION: &str = "1.1.0";
+/// The MCS DNS specification's (KEP-1645 `specification.md`, §2.2): its schema is 1.0.0
+/// (the cluster-local specification has moved on to 1.1.0; this zone follows the
+/// multicluster one).
+pub const DNS_SCHEMA_VERSION: &str = "1.0.0";
 
 type Namespace = HashMap<String, Arc<ServiceZone>, FxBuild>;
 type Services = HashMap<String, Arc<Namespace>, FxBuild>;

@@ -21,7 +21,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use meshbridge_core::client::{Consistency, RegistryClient};
-use meshbridge_core::model::{Catalog, Import, ServiceKey};
+use meshbridge_core::model::{Catalog, Import, ServiceKey, TypeConflict};
 use meshbridge_core::tls::Identity;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -830,19 +830,33 @@ fn conditions(
             .collect();
         if !lost.is_empty() {
             conflict = Cond::new("Conflict", true, "PortConflict", lost.join("; "));
+        } else if let Some(c) = merged.type_conflicts.iter().find(|c| c.loser_site == site) {
+            // The registry's record: this cluster's export lost to an older one's type.
+            conflict = Cond::new(
+                "Conflict",
+                true,
+                "TypeConflict",
+                format!(
+                    "the clusterset has {key} as {} (site {} exported it first), this cluster's Service is {}",
+                    TypeConflict::type_name(c.headless),
+                    c.winner_site,
+                    if local.headless {
+                        "headless"
+                    } else {
+                        "not headless"
+                    }
+                ),
+            );
         } else if merged.headless != local.headless && merged.groups.iter().any(|g| g.site != site)
         {
+            // Not yet in the registry as written (the write is on its way).
             conflict = Cond::new(
                 "Conflict",
                 true,
                 "TypeConflict",
                 format!(
                     "the clusterset has {key} as {}, this cluster's Service is {}",
-                    if merged.headless {
-                        "Headless"
-                    } else {
-                        "ClusterSetIP"
-                    },
+                    TypeConflict::type_name(merged.headless),
                     if local.headless {
                         "headless"
                     } else {

@@ -323,7 +323,7 @@ async fn apex_has_soa_ns_and_the_schema_version() {
             panic!("{txt:?}")
         };
         assert_eq!(version.to_string(), DNS_SCHEMA_VERSION);
-        assert_eq!(DNS_SCHEMA_VERSION, "1.1.0");
+        assert_eq!(DNS_SCHEMA_VERSION, "1.0.0");
 
         let soa = ask(dns.local_addr(), t, "clusterset.local.", RecordType::SOA).await;
         let RData::SOA(s) = &soa.answers[0].data else {

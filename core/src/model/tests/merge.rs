@@ -204,9 +204,11 @@ fn port_conflict_tie_breaks_by_site_name() {
 }
 
 #[test]
-fn headless_if_any_export_is() {
+fn the_oldest_export_decides_the_type_and_the_other_type_is_a_conflict() {
     let mut c = populated();
-    assert!(!c.service(&key()).unwrap().headless);
+    let m = c.service(&key()).unwrap();
+    assert!(!m.headless && m.type_conflicts.is_empty());
+    // b (exported after a) turns headless: a's ClusterSetIP wins, b's is a conflict.
     put(
         &mut c,
         Export {
@@ -215,7 +217,27 @@ fn headless_if_any_export_is() {
         },
     )
     .unwrap();
-    assert!(c.service(&key()).unwrap().headless);
+    let m = c.service(&key()).unwrap();
+    assert!(!m.headless);
+    assert_eq!(
+        m.type_conflicts,
+        vec![TypeConflict {
+            winner_site: "a".into(),
+            loser_site: "b".into(),
+            headless: false,
+        }]
+    );
+    // Both endpoints still serve.
+    assert_eq!(m.groups.len(), 2);
+    // a withdraws its export: b's is the oldest left, and the service is headless.
+    c.apply(&Command::DeleteExport {
+        site: "a".into(),
+        service: key(),
+        generation: 9,
+    })
+    .unwrap();
+    let m = c.service(&key()).unwrap();
+    assert!(m.headless && m.type_conflicts.is_empty());
 }
 
 #[test]
