@@ -921,29 +921,8 @@ async fn apply_import(client: &Client, d: &Desired) -> Result<()> {
         .patch(&derived, &pp, &Patch::Apply(&svc))
         .await
         .with_context(|| format!("Service {ns}/{derived}"))?;
-    if clusterset {
-        let ip = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.cluster_ip.clone())
-            .filter(|ip| ip != "None" && !ip.is_empty());
-        if ip != known_ip {
-            spec_import.spec.ips = ip.into_iter().collect();
-            imports
-                .patch(name, &pp, &Patch::Apply(&spec_import))
-                .await
-                .with_context(|| format!("ServiceImport {ns}/{name} (ips)"))?;
-        }
-    }
-    let status_patch = serde_json::json!({
-        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
-        "kind": "ServiceImport",
-        "status": status,
-    });
-    imports
-        .patch_status(name, &pp, &Patch::Apply(&status_patch))
-        .await
-        .with_context(|| format!("ServiceImport {ns}/{name} status"))?;
+    // The EndpointSlices and the status first: the import's address is published last
+    // (and so answered by DNS only) once a connection to it has somewhere to go.
     let mut wanted = BTreeSet::new();
     for s in &d.slices {
         let mut s = s.clone();
@@ -963,6 +942,29 @@ async fn apply_import(client: &Client, d: &Desired) -> Result<()> {
         if !wanted.contains(&sname) {
             ok_if_gone(slices.delete(&sname, &DeleteParams::default()).await)
                 .with_context(|| format!("EndpointSlice {ns}/{sname}"))?;
+        }
+    }
+    let status_patch = serde_json::json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceImport",
+        "status": status,
+    });
+    imports
+        .patch_status(name, &pp, &Patch::Apply(&status_patch))
+        .await
+        .with_context(|| format!("ServiceImport {ns}/{name} status"))?;
+    if clusterset {
+        let ip = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.clone())
+            .filter(|ip| ip != "None" && !ip.is_empty());
+        if ip != known_ip {
+            spec_import.spec.ips = ip.into_iter().collect();
+            imports
+                .patch(name, &pp, &Patch::Apply(&spec_import))
+                .await
+                .with_context(|| format!("ServiceImport {ns}/{name} (ips)"))?;
         }
     }
     Ok(())
