@@ -3,6 +3,8 @@
 //! path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "dns/conformance.rs"]
+mod conformance;
 #[path = "dns/fixture.rs"]
 mod fixture;
 #[path = "dns/lifecycle.rs"]

@@ -13,7 +13,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use hickory_proto::rr::rdata::{NS, SOA, TXT};
@@ -46,6 +46,8 @@ pub struct Index {
     apex: Nodes,
     /// Namespace, then service name.
     services: Services,
+    /// PTR records under `in-addr.arpa` / `ip6.arpa` of every service's addresses.
+    ptr: PtrIndex,
     from: Locality,
     /// The apex SOA, for the authority section of negative answers.
     soa: [Record; 1],
@@ -61,7 +63,12 @@ pub struct Index {
 pub(crate) struct ServiceZone {
     inputs: Inputs,
     nodes: Nodes,
+    /// PTR records of its addresses (ClusterSetIP or headless endpoints).
+    ptrs: service::Ptrs,
 }
+
+/// Reverse lookups: an address → the service zone holding its PTR record, and where.
+type PtrIndex = HashMap<IpAddr, (Arc<ServiceZone>, usize), FxBuild>;
 
 /// What the index holds for a question.
 #[derive(Debug)]
@@ -263,6 +270,19 @@ impl Index {
     ) -> Result<Index, DnsError> {
         let ttl = config.ttl_secs;
         let apex = apex(config, &zone, catalog.revision)?;
+        // One PTR per address (DNS allows no more): where two names claim one, the smaller
+        // name wins, whatever order the services are walked in.
+        let mut ptr = PtrIndex::default();
+        for z in services.values().flat_map(|ns| ns.values()) {
+            for (i, (ip, record)) in z.ptrs.iter().enumerate() {
+                let keep = ptr.get(ip).is_some_and(|(other, j)| {
+                    other.ptrs[*j].1.data.to_string() <= record.data.to_string()
+                });
+                if !keep {
+                    ptr.insert(*ip, (z.clone(), i));
+                }
+            }
+        }
         let soa = Record::from_rdata(zone.clone(), ttl, soa(&zone, catalog.revision, ttl)?);
         Ok(Index {
             zone_labels: usize::from(zone.num_labels()),
@@ -273,6 +293,7 @@ impl Index {
             zone,
             apex,
             services,
+            ptr,
             from,
             revision: catalog.revision,
             forwarding: config.upstream.is_some(),
@@ -291,6 +312,11 @@ impl Index {
             .chain(self.apex.iter());
         let mut out: Vec<String> = nodes
             .map(|(name, node)| format!("{name} {node:?}"))
+            .chain(
+                self.ptr
+                    .iter()
+                    .map(|(ip, (z, i))| format!("PTR {ip} {}", z.ptrs[*i].1)),
+            )
             .collect();
         out.sort();
         (self.names, out)
@@ -332,7 +358,7 @@ impl Index {
         let name: &Name = name;
         let (soa, soa_len) = (&self.soa[..], self.soa_len);
         if !self.zone.zone_of(name) {
-            return Lookup::OutOfZone;
+            return self.reverse(name, rtype);
         }
         // Labels right to left below the apex: `svc`, namespace, service, ...
         let mut labels = name.iter().rev().skip(self.zone_labels);
@@ -364,6 +390,32 @@ impl Index {
             return Lookup::NxDomain { soa, soa_len };
         };
         found(node, rtype).unwrap_or(Lookup::NoData { soa, soa_len })
+    }
+}
+
+impl Index {
+    /// A PTR question for one of the services' addresses; anything else outside the zone
+    /// is not ours (forwarded or refused).
+    fn reverse(&self, name: &Name, rtype: RecordType) -> Lookup<'_> {
+        if self.ptr.is_empty() || !matches!(rtype, RecordType::PTR | RecordType::ANY) {
+            return Lookup::OutOfZone;
+        }
+        let ip = match name.parse_arpa_name() {
+            Ok(net) if net.prefix_len() == net.max_prefix_len() => net.addr(),
+            _ => return Lookup::OutOfZone,
+        };
+        match self.ptr.get(&ip) {
+            Some((z, i)) => {
+                let record = &z.ptrs[*i].1;
+                Lookup::Found(Found {
+                    answers: std::slice::from_ref(record),
+                    additionals: &[],
+                    answers_len: wire_len(record),
+                    additionals_len: 0,
+                })
+            }
+            None => Lookup::OutOfZone,
+        }
     }
 }
 
@@ -540,9 +592,11 @@ fn service_zone(
         return None;
     };
     let merged = merge_exports(key, exports.iter().map(|e| &***e), &catalog.sites);
+    let (nodes, ptrs) = service::nodes(view, &merged, base, vip, import.map(|i| &**i));
     Some(Arc::new(ServiceZone {
         inputs: Inputs::new(catalog, exports, vip, import),
-        nodes: service::nodes(view, &merged, base, vip, import.map(|i| &**i)),
+        nodes,
+        ptrs,
     }))
 }
 

@@ -20,8 +20,8 @@ use std::mem::Discriminant;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use hickory_proto::rr::rdata::SRV;
-use hickory_proto::rr::{Name, RData};
+use hickory_proto::rr::rdata::{PTR, SRV};
+use hickory_proto::rr::{Name, RData, Record};
 use meshbridge_core::model::{
     Catalog, Endpoint, EndpointGroup, Export, Import, Locality, MergedService, ServiceKey,
     SiteRank, SiteState, rank_sites,
@@ -135,18 +135,30 @@ pub(crate) struct View<'a> {
     pub vips: bool,
 }
 
-/// The names of `svc` (empty when it has none). `import` is this site's import address
-/// record of the service, if any.
+/// PTR records of a service's addresses: `(address, <reverse name> PTR <service name>)`.
+pub(crate) type Ptrs = Box<[(IpAddr, Record)]>;
+
+fn ptr(ip: IpAddr, target: &Name, ttl: u32) -> (IpAddr, Record) {
+    (
+        ip,
+        Record::from_rdata(Name::from(ip), ttl, RData::PTR(PTR(target.clone()))),
+    )
+}
+
+/// The names of `svc` (empty when it has none), and the PTR records of its addresses (MCS
+/// DNS §2.3.3 and §2.4.3: a ClusterSetIP names the service, a headless endpoint its host
+/// name). `import` is this site's import address record of the service, if any.
 pub(crate) fn nodes(
     view: &View<'_>,
     svc: &MergedService,
     base: Name,
     vip: Option<Ipv4Addr>,
     import: Option<&Import>,
-) -> Nodes {
-    let mut sets = Sets::new(base, view.ttl);
+) -> (Nodes, Ptrs) {
+    let mut sets = Sets::new(base.clone(), view.ttl);
+    let mut ptrs = Vec::new();
     if svc.headless {
-        headless(&mut sets, view, svc);
+        ptrs = headless(&mut sets, view, svc);
     } else {
         // A service only this site exports gets no listener (the gateway and agent bind
         // VIPs for imports only): it resolves to its own endpoints, VIP mode or not.
@@ -154,8 +166,10 @@ pub(crate) fn nodes(
         let addrs: Vec<IpAddr> = if let Some(import) = import.filter(|i| !i.ips.is_empty()) {
             // Where this site's own clients reach it (a Kubernetes site's ClusterSetIP, as
             // its adapter reported it): the same answer the cluster's CoreDNS gives.
+            ptrs.extend(import.ips.iter().map(|ip| ptr(*ip, &base, view.ttl)));
             import.ips.clone()
         } else if view.vips && !local_only {
+            ptrs.extend(vip.map(|v| ptr(IpAddr::V4(v), &base, view.ttl)));
             vip.map(IpAddr::V4).into_iter().collect()
         } else {
             svc.groups
@@ -166,7 +180,7 @@ pub(crate) fn nodes(
         };
         cluster_ip(&mut sets, svc, addrs);
     }
-    sets.finish()
+    (sets.finish(), ptrs.into_boxed_slice())
 }
 
 /// A service with one address per family that reaches it from here.
@@ -199,12 +213,14 @@ fn cluster_ip(sets: &mut Sets, svc: &MergedService, addrs: Vec<IpAddr>) {
     }
 }
 
-/// A headless service: endpoint addresses, per-host names, SRV to each host.
-fn headless(sets: &mut Sets, view: &View<'_>, svc: &MergedService) {
+/// A headless service: endpoint addresses, per-host names, SRV to each host; the PTR
+/// records of the ready endpoints.
+fn headless(sets: &mut Sets, view: &View<'_>, svc: &MergedService) -> Vec<(IpAddr, Record)> {
     // Best first; withdrawn sites and sites without a ready endpoint are left out.
     let ranked = rank_sites(view.from, view.site, &svc.groups);
+    let mut ptrs = Vec::new();
     if ranked.is_empty() {
-        return;
+        return ptrs;
     }
     let base = sets.top().clone();
     let (fresh, stale): (Vec<_>, Vec<_>) = ranked
@@ -243,6 +259,7 @@ fn headless(sets: &mut Sets, view: &View<'_>, svc: &MergedService) {
             };
             if added.insert((host.clone(), ep.address)) {
                 sets.add(&name, address(ep.address));
+                ptrs.push(ptr(ep.address, &name, view.ttl));
             }
             hosts.insert((group.site.as_str(), host), name);
         }
@@ -278,4 +295,5 @@ fn headless(sets: &mut Sets, view: &View<'_>, svc: &MergedService) {
             }
         }
     }
+    ptrs
 }
