@@ -19,6 +19,20 @@ fn rdata(msg: &hickory_proto::op::Message) -> Vec<String> {
     v
 }
 
+/// (port, target) of each SRV answer, sorted.
+fn srv_targets(msg: &hickory_proto::op::Message) -> Vec<(u16, String)> {
+    let mut v: Vec<(u16, String)> = msg
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some((s.port, s.target.to_ascii())),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 fn reverse(ip: &str) -> String {
     Name::from(ip.parse::<std::net::IpAddr>().unwrap()).to_ascii()
 }
@@ -95,14 +109,7 @@ async fn every_record_of_the_mcs_dns_specification() {
         assert_eq!(addresses(&m), ips(&["fd00::10"]), "{t:?}");
         // §2.3.2 SRV per named port, pointing at the service name.
         let m = q(format!("_http._tcp.web.{NS}.{zone}"), RecordType::SRV).await;
-        let srv: Vec<(u16, String)> = m
-            .answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::SRV(s) => Some((s.port, s.target.to_ascii())),
-                _ => None,
-            })
-            .collect();
+        let srv = srv_targets(&m);
         assert_eq!(srv, vec![(80, format!("web.{NS}.{zone}"))], "{t:?}");
         // §2.3.3 PTR of the ClusterSetIP, IPv4 and IPv6 (nibbles).
         for ip in ["10.96.0.10", "fd00::10"] {
@@ -136,15 +143,7 @@ async fn every_record_of_the_mcs_dns_specification() {
         );
         // §2.4.2 SRV: one per ready endpoint and named port, to its host name.
         let m = q(format!("_pg._tcp.db.{NS}.{zone}"), RecordType::SRV).await;
-        let mut targets: Vec<(u16, String)> = m
-            .answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::SRV(s) => Some((s.port, s.target.to_ascii())),
-                _ => None,
-            })
-            .collect();
-        targets.sort();
+        let targets = srv_targets(&m);
         assert_eq!(
             targets,
             vec![
