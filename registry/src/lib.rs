@@ -7,6 +7,7 @@
 //! metrics and admin HTTP.
 
 mod authz;
+mod certs;
 pub mod config;
 mod gate;
 mod leases;

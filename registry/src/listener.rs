@@ -45,6 +45,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The SPIFFE id of the verified client SVID; `None` when the client sent none.
     pub id: Option<SpiffeId>,
+    /// When that SVID expires (unix seconds).
+    pub not_after: Option<i64>,
 }
 
 /// A TLS connection with its peer. It fails every read and write once the node is killed
@@ -189,7 +191,12 @@ pub fn incoming(
             handshakes.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let id = peer_id(stream.get_ref().1.peer_certificates());
+                        let certs = stream.get_ref().1.peer_certificates();
+                        let id = peer_id(certs);
+                        let not_after = certs
+                            .and_then(|c| c.first())
+                            .and_then(|leaf| meshbridge_core::tls::cert_info(leaf).ok())
+                            .map(|i| i.not_after);
                         let mut permits = vec![permit];
                         let mut deadline = None;
                         if id.is_none() {
@@ -207,7 +214,11 @@ pub fn incoming(
                         let _ = tx
                             .send(Ok(TlsIo {
                                 stream,
-                                peer: Peer { addr, id },
+                                peer: Peer {
+                                    addr,
+                                    id,
+                                    not_after,
+                                },
                                 kill,
                                 deadline,
                                 _permits: permits,

@@ -185,6 +185,8 @@ impl Node {
             reset_cache: std::sync::Mutex::new(None),
             proposer: crate::propose::Proposer::start(raft.clone()),
             watches: Default::default(),
+            identity: identity.clone(),
+            seen: Default::default(),
         });
 
         let mut tasks = JoinSet::new();

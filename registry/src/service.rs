@@ -47,6 +47,11 @@ impl RegistryApi {
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        if let Some(p) = req.extensions().get::<crate::listener::Peer>()
+            && let (Some(id), Some(not_after)) = (&p.id, p.not_after)
+        {
+            self.shared.seen.note(id, not_after);
+        }
         Caller::of(req, &self.shared.trust_domain)
     }
 }

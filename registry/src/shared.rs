@@ -85,6 +85,10 @@ pub struct Shared {
     pub reset_cache: std::sync::Mutex<Option<(u64, bytes::Bytes)>>,
     /// Batches concurrent writes into Raft entries (group commit).
     pub proposer: crate::propose::Proposer,
+    /// This node's identity (its SVID and bundles, for the certificate report).
+    pub identity: Arc<meshbridge_core::tls::Identity>,
+    /// Client SVIDs this node has seen.
+    pub seen: crate::certs::Seen,
     /// Watch streams open on this node, by caller id (quota: [`MAX_WATCHES_PER_CALLER`]).
     pub watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }

@@ -20,7 +20,48 @@ pub(crate) fn routes(s: Arc<Shared>) -> Router {
 
 async fn page(State(s): State<Arc<Shared>>) -> Html<String> {
     let leader = s.raft.metrics().borrow().current_leader;
-    Html(render(&s.catalog(), now_ms(), s.node_id, leader))
+    let mut html = render(&s.catalog(), now_ms(), s.node_id, leader);
+    let certs = expiring(&s.seen.report(&s.identity), (now_ms() / 1000) as i64);
+    if let Some(i) = html.rfind("</body>") {
+        html.insert_str(i, &certs);
+    }
+    Html(html)
+}
+
+/// The certificates this node knows of (its own, its bundle's, its callers') that expire
+/// within 7 days, expired ones marked; nothing when there are none.
+fn expiring(certs: &[meshbridge_core::proto::SeenCertificate], now: i64) -> String {
+    let mut soon: Vec<_> = certs
+        .iter()
+        .filter(|c| c.not_after_unix - now < 7 * 86_400)
+        .collect();
+    if soon.is_empty() {
+        return String::new();
+    }
+    soon.sort_by_key(|c| c.not_after_unix);
+    let rows: String = soon
+        .iter()
+        .map(|c| {
+            let left = c.not_after_unix - now;
+            let when = if left <= 0 {
+                r#"<b class="bad">EXPIRED</b>"#.to_string()
+            } else {
+                format!(
+                    r#"<span class="bad">in {:.1} days</span>"#,
+                    left as f64 / 86_400.0
+                )
+            };
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{when}</td></tr>",
+                esc(&c.id),
+                esc(&c.kind),
+                meshbridge_core::tls::rfc3339(c.not_after_unix)
+            )
+        })
+        .collect();
+    format!(
+        r#"<h2>Certificates expiring within 7 days</h2><table id="certificates"><tr><th>id</th><th>kind</th><th>not after</th><th>expires</th></tr>{rows}</table>"#
+    )
 }
 
 fn esc(s: &str) -> String {
@@ -237,5 +278,34 @@ mod tests {
         assert!(html.contains(r#"data-site="east" data-state="fresh""#));
         assert!(html.contains(r#"data-from="west" data-to="east" data-up="false""#));
         assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
+    }
+
+    #[test]
+    fn certificates_expiring_soon_are_listed_and_expired_ones_marked() {
+        use meshbridge_core::proto::SeenCertificate;
+        let cert = |id: &str, left: i64| SeenCertificate {
+            id: id.into(),
+            kind: "client".into(),
+            not_after_unix: 1_000_000 + left,
+            last_seen_unix_ms: 0,
+        };
+        let html = super::expiring(
+            &[
+                cert("spiffe://t/site/a/gateway", 3 * 86_400),
+                cert("spiffe://t/site/b/<dns>", -5),
+                cert("spiffe://t/site/c/agent", 30 * 86_400),
+            ],
+            1_000_000,
+        );
+        assert!(
+            html.contains("site/a/gateway") && html.contains("in 3.0 days"),
+            "{html}"
+        );
+        assert!(
+            html.contains("site/b/&lt;dns&gt;") && html.contains("EXPIRED"),
+            "{html}"
+        );
+        assert!(!html.contains("site/c/agent"), "{html}");
+        assert_eq!(super::expiring(&[cert("x", 30 * 86_400)], 1_000_000), "");
     }
 }

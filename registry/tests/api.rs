@@ -634,6 +634,48 @@ async fn a_site_writes_its_own_import_addresses_only() {
     cluster.shutdown().await;
 }
 
+/// Mesh-wide certificate expiry: each node's status lists its own SVID, its bundle's
+/// earliest expiry, and the SVID of every client that called it, with the expiry the
+/// client's certificate carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_node_reports_its_own_its_bundles_and_its_callers_certificates() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let admin = cluster.admin().await;
+    let (east, _west) = east_and_west(&cluster).await;
+    east.heartbeat("east").await.unwrap();
+    let status = admin.status().await.unwrap();
+    let kinds: Vec<(String, String)> = status
+        .certificates
+        .iter()
+        .map(|c| (c.kind.clone(), c.id.clone()))
+        .collect();
+    let has = |kind: &str, id_part: &str| {
+        kinds
+            .iter()
+            .any(|(k, id)| k == kind && id.contains(id_part))
+    };
+    assert!(has("svid", "/registry/1"), "{kinds:?}");
+    assert!(has("bundle", "(trust bundle)"), "{kinds:?}");
+    assert!(has("client", "/site/east"), "{kinds:?}");
+    assert!(has("client", "/site/west"), "{kinds:?}");
+    assert!(has("client", "/ctl/"), "{kinds:?}");
+    // The expiry is the certificate's own (test SVIDs live a day).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for c in &status.certificates {
+        let left = c.not_after_unix - now;
+        assert!(
+            c.kind == "bundle" || (0..=86_400 + 60).contains(&left),
+            "{} {}: {left} s left",
+            c.kind,
+            c.id
+        );
+    }
+    cluster.shutdown().await;
+}
+
 /// Quota: one caller may hold `MAX_WATCHES_PER_CALLER` (16) watch streams on a node; the
 /// next is refused with `ResourceExhausted` naming the caller; closing one frees its place;
 /// another caller is not affected.

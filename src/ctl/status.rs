@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
 use meshbridge_core::model::{Link, Site, SiteState};
+use meshbridge_core::proto;
 use meshbridge_core::tls::Identity;
 use serde_json::{Value, json};
 
@@ -98,12 +99,19 @@ pub(super) async fn status(
         .unwrap_or(Duration::ZERO)
         .as_secs() as i64;
     let days_left = cert.seconds_left(now) / 86400;
-    if cert.seconds_left(now) < 7 * 86400 {
-        problems.push(format!(
-            "this operator's certificate expires in {days_left} days ({})",
-            meshbridge_core::tls::rfc3339(cert.not_after)
-        ));
+    // The whole mesh's certificates: each registry node's own SVID and bundle, and every
+    // client SVID the nodes have seen (gateways, agents, DNS servers, adapters), and ours.
+    let mut seen: Vec<proto::SeenCertificate> = vec![proto::SeenCertificate {
+        id: identity.id().to_string(),
+        kind: "svid (this operator)".into(),
+        not_after_unix: cert.not_after,
+        last_seen_unix_ms: (now as u64) * 1000,
+    }];
+    for s in nodes.iter().filter_map(|(_, r)| r.as_ref().ok()) {
+        seen.extend(s.certificates.iter().cloned());
     }
+    let certs = merge_certificates(seen);
+    problems.extend(certificate_problems(&certs, now));
     if json_out {
         let v = json!({
             "ok": problems.is_empty(),
@@ -113,7 +121,13 @@ pub(super) async fn status(
             "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
             "links": link_rows,
             "services": services.as_ref().map(|l| &l.value),
-            "certificates": [{"id": identity.id().to_string(), "not_after": meshbridge_core::tls::rfc3339(cert.not_after), "days_left": days_left}],
+            "certificates": certs.iter().map(|c| json!({
+                "id": c.id, "kind": c.kind,
+                "not_after": meshbridge_core::tls::rfc3339(c.not_after_unix),
+                "days_left": (c.not_after_unix - now).div_euclid(86400),
+                "expired": c.not_after_unix <= now,
+                "last_seen": meshbridge_core::tls::rfc3339((c.last_seen_unix_ms / 1000) as i64),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -210,12 +224,72 @@ pub(super) async fn status(
             meshbridge_core::tls::rfc3339(cert.not_after),
             days_left
         );
+        let soon: Vec<&proto::SeenCertificate> = certs
+            .iter()
+            .filter(|c| c.not_after_unix - now < EXPIRY_WARNING_SECS)
+            .collect();
+        println!(
+            "{} certificates in the mesh, {} expiring within 7 days or expired",
+            certs.len(),
+            soon.len()
+        );
+        for c in soon {
+            println!(
+                "  {}  {}  expires {}",
+                c.id,
+                c.kind,
+                meshbridge_core::tls::rfc3339(c.not_after_unix)
+            );
+        }
     }
     Ok(if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
     })
+}
+
+/// A certificate that expires within this is a problem (as is an expired one).
+const EXPIRY_WARNING_SECS: i64 = 7 * 86400;
+
+/// One row per certificate (id and kind), the last seen of its reports.
+fn merge_certificates(all: Vec<proto::SeenCertificate>) -> Vec<proto::SeenCertificate> {
+    let mut by: std::collections::BTreeMap<(String, String), proto::SeenCertificate> =
+        std::collections::BTreeMap::new();
+    for c in all {
+        let key = (c.id.clone(), c.kind.clone());
+        match by.get(&key) {
+            Some(old) if old.last_seen_unix_ms >= c.last_seen_unix_ms => {}
+            _ => {
+                by.insert(key, c);
+            }
+        }
+    }
+    by.into_values().collect()
+}
+
+/// Expired certificates, then those that expire within 7 days, soonest first.
+fn certificate_problems(certs: &[proto::SeenCertificate], now: i64) -> Vec<String> {
+    let mut soon: Vec<&proto::SeenCertificate> = certs
+        .iter()
+        .filter(|c| c.not_after_unix - now < EXPIRY_WARNING_SECS)
+        .collect();
+    soon.sort_by_key(|c| c.not_after_unix);
+    soon.iter()
+        .map(|c| {
+            let when = meshbridge_core::tls::rfc3339(c.not_after_unix);
+            if c.not_after_unix <= now {
+                format!("certificate {} ({}) EXPIRED at {when}", c.id, c.kind)
+            } else {
+                format!(
+                    "certificate {} ({}) expires in {} days ({when})",
+                    c.id,
+                    c.kind,
+                    (c.not_after_unix - now) / 86400
+                )
+            }
+        })
+        .collect()
 }
 
 /// Stale and withdrawn sites, and why a stale site past its grace is still not withdrawn (a
@@ -367,6 +441,32 @@ mod tests {
                 .collect(),
             instances: Vec::new(),
         }
+    }
+
+    #[test]
+    fn expired_and_soon_expiring_certificates_are_problems_soonest_first() {
+        use meshbridge_core::proto::SeenCertificate;
+        let now = 1_000_000;
+        let cert = |id: &str, kind: &str, left: i64, seen: u64| SeenCertificate {
+            id: id.into(),
+            kind: kind.into(),
+            not_after_unix: now + left,
+            last_seen_unix_ms: seen,
+        };
+        let certs = super::merge_certificates(vec![
+            cert("spiffe://t/site/a/gateway", "client", 30 * 86400, 1),
+            // The same gateway, seen later by another node with a renewed certificate.
+            cert("spiffe://t/site/a/gateway", "client", 2 * 86400, 5),
+            cert("spiffe://t/site/b/dns", "client", -60, 3),
+            cert("spiffe://t/registry/1", "svid", 90 * 86400, 9),
+        ]);
+        assert_eq!(certs.len(), 3);
+        let problems = super::certificate_problems(&certs, now);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("site/b/dns") && problems[0].contains("EXPIRED"));
+        assert!(
+            problems[1].contains("site/a/gateway") && problems[1].contains("expires in 2 days")
+        );
     }
 
     #[test]

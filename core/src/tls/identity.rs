@@ -200,6 +200,11 @@ impl Identity {
         &self.files
     }
 
+    /// When the first CA certificate of the trust bundles expires (unix seconds).
+    pub fn bundle_not_after(&self) -> Option<i64> {
+        self.trust.load().earliest_not_after()
+    }
+
     /// Trust domains currently trusted.
     pub fn trust_domains(&self) -> Vec<String> {
         self.trust.load().trust_domains()

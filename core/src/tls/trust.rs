@@ -48,6 +48,8 @@ impl std::fmt::Debug for PeerRejected {
 #[derive(Debug, Default)]
 pub struct TrustStore {
     domains: BTreeMap<String, Vec<TrustAnchor<'static>>>,
+    /// The earliest `not_after` (unix seconds) among the CA certificates loaded.
+    earliest_not_after: Option<i64>,
 }
 
 /// A bundle file and, where its CA certificates do not name their trust domain in a
@@ -126,8 +128,17 @@ impl TrustStore {
                 })?
                 .to_owned();
             self.domains.entry(td).or_default().push(anchor);
+            self.earliest_not_after = Some(
+                self.earliest_not_after
+                    .map_or(info.not_after, |e| e.min(info.not_after)),
+            );
         }
         Ok(())
+    }
+
+    /// When the first of the bundles' CA certificates expires (unix seconds).
+    pub fn earliest_not_after(&self) -> Option<i64> {
+        self.earliest_not_after
     }
 
     /// Trust domains with at least one root.

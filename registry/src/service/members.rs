@@ -80,6 +80,7 @@ pub async fn status(s: &Shared) -> proto::StatusReply {
         snapshot_index: m.snapshot.map_or(0, |l| l.index),
         purged_index: m.purged.map_or(0, |l| l.index),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
+        certificates: s.seen.report(&s.identity),
     }
 }
 
