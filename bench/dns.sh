@@ -5,7 +5,8 @@
 # off) and once for CoreDNS (built from its Go module by tools/build.sh, `file` plugin on
 # the same zone file), so all see the same background load.
 #   cargo build --release -p meshbridge-federation --example dns_bench && bench/dns.sh
-# Env: RUNS=3 (rounds), DURATION=10, COREDNS=0 to leave CoreDNS out. Then the
+# Env: RUNS=3 (rounds), DURATION=10, COREDNS=0 to leave CoreDNS out, CHURN=1 to add
+# meshbridge while its whole index is rebuilt every 100 ms (CHURN_MS=100). Then the
 # change-to-answer latency (CHANGE_LATENCY=200).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -20,6 +21,10 @@ fi
 for r in $(seq "${RUNS:-3}"); do
   RUNS=1 bash "$SHARED/dns.sh" 2>&1 | sed "s/^/[round $r knot] /"
   RUNS=1 SERVER_CMD="exec $BIN 127.0.0.1:\$DNS_PORT 10000" bash "$SHARED/dns.sh" 2>&1 | sed "s/^/[round $r meshbridge] /"
+  if [ "${CHURN:-0}" != 0 ]; then
+    # The same, while the whole index is rebuilt every 100 ms (a catalog change each time).
+    RUNS=1 SERVER_CMD="CHURN_MS=100 exec $BIN 127.0.0.1:\$DNS_PORT 10000" bash "$SHARED/dns.sh" 2>&1 | sed "s/^/[round $r meshbridge-churn] /"
+  fi
   if [ -n "$COREDNS_BIN" ]; then
     # The same zone file, served by CoreDNS's `file` plugin (one process, GOMAXPROCS = CPUs).
     RUNS=1 SERVER_CMD="printf 'clusterset.local:%s {\\n  bind 127.0.0.1\\n  file %s\\n}\\n' \$DNS_PORT \$ZONEFILE > \$ZONEFILE.Corefile && exec $COREDNS_BIN -conf \$ZONEFILE.Corefile" \

@@ -127,6 +127,32 @@ async fn main() -> anyhow::Result<()> {
         dns.local_addr(),
         started.elapsed()
     );
+    // Churn: a new catalog every CHURN_MS whose site moved zone, so the server rebuilds its
+    // whole index each time (the slow path: every service's names are recomputed), while
+    // the load generator measures answers/s. Bounded: at most ten minutes.
+    if let Some(ms) = std::env::var("CHURN_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+    {
+        let tx = tx.clone();
+        let mut churned = cat.clone();
+        tokio::spawn(async move {
+            for i in 0..(600_000 / ms) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Some(site) = churned.sites.get_mut("bench") {
+                    let mut moved = (**site).clone();
+                    moved.locality.zone = format!("zone-{}", i % 2);
+                    *site = Arc::new(moved);
+                }
+                churned.revision += 1;
+                if tx.send(Arc::new(churned.clone())).is_err() {
+                    return;
+                }
+            }
+        });
+        eprintln!("churn: the whole index is rebuilt every {ms} ms");
+    }
     if let Some(rounds) = std::env::var("CHANGE_LATENCY")
         .ok()
         .and_then(|v| v.parse().ok())
