@@ -183,7 +183,18 @@ impl Env {
         let pki = TestPki::new(TD);
         let root = pki.dir().to_path_buf();
         // A 3-node registry, as a deployment runs it.
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        // Three distinct ports: a port released by one pick can come back at the next.
+        let mut ports: Vec<u16> = Vec::with_capacity(3);
+        for _ in 0..100 {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+            if ports.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(ports.len(), 3, "no three distinct free ports: {ports:?}");
         let urls: Vec<String> = ports
             .iter()
             .map(|p| format!("https://127.0.0.1:{p}"))
