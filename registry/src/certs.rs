@@ -5,20 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshbridge_core::id::SpiffeId;
 use meshbridge_core::proto;
 use meshbridge_core::tls::Identity;
 
+use crate::shared::now_ms;
+
 /// Client certificates remembered per node; beyond it, the longest unseen one is dropped.
 const MAX_SEEN: usize = 10_000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Client SVIDs by id: (not after, unix s; last seen, unix ms).
 #[derive(Default)]
