@@ -279,9 +279,11 @@ pub async fn serve_stream(
     let result = async {
         send_reply(&mut send, &Reply::ok()).await?;
         if !early.is_empty() {
+            // Bytes the peer sent with its preamble (an SNI listener's ClientHello): from the
+            // tunnel to the endpoint, like everything the peer sends after them.
             endpoint.write_all(&early).await?;
             counts
-                .to_tunnel
+                .from_tunnel
                 .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         let (mut er, mut ew) = endpoint.split();

@@ -153,6 +153,94 @@ async fn sni_passthrough_keeps_end_to_end_mtls(t: TransportKind) -> Result<()> {
 }
 both_transports!(sni_passthrough_keeps_end_to_end_mtls);
 
+/// A server that reads everything until the client's FIN, then answers `reply` bytes and
+/// closes; how many bytes it read.
+async fn sink(reply: usize) -> Result<(SocketAddr, tokio::sync::oneshot::Receiver<usize>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut got = Vec::new();
+        if s.read_to_end(&mut got).await.is_ok() {
+            let _ = s.write_all(&vec![b'r'; reply]).await;
+            let _ = s.shutdown().await;
+            let _ = tx.send(got.len());
+        }
+    });
+    Ok((addr, rx))
+}
+
+/// The ClientHello that the SNI listener reads before it knows where to go travels to the
+/// receiving gateway with the preamble; both gateways must count it as what it is: bytes from
+/// the client towards the server.
+async fn sni_bytes_are_counted_in_the_direction_they_flow(t: TransportKind) -> Result<()> {
+    let mesh = Mesh::new(t);
+    let mut cfg = mesh.config("east");
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let east = mesh
+        .gateway_with(&site("east", "r1", "a"), cfg, mesh.identity("east"))
+        .await?;
+    let mut cfg = mesh.config("west");
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    let (server, read) = sink(1000).await?;
+    mesh.feed.export("east", &key("ledger"), 8443, &[server]);
+    mesh.feed.synced(&[&east, &west]).await;
+
+    // A real ClientHello (rustls), then more bytes, then FIN.
+    let client_id = mesh
+        .pki
+        .identity("web", &format!("spiffe://{TD}/ns/shop/sa/web"));
+    let config = Arc::new(client_id.client_config(AllowList::any(), &[]));
+    let name = rustls_pki_types::ServerName::try_from("ledger.demo.svc.clusterset.local")?;
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(config, name)?.write_tls(&mut hello)?;
+    let tail = b"and then some application bytes";
+    let mut s = TcpStream::connect(west.sni_addr().context("no SNI listener")?).await?;
+    s.write_all(&hello).await?;
+    s.write_all(tail).await?;
+    s.shutdown().await?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut reply))
+        .await
+        .context("no reply")??;
+    let sent = hello.len() + tail.len();
+    assert_eq!(
+        read.await?,
+        sent,
+        "the server got every byte the client sent"
+    );
+    assert_eq!(reply.len(), 1000);
+    idle(&west).await;
+    idle(&east).await;
+    for (g, me, peer, direction) in [
+        (&west, "west", "east", "outgoing"),
+        (&east, "east", "west", "incoming"),
+    ] {
+        let admin = g.admin_addr().context("no admin listener")?;
+        let metrics = http_get(admin, "/metrics").await?;
+        // Outgoing: "sent" is towards the peer (the client's bytes); incoming: "sent" is
+        // back to the peer (the server's answer).
+        let (sent_flow, received_flow) = match direction {
+            "outgoing" => (sent, 1000),
+            _ => (1000, sent),
+        };
+        for (flow, n) in [("sent", sent_flow), ("received", received_flow)] {
+            let want = format!(
+                "meshbridge_gateway_bytes_total{{site=\"{me}\",peer_site=\"{peer}\",direction=\"{direction}\",flow=\"{flow}\"}} {n}\n"
+            );
+            assert!(metrics.contains(&want), "{me}: {want} missing:\n{metrics}");
+        }
+    }
+    Ok(())
+}
+both_transports!(sni_bytes_are_counted_in_the_direction_they_flow);
+
 async fn large_transfers_arrive_intact_both_ways(t: TransportKind) -> Result<()> {
     let (_mesh, _east, west, _echo) = east_west(t).await?;
     let vip = west
