@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(rounds) = std::env::var("CHANGE_LATENCY")
         .ok()
         .and_then(|v| v.parse().ok())
+        .filter(|r: &u32| *r > 0)
     {
         change_latency(&tx, cat, dns.local_addr(), rounds).await?;
     }

@@ -5,7 +5,9 @@
 
 use std::net::SocketAddr;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::xfer::Protocol;
@@ -228,11 +230,42 @@ fn encode(
     Some((buf, truncated))
 }
 
-/// Answer one request from `index`, as the server would over `transport`, except that
-/// queries outside the zone are refused (forwarding is I/O). `None` where the server stays
+/// A response ready to send.
+pub(crate) struct Encoded {
+    pub bytes: Vec<u8>,
+    pub rcode: ResponseCode,
+    pub truncated: bool,
+}
+
+/// What the server does with one request's bytes.
+pub(crate) enum Served {
+    Respond(Encoded),
+    /// Outside the zone, with an upstream configured: the parsed request.
+    Forward(Box<Request>),
+}
+
+/// Serve one request's bytes from `index` over `transport`. `None` where the server stays
 /// silent: fewer than 12 bytes, or a response rather than a query.
-pub fn answer(index: &Index, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
-    let header = Header::read(&mut BinDecoder::new(request)).ok()?;
+pub(crate) fn serve(
+    index: &Index,
+    request: &[u8],
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<Served> {
+    let req = match parse(request, src, transport)? {
+        Ok(req) => req,
+        Err(formerr) => return Some(Served::Respond(formerr)),
+    };
+    Some(match plan(index, &req) {
+        Plan::Reply(reply) => Served::Respond(encode_reply(&req, reply, transport)),
+        Plan::Forward => Served::Forward(Box::new(req)),
+    })
+}
+
+/// The request in `bytes`; `None` where the server stays silent, `Err` with a FORMERR
+/// response where the header parsed but the rest did not.
+fn parse(bytes: &[u8], src: SocketAddr, transport: Transport) -> Option<Result<Request, Encoded>> {
+    let header = Header::read(&mut BinDecoder::new(bytes)).ok()?;
     if header.metadata.message_type == MessageType::Response {
         return None;
     }
@@ -240,22 +273,89 @@ pub fn answer(index: &Index, request: &[u8], transport: Transport) -> Option<Vec
         Transport::Udp => Protocol::Udp,
         Transport::Tcp => Protocol::Tcp,
     };
-    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-    let req = match Request::from_bytes(request.to_vec(), unspecified, protocol) {
-        Ok(req) => req,
-        Err(_) => return Some(format_error(&header.metadata)),
-    };
-    let reply = match plan(index, &req) {
-        Plan::Reply(reply) => reply,
-        Plan::Forward => Reply::error(ResponseCode::Refused, index.forwarding()),
-    };
-    let edns = response_edns(&req, transport);
-    let reply = fit(&req, reply, edns.as_ref(), transport);
-    let max = limit(&req, transport);
-    match encode(&req, &reply, edns.as_ref(), max) {
-        Some((bytes, _)) => Some(bytes),
-        None => Some(server_failure(&req.metadata)),
+    Some(
+        Request::from_bytes(bytes.to_vec(), src, protocol).map_err(|_| Encoded {
+            bytes: format_error(&header.metadata),
+            rcode: ResponseCode::FormErr,
+            truncated: false,
+        }),
+    )
+}
+
+/// What a client over its rate limit gets. UDP: an empty truncated answer, no larger than
+/// the query (no amplification, and a real client retries over TCP). TCP: refused.
+pub(crate) fn rate_limited(transport: Transport) -> Reply<'static> {
+    match transport {
+        Transport::Udp => Reply {
+            truncated: true,
+            ..Reply::error(ResponseCode::NoError, false)
+        },
+        Transport::Tcp => Reply::error(ResponseCode::Refused, false),
     }
+}
+
+/// The rate-limited response to one request's bytes (see [`rate_limited`]); `None` where
+/// the server stays silent.
+pub(crate) fn serve_rate_limited(
+    request: &[u8],
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<Encoded> {
+    Some(match parse(request, src, transport)? {
+        Ok(req) => encode_reply(&req, rate_limited(transport), transport),
+        Err(formerr) => formerr,
+    })
+}
+
+/// The reply carrying an upstream's `answer` to a forwarded query.
+pub(crate) fn upstream_reply(answer: &Message) -> Reply<'_> {
+    Reply {
+        rcode: answer.metadata.response_code,
+        authoritative: false,
+        recursion_available: true,
+        truncated: false,
+        answers: &answer.answers,
+        authority: &answer.authorities,
+        additionals: &answer.additionals,
+        size: usize::MAX,
+    }
+}
+
+/// `reply` to `req`, sized to `transport` and encoded (SERVFAIL if it cannot be).
+pub(crate) fn encode_reply(
+    req: &MessageRequest,
+    reply: Reply<'_>,
+    transport: Transport,
+) -> Encoded {
+    let edns = response_edns(req, transport);
+    let reply = fit(req, reply, edns.as_ref(), transport);
+    let max = limit(req, transport);
+    match encode(req, &reply, edns.as_ref(), max) {
+        Some((bytes, truncated)) => Encoded {
+            bytes,
+            rcode: reply.rcode,
+            truncated,
+        },
+        None => Encoded {
+            bytes: server_failure(&req.metadata),
+            rcode: ResponseCode::ServFail,
+            truncated: false,
+        },
+    }
+}
+
+/// Answer one request from `index`, as the server would over `transport`, except that
+/// queries outside the zone are refused (forwarding is I/O). `None` where the server stays
+/// silent: fewer than 12 bytes, or a response rather than a query.
+pub fn answer(index: &Index, request: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    Some(match serve(index, request, unspecified, transport)? {
+        Served::Respond(encoded) => encoded.bytes,
+        Served::Forward(req) => {
+            let refused = Reply::error(ResponseCode::Refused, index.forwarding());
+            encode_reply(&req, refused, transport).bytes
+        }
+    })
 }
 
 fn header_only(request: &Metadata, rcode: ResponseCode) -> Vec<u8> {

@@ -123,13 +123,18 @@ impl Metrics {
     }
 
     pub(crate) fn count(&self, rcode: &'static str, transport: Transport) {
+        self.counter(rcode, transport).inc();
+    }
+
+    /// The query counter of one rcode label and transport (a handle on the shared one).
+    pub(crate) fn counter(&self, rcode: &'static str, transport: Transport) -> Counter {
         let transport = match transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
         };
         self.queries
             .get_or_create(&QueryLabels { rcode, transport })
-            .inc();
+            .clone()
     }
 
     pub(crate) fn forwarded(&self, result: &'static str) {
@@ -137,7 +142,7 @@ impl Metrics {
     }
 }
 
-fn rcode_label(rcode: ResponseCode) -> &'static str {
+pub(crate) fn rcode_label(rcode: ResponseCode) -> &'static str {
     match rcode {
         ResponseCode::NoError => "NOERROR",
         ResponseCode::FormErr => "FORMERR",

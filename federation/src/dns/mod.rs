@@ -6,7 +6,8 @@
 //!   from this site (pure; rebuilt on each catalog change, swapped in atomically);
 //! - [`answer`]: one request's bytes to the response's bytes from an index (pure; the same
 //!   message path the server runs, for fuzzing and tests);
-//! - [`DnsServer::start`]: hickory-server over UDP and TCP on one port, with a per-client
+//! - [`DnsServer::start`]: UDP and TCP on one port (UDP: a blocking loop per socket on its
+//!   own thread, with a response cache per index; TCP: hickory-server), with a per-client
 //!   rate limit, forwarding outside the zone to an optional upstream, and metrics.
 
 mod answer;
@@ -20,6 +21,7 @@ mod server;
 mod service;
 #[cfg(test)]
 mod tests;
+mod udp;
 mod watch;
 
 use std::net::SocketAddr;

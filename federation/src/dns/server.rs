@@ -1,5 +1,6 @@
-//! The async shell: sockets (hickory-server), the index kept current from the catalog
-//! replica, rate limiting, forwarding, metrics, shutdown.
+//! The shell: sockets (UDP: a thread per socket, see [`super::udp`]; TCP: hickory-server),
+//! the index kept current from the catalog replica, rate limiting, forwarding, metrics,
+//! shutdown.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,19 +17,22 @@ use hickory_server::zone_handler::MessageRequest;
 use meshbridge_core::config::{ConfigError, Problems, RoleConfig};
 use meshbridge_core::drain::Outcome;
 use meshbridge_core::model::Catalog;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::DnsError;
-use super::answer::{Plan, Reply, Transport, fit, plan, response, response_edns};
+use super::answer::{
+    Plan, Reply, Transport, fit, plan, rate_limited, response, response_edns, upstream_reply,
+};
 use super::config::Config;
 use super::forward::Forwarder;
 use super::index::Index;
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
+use super::udp::{Shared, UdpWorkers};
 use super::watch::watch_catalog;
 
 /// Responses buffered per TCP connection.
@@ -46,6 +50,7 @@ pub struct DnsServer;
 pub struct DnsHandle {
     local_addr: SocketAddr,
     server: Server<Handler>,
+    udp: UdpWorkers,
     tasks: JoinSet<()>,
     stop: CancellationToken,
     metrics: Metrics,
@@ -81,17 +86,19 @@ impl DnsServer {
             addr: listen,
             source,
         })?;
-        let handler = Handler {
+        let shared = Arc::new(Shared {
             index: index.clone(),
             limiter: RateLimiter::new(&config.rate_limit),
             forwarder: upstream
                 .map(|up| Forwarder::new(up, Duration::from_millis(config.upstream_timeout_ms))),
             metrics: metrics.clone(),
-        };
-        let mut server = Server::new(handler);
-        for socket in udp {
-            server.register_socket(socket);
-        }
+        });
+        let udp = UdpWorkers::start(udp, shared.clone(), tokio::runtime::Handle::current())
+            .map_err(|source| DnsError::BindUdp {
+                addr: local_addr,
+                source,
+            })?;
+        let mut server = Server::new(Handler(shared));
         let idle = Duration::from_secs(config.tcp_idle_timeout_secs);
         server.register_listener(tcp, idle, TCP_RESPONSE_BUFFER);
 
@@ -115,6 +122,7 @@ impl DnsServer {
         Ok(DnsHandle {
             local_addr,
             server,
+            udp,
             tasks,
             stop,
             metrics,
@@ -127,7 +135,7 @@ impl DnsServer {
 /// `SO_REUSEPORT` so the kernel spreads queries over their receive loops), then TCP on the
 /// same port, retrying other ports when the port was 0. TCP does not share: a second server
 /// on the port fails here rather than splitting the traffic.
-async fn bind(listen: SocketAddr) -> Result<(Vec<UdpSocket>, TcpListener), DnsError> {
+async fn bind(listen: SocketAddr) -> Result<(Vec<socket2::Socket>, TcpListener), DnsError> {
     let count = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_UDP_SOCKETS));
     let mut last = None;
     for _ in 0..BIND_ATTEMPTS {
@@ -135,10 +143,16 @@ async fn bind(listen: SocketAddr) -> Result<(Vec<UdpSocket>, TcpListener), DnsEr
             addr: listen,
             source,
         })?;
-        let addr = first.local_addr().map_err(|source| DnsError::BindUdp {
-            addr: listen,
-            source,
-        })?;
+        let addr = first
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| io::Error::other("not an internet address"))
+            })
+            .map_err(|source| DnsError::BindUdp {
+                addr: listen,
+                source,
+            })?;
         let mut udp = vec![first];
         for _ in 1..count {
             udp.push(udp_socket(addr).map_err(|source| DnsError::BindUdp { addr, source })?);
@@ -157,13 +171,12 @@ async fn bind(listen: SocketAddr) -> Result<(Vec<UdpSocket>, TcpListener), DnsEr
     })
 }
 
-fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+fn udp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket)
 }
 
 impl DnsHandle {
@@ -187,12 +200,15 @@ impl DnsHandle {
     pub async fn shutdown(mut self, deadline: Duration) -> Outcome {
         self.stop.cancel();
         self.server.shutdown_token().cancel();
+        self.udp.stop();
         let server = &mut self.server;
         let tasks = &mut self.tasks;
+        let udp = &mut self.udp;
         let wait = async {
             if let Err(e) = server.block_until_done().await {
                 warn!(error = %e, "dns sockets ended with an error");
             }
+            udp.join().await;
             while tasks.join_next().await.is_some() {}
         };
         let outcome = match tokio::time::timeout(deadline, wait).await {
@@ -210,15 +226,12 @@ impl Drop for DnsHandle {
     fn drop(&mut self) {
         self.stop.cancel();
         self.server.shutdown_token().cancel();
+        self.udp.stop();
     }
 }
 
-struct Handler {
-    index: Arc<ArcSwap<Index>>,
-    limiter: Option<RateLimiter>,
-    forwarder: Option<Forwarder>,
-    metrics: Metrics,
-}
+/// The TCP side (hickory-server's), answering from the same state as the UDP threads.
+struct Handler(Arc<Shared>);
 
 #[async_trait]
 impl RequestHandler for Handler {
@@ -227,39 +240,32 @@ impl RequestHandler for Handler {
         request: &Request,
         mut handle: R,
     ) -> ResponseInfo {
+        let shared = &*self.0;
         let started = Instant::now();
         let transport = Transport::from(request.protocol());
         let req: &MessageRequest = request;
-        if let Some(limiter) = &self.limiter
+        if let Some(limiter) = &shared.limiter
             && !limiter.allow(request.src().ip(), started)
         {
-            self.metrics.rate_limited.inc();
-            // UDP: an empty truncated answer, no larger than the query (no amplification,
-            // and a real client retries over TCP). TCP: refused.
-            let reply = match transport {
-                Transport::Udp => Reply {
-                    truncated: true,
-                    ..Reply::error(ResponseCode::NoError, false)
-                },
-                Transport::Tcp => Reply::error(ResponseCode::Refused, false),
-            };
-            let info = send(req, reply, None, transport, &mut handle).await;
-            self.metrics.count("RATELIMITED", transport);
+            shared.metrics.rate_limited.inc();
+            let info = send(req, rate_limited(transport), None, transport, &mut handle).await;
+            shared.metrics.count("RATELIMITED", transport);
             return info;
         }
-        let index = self.index.load_full();
+        let index = shared.index.load_full();
         let info = match plan(&index, req) {
             Plan::Reply(reply) => {
                 let edns = response_edns(req, transport);
                 let reply = fit(req, reply, edns.as_ref(), transport);
                 if reply.truncated {
-                    self.metrics.truncated.inc();
+                    shared.metrics.truncated.inc();
                 }
                 send(req, reply, edns.as_ref(), transport, &mut handle).await
             }
             Plan::Forward => self.forward(req, transport, &mut handle).await,
         };
-        self.metrics
+        shared
+            .metrics
             .answered(info.response_code, transport, started.elapsed());
         info
     }
@@ -272,8 +278,9 @@ impl Handler {
         transport: Transport,
         handle: &mut R,
     ) -> ResponseInfo {
+        let shared = &*self.0;
         let edns = response_edns(req, transport);
-        let (Some(forwarder), [query]) = (&self.forwarder, req.queries.queries()) else {
+        let (Some(forwarder), [query]) = (&shared.forwarder, req.queries.queries()) else {
             let reply = Reply::error(ResponseCode::Refused, false);
             return send(req, reply, edns.as_ref(), transport, handle).await;
         };
@@ -282,22 +289,12 @@ impl Handler {
             .await
         {
             Ok(answer) => {
-                self.metrics.forwarded("ok");
-                let reply = Reply {
-                    rcode: answer.metadata.response_code,
-                    authoritative: false,
-                    recursion_available: true,
-                    truncated: false,
-                    answers: &answer.answers,
-                    authority: &answer.authorities,
-                    additionals: &answer.additionals,
-                    size: usize::MAX,
-                };
-                let reply = fit(req, reply, edns.as_ref(), transport);
+                shared.metrics.forwarded("ok");
+                let reply = fit(req, upstream_reply(&answer), edns.as_ref(), transport);
                 send(req, reply, edns.as_ref(), transport, handle).await
             }
             Err(e) => {
-                self.metrics.forwarded(e.label());
+                shared.metrics.forwarded(e.label());
                 debug!(error = %e, query = %query.original(), "forwarding failed");
                 let reply = Reply::error(ResponseCode::ServFail, true);
                 send(req, reply, edns.as_ref(), transport, handle).await

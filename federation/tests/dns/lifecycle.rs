@@ -81,6 +81,78 @@ async fn keeps_answering_after_the_catalog_source_is_gone() {
     );
 }
 
+/// A repeated UDP query is answered from the answering thread's cache: each copy must carry
+/// its own id and question (case included), answer exactly what the first got, and follow
+/// a catalog change at once.
+#[tokio::test]
+async fn repeated_queries_get_their_own_id_and_case_and_follow_changes() {
+    let (mut world, rx) = World::new();
+    world.site("east", SiteState::Fresh);
+    world.export(export(
+        "east",
+        "web",
+        vec![port("http", 80, 80)],
+        vec![ep("10.1.0.1", None)],
+    ));
+    world.publish();
+    let dns = start(Config::for_test("east"), rx).await;
+    let addr = dns.local_addr();
+    let name = svc("web");
+    let upper = name.to_uppercase();
+    let first = raw_udp(addr, &query_bytes(1, &name, RecordType::A, Some(1232)))
+        .await
+        .expect("no reply");
+    // Enough repeats that every UDP thread has answered (and cached) it several times.
+    for id in 2..64u16 {
+        let again = raw_udp(addr, &query_bytes(id, &name, RecordType::A, Some(1232)))
+            .await
+            .expect("no reply");
+        assert_eq!(
+            again[..2],
+            id.to_be_bytes(),
+            "id of the answer to query {id}"
+        );
+        assert_eq!(again[2..], first[2..], "answer to query {id}");
+        let shouted = ask_raw(
+            addr,
+            Transport::Udp,
+            &query_bytes(id, &upper, RecordType::A, Some(1232)),
+        )
+        .await;
+        assert_eq!(shouted.metadata.id, id);
+        assert_eq!(shouted.queries[0].name().to_string(), upper);
+        assert_eq!(addresses(&shouted), ips(&["10.1.0.1"]));
+    }
+
+    world.export(export(
+        "east",
+        "web",
+        vec![port("http", 80, 80)],
+        vec![ep("10.1.0.2", None)],
+    ));
+    world.publish();
+    let revision = world.catalog.revision;
+    let started = Instant::now();
+    while dns.revision() != revision {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "index never followed"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The index in use changed: no thread may answer from the old one's cache.
+    for id in 100..164u16 {
+        let msg = ask_raw(
+            addr,
+            Transport::Udp,
+            &query_bytes(id, &name, RecordType::A, Some(1232)),
+        )
+        .await;
+        assert_eq!(msg.metadata.id, id);
+        assert_eq!(addresses(&msg), ips(&["10.1.0.2"]), "query {id}");
+    }
+}
+
 #[tokio::test]
 async fn heartbeats_alone_do_not_rebuild_the_index() {
     let (mut world, rx) = World::new();
