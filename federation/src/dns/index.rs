@@ -56,8 +56,13 @@ pub struct Index {
     /// Names under `svc.<zone>` that belong to a service (the sum over `services`).
     service_names: usize,
     revision: u64,
+    /// Unique per index built in this process (answer caches are valid for one index).
+    generation: u64,
     forwarding: bool,
 }
+
+/// The next [`Index::generation`].
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The names of one service, with what they were computed from.
 pub(crate) struct ServiceZone {
@@ -296,6 +301,7 @@ impl Index {
             ptr,
             from,
             revision: catalog.revision,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             forwarding: config.upstream.is_some(),
         })
     }
@@ -338,6 +344,11 @@ impl Index {
     /// The catalog revision this index was built from (also the SOA serial, mod 2^32).
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// A number no other index of this process has: what answer caches are keyed by.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many names the zone holds (including names that only have names below them).

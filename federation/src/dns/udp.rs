@@ -6,7 +6,7 @@
 //!
 //! Each thread keeps a response cache for the index it answers from: the same query bytes
 //! (the id aside) against the same index always get the same response bytes (the id
-//! aside), so a repeated question is answered by copying. The cache is dropped when the
+//! aside), so a repeated question is answered by copying. The cache is emptied when the
 //! index is swapped, and whenever the thread has been idle for a second. Only forwarding
 //! (I/O, on the async runtime) and rate limiting (per client, checked before the cache)
 //! leave this path.
@@ -235,7 +235,7 @@ impl Worker {
                 let label = rcode_label(encoded.rcode);
                 self.finish(label, encoded.truncated, started);
                 if key.len() <= CACHE_QUERY_MAX {
-                    self.cache.insert(&index, key, encoded, label);
+                    self.cache.insert(key, encoded, label);
                 }
                 true
             }
@@ -346,29 +346,29 @@ struct Cached {
     truncated: bool,
 }
 
-/// Responses by query bytes (the id left out), valid for one index. Holding the index keeps
-/// its address from being reused by another, so identity is a safe test.
+/// Responses by query bytes (the id left out), valid for one index (by its generation, a
+/// number no other index of the process has). The cache never holds the index itself: the
+/// last reference to an old index, and the work of freeing it, stays with the task that
+/// swapped it out, off the answer path.
 #[derive(Default)]
 struct Cache {
-    index: Option<Arc<Index>>,
+    generation: u64,
     entries: HashMap<Box<[u8]>, Cached, FxBuild>,
 }
 
 impl Cache {
-    fn get(&mut self, index: &Arc<Index>, key: &[u8]) -> Option<&Cached> {
-        if !self.index.as_ref().is_some_and(|i| Arc::ptr_eq(i, index)) {
-            self.clear();
+    fn get(&mut self, index: &Index, key: &[u8]) -> Option<&Cached> {
+        if self.generation != index.generation() {
+            self.entries.clear();
+            self.generation = index.generation();
             return None;
         }
         self.entries.get(key)
     }
 
-    fn insert(&mut self, index: &Arc<Index>, key: &[u8], encoded: Encoded, label: &'static str) {
+    fn insert(&mut self, key: &[u8], encoded: Encoded, label: &'static str) {
         if self.entries.len() >= CACHE_ENTRIES {
             self.entries.clear();
-        }
-        if self.index.is_none() {
-            self.index = Some(index.clone());
         }
         self.entries.insert(
             key.into(),
@@ -381,7 +381,7 @@ impl Cache {
     }
 
     fn clear(&mut self) {
-        self.index = None;
+        self.generation = 0;
         self.entries.clear();
     }
 }
