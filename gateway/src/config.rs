@@ -65,6 +65,69 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// An xDS server (ADS, xDS v3) for this site's Envoys and proxyless gRPC clients; off
+    /// when unset.
+    #[serde(default)]
+    pub xds: Option<XdsConfig>,
+}
+
+/// The xDS server: clusters and endpoints of every federated service, from this gateway's
+/// catalog in use (so it keeps serving while the registry is unreachable).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct XdsConfig {
+    /// Where xDS clients connect (gRPC).
+    pub listen: String,
+    /// Plain HTTP/2 instead of mutual TLS; only allowed on a loopback `listen` address.
+    pub plaintext: bool,
+    /// SPIFFE ids accepted as xDS clients over mutual TLS (same forms as
+    /// `tunnel.peers_allowed`); empty: any id of this gateway's trust domain.
+    pub clients_allowed: Vec<String>,
+    /// When set, a listener per federated service port is served too (LDS), bound by Envoy
+    /// at this address and the service's port, proxying TCP to the service's cluster.
+    pub listener_address: Option<std::net::IpAddr>,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:15010".into(),
+            plaintext: false,
+            clients_allowed: Vec::new(),
+            listener_address: None,
+        }
+    }
+}
+
+impl XdsConfig {
+    /// Who may connect as an xDS client over mutual TLS.
+    pub fn allow_list(&self, identity: &Identity) -> AllowList {
+        if self.clients_allowed.is_empty() {
+            return AllowList(vec![AllowRule::TrustDomain(
+                identity.id().trust_domain().to_string(),
+            )]);
+        }
+        AllowList::parse(&self.clients_allowed).unwrap_or_default()
+    }
+
+    fn validate(&self, p: &mut Problems) {
+        p.socket_addr("xds.listen", &self.listen);
+        if self.plaintext
+            && let Ok(addr) = self.listen.parse::<SocketAddr>()
+        {
+            p.check(
+                addr.ip().is_loopback(),
+                "xds.plaintext",
+                format!(
+                    "plaintext xDS is only allowed on a loopback address, not {}",
+                    addr.ip()
+                ),
+            );
+        }
+        if let Err(e) = AllowList::parse(&self.clients_allowed) {
+            p.push("xds.clients_allowed", e.to_string());
+        }
+    }
 }
 
 /// The tunnel between gateways.
@@ -334,6 +397,7 @@ impl Config {
             listeners: ListenersConfig::default(),
             policy: PolicyConfig::default(),
             failover: FailoverConfig::default(),
+            xds: None,
         }
     }
 
@@ -371,6 +435,9 @@ impl RoleConfig for Config {
         }
         if let Some(a) = &self.admin_listen {
             p.socket_addr("admin_listen", a);
+        }
+        if let Some(x) = &self.xds {
+            x.validate(p);
         }
         let t = &self.tunnel;
         p.socket_addr("tunnel.listen", &t.listen);

@@ -36,6 +36,8 @@ pub struct GatewayHandle {
     sni_addr: Option<SocketAddr>,
     connect_addr: Option<SocketAddr>,
     fixed_addrs: Vec<SocketAddr>,
+    xds_addr: Option<SocketAddr>,
+    xds_stats: Arc<crate::xds::Stats>,
     admin_addr: Option<SocketAddr>,
     readiness: Readiness,
     registry: Arc<Registry>,
@@ -112,6 +114,10 @@ impl Gateway {
         let tunnel_addr = local(&tunnel_tcp, "tunnel")?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry, &config.site);
+        let xds_stats = Arc::new(crate::xds::Stats::default());
+        if config.xds.is_some() {
+            xds_stats.register(&mut registry, &config.site);
+        }
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
 
@@ -162,6 +168,12 @@ impl Gateway {
                 },
                 services_tx,
             ));
+        }
+        let mut xds_addr = None;
+        if let Some(x) = &config.xds {
+            let l = bind_tcp("xds.listen", "xDS listener", &x.listen).await?;
+            xds_addr = Some(local(&l, "xDS listener")?);
+            crate::xds::spawn(sh.clone(), x, l, services_rx.clone(), xds_stats.clone());
         }
         let mut fixed_addrs = Vec::new();
         for f in &config.listeners.fixed {
@@ -218,6 +230,8 @@ impl Gateway {
             sni_addr,
             connect_addr,
             fixed_addrs,
+            xds_addr,
+            xds_stats,
             admin_addr: None,
             readiness: readiness.clone(),
             registry,
@@ -278,6 +292,16 @@ impl GatewayHandle {
     pub fn fixed_addrs(&self) -> &[SocketAddr] {
         &self.fixed_addrs
     }
+    /// Where xDS clients connect, when `xds` is configured.
+    pub fn xds_addr(&self) -> Option<SocketAddr> {
+        self.xds_addr
+    }
+
+    /// xDS counters and the last NACK.
+    pub fn xds_stats(&self) -> Arc<crate::xds::Stats> {
+        self.xds_stats.clone()
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }

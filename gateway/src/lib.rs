@@ -28,6 +28,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod tcp;
 pub mod transport;
+pub mod xds;
 
 pub use config::{Config, DefaultAction, TransportKind};
 pub use gateway::{Gateway, GatewayHandle};

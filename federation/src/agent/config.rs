@@ -175,6 +175,7 @@ impl Config {
             },
             policy: self.policy.clone(),
             failover: FailoverConfig::default(),
+            xds: None,
         }
     }
 

@@ -1,0 +1,275 @@
+//! The xDS server: Envoy and proxyless gRPC clients of this site get the federated catalog
+//! as clusters, endpoints and (optionally) listeners over ADS, from this gateway's catalog
+//! in use — so they keep getting answers while the registry is unreachable, and after a
+//! restart during an outage (the persisted snapshot).
+//!
+//! - [`resources`]: catalog → resources (pure);
+//! - [`ads`]: the ADS stream protocol (versions, nonces, ACK/NACK, pushes);
+//! - here: the listener (mutual TLS with SPIFFE ids, or plaintext on loopback), the task
+//!   that rebuilds the resources on every catalog or service-listener change, metrics.
+
+mod ads;
+pub mod resources;
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use futures::StreamExt;
+use meshbridge_core::tls::describe;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::XdsConfig;
+use crate::services::ServiceAddrs;
+use crate::shared::Shared;
+use resources::Snapshot;
+
+/// Largest xDS message accepted from a client (requests are small; NACK details are text).
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    type_url: String,
+}
+
+/// The last NACK seen: which client rejected what, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Nack {
+    pub node: String,
+    pub type_url: String,
+    pub error: String,
+}
+
+/// xDS metrics (`meshbridge_gateway_xds_*`) and the last NACK.
+#[derive(Default)]
+pub struct Stats {
+    clients: Gauge,
+    pushes: Family<TypeLabel, Counter>,
+    nacks: Family<TypeLabel, Counter>,
+    last_nack: Mutex<Option<Nack>>,
+}
+
+impl Stats {
+    pub fn register(self: &Arc<Self>, registry: &mut Registry, site: &str) {
+        let r = registry
+            .sub_registry_with_prefix("meshbridge_gateway_xds")
+            .sub_registry_with_label((
+                std::borrow::Cow::Borrowed("site"),
+                std::borrow::Cow::Owned(site.to_string()),
+            ));
+        r.register("clients", "Connected xDS streams", self.clients.clone());
+        r.register(
+            "pushes",
+            "xDS responses sent, by resource type",
+            self.pushes.clone(),
+        );
+        r.register(
+            "nacks",
+            "xDS responses rejected by a client, by resource type",
+            self.nacks.clone(),
+        );
+    }
+
+    fn push(&self, type_url: &str) {
+        self.pushes
+            .get_or_create(&TypeLabel {
+                type_url: type_url.to_string(),
+            })
+            .inc();
+    }
+
+    fn nack(&self, type_url: &str) {
+        self.nacks
+            .get_or_create(&TypeLabel {
+                type_url: type_url.to_string(),
+            })
+            .inc();
+    }
+
+    fn last_nack(&self, node: &str, type_url: &str, error: &str) {
+        *self
+            .last_nack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Nack {
+            node: node.to_string(),
+            type_url: type_url.to_string(),
+            error: error.to_string(),
+        });
+    }
+
+    /// The most recent NACK, if any.
+    pub fn latest_nack(&self) -> Option<Nack> {
+        self.last_nack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// NACKs seen in all.
+    pub fn nack_count(&self) -> u64 {
+        let mut total = 0;
+        for t in [resources::CLUSTER, resources::ENDPOINT, resources::LISTENER] {
+            total += self
+                .nacks
+                .get_or_create(&TypeLabel {
+                    type_url: t.to_string(),
+                })
+                .get();
+        }
+        total
+    }
+}
+
+/// Serve xDS on `listener` until `sh.stop`.
+pub(crate) fn spawn(
+    sh: Arc<Shared>,
+    cfg: &XdsConfig,
+    listener: TcpListener,
+    services: watch::Receiver<ServiceAddrs>,
+    stats: Arc<Stats>,
+) {
+    let first = Arc::new(resources::build(
+        &sh.catalog.borrow(),
+        &sh.site,
+        &services.borrow(),
+        cfg.listener_address,
+    ));
+    let (snapshot_tx, snapshot_rx) = watch::channel(first);
+    sh.tasks.spawn(follow(
+        sh.clone(),
+        services,
+        cfg.listener_address,
+        snapshot_tx,
+    ));
+    let ads = ads::Ads {
+        snapshot: snapshot_rx,
+        stats,
+        stop: sh.stop.clone(),
+    };
+    let service =
+        AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(service);
+    let stop = sh.stop.clone();
+    if cfg.plaintext {
+        let incoming = tokio_stream_of(listener);
+        sh.tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                warn!(error = %e, "xds server failed");
+            }
+        });
+    } else {
+        let tls = sh
+            .identity
+            .server_config(cfg.allow_list(&sh.identity), &[b"h2"]);
+        let incoming = tls_incoming(listener, Arc::new(tls), sh.stop.clone());
+        sh.tasks.spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                warn!(error = %e, "xds server failed");
+            }
+        });
+    }
+}
+
+fn tokio_stream_of(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = io::Result<tokio::net::TcpStream>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        let accepted = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((accepted, l))
+    })
+}
+
+/// TLS connections whose handshake succeeded (the client's certificate verified against the
+/// allow list); failures are logged and dropped, never ending the stream.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) -> impl futures::Stream<Item = io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>
++ Send
++ 'static {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio_stream_of(listener)
+        .take_until(stop.cancelled_owned())
+        .filter_map(move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                let tcp = match tcp {
+                    Ok(t) => t,
+                    Err(e) => {
+                        debug!(error = %e, "xds accept failed");
+                        return None;
+                    }
+                };
+                let peer = tcp.peer_addr().ok();
+                let handshake = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(tcp),
+                )
+                .await;
+                match handshake {
+                    Ok(Ok(s)) => Some(Ok(s)),
+                    Ok(Err(e)) => {
+                        warn!(client.addr = ?peer, error = %describe(&e), "xds client refused in the TLS handshake");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(client.addr = ?peer, "xds TLS handshake timed out");
+                        None
+                    }
+                }
+            }
+        })
+}
+
+/// Rebuild the resources on every change of the catalog in use or of the bound service
+/// listeners.
+async fn follow(
+    sh: Arc<Shared>,
+    mut services: watch::Receiver<ServiceAddrs>,
+    listener_address: Option<std::net::IpAddr>,
+    tx: watch::Sender<Arc<Snapshot>>,
+) {
+    let mut catalog = sh.catalog.clone();
+    loop {
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { return },
+            r = services.changed() => if r.is_err() { return },
+            _ = sh.stop.cancelled() => return,
+        }
+        let snapshot = resources::build(
+            &catalog.borrow_and_update(),
+            &sh.site,
+            &services.borrow_and_update(),
+            listener_address,
+        );
+        // Unchanged resources (a heartbeat) wake no stream.
+        tx.send_if_modified(|current| {
+            if current.same_resources(&snapshot) {
+                false
+            } else {
+                *current = Arc::new(snapshot);
+                true
+            }
+        });
+    }
+}

