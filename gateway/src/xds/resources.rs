@@ -9,7 +9,12 @@
 //!   keeps local traffic local and fails over to the mesh only when the site has no ready
 //!   endpoint left, which is meshbridge's own order;
 //! - LDS (when `listener_address` is set): a listener per cluster at that address and the
-//!   service port, proxying TCP to the cluster.
+//!   service port, proxying TCP to the cluster;
+//! - LDS for proxyless gRPC: an API listener per service port, named `<svc>.<ns>:<port>`
+//!   (and `<svc>.<ns>` when the service has one TCP port), the name a client dialing
+//!   `xds:///<svc>.<ns>[:<port>]` asks for, with its routes inline (every path to the
+//!   cluster). Served only to clients that name them: Envoy, which subscribes to every
+//!   listener, would reject an API listener.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -23,7 +28,17 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use meshbridge_core::model::{Catalog, MergedService, Protocol, ServiceKey, SiteState};
@@ -44,6 +59,8 @@ const CONNECT_TIMEOUT_SECS: i64 = 5;
 pub struct Snapshot {
     pub revision: u64,
     types: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    /// Listeners for proxyless gRPC clients, by the name they ask for.
+    api_listeners: BTreeMap<String, Any>,
 }
 
 impl Snapshot {
@@ -55,14 +72,24 @@ impl Snapshot {
         };
         let picked: Vec<Any> = match names {
             None => all.values().cloned().collect(),
-            Some(names) => names.iter().filter_map(|n| all.get(n).cloned()).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| {
+                    all.get(n).or_else(|| {
+                        (type_url == LISTENER)
+                            .then(|| self.api_listeners.get(n))
+                            .flatten()
+                    })
+                })
+                .cloned()
+                .collect(),
         };
         (version(&picked), picked)
     }
 
     /// Whether both hold the same resources (whatever their catalog revisions).
     pub fn same_resources(&self, other: &Snapshot) -> bool {
-        self.types == other.types
+        self.types == other.types && self.api_listeners == other.api_listeners
     }
 
     /// Whether `type_url` is served at all.
@@ -139,13 +166,25 @@ pub fn build(
     let mut clusters = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
     let mut listeners = BTreeMap::new();
+    let mut api_listeners = BTreeMap::new();
     let locality = catalog
         .site(site)
         .map(|s| s.locality.clone())
         .unwrap_or_default();
     for svc in catalog.services() {
+        let tcp_ports = svc
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .count();
         for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
             let name = cluster_name(&svc.key, port.port);
+            let target = format!("{}.{}", svc.key.name, svc.key.namespace);
+            let grpc = any(&api_listener(&format!("{target}:{}", port.port), &name));
+            if tcp_ports == 1 {
+                api_listeners.insert(target.clone(), any(&api_listener(&target, &name)));
+            }
+            api_listeners.insert(format!("{target}:{}", port.port), grpc);
             clusters.insert(name.clone(), any(&eds_cluster(&name)));
             let mut groups = Vec::new();
             let local = local_endpoints(&svc, site, &port.name);
@@ -157,6 +196,8 @@ pub fn build(
                         ..Default::default()
                     }),
                     lb_endpoints: local,
+                    // gRPC drops a locality without a weight (Envoy does not mind).
+                    load_balancing_weight: Some(UInt32Value { value: 1 }),
                     priority: 0,
                     ..Default::default()
                 });
@@ -178,6 +219,7 @@ pub fn build(
                         ..Default::default()
                     }),
                     lb_endpoints: vec![lb_endpoint(*gateway, 1)],
+                    load_balancing_weight: Some(UInt32Value { value: 1 }),
                     priority: u32::try_from(groups.len()).unwrap_or(u32::MAX),
                     ..Default::default()
                 });
@@ -201,6 +243,53 @@ pub fn build(
     Snapshot {
         revision: catalog.revision,
         types,
+        api_listeners,
+    }
+}
+
+/// A proxyless gRPC client's listener `name`: an HTTP connection manager whose only route
+/// sends every request to `cluster`.
+fn api_listener(name: &str, cluster: &str) -> Listener {
+    let routes = RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: name.to_string(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster.to_string(),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let manager = HttpConnectionManager {
+        stat_prefix: name.replace([':', '.'], "_"),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(
+                any(&Router::default()),
+            )),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(any(&manager)),
+        }),
+        ..Default::default()
     }
 }
 
