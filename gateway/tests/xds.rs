@@ -470,3 +470,141 @@ async fn a_proxyless_grpc_client_reaches_a_grpc_service_in_another_site() -> Res
     );
     Ok(())
 }
+
+/// One connection through `addr`: sends `msg`, returns what the server put before it (the
+/// echo's tag).
+async fn tag_through(addr: SocketAddr, msg: &[u8]) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await??;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await??;
+    let text = String::from_utf8_lossy(&got).to_string();
+    match text.strip_suffix(std::str::from_utf8(msg)?) {
+        Some(tag) => Ok(tag.to_string()),
+        None => bail!("unexpected reply {text:?}"),
+    }
+}
+
+/// Envoy's priorities follow meshbridge's order: this site's endpoints first; when they are
+/// gone, the gateway (which reaches the other site). Connections keep being served across
+/// the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_fails_over_from_local_endpoints_to_the_gateway_by_priority() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let east_echo = Echo::start(Some("east:")).await?;
+    let west_echo = Echo::start(Some("west:")).await?;
+    let east = mesh.gateway(&site("east", "r1", "a")).await?;
+    let ip = listener_ip();
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(xds_config(ip));
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed
+        .export("east", &key("web"), 7001, &[east_echo.addr]);
+    mesh.feed
+        .export("west", &key("web"), 7001, &[west_echo.addr]);
+    mesh.feed.synced(&[&east, &west]).await;
+    let via_gateway = west
+        .service_addr(&key("web"), 7001, WAIT)
+        .await
+        .context("no service listener")?;
+    let envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-3").await?;
+    let cluster = "web.demo.svc.clusterset.local:7001";
+    envoy
+        .until_endpoints(cluster, &[west_echo.addr, via_gateway])
+        .await?;
+    let front = SocketAddr::new(ip, 7001);
+    ping_until(front, "west:", b"local first").await?;
+
+    // Connections all along, one after the other, while west's endpoints go away: at
+    // least 20 before the change, and until 50 have reached east after it.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let west_seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let east_seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (west_seen, east_seen) = (west_seen.clone(), east_seen.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..100_000 {
+                if east_seen.load(Ordering::SeqCst) >= 50 {
+                    break;
+                }
+                match tag_through(front, b"x").await.as_deref() {
+                    Ok("west:") => west_seen.fetch_add(1, Ordering::SeqCst),
+                    Ok("east:") => east_seen.fetch_add(1, Ordering::SeqCst),
+                    Ok(other) => {
+                        failures.push(format!("tag {other:?}"));
+                        0
+                    }
+                    Err(e) => {
+                        failures.push(format!("{e:#}"));
+                        0
+                    }
+                };
+            }
+            failures
+        })
+    };
+    let started = Instant::now();
+    while west_seen.load(Ordering::SeqCst) < 20 {
+        assert!(started.elapsed() < ENVOY_WAIT, "no load through envoy");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    mesh.feed.export("west", &key("web"), 7001, &[]);
+    let took = envoy.until_endpoints(cluster, &[via_gateway]).await?;
+    let failures = tokio::time::timeout(ENVOY_WAIT, load).await??;
+    eprintln!(
+        "failover: envoy's endpoints moved {took:?} after the change; {} connections to west, \
+         {} to east, {} failed",
+        west_seen.load(Ordering::SeqCst),
+        east_seen.load(Ordering::SeqCst),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(east_seen.load(Ordering::SeqCst), 50);
+    Ok(())
+}
+
+/// A listener Envoy cannot bind (its port is taken) is rejected: the NACK is logged with the
+/// node id, counted by type, and kept as the last NACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_envoy_rejects_is_counted_and_kept_with_the_node_and_error() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let echo = Echo::start(None).await?;
+    let ip = listener_ip();
+    // Taken before Envoy gets there (no SO_REUSEPORT: Envoy's bind fails).
+    let _taken = std::net::TcpListener::bind(SocketAddr::new(ip, 7002))?;
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(xds_config(ip));
+    cfg.admin_listen = Some("127.0.0.1:0".into());
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    mesh.feed.export("west", &key("busy"), 7002, &[echo.addr]);
+    mesh.feed.synced(&[&west]).await;
+    let _envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-nack").await?;
+    let stats = west.xds_stats();
+    let started = Instant::now();
+    let nack = loop {
+        if let Some(n) = stats.latest_nack() {
+            break n;
+        }
+        assert!(started.elapsed() < ENVOY_WAIT, "no NACK");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(nack.node, "sidecar-nack");
+    assert!(
+        nack.type_url.ends_with("envoy.config.listener.v3.Listener"),
+        "{nack:?}"
+    );
+    assert!(nack.error.contains(&format!("{ip}:7002")), "{nack:?}");
+    let metrics = http_get(west.admin_addr().context("no admin")?, "/metrics").await?;
+    assert!(
+        metrics.contains("meshbridge_gateway_xds_nacks_total{site=\"west\",type_url=\"type.googleapis.com/envoy.config.listener.v3.Listener\"} 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
