@@ -257,15 +257,24 @@ async fn envoy_keeps_its_last_configuration_while_the_xds_server_is_gone() -> Re
     let ip = listener_ip();
     let mut cfg = mesh.config("west");
     cfg.xds = Some(xds_config(ip));
+    // No service listeners at all (only this site's services): the resources still follow
+    // the catalog.
+    cfg.listeners.vip_range = None;
     let west = mesh
         .gateway_with(&site("west", "r2", "b"), cfg.clone(), mesh.identity("west"))
         .await?;
+    let spare = SocketAddr::new(IpAddr::from([127, 0, 0, 5]), local_echo.addr.port());
     mesh.feed
-        .export("west", &key("api"), 8080, &[local_echo.addr]);
+        .export("west", &key("api"), 8080, &[local_echo.addr, spare]);
     mesh.feed.synced(&[&west]).await;
     let xds = west.xds_addr().context("no xds listener")?;
     let mut envoy = Envoy::start(xds, "sidecar-2").await?;
     let cluster = "api.demo.svc.clusterset.local:8080";
+    envoy
+        .until_endpoints(cluster, &[local_echo.addr, spare])
+        .await?;
+    mesh.feed
+        .export("west", &key("api"), 8080, &[local_echo.addr]);
     envoy.until_endpoints(cluster, &[local_echo.addr]).await?;
     ping_until(SocketAddr::new(ip, 8080), "west:", b"before").await?;
 

@@ -250,10 +250,15 @@ async fn follow(
     tx: watch::Sender<Arc<Snapshot>>,
 ) {
     let mut catalog = sh.catalog.clone();
+    // A gateway without service listeners has no sender for them: only the catalog moves.
+    let mut listeners_follow = true;
     loop {
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
-            r = services.changed() => if r.is_err() { return },
+            r = services.changed(), if listeners_follow => if r.is_err() {
+                listeners_follow = false;
+                continue;
+            },
             _ = sh.stop.cancelled() => return,
         }
         let snapshot = resources::build(

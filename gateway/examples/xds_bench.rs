@@ -1,0 +1,241 @@
+//! xDS push latency against a real Envoy: a gateway whose catalog holds N services of its own
+//! site serves them over ADS to one Envoy; each round changes one service's endpoint count
+//! and measures until Envoy's `membership_total` stat for that cluster shows it (polled
+//! every millisecond through Envoy's admin API). Also: time until Envoy holds all N
+//! clusters, and both processes' resident memory.
+//!
+//! `cargo run --release -p meshbridge-gateway --example xds_bench -- 1000 200`
+//! (services, rounds); Envoy from MESHBRIDGE_ENVOY or `tools/envoy.sh`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshbridge_core::model::{
+    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+};
+use meshbridge_gateway::Gateway;
+use meshbridge_gateway::config::{Config, XdsConfig};
+use meshbridge_testkit::pki::TestPki;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn endpoint(ip: Ipv4Addr) -> Endpoint {
+    Endpoint {
+        address: IpAddr::V4(ip),
+        hostname: None,
+        ready: true,
+        weight: 1,
+        identity: None,
+        zone: None,
+    }
+}
+
+fn export(i: u32, endpoints: Vec<Endpoint>, generation: u64) -> Export {
+    Export {
+        site: "west".into(),
+        service: key(i),
+        generation,
+        ports: vec![Port {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            target_port: 8080,
+            app_protocol: None,
+        }],
+        endpoints,
+        headless: false,
+        created_revision: 2,
+        updated_revision: 2 + generation,
+    }
+}
+
+fn key(i: u32) -> ServiceKey {
+    ServiceKey::new(format!("ns{:02}", i % 100), format!("svc{i:05}"))
+}
+
+fn catalog(n: u32) -> Catalog {
+    let mut c = Catalog::default();
+    let site = Site {
+        name: "west".into(),
+        kind: SiteKind::Cluster,
+        locality: Locality {
+            region: "r1".into(),
+            zone: "a".into(),
+        },
+        gateways: vec![],
+        lease_ttl_ms: 10_000,
+        grace_ms: 10_000,
+        last_heartbeat_ms: 0,
+        state: SiteState::Fresh,
+        created_revision: 1,
+        links: Vec::new(),
+        instances: Vec::new(),
+    };
+    c.sites.insert("west".into(), Arc::new(site));
+    for i in 0..n {
+        let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        c.exports.insert(
+            (key(i), "west".into()),
+            Arc::new(export(i, vec![endpoint(ip)], 1)),
+        );
+    }
+    c.revision = 2;
+    c
+}
+
+fn envoy_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MESHBRIDGE_ENVOY") {
+        return Ok(PathBuf::from(p));
+    }
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/envoy/1.40.0-grpcio-1.85.4/envoy");
+    if installed.exists() {
+        return Ok(installed);
+    }
+    bail!("no Envoy: run tools/envoy.sh or set MESHBRIDGE_ENVOY")
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The value of the first stat matching `filter` (a regex), from Envoy's admin.
+async fn stat(admin: SocketAddr, filter: &str) -> Option<u64> {
+    let text = meshbridge_testkit::http::get(admin, &format!("/stats?filter={filter}")).await?;
+    text.lines()
+        .filter_map(|l| l.split_once(": "))
+        .find_map(|(_, v)| v.trim().parse().ok())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let n: u32 = args.next().map_or(Ok(1000), |s| s.parse())?;
+    let rounds: u32 = args.next().map_or(Ok(200), |s| s.parse())?;
+    let pki = TestPki::new("corp.example");
+    let identity = pki.identity("gw", "spiffe://corp.example/site/west/gateway");
+    let data = tempfile::tempdir()?;
+    let mut cfg = Config::for_test("west", data.path());
+    cfg.xds = Some(XdsConfig {
+        listen: "127.0.0.1:0".into(),
+        plaintext: true,
+        ..XdsConfig::default()
+    });
+    let mut cat = catalog(n);
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(cat.clone()));
+    let gateway = Gateway::start(cfg, identity, rx).await?;
+    let xds = gateway.xds_addr().context("no xds listener")?;
+
+    let dir = tempfile::tempdir()?;
+    let bootstrap = serde_json::json!({
+        "node": { "id": "bench", "cluster": "west" },
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+        "dynamic_resources": {
+            "ads_config": { "api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds" } }] },
+            "cds_config": { "ads": {}, "resource_api_version": "V3" }
+        },
+        "static_resources": { "clusters": [{
+            "name": "xds", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": { "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} } } },
+            "load_assignment": { "cluster_name": "xds", "endpoints": [{ "lb_endpoints": [{ "endpoint": {
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": xds.port() } } } }] }] }
+        }] }
+    });
+    let config = dir.path().join("envoy.json");
+    std::fs::write(&config, serde_json::to_vec(&bootstrap)?)?;
+    let admin_path = dir.path().join("admin.txt");
+    let started = Instant::now();
+    let envoy = tokio::process::Command::new(envoy_bin()?)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args(["--disable-hot-restart", "--concurrency", "1", "-l", "error"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let envoy_pid = envoy.id().context("envoy has no pid")?.to_string();
+    let admin = loop {
+        if let Some(a) = std::fs::read_to_string(&admin_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<SocketAddr>().ok())
+        {
+            break a;
+        }
+        if started.elapsed() > WAIT {
+            bail!("envoy did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // All clusters warm (the static xds cluster is one more).
+    loop {
+        let active = stat(admin, "^cluster_manager.active_clusters$").await;
+        if active.is_some_and(|a| a > u64::from(n)) {
+            break;
+        }
+        if started.elapsed() > WAIT {
+            bail!("envoy has {active:?} active clusters, want {}", n + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let initial = started.elapsed();
+
+    // Rounds: svc00000 alternates between 2 and 1 endpoints.
+    let filter = "^cluster\\.svc00000\\.ns00\\.svc\\.clusterset\\.local.*\\.membership_total$";
+    let mut took = Vec::new();
+    for round in 0..rounds {
+        let count = if round % 2 == 0 { 2 } else { 1 };
+        let endpoints = (0..count)
+            .map(|e| endpoint(Ipv4Addr::new(10, 200, (round >> 8) as u8, e)))
+            .collect();
+        cat.exports.insert(
+            (key(0), "west".into()),
+            Arc::new(export(0, endpoints, u64::from(round) + 2)),
+        );
+        cat.revision += 1;
+        let t = Instant::now();
+        tx.send_replace(Arc::new(cat.clone()));
+        loop {
+            if stat(admin, filter).await == Some(count.into()) {
+                break;
+            }
+            if t.elapsed() > WAIT {
+                let seen = meshbridge_testkit::http::get(admin, "/stats?filter=svc00000")
+                    .await
+                    .unwrap_or_default();
+                bail!("round {round}: envoy never showed {count} endpoints:\n{seen}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let p = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "xds: {n} services; envoy had every cluster {initial:?} after start; \
+         catalog change -> envoy endpoints over {rounds} rounds: p50 {:?}, p99 {:?}, max {:?}; \
+         RSS: bench process (gateway + catalog + this loop) {} KiB, envoy {} KiB",
+        p(0.5),
+        p(0.99),
+        took[took.len() - 1],
+        rss_kib("self"),
+        rss_kib(&envoy_pid),
+    );
+    drop(envoy);
+    gateway.shutdown().await;
+    Ok(())
+}
