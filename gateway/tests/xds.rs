@@ -64,13 +64,18 @@ struct Envoy {
 impl Envoy {
     /// Start Envoy with a bootstrap naming only the xDS server at `xds`.
     async fn start(xds: SocketAddr, node: &str) -> Result<Self> {
+        Self::start_with(xds, node, "GRPC").await
+    }
+
+    /// `api_type`: `GRPC` (state of the world) or `DELTA_GRPC` (incremental).
+    async fn start_with(xds: SocketAddr, node: &str, api_type: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let bootstrap = serde_json::json!({
             "node": { "id": node, "cluster": "west" },
             "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
             "dynamic_resources": {
                 "ads_config": {
-                    "api_type": "GRPC",
+                    "api_type": api_type,
                     "transport_api_version": "V3",
                     "grpc_services": [{ "envoy_grpc": { "cluster_name": "meshbridge_xds" } }]
                 },
@@ -194,6 +199,15 @@ async fn ping_until(addr: SocketAddr, tag: &str, msg: &[u8]) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_configured_only_by_meshbridge_reaches_another_site_and_follows_changes() -> Result<()>
 {
+    reaches_another_site_and_follows_changes("GRPC").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_incremental_delta_xds() -> Result<()> {
+    reaches_another_site_and_follows_changes("DELTA_GRPC").await
+}
+
+async fn reaches_another_site_and_follows_changes(api_type: &str) -> Result<()> {
     let mesh = Mesh::new(TransportKind::Quic);
     let echo = Echo::start(Some("east:")).await?;
     let east = mesh.gateway(&site("east", "r1", "a")).await?;
@@ -210,7 +224,12 @@ async fn envoy_configured_only_by_meshbridge_reaches_another_site_and_follows_ch
         .await
         .context("no service listener")?;
 
-    let mut envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-1").await?;
+    let mut envoy = Envoy::start_with(
+        west.xds_addr().context("no xds listener")?,
+        "sidecar-1",
+        api_type,
+    )
+    .await?;
     // A remote service: one endpoint, the gateway's listener for it.
     let echo_cluster = "echo.demo.svc.clusterset.local:7001";
     envoy.until_endpoints(echo_cluster, &[via_gateway]).await?;

@@ -53,6 +53,7 @@ pub struct Nack {
 pub struct Stats {
     clients: Gauge,
     pushes: Family<TypeLabel, Counter>,
+    acks: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
     last_nack: Mutex<Option<Nack>>,
 }
@@ -72,6 +73,11 @@ impl Stats {
             self.pushes.clone(),
         );
         r.register(
+            "acks",
+            "xDS responses accepted by a client (applied), by resource type",
+            self.acks.clone(),
+        );
+        r.register(
             "nacks",
             "xDS responses rejected by a client, by resource type",
             self.nacks.clone(),
@@ -84,6 +90,23 @@ impl Stats {
                 type_url: type_url.to_string(),
             })
             .inc();
+    }
+
+    fn ack(&self, type_url: &str) {
+        self.acks
+            .get_or_create(&TypeLabel {
+                type_url: type_url.to_string(),
+            })
+            .inc();
+    }
+
+    /// Responses of `type_url` accepted by clients so far.
+    pub fn ack_count(&self, type_url: &str) -> u64 {
+        self.acks
+            .get_or_create(&TypeLabel {
+                type_url: type_url.to_string(),
+            })
+            .get()
     }
 
     fn nack(&self, type_url: &str) {

@@ -87,6 +87,35 @@ impl Snapshot {
         (version(&picked), picked)
     }
 
+    /// For incremental (delta) xDS: the resources of `type_url` a client subscribed to —
+    /// every one when `wildcard` (never an API listener: those only by name), plus those in
+    /// `names` — each with its own version.
+    pub fn each<'a>(
+        &'a self,
+        type_url: &str,
+        wildcard: bool,
+        names: &'a std::collections::BTreeSet<String>,
+    ) -> BTreeMap<&'a str, (String, &'a Any)> {
+        let mut out = BTreeMap::new();
+        let all = self.types.get(type_url);
+        if wildcard && let Some(all) = all {
+            for (name, r) in all {
+                out.insert(name.as_str(), (version(std::slice::from_ref(r)), r));
+            }
+        }
+        for name in names {
+            let found = all.and_then(|a| a.get(name)).or_else(|| {
+                (type_url == LISTENER)
+                    .then(|| self.api_listeners.get(name))
+                    .flatten()
+            });
+            if let Some(r) = found {
+                out.insert(name.as_str(), (version(std::slice::from_ref(r)), r));
+            }
+        }
+        out
+    }
+
     /// Whether both hold the same resources (whatever their catalog revisions).
     pub fn same_resources(&self, other: &Snapshot) -> bool {
         self.types == other.types && self.api_listeners == other.api_listeners
