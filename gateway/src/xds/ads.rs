@@ -17,6 +17,7 @@
 //! re-sends every endpoint set on every change.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -61,15 +62,17 @@ impl AggregatedDiscoveryService for Ads {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);
         let stream = Session {
-            snapshot: self.snapshot.clone(),
-            stats: self.stats.clone(),
+            client: Client {
+                snapshot: self.snapshot.clone(),
+                stats: self.stats.clone(),
+                node: String::new(),
+                peer,
+            },
             subscriptions: HashMap::new(),
-            node: String::new(),
-            peer,
             nonces: 0,
             tx,
         };
-        tokio::spawn(stream.run(inbound, self.stop.clone()));
+        tokio::spawn(run(stream, inbound, self.stop.clone()));
         let out = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
@@ -86,20 +89,98 @@ impl AggregatedDiscoveryService for Ads {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);
         let session = DeltaSession {
-            snapshot: self.snapshot.clone(),
-            stats: self.stats.clone(),
+            client: Client {
+                snapshot: self.snapshot.clone(),
+                stats: self.stats.clone(),
+                node: String::new(),
+                peer,
+            },
             subscriptions: HashMap::new(),
-            node: String::new(),
-            peer,
             nonces: 0,
             tx,
         };
-        tokio::spawn(session.run(inbound, self.stop.clone()));
+        tokio::spawn(run(session, inbound, self.stop.clone()));
         let out = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
         Ok(Response::new(Box::pin(out)))
     }
+}
+
+/// What both stream kinds share: the resources, the counters, who the client is.
+struct Client {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<Stats>,
+    /// The client's node id (sent in its first request).
+    node: String,
+    peer: String,
+}
+
+impl Client {
+    /// Note the node id from the first request that carries one.
+    fn hello(&mut self, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) {
+        if let Some(node) = node
+            && self.node.is_empty()
+        {
+            self.node = node.id.clone();
+            info!(node = %self.node, cluster = %node.cluster, peer = %self.peer, "xds client connected");
+        }
+    }
+
+    /// Count and log what a request says of the last response: a NACK when it carries an
+    /// error, else an ACK when it carries a nonce.
+    fn verdict(&self, type_url: &str, nonce: &str, error: Option<&str>, kept_version: &str) {
+        if let Some(error) = error {
+            self.stats.nack(type_url);
+            warn!(
+                node = %self.node, peer = %self.peer, %type_url, %nonce, %kept_version, %error,
+                "xds client rejected a response (NACK)"
+            );
+            self.stats.last_nack(&self.node, type_url, error);
+        } else if !nonce.is_empty() {
+            self.stats.ack(type_url);
+        }
+    }
+}
+
+/// One kind of ADS stream (state of the world, or incremental).
+trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    fn client(&mut self) -> &mut Client;
+    fn request(&mut self, req: Self::Request) -> impl Future<Output = Result<(), Closed>> + Send;
+    /// The resources changed: send each subscribed type what moved.
+    fn push_changes(&mut self) -> impl Future<Output = Result<(), Closed>> + Send;
+}
+
+/// Serve one stream until the client or the server goes.
+async fn run<P: Protocol>(mut p: P, mut inbound: Streaming<P::Request>, stop: CancellationToken) {
+    p.client().stats.clients.inc();
+    loop {
+        tokio::select! {
+            req = inbound.message() => match req {
+                Ok(Some(req)) => {
+                    if p.request(req).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    let c = p.client();
+                    debug!(node = %c.node, peer = %c.peer, error = %status, "xds stream ended");
+                    break;
+                }
+            },
+            changed = p.client().snapshot.changed() => {
+                if changed.is_err() || p.push_changes().await.is_err() {
+                    break;
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    let c = p.client();
+    c.stats.clients.dec();
+    info!(node = %c.node, peer = %c.peer, "xds client gone");
 }
 
 /// What one stream has asked for and been sent, per type.
@@ -112,55 +193,18 @@ struct Subscription {
 }
 
 struct Session {
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<Stats>,
+    client: Client,
     subscriptions: HashMap<String, Subscription>,
-    /// The client's node id (sent in its first request).
-    node: String,
-    peer: String,
     nonces: u64,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 }
 
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>, stop: CancellationToken) {
-        self.stats.clients.inc();
-        loop {
-            tokio::select! {
-                req = inbound.message() => match req {
-                    Ok(Some(req)) => {
-                        if self.request(req).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(node = %self.node, peer = %self.peer, error = %status, "xds stream ended");
-                        break;
-                    }
-                },
-                changed = self.snapshot.changed() => {
-                    if changed.is_err() || self.push_changes().await.is_err() {
-                        break;
-                    }
-                }
-                _ = stop.cancelled() => break,
-            }
-        }
-        self.stats.clients.dec();
-        info!(node = %self.node, peer = %self.peer, "xds client gone");
-    }
-
     async fn request(&mut self, req: DiscoveryRequest) -> Result<(), Closed> {
-        if let Some(node) = &req.node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            info!(node = %self.node, cluster = %node.cluster, peer = %self.peer, "xds client connected");
-        }
+        self.client.hello(req.node.as_ref());
         let type_url = req.type_url.clone();
         if !Snapshot::serves(&type_url) {
-            debug!(node = %self.node, %type_url, "xds: type not served; ignored");
+            debug!(node = %self.client.node, %type_url, "xds: type not served; ignored");
             return Ok(());
         }
         let sub = self.subscriptions.entry(type_url.clone()).or_default();
@@ -171,20 +215,11 @@ impl Session {
             // Answers an older response: superseded by one already sent.
             return Ok(());
         }
-        if let Some(error) = &req.error_detail {
-            self.stats.nack(&type_url);
-            warn!(
-                node = %self.node, peer = %self.peer, %type_url,
-                rejected_version = sub.sent.as_ref().map_or("", |(v, _)| v.as_str()),
-                kept_version = %req.version_info,
-                error = %error.message,
-                "xds client rejected a response (NACK)"
-            );
-            self.stats.last_nack(&self.node, &type_url, &error.message);
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        self.client
+            .verdict(&type_url, &req.response_nonce, error, &req.version_info);
+        if error.is_some() {
             return Ok(());
-        }
-        if !req.response_nonce.is_empty() {
-            self.stats.ack(&type_url);
         }
         let wildcard = type_url == CLUSTER || type_url == LISTENER;
         let names = (!wildcard || !req.resource_names.is_empty()).then(|| {
@@ -214,7 +249,7 @@ impl Session {
     /// Send the current resources of `type_url` if they differ from the last sent (or
     /// always, with `force`).
     async fn send(&mut self, type_url: &str, force: bool) -> Result<(), Closed> {
-        let snapshot = self.snapshot.borrow_and_update().clone();
+        let snapshot = self.client.snapshot.borrow_and_update().clone();
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
@@ -225,8 +260,8 @@ impl Session {
         self.nonces += 1;
         let nonce = self.nonces.to_string();
         sub.sent = Some((version.clone(), nonce.clone()));
-        debug!(node = %self.node, %type_url, %version, resources = resources.len(), "xds push");
-        self.stats.push(type_url);
+        debug!(node = %self.client.node, %type_url, %version, resources = resources.len(), "xds push");
+        self.client.stats.push(type_url);
         let response = DiscoveryResponse {
             version_info: version,
             resources,
@@ -241,6 +276,38 @@ impl Session {
 /// The client's side of the stream is gone.
 struct Closed;
 
+impl Protocol for Session {
+    type Request = DiscoveryRequest;
+    fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+    fn request(
+        &mut self,
+        req: DiscoveryRequest,
+    ) -> impl Future<Output = Result<(), Closed>> + Send {
+        Session::request(self, req)
+    }
+    fn push_changes(&mut self) -> impl Future<Output = Result<(), Closed>> + Send {
+        Session::push_changes(self)
+    }
+}
+
+impl Protocol for DeltaSession {
+    type Request = DeltaDiscoveryRequest;
+    fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+    fn request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+    ) -> impl Future<Output = Result<(), Closed>> + Send {
+        DeltaSession::request(self, req)
+    }
+    fn push_changes(&mut self) -> impl Future<Output = Result<(), Closed>> + Send {
+        DeltaSession::push_changes(self)
+    }
+}
+
 /// Incremental (delta) xDS, per type: what the client subscribed to and which version of
 /// each resource it holds, so a change sends only the resources that changed and the names
 /// of those that are gone.
@@ -253,78 +320,23 @@ struct DeltaSubscription {
 }
 
 struct DeltaSession {
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<Stats>,
+    client: Client,
     subscriptions: HashMap<String, DeltaSubscription>,
-    node: String,
-    peer: String,
     nonces: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
 impl DeltaSession {
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>, stop: CancellationToken) {
-        self.stats.clients.inc();
-        loop {
-            tokio::select! {
-                req = inbound.message() => match req {
-                    Ok(Some(req)) => {
-                        if self.request(req).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(node = %self.node, peer = %self.peer, error = %status, "delta xds stream ended");
-                        break;
-                    }
-                },
-                changed = self.snapshot.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let types: Vec<String> = self.subscriptions.keys().cloned().collect();
-                    let mut closed = false;
-                    for t in types {
-                        if self.send(&t).await.is_err() {
-                            closed = true;
-                            break;
-                        }
-                    }
-                    if closed {
-                        break;
-                    }
-                }
-                _ = stop.cancelled() => break,
-            }
-        }
-        self.stats.clients.dec();
-        info!(node = %self.node, peer = %self.peer, "delta xds client gone");
-    }
-
     async fn request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Closed> {
-        if let Some(node) = &req.node
-            && self.node.is_empty()
-        {
-            self.node = node.id.clone();
-            info!(node = %self.node, cluster = %node.cluster, peer = %self.peer, "delta xds client connected");
-        }
+        self.client.hello(req.node.as_ref());
         let type_url = req.type_url.clone();
         if !Snapshot::serves(&type_url) {
-            debug!(node = %self.node, %type_url, "xds: type not served; ignored");
+            debug!(node = %self.client.node, %type_url, "xds: type not served; ignored");
             return Ok(());
         }
-        if let Some(error) = &req.error_detail {
-            self.stats.nack(&type_url);
-            warn!(
-                node = %self.node, peer = %self.peer, %type_url, nonce = %req.response_nonce,
-                error = %error.message,
-                "xds client rejected a response (NACK)"
-            );
-            self.stats.last_nack(&self.node, &type_url, &error.message);
-        } else if !req.response_nonce.is_empty() {
-            self.stats.ack(&type_url);
-        }
+        let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+        self.client
+            .verdict(&type_url, &req.response_nonce, error, "");
         let first = !self.subscriptions.contains_key(&type_url);
         let sub = self.subscriptions.entry(type_url.clone()).or_default();
         if first {
@@ -359,9 +371,18 @@ impl DeltaSession {
         Ok(())
     }
 
+    /// Send every subscribed type what moved.
+    async fn push_changes(&mut self) -> Result<(), Closed> {
+        let types: Vec<String> = self.subscriptions.keys().cloned().collect();
+        for t in types {
+            self.send(&t).await?;
+        }
+        Ok(())
+    }
+
     /// Send what changed for `type_url` since the client's versions, if anything.
     async fn send(&mut self, type_url: &str) -> Result<(), Closed> {
-        let snapshot = self.snapshot.borrow_and_update().clone();
+        let snapshot = self.client.snapshot.borrow_and_update().clone();
         let Some(sub) = self.subscriptions.get_mut(type_url) else {
             return Ok(());
         };
@@ -393,8 +414,8 @@ impl DeltaSession {
             sub.held.remove(n);
         }
         self.nonces += 1;
-        debug!(node = %self.node, %type_url, changed = resources.len(), removed = removed.len(), "delta xds push");
-        self.stats.push(type_url);
+        debug!(node = %self.client.node, %type_url, changed = resources.len(), removed = removed.len(), "delta xds push");
+        self.client.stats.push(type_url);
         let response = DeltaDiscoveryResponse {
             system_version_info: snapshot.revision.to_string(),
             resources,
