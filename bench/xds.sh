@@ -4,7 +4,8 @@
 # the endpoint response carrying it (then checks Envoy's membership stat). State of the
 # world and incremental (delta) ADS, interleaved, RUNS rounds each.
 #   cargo build --release -p meshbridge-gateway --example xds_bench && bench/xds.sh
-# Env: RUNS=3, SERVICES=1000, ROUNDS=200.
+# Env: RUNS=3, SERVICES=1000, ROUNDS=200; FANOUT=1 adds 100 Envoys on 100 services (a change
+# is applied when all 100 have ACKed it; the gateway's memory with all of them connected).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$HERE/../target/release/examples/xds_bench
@@ -16,3 +17,8 @@ for r in $(seq "${RUNS:-3}"); do
     DELTA=$delta timeout 600 "$BIN" "${SERVICES:-1000}" "${ROUNDS:-200}" | sed "s/^/[round $r] /"
   done
 done
+if [ "${FANOUT:-0}" != 0 ]; then
+  for delta in 0 1; do
+    DELTA=$delta ENVOYS=100 timeout 900 "$BIN" 100 50 | sed "s/^/[fan-out] /"
+  done
+fi

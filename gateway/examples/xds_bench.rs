@@ -5,7 +5,8 @@
 //! clusters, and both processes' resident memory.
 //!
 //! `cargo run --release -p meshbridge-gateway --example xds_bench -- 1000 200`
-//! (services, rounds; `DELTA=1` for incremental xDS);
+//! (services, rounds; `DELTA=1` for incremental xDS; `ENVOYS=k` for k Envoys, a change
+//! then counting as applied when all have ACKed it);
 //! Envoy from MESHBRIDGE_ENVOY or `tools/envoy.sh`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -165,42 +166,63 @@ async fn main() -> Result<()> {
     });
     let config = dir.path().join("envoy.json");
     std::fs::write(&config, serde_json::to_vec(&bootstrap)?)?;
-    let admin_path = dir.path().join("admin.txt");
+    // ENVOYS=k: k Envoys (node ids bench-0..k-1); a change counts as applied when every one
+    // has ACKed it.
+    let k: u32 = std::env::var("ENVOYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let rss_before = rss_kib("self");
     let started = Instant::now();
-    let envoy = tokio::process::Command::new(envoy_bin()?)
-        .arg("-c")
-        .arg(&config)
-        .arg("--admin-address-path")
-        .arg(&admin_path)
-        .args(["--disable-hot-restart", "--concurrency", "1", "-l", "error"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let envoy_pid = envoy.id().context("envoy has no pid")?.to_string();
-    let admin = loop {
-        if let Some(a) = std::fs::read_to_string(&admin_path)
-            .ok()
-            .and_then(|t| t.trim().parse::<SocketAddr>().ok())
-        {
-            break a;
+    let mut envoys = Vec::new();
+    for i in 0..k {
+        let admin_path = dir.path().join(format!("admin-{i}.txt"));
+        let child = tokio::process::Command::new(envoy_bin()?)
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args(["--service-node", &format!("bench-{i}")])
+            .args(["--disable-hot-restart", "--concurrency", "1", "-l", "error"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        envoys.push((child, admin_path));
+    }
+    let mut admins = Vec::new();
+    for (_, admin_path) in &envoys {
+        let admin = loop {
+            if let Some(a) = std::fs::read_to_string(admin_path)
+                .ok()
+                .and_then(|t| t.trim().parse::<SocketAddr>().ok())
+            {
+                break a;
+            }
+            if started.elapsed() > WAIT * 3 {
+                bail!("envoy did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        admins.push(admin);
+    }
+    // All clusters warm in every Envoy (the static xds cluster is one more).
+    for admin in &admins {
+        loop {
+            let active = stat(*admin, "^cluster_manager.active_clusters$").await;
+            if active.is_some_and(|a| a > u64::from(n)) {
+                break;
+            }
+            if started.elapsed() > WAIT * 3 {
+                bail!("envoy has {active:?} active clusters, want {}", n + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if started.elapsed() > WAIT {
-            bail!("envoy did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    // All clusters warm (the static xds cluster is one more).
-    loop {
-        let active = stat(admin, "^cluster_manager.active_clusters$").await;
-        if active.is_some_and(|a| a > u64::from(n)) {
-            break;
-        }
-        if started.elapsed() > WAIT {
-            bail!("envoy has {active:?} active clusters, want {}", n + 1);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let initial = started.elapsed();
+    let rss_connected = rss_kib("self");
+    let admin = admins[0];
+    let envoy_pid = envoys[0].0.id().context("envoy has no pid")?.to_string();
 
     // Rounds: svc00000 alternates between 2 and 1 endpoints.
     let filter = "^cluster\\.svc00000\\.ns00\\.svc\\.clusterset\\.local.*\\.membership_total$";
@@ -217,13 +239,13 @@ async fn main() -> Result<()> {
             Arc::new(export(0, endpoints, u64::from(round) + 2)),
         );
         cat.revision += 1;
-        // Applied = Envoy's ACK of the endpoint response that carries the change (the
+        // Applied = every Envoy's ACK of the endpoint response that carries the change (the
         // server counts ACKs in process; polling Envoy's stats costs O(clusters) per poll,
         // about 0.1 ms per cluster here, which would be measured too).
         let acks = stats.ack_count(ENDPOINT);
         let t = Instant::now();
         tx.send_replace(Arc::new(cat.clone()));
-        while stats.ack_count(ENDPOINT) == acks {
+        while stats.ack_count(ENDPOINT) < acks + u64::from(k) {
             if t.elapsed() > WAIT {
                 bail!("round {round}: no ACK of the endpoint change");
             }
@@ -242,16 +264,18 @@ async fn main() -> Result<()> {
     took.sort();
     let p = |q: f64| took[((took.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "xds ({api_type}): {n} services; envoy had every cluster {initial:?} after start; \
-         catalog change -> envoy endpoints over {rounds} rounds: p50 {:?}, p99 {:?}, max {:?}; \
-         RSS: bench process (gateway + catalog + this loop) {} KiB, envoy {} KiB",
+        "xds ({api_type}): {n} services, {k} envoys; every envoy had every cluster \
+         {initial:?} after start; catalog change -> every envoy's ACK over {rounds} rounds: \
+         p50 {:?}, p99 {:?}, max {:?}; RSS: bench process (gateway + catalog + this loop) \
+         {rss_before} KiB before the envoys, {rss_connected} KiB with all connected, {} KiB \
+         at the end; one envoy {} KiB",
         p(0.5),
         p(0.99),
         took[took.len() - 1],
         rss_kib("self"),
         rss_kib(&envoy_pid),
     );
-    drop(envoy);
+    drop(envoys);
     gateway.shutdown().await;
     Ok(())
 }
