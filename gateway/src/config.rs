@@ -618,6 +618,21 @@ eject_max_ms = 60000
     }
 
     #[test]
+    fn plaintext_xds_is_refused_off_loopback_and_bad_client_ids_are_named() {
+        let text = "site = \"east\"\ndata_dir = \"/d\"\n[xds]\nlisten = \"0.0.0.0:15010\"\nplaintext = true\nclients_allowed = [\"not an id\"]\n";
+        let err = parse_with_env::<Config>("gw.toml", text, &[]).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["xds.plaintext", "xds.clients_allowed"], "{err}");
+        assert!(err.to_string().contains("0.0.0.0"), "{err}");
+        let ok = "site = \"east\"\ndata_dir = \"/d\"\n[xds]\nlisten = \"127.0.0.1:15010\"\nplaintext = true\n";
+        let cfg: Config = parse_with_env("gw.toml", ok, &[]).unwrap();
+        assert!(
+            cfg.xds
+                .is_some_and(|x| x.plaintext && x.clients_allowed.is_empty())
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_field() {
         let text = r#"
 site = "East Side"
