@@ -59,6 +59,13 @@ pub fn channel() -> (Trigger, Watch) {
 }
 
 impl Trigger {
+    /// Announce the drain now (every [`Watch::is_draining`] answers true from here on),
+    /// before waiting: a caller that reports not-ready must do this first, or a client
+    /// that sees not-ready could still be served as if nothing were draining.
+    pub fn announce(&self) {
+        let _ = self.tx.send(true);
+    }
+
     /// Announce the drain, then wait up to `deadline` for every guard to drop.
     pub async fn drain(self, deadline: Duration) -> Outcome {
         let _ = self.tx.send(true);

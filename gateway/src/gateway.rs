@@ -373,6 +373,11 @@ impl GatewayHandle {
     /// Drain: not ready → stop accepting (new tunnel streams are answered `draining`, so
     /// peers fail over) → wait up to `deadline` for work in flight → close everything.
     pub async fn drain(mut self, deadline: Duration) -> drain::Outcome {
+        // Draining first, then not ready: whoever sees "not ready" finds new streams
+        // refused ("draining"), never still accepted.
+        if let Some(t) = &self.trigger {
+            t.announce();
+        }
         self.readiness.set(false);
         self.shared.accept_stop.cancel();
         let outcome = match self.trigger.take() {
