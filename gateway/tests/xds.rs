@@ -174,6 +174,14 @@ impl Envoy {
     }
 }
 
+/// Site west's gateway with a loopback plaintext xDS server whose listeners bind at `ip`.
+async fn west_with_xds(mesh: &Mesh, ip: IpAddr) -> Result<meshbridge_gateway::GatewayHandle> {
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(xds_config(ip));
+    mesh.gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await
+}
+
 fn xds_config(listener: IpAddr) -> XdsConfig {
     XdsConfig {
         listen: "127.0.0.1:0".into(),
@@ -212,11 +220,7 @@ async fn reaches_another_site_and_follows_changes(api_type: &str) -> Result<()> 
     let echo = Echo::start(Some("east:")).await?;
     let east = mesh.gateway(&site("east", "r1", "a")).await?;
     let ip = listener_ip();
-    let mut cfg = mesh.config("west");
-    cfg.xds = Some(xds_config(ip));
-    let west = mesh
-        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
-        .await?;
+    let west = west_with_xds(&mesh, ip).await?;
     mesh.feed.export("east", &key("echo"), 7001, &[echo.addr]);
     mesh.feed.synced(&[&east, &west]).await;
     let via_gateway = west
@@ -525,11 +529,7 @@ async fn envoy_fails_over_from_local_endpoints_to_the_gateway_by_priority() -> R
     let west_echo = Echo::start(Some("west:")).await?;
     let east = mesh.gateway(&site("east", "r1", "a")).await?;
     let ip = listener_ip();
-    let mut cfg = mesh.config("west");
-    cfg.xds = Some(xds_config(ip));
-    let west = mesh
-        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
-        .await?;
+    let west = west_with_xds(&mesh, ip).await?;
     mesh.feed
         .export("east", &key("web"), 7001, &[east_echo.addr]);
     mesh.feed

@@ -56,54 +56,51 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "-".to_string(), |a| a.to_string());
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let stream = Session {
-            client: Client {
-                snapshot: self.snapshot.clone(),
-                stats: self.stats.clone(),
-                node: String::new(),
-                peer,
-            },
+        Ok(Response::new(self.open(request, |client, tx| Session {
+            client,
             subscriptions: HashMap::new(),
             nonces: 0,
             tx,
-        };
-        tokio::spawn(run(stream, inbound, self.stop.clone()));
-        let out = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        Ok(Response::new(Box::pin(out)))
+        })))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
+        Ok(Response::new(self.open(request, |client, tx| {
+            DeltaSession {
+                client,
+                subscriptions: HashMap::new(),
+                nonces: 0,
+                tx,
+            }
+        })))
+    }
+}
+
+impl Ads {
+    /// Serve one stream of either kind on its own task; the responses it sends.
+    fn open<P: Protocol, R: Send + 'static>(
+        &self,
+        request: Request<Streaming<P::Request>>,
+        session: impl FnOnce(Client, mpsc::Sender<Result<R, Status>>) -> P,
+    ) -> std::pin::Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>> {
         let peer = request
             .remote_addr()
             .map_or_else(|| "-".to_string(), |a| a.to_string());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);
-        let session = DeltaSession {
-            client: Client {
-                snapshot: self.snapshot.clone(),
-                stats: self.stats.clone(),
-                node: String::new(),
-                peer,
-            },
-            subscriptions: HashMap::new(),
-            nonces: 0,
-            tx,
+        let client = Client {
+            snapshot: self.snapshot.clone(),
+            stats: self.stats.clone(),
+            node: String::new(),
+            peer,
         };
-        tokio::spawn(run(session, inbound, self.stop.clone()));
-        let out = futures::stream::unfold(rx, |mut rx| async move {
+        tokio::spawn(run(session(client, tx), inbound, self.stop.clone()));
+        Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
-        });
-        Ok(Response::new(Box::pin(out)))
+        }))
     }
 }
 
@@ -388,12 +385,12 @@ impl DeltaSession {
         };
         let current = snapshot.each(type_url, sub.wildcard, &sub.names);
         let mut resources = Vec::new();
-        for (name, (version, any)) in &current {
-            if sub.held.get(*name) != Some(version) {
+        for (name, r) in &current {
+            if sub.held.get(*name) != Some(&r.version) {
                 resources.push(Resource {
                     name: (*name).to_string(),
-                    version: version.clone(),
-                    resource: Some((*any).clone()),
+                    version: r.version.clone(),
+                    resource: Some(r.any.clone()),
                     ..Default::default()
                 });
             }

@@ -54,37 +54,65 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 /// How long Envoy waits for a TCP connection to an endpoint.
 const CONNECT_TIMEOUT_SECS: i64 = 5;
 
+/// One encoded resource and its version (a hash of its bytes, computed once per snapshot,
+/// not per stream and push).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned {
+    pub version: String,
+    pub any: Any,
+}
+
+type ByName = BTreeMap<String, Versioned>;
+
+fn versioned(resources: BTreeMap<String, Any>) -> ByName {
+    resources
+        .into_iter()
+        .map(|(name, any)| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            any.value.hash(&mut h);
+            let version = format!("{:016x}", h.finish());
+            (name, Versioned { version, any })
+        })
+        .collect()
+}
+
 /// Every resource by type URL, then by name, encoded.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub revision: u64,
-    types: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    types: BTreeMap<&'static str, ByName>,
     /// Listeners for proxyless gRPC clients, by the name they ask for.
-    api_listeners: BTreeMap<String, Any>,
+    api_listeners: ByName,
 }
 
 impl Snapshot {
+    /// The resource `name` of `type_url`: API listeners only by name.
+    fn get(&self, type_url: &str, name: &str) -> Option<&Versioned> {
+        self.types
+            .get(type_url)
+            .and_then(|all| all.get(name))
+            .or_else(|| (type_url == LISTENER).then(|| self.api_listeners.get(name))?)
+    }
+
     /// The resources of `type_url` named in `names` (all of them when `names` is `None`),
     /// with a version that changes exactly when they do.
     pub fn select(&self, type_url: &str, names: Option<&[String]>) -> (String, Vec<Any>) {
-        let Some(all) = self.types.get(type_url) else {
-            return (version(&[]), Vec::new());
+        let picked: Vec<&Versioned> = match names {
+            None => self
+                .types
+                .get(type_url)
+                .map(|all| all.values().collect())
+                .unwrap_or_default(),
+            Some(names) => names.iter().filter_map(|n| self.get(type_url, n)).collect(),
         };
-        let picked: Vec<Any> = match names {
-            None => all.values().cloned().collect(),
-            Some(names) => names
-                .iter()
-                .filter_map(|n| {
-                    all.get(n).or_else(|| {
-                        (type_url == LISTENER)
-                            .then(|| self.api_listeners.get(n))
-                            .flatten()
-                    })
-                })
-                .cloned()
-                .collect(),
-        };
-        (version(&picked), picked)
+        // Content, not time: an unchanged set keeps its version across catalog revisions,
+        // so a change elsewhere pushes nothing.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for r in &picked {
+            r.version.hash(&mut h);
+        }
+        let version = format!("{:016x}", h.finish());
+        (version, picked.into_iter().map(|r| r.any.clone()).collect())
     }
 
     /// For incremental (delta) xDS: the resources of `type_url` a client subscribed to —
@@ -95,22 +123,14 @@ impl Snapshot {
         type_url: &str,
         wildcard: bool,
         names: &'a std::collections::BTreeSet<String>,
-    ) -> BTreeMap<&'a str, (String, &'a Any)> {
+    ) -> BTreeMap<&'a str, &'a Versioned> {
         let mut out = BTreeMap::new();
-        let all = self.types.get(type_url);
-        if wildcard && let Some(all) = all {
-            for (name, r) in all {
-                out.insert(name.as_str(), (version(std::slice::from_ref(r)), r));
-            }
+        if wildcard && let Some(all) = self.types.get(type_url) {
+            out.extend(all.iter().map(|(name, r)| (name.as_str(), r)));
         }
         for name in names {
-            let found = all.and_then(|a| a.get(name)).or_else(|| {
-                (type_url == LISTENER)
-                    .then(|| self.api_listeners.get(name))
-                    .flatten()
-            });
-            if let Some(r) = found {
-                out.insert(name.as_str(), (version(std::slice::from_ref(r)), r));
+            if let Some(r) = self.get(type_url, name) {
+                out.insert(name.as_str(), r);
             }
         }
         out
@@ -125,25 +145,6 @@ impl Snapshot {
     pub fn serves(type_url: &str) -> bool {
         [CLUSTER, ENDPOINT, LISTENER].contains(&type_url)
     }
-
-    /// Names of the resources of one type.
-    pub fn names(&self, type_url: &str) -> Vec<String> {
-        self.types
-            .get(type_url)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
-}
-
-fn version(resources: &[Any]) -> String {
-    // Content, not time: an unchanged set keeps its version across catalog revisions, so a
-    // change elsewhere pushes nothing.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for r in resources {
-        r.type_url.hash(&mut h);
-        r.value.hash(&mut h);
-    }
-    format!("{:016x}", h.finish())
 }
 
 fn any<M: Message + Name>(m: &M) -> Any {
@@ -266,13 +267,13 @@ pub fn build(
         }
     }
     let mut types = BTreeMap::new();
-    types.insert(CLUSTER, clusters);
-    types.insert(ENDPOINT, endpoints);
-    types.insert(LISTENER, listeners);
+    types.insert(CLUSTER, versioned(clusters));
+    types.insert(ENDPOINT, versioned(endpoints));
+    types.insert(LISTENER, versioned(listeners));
     Snapshot {
         revision: catalog.revision,
         types,
-        api_listeners,
+        api_listeners: versioned(api_listeners),
     }
 }
 
