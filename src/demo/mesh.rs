@@ -29,6 +29,23 @@ pub struct Mesh {
     client: RegistryClient,
     ctl_dir: PathBuf,
     admin: Vec<(String, SocketAddr)>,
+    /// Held while the demo runs: its claim on its VIP blocks (see [`claim_vip_blocks`]).
+    _vip_claim: std::net::TcpListener,
+}
+
+/// Two /16 blocks of loopback VIPs no other demo on this machine is using (west's gateway
+/// and the VM agent bind the service's port on them; two demos on the same blocks would
+/// answer each other's clients). The claim is a listener on the first block's network
+/// address, which is never a VIP: a second demo cannot bind it and takes the next blocks.
+fn claim_vip_blocks() -> Result<(u8, std::net::TcpListener)> {
+    for octet in (100..=242u8).rev().step_by(2) {
+        if let Ok(l) =
+            std::net::TcpListener::bind(SocketAddr::from(([127, octet, 0, 0], SERVICE_PORT)))
+        {
+            return Ok((octet, l));
+        }
+    }
+    bail!("every loopback VIP block of the demo (127.100.0.0 to 127.243.255.255) is in use")
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -48,6 +65,9 @@ impl Mesh {
             .prefix("meshbridge-demo-")
             .tempdir()?;
         let root = tmp.path().to_path_buf();
+        let (octet, vip_claim) = claim_vip_blocks()?;
+        let west_vips = format!("127.{octet}.0.0/16");
+        let vm_vips = format!("127.{}.0.0/16", octet + 1);
         let ca = Ca::generate(TD, Duration::from_secs(30 * 86400))?;
         ca.write_to(&root.join("ca"))?;
         let issue = |name: &str, id: &str| -> Result<PathBuf> {
@@ -154,7 +174,7 @@ impl Mesh {
             &agent_cfg,
             &format!(
                 "site = \"vm\"\ntrust_domain = \"{TD}\"\nregistry = [{registry_list}]\ndata_dir = \"{}\"\n\
-                 join_token = \"{}\"\nbundle = \"{}\"\nvip_range = \"127.243.0.0/16\"\nlease_ttl_ms = 3000\n\
+                 join_token = \"{}\"\nbundle = \"{}\"\nvip_range = \"{vm_vips}\"\nlease_ttl_ms = 3000\n\
                  admin_listen = \"127.0.0.1:{agent_admin}\"\n[locality]\nregion = \"onprem\"\nzone = \"dc1\"\n\
                  [tunnel]\nlisten = \"127.0.0.1:{}\"\n[[services]]\nnamespace = \"demo\"\nname = \"echo\"\naddress = \"127.0.0.1\"\n\
                  ports = [{{ name = \"tcp\", port = {SERVICE_PORT}, target_port = {vm_echo_port} }}]\n\
@@ -185,7 +205,7 @@ impl Mesh {
                 "us",
                 "us-west-1a",
                 None,
-                Some("127.242.0.0/16"),
+                Some(west_vips.as_str()),
                 Some(west_dns),
             ),
         ] {
@@ -245,6 +265,7 @@ impl Mesh {
             client,
             ctl_dir,
             admin,
+            _vip_claim: vip_claim,
         };
         mesh.wait_until_west_sees_both().await?;
         Ok(mesh)
