@@ -119,26 +119,12 @@ async fn run(cfg: File) -> Result<ExitCode> {
             cfg.exports.iter().map(|e| e.to_local(true)).collect();
         let (_exports_tx, exports_rx) = watch::channel(exports);
         let (status_tx, _status_rx) = site::status_channel();
-        let peers = gw.peers_handle();
-        let links = move || {
-            peers()
-                .into_iter()
-                .map(|p| meshbridge_core::model::Link {
-                    peer_site: p.site,
-                    connected: p.connected,
-                    transport: p.transport.map(str::to_string),
-                    rtt_us: p.rtt_ms.map(|ms| (ms * 1000.0) as u64),
-                    failures: p.failures,
-                    last_error: p.last_error,
-                })
-                .collect()
-        };
         keeper = Some(tokio::spawn(site::keep_reporting(
             client,
             spec,
             exports_rx,
             status_tx,
-            Some(links),
+            Some(gw.reporter()),
             stop.clone().cancelled_owned(),
         )));
     }

@@ -3,6 +3,8 @@
 //! from a CA the mesh does not trust shows up as a broken link with the TLS reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,17 +15,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const BIN: &str = env!("CARGO_BIN_EXE_meshbridge");
 
 fn ctl_status(ctl: &[String]) -> Value {
-    let out = Command::new(BIN)
-        .args(&ctl[1..])
-        .args(["status", "-o", "json"])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "ctl status -o json: {e}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    let mut cmd = Command::new(BIN);
+    cmd.args(&ctl[1..]);
+    support::ctl_status_json(cmd)
 }
 
 /// Poll `ctl status` (bounded) until `pred` holds; returns the last status.

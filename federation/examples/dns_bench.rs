@@ -27,6 +27,7 @@ fn catalog(n: u32) -> Catalog {
         created_revision: 1,
         links: Vec::new(),
         instances: Vec::new(),
+        xds_rejections: Vec::new(),
     };
     c.sites.insert("bench".into(), Arc::new(site));
     for i in 0..n {

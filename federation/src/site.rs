@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshbridge_core::client::{ClientError, RegistryClient};
-use meshbridge_core::model::{Endpoint, Export, Link, Port, ServiceKey, SiteSpec};
+use meshbridge_core::model::{Endpoint, Export, Port, Report, ServiceKey, SiteSpec};
 use serde::Serialize;
 use tokio::sync::watch;
 use tonic::Code;
@@ -59,25 +59,17 @@ pub async fn keep(
     status: watch::Sender<KeeperStatus>,
     stop: impl Future<Output = ()>,
 ) {
-    keep_reporting(
-        client,
-        spec,
-        exports,
-        status,
-        None::<fn() -> Vec<Link>>,
-        stop,
-    )
-    .await
+    keep_reporting(client, spec, exports, status, None::<fn() -> Report>, stop).await
 }
 
-/// Like [`keep`], and with every heartbeat also report the site's tunnel links (so `ctl
-/// status` and the registry's status page can show them).
-pub async fn keep_reporting<L: Fn() -> Vec<Link>>(
+/// Like [`keep`], and with every heartbeat also report the gateway's tunnel links and its
+/// xDS clients' rejections (so `ctl status` and the registry's status page can show them).
+pub async fn keep_reporting<L: Fn() -> Report>(
     client: RegistryClient,
     spec: SiteSpec,
     mut exports: watch::Receiver<Vec<LocalExport>>,
     status: watch::Sender<KeeperStatus>,
-    links: Option<L>,
+    report: Option<L>,
     stop: impl Future<Output = ()>,
 ) {
     let mut stop = std::pin::pin!(stop);
@@ -110,10 +102,10 @@ pub async fn keep_reporting<L: Fn() -> Vec<Link>>(
                 put.clear();
                 tracing::info!(site = %spec.name, "site registered");
             } else if let Err(e) = client
-                .heartbeat_with_links(
+                .heartbeat_reporting(
                     &spec.name,
                     &spec.instance,
-                    links.as_ref().map(|l| l()).as_deref(),
+                    report.as_ref().map(|r| r()).as_ref(),
                 )
                 .await
             {

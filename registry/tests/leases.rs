@@ -170,16 +170,19 @@ async fn a_site_a_live_peer_still_reaches_stays_stale_instead_of_withdrawn() {
     // West heartbeats with its link to east up or down; east is silent.
     let beat = |connected| {
         let west = west.clone();
-        let links = vec![meshbridge_core::model::Link {
-            peer_site: "east".into(),
-            connected,
-            transport: Some("quic".into()),
-            rtt_us: Some(300),
-            failures: 0,
-            last_error: None,
-        }];
+        let report = meshbridge_core::model::Report {
+            links: vec![meshbridge_core::model::Link {
+                peer_site: "east".into(),
+                connected,
+                transport: Some("quic".into()),
+                rtt_us: Some(300),
+                failures: 0,
+                last_error: None,
+            }],
+            xds_rejections: Vec::new(),
+        };
         async move {
-            west.heartbeat_with_links("west", "", Some(&links))
+            west.heartbeat_reporting("west", "", Some(&report))
                 .await
                 .unwrap();
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
-use meshbridge_core::model::{Link, Site, SiteState};
+use meshbridge_core::model::{Link, Site, SiteState, XdsRejection};
 use meshbridge_core::proto;
 use meshbridge_core::tls::Identity;
 use serde_json::{Value, json};
@@ -59,10 +59,14 @@ pub(super) async fn status(
         problems.extend(site_problems(&list.sites, list.now_ms));
     }
     let mut link_rows = Vec::new();
+    let mut xds_rows = Vec::new();
     if let Some(list) = &sites {
         let (p, rows) = link_findings(&list.sites);
         problems.extend(p);
         link_rows = rows;
+        let (p, rows) = xds_findings(&list.sites);
+        problems.extend(p);
+        xds_rows = rows;
     }
     if let Some(list) = &services {
         for s in &list.value {
@@ -120,6 +124,7 @@ pub(super) async fn status(
             "registry": {"leader_id": leader.map(|l| l.0), "term": leader.map(|l| l.1), "nodes": node_rows},
             "sites": sites.as_ref().map(|l| sites_json(&l.sites, l.now_ms)),
             "links": link_rows,
+            "xds_rejections": xds_rows,
             "services": services.as_ref().map(|l| &l.value),
             "certificates": certs.iter().map(|c| json!({
                 "id": c.id, "kind": c.kind,
@@ -403,6 +408,43 @@ fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
     (problems, rows)
 }
 
+/// Problems and rows from the xDS rejections each fresh site's gateways reported: an Envoy
+/// or gRPC client that NACKed a configuration runs without it.
+fn xds_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
+    let mut problems = Vec::new();
+    let mut rows = Vec::new();
+    for s in sites.iter().filter(|s| s.is_fresh()) {
+        let reports: Vec<(Option<&str>, &XdsRejection)> = if s.instances.is_empty() {
+            s.xds_rejections.iter().map(|r| (None, r)).collect()
+        } else {
+            s.instances
+                .iter()
+                .flat_map(|i| {
+                    i.xds_rejections
+                        .iter()
+                        .map(move |r| (Some(i.name.as_str()), r))
+                })
+                .collect()
+        };
+        for (gateway, r) in reports {
+            let kind = r.type_url.rsplit('.').next().unwrap_or(&r.type_url);
+            rows.push(json!({
+                "site": s.name, "gateway": gateway, "node": r.node, "type_url": r.type_url,
+                "error": r.error,
+            }));
+            let at = match gateway {
+                Some(g) => format!("{} ({g})", s.name),
+                None => s.name.clone(),
+            };
+            problems.push(format!(
+                "xDS client {} of site {at} rejected its {kind} configuration (NACK), and runs without it: {}",
+                r.node, r.error
+            ));
+        }
+    }
+    (problems, rows)
+}
+
 fn state_label(s: &SiteState) -> &'static str {
     match s {
         SiteState::Fresh => "fresh",
@@ -440,6 +482,7 @@ mod tests {
                 })
                 .collect(),
             instances: Vec::new(),
+            xds_rejections: Vec::new(),
         }
     }
 
@@ -501,5 +544,40 @@ mod tests {
             assert_eq!(problems.len(), 1, "{problems:?}");
             assert!(problems[0].contains(want), "{state:?} {up}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn standing_xds_rejections_of_fresh_sites_are_problems_naming_client_site_and_error() {
+        use meshbridge_core::model::{GatewayInstance, XdsRejection};
+        let nack = |node: &str| XdsRejection {
+            node: node.into(),
+            type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+            error: "cannot bind '127.0.0.1:80': Address already in use".into(),
+        };
+        let mut west = site("west", SiteState::Fresh, &[]);
+        west.xds_rejections = vec![nack("sidecar-1")];
+        let mut east = site("east", SiteState::Fresh, &[]);
+        east.instances = vec![GatewayInstance {
+            name: "gw-0".into(),
+            xds_rejections: vec![nack("sidecar-2")],
+            ..Default::default()
+        }];
+        east.derive_from_instances();
+        // A stale site's reports are old: its staleness is the problem.
+        let mut north = site("north", SiteState::Stale { since_ms: 1 }, &[]);
+        north.xds_rejections = vec![nack("sidecar-3")];
+        let (problems, rows) = super::xds_findings(&[west, east, north]);
+        assert_eq!(
+            problems,
+            vec![
+                "xDS client sidecar-1 of site west rejected its Listener configuration (NACK), \
+                 and runs without it: cannot bind '127.0.0.1:80': Address already in use",
+                "xDS client sidecar-2 of site east (gw-0) rejected its Listener configuration \
+                 (NACK), and runs without it: cannot bind '127.0.0.1:80': Address already in use",
+            ]
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1]["gateway"], "gw-0");
+        assert_eq!(rows[1]["node"], "sidecar-2");
     }
 }

@@ -1,5 +1,6 @@
 //! Test support shared by the crates' integration tests. Never linked into the binary.
 //!
+//! - [`envoy`]: real Envoy and grpcio processes, bootstraps and Envoy's admin views;
 //! - [`fault`]: TCP and UDP proxies that inject latency, loss and blackholes (this kernel
 //!   has no `tc netem`);
 //! - [`http`]: GET on an admin port;
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod envoy;
 pub mod fault;
 pub mod http;
 pub mod kube;

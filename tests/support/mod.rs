@@ -61,3 +61,19 @@ pub async fn registry(pki: &TestPki, td: &str) -> Result<(Proc, String)> {
     p.wait_for("listening on", READY).await?;
     Ok((p, url))
 }
+
+/// Run `ctl` (a `meshbridge ctl …` command without the subcommand) with `status -o json`;
+/// the JSON it printed.
+pub fn ctl_status_json(mut ctl: std::process::Command) -> serde_json::Value {
+    let out = ctl
+        .args(["status", "-o", "json"])
+        .env("MESHBRIDGE_LOG", "warn")
+        .output()
+        .expect("running ctl status");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ctl status -o json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

@@ -309,6 +309,7 @@ mod tests {
                 created_revision: 1,
                 links: Vec::new(),
                 instances: Vec::new(),
+                xds_rejections: Vec::new(),
             },
         }
     }
@@ -395,6 +396,7 @@ mod tests {
                 at_ms: 500,
                 links: None,
                 instance: String::new(),
+                xds_rejections: None,
             },
             // West lapses, then is withdrawn (its export goes).
             Command::Tick { at_ms: 1_200 },

@@ -1,7 +1,7 @@
 //! Typed writes of [`RegistryClient`].
 
 use super::{ClientError, RegistryClient, WriteResult};
-use crate::model::{Export, Import, Policy, ServiceKey, SiteSpec};
+use crate::model::{Export, Import, Policy, Report, ServiceKey, SiteSpec};
 use crate::proto;
 
 impl RegistryClient {
@@ -18,26 +18,32 @@ impl RegistryClient {
     }
 
     pub async fn heartbeat(&self, site: &str) -> Result<WriteResult, ClientError> {
-        self.heartbeat_with_links(site, "", None).await
+        self.heartbeat_reporting(site, "", None).await
     }
 
-    /// Renews the lease and, when `links` is given, replaces the reported links: the
-    /// site's, or with `instance`, that gateway instance's.
-    pub async fn heartbeat_with_links(
+    /// Renews the lease and, when `report` is given, replaces the reported links and xDS
+    /// rejections: the site's, or with `instance`, that gateway instance's.
+    pub async fn heartbeat_reporting(
         &self,
         site: &str,
         instance: &str,
-        links: Option<&[crate::model::Link]>,
+        report: Option<&Report>,
     ) -> Result<WriteResult, ClientError> {
         let req = proto::HeartbeatRequest {
             site: site.into(),
             instance: instance.into(),
-            report_links: links.is_some(),
-            links: links
-                .unwrap_or_default()
-                .iter()
-                .map(proto::from_link)
-                .collect(),
+            report_links: report.is_some(),
+            links: report
+                .map(|r| r.links.iter().map(proto::from_link).collect())
+                .unwrap_or_default(),
+            xds_rejections: report
+                .map(|r| {
+                    r.xds_rejections
+                        .iter()
+                        .map(proto::from_xds_rejection)
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         self.write(
             "Heartbeat",

@@ -29,6 +29,9 @@ pub enum Command {
         /// The reporting gateway, for a site registered by instance (else empty).
         #[serde(default)]
         instance: String,
+        /// Its xDS clients' standing rejections; `None` keeps the last report.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        xds_rejections: Option<Vec<XdsRejection>>,
     },
     /// Remove a site and all its exports, and revoke it: it cannot register again (nor its
     /// agents renew their SVIDs) until it is reinstated or re-enrolled with a join token.
@@ -247,7 +250,14 @@ impl Catalog {
                 at_ms,
                 links,
                 instance,
-            } => self.heartbeat(site, instance, *at_ms, links.as_deref()),
+                xds_rejections,
+            } => self.heartbeat(
+                site,
+                instance,
+                *at_ms,
+                links.as_deref(),
+                xds_rejections.as_deref(),
+            ),
             Command::RemoveSite { site } => self.remove_site(site, next),
             Command::RevokeSite { site } => Ok(self.revoke_site(site, next)),
             Command::ReinstateSite { site } => self.reinstate_site(site),
@@ -314,20 +324,22 @@ impl Catalog {
             created_revision: old.map_or(next, |s| s.created_revision),
             links: old.map_or_else(Vec::new, |s| s.links.clone()),
             instances: Vec::new(),
+            xds_rejections: old.map_or_else(Vec::new, |s| s.xds_rejections.clone()),
         };
         if !spec.instance.is_empty() {
             // One gateway of several: it replaces its own entry, the others stay.
             let mut instances = old.map_or_else(Vec::new, |s| s.instances.clone());
-            let links = instances
+            let (links, xds_rejections) = instances
                 .iter()
                 .find(|i| i.name == spec.instance)
-                .map(|i| i.links.clone())
+                .map(|i| (i.links.clone(), i.xds_rejections.clone()))
                 .unwrap_or_default();
             instances.retain(|i| i.name != spec.instance);
             instances.push(GatewayInstance {
                 name: spec.instance.clone(),
                 gateways: spec.gateways.clone(),
                 links,
+                xds_rejections,
                 last_heartbeat_ms: at_ms,
             });
             instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -343,6 +355,7 @@ impl Catalog {
         instance: &str,
         at_ms: u64,
         links: Option<&[Link]>,
+        xds_rejections: Option<&[XdsRejection]>,
     ) -> Result<Vec<Change>, Rejection> {
         let old = self
             .sites
@@ -361,6 +374,9 @@ impl Catalog {
             if let Some(links) = links {
                 site.links = links.to_vec();
             }
+            if let Some(r) = xds_rejections {
+                site.xds_rejections = r.to_vec();
+            }
         } else {
             // An instance the registry does not know (dropped after missing its lease, or
             // never registered) must register again: NotFound tells it to.
@@ -370,6 +386,9 @@ impl Catalog {
             i.last_heartbeat_ms = i.last_heartbeat_ms.max(at_ms);
             if let Some(links) = links {
                 i.links = links.to_vec();
+            }
+            if let Some(r) = xds_rejections {
+                i.xds_rejections = r.to_vec();
             }
             site.derive_from_instances();
         }

@@ -85,6 +85,11 @@ pub struct Site {
     /// union of theirs. Empty for a site registered whole (no instance name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<GatewayInstance>,
+    /// xDS responses this site's clients (Envoys, proxyless gRPC) reject now, as its
+    /// gateways last reported them (with several gateways: every gateway's, in the order of
+    /// `instances`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xds_rejections: Vec<XdsRejection>,
 }
 
 /// One of several gateways of a site.
@@ -96,6 +101,8 @@ pub struct GatewayInstance {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub links: Vec<Link>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xds_rejections: Vec<XdsRejection>,
     /// Leader time of its last register or heartbeat.
     pub last_heartbeat_ms: u64,
 }
@@ -117,6 +124,29 @@ pub struct Link {
     #[serde(default)]
     pub last_error: Option<String>,
 }
+
+/// A response an xDS client of the site's gateway rejected (a NACK) and has not accepted a
+/// newer one of the same type since: a configuration that is not in effect there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdsRejection {
+    /// The client's node id.
+    pub node: String,
+    /// The resource type (`type.googleapis.com/envoy.config.listener.v3.Listener`).
+    pub type_url: String,
+    /// The client's error detail, at most [`MAX_LINK_ERROR`] bytes.
+    pub error: String,
+}
+
+/// What a gateway reports with each heartbeat: its tunnel links and its xDS clients'
+/// rejections. Each report replaces the last one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub links: Vec<Link>,
+    pub xds_rejections: Vec<XdsRejection>,
+}
+
+/// Most xDS rejections one gateway may report (the newest are kept).
+pub const MAX_XDS_REJECTIONS: usize = 32;
 
 /// Most links one site may report.
 pub const MAX_LINKS: usize = 256;
@@ -141,6 +171,11 @@ impl Site {
             .instances
             .iter()
             .flat_map(|i| i.links.clone())
+            .collect();
+        self.xds_rejections = self
+            .instances
+            .iter()
+            .flat_map(|i| i.xds_rejections.clone())
             .collect();
     }
 

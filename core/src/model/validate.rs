@@ -436,6 +436,7 @@ impl Command {
                 site,
                 links,
                 instance,
+                xds_rejections,
                 ..
             } => {
                 check_label(site).map_err(|r| invalid("site", r))?;
@@ -458,6 +459,31 @@ impl Command {
                             format!("links[{i}].last_error"),
                             format!("longer than {} bytes", super::MAX_LINK_ERROR),
                         ));
+                    }
+                }
+                let rejections = xds_rejections.as_deref().unwrap_or_default();
+                if rejections.len() > super::MAX_XDS_REJECTIONS {
+                    return Err(invalid(
+                        "xds_rejections",
+                        format!(
+                            "{} rejections, at most {}",
+                            rejections.len(),
+                            super::MAX_XDS_REJECTIONS
+                        ),
+                    ));
+                }
+                for (i, r) in rejections.iter().enumerate() {
+                    for (field, text) in [
+                        ("node", &r.node),
+                        ("type_url", &r.type_url),
+                        ("error", &r.error),
+                    ] {
+                        if text.len() > super::MAX_LINK_ERROR {
+                            return Err(invalid(
+                                format!("xds_rejections[{i}].{field}"),
+                                format!("longer than {} bytes", super::MAX_LINK_ERROR),
+                            ));
+                        }
                     }
                 }
                 Ok(())

@@ -323,20 +323,22 @@ pub fn from_link(l: &model::Link) -> pb::LinkReport {
     }
 }
 
+/// `text` cut to [`model::MAX_LINK_ERROR`] bytes at a character boundary.
+fn cut_text(text: &str) -> String {
+    let mut cut = text.len().min(model::MAX_LINK_ERROR);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_string()
+}
+
 /// Link reports from the wire: over-long errors are cut (at a character boundary) rather
 /// than refused, so a chatty TLS error never costs a site its lease renewal.
 pub fn to_links(links: &[pb::LinkReport]) -> Vec<model::Link> {
     links
         .iter()
         .map(|l| {
-            let mut err = l.last_error.clone();
-            if err.len() > model::MAX_LINK_ERROR {
-                let mut cut = model::MAX_LINK_ERROR;
-                while !err.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                err.truncate(cut);
-            }
+            let err = cut_text(&l.last_error);
             model::Link {
                 peer_site: l.peer_site.clone(),
                 connected: l.connected,
@@ -345,6 +347,29 @@ pub fn to_links(links: &[pb::LinkReport]) -> Vec<model::Link> {
                 failures: l.failures,
                 last_error: (!err.is_empty()).then_some(err),
             }
+        })
+        .collect()
+}
+
+/// An xDS rejection for the wire.
+pub fn from_xds_rejection(r: &model::XdsRejection) -> pb::XdsRejection {
+    pb::XdsRejection {
+        node: r.node.clone(),
+        type_url: r.type_url.clone(),
+        error: r.error.clone(),
+    }
+}
+
+/// xDS rejections from the wire: over-long texts are cut, and only the newest
+/// [`model::MAX_XDS_REJECTIONS`] are kept, as with links, so a report never costs a lease.
+pub fn to_xds_rejections(list: &[pb::XdsRejection]) -> Vec<model::XdsRejection> {
+    let skip = list.len().saturating_sub(model::MAX_XDS_REJECTIONS);
+    list[skip..]
+        .iter()
+        .map(|r| model::XdsRejection {
+            node: cut_text(&r.node),
+            type_url: cut_text(&r.type_url),
+            error: cut_text(&r.error),
         })
         .collect()
 }

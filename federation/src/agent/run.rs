@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use meshbridge_core::client::{ClientError, ClientOptions, RegistryClient};
 use meshbridge_core::drain::Outcome;
-use meshbridge_core::model::Link;
 use meshbridge_core::tls::Identity;
 use meshbridge_gateway::{Gateway, GatewayHandle};
 use tokio::sync::watch;
@@ -89,26 +88,12 @@ impl Agent {
         let spec = cfg.site_spec(gateway.tunnel_addr());
         let stopped = stop.clone();
         // Like a gateway, the agent reports its tunnel links with each heartbeat.
-        let peers = gateway.peers_handle();
-        let links = move || {
-            peers()
-                .into_iter()
-                .map(|p| Link {
-                    peer_site: p.site,
-                    connected: p.connected,
-                    transport: p.transport.map(str::to_string),
-                    rtt_us: p.rtt_ms.map(|ms| (ms * 1000.0) as u64),
-                    failures: p.failures,
-                    last_error: p.last_error,
-                })
-                .collect()
-        };
         tasks.spawn(site::keep_reporting(
             client.clone(),
             spec,
             exports,
             status_tx,
-            Some(links),
+            Some(gateway.reporter()),
             async move { stopped.cancelled().await },
         ));
 

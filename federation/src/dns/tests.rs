@@ -29,6 +29,7 @@ fn site(name: &str, state: SiteState) -> Arc<Site> {
         created_revision: 1,
         links: Vec::new(),
         instances: Vec::new(),
+        xds_rejections: Vec::new(),
     })
 }
 

@@ -353,6 +353,7 @@ mod tests {
                     created_revision: 1,
                     links: Vec::new(),
                     instances: Vec::new(),
+                    xds_rejections: Vec::new(),
                 })
             });
             c.exports.insert(e.key(), Arc::new(e));

@@ -48,6 +48,7 @@ impl World {
             created_revision: self.catalog.revision,
             links: Vec::new(),
             instances: Vec::new(),
+            xds_rejections: Vec::new(),
         };
         self.catalog.sites.insert(name.into(), Arc::new(site));
         self

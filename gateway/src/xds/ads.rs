@@ -93,6 +93,7 @@ impl Ads {
         let (tx, rx) = mpsc::channel(QUEUE);
         let client = Client {
             snapshot: self.snapshot.clone(),
+            id: self.stats.stream_id(),
             stats: self.stats.clone(),
             node: String::new(),
             peer,
@@ -108,6 +109,8 @@ impl Ads {
 struct Client {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     stats: Arc<Stats>,
+    /// This stream's number (keys its standing NACKs).
+    id: u64,
     /// The client's node id (sent in its first request).
     node: String,
     peer: String,
@@ -133,9 +136,10 @@ impl Client {
                 node = %self.node, peer = %self.peer, %type_url, %nonce, %kept_version, %error,
                 "xds client rejected a response (NACK)"
             );
-            self.stats.last_nack(&self.node, type_url, error);
+            self.stats.rejected(self.id, &self.node, type_url, error);
         } else if !nonce.is_empty() {
             self.stats.ack(type_url);
+            self.stats.accepted(self.id, type_url);
         }
     }
 }
@@ -177,6 +181,7 @@ async fn run<P: Protocol>(mut p: P, mut inbound: Streaming<P::Request>, stop: Ca
     }
     let c = p.client();
     c.stats.clients.dec();
+    c.stats.ended(c.id);
     info!(node = %c.node, peer = %c.peer, "xds client gone");
 }
 

@@ -11,7 +11,9 @@
 mod ads;
 pub mod resources;
 
+use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -48,7 +50,7 @@ pub struct Nack {
     pub error: String,
 }
 
-/// xDS metrics (`meshbridge_gateway_xds_*`) and the last NACK.
+/// xDS metrics (`meshbridge_gateway_xds_*`), the last NACK, and the standing ones.
 #[derive(Default)]
 pub struct Stats {
     clients: Gauge,
@@ -56,6 +58,10 @@ pub struct Stats {
     acks: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
     last_nack: Mutex<Option<Nack>>,
+    /// Per stream and type, the NACK not yet followed by an ACK of that type: what a client
+    /// runs without. Dropped when the stream ends.
+    standing: Mutex<BTreeMap<(u64, String), Nack>>,
+    streams: AtomicU64,
 }
 
 impl Stats {
@@ -117,23 +123,54 @@ impl Stats {
             .inc();
     }
 
-    fn last_nack(&self, node: &str, type_url: &str, error: &str) {
-        *self
-            .last_nack
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Nack {
+    /// A number for a new stream, to key its standing NACKs.
+    fn stream_id(&self) -> u64 {
+        self.streams.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stream `stream` (client `node`) rejected the last response of `type_url`.
+    fn rejected(&self, stream: u64, node: &str, type_url: &str, error: &str) {
+        let nack = Nack {
             node: node.to_string(),
             type_url: type_url.to_string(),
             error: error.to_string(),
-        });
+        };
+        lock(&self.standing).insert((stream, type_url.to_string()), nack.clone());
+        *lock(&self.last_nack) = Some(nack);
+    }
+
+    /// Stream `stream` accepted a response of `type_url`: its rejection of that type is over.
+    fn accepted(&self, stream: u64, type_url: &str) {
+        let mut standing = lock(&self.standing);
+        if !standing.is_empty() {
+            standing.remove(&(stream, type_url.to_string()));
+        }
+    }
+
+    /// Stream `stream` ended: its rejections go with it.
+    fn ended(&self, stream: u64) {
+        lock(&self.standing).retain(|(s, _), _| *s != stream);
+    }
+
+    /// The rejections standing now (a client NACKed a type and has not ACKed it since), at
+    /// most `max`, the newest streams' first kept; what the gateway reports to the registry.
+    pub fn rejections(&self, max: usize) -> Vec<meshbridge_core::model::XdsRejection> {
+        let standing = lock(&self.standing);
+        let skip = standing.len().saturating_sub(max);
+        standing
+            .values()
+            .skip(skip)
+            .map(|n| meshbridge_core::model::XdsRejection {
+                node: n.node.clone(),
+                type_url: n.type_url.clone(),
+                error: n.error.clone(),
+            })
+            .collect()
     }
 
     /// The most recent NACK, if any.
     pub fn latest_nack(&self) -> Option<Nack> {
-        self.last_nack
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.last_nack).clone()
     }
 
     /// NACKs seen in all.
@@ -149,6 +186,10 @@ impl Stats {
         }
         total
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Serve xDS on `listener` until `sh.stop`.

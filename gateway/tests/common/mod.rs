@@ -126,6 +126,7 @@ impl Feed {
             created_revision: 1,
             links: Vec::new(),
             instances: Vec::new(),
+            xds_rejections: Vec::new(),
         };
         self.edit(|c| {
             c.sites.insert(s.name.clone(), Arc::new(site));

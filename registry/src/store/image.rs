@@ -160,6 +160,7 @@ mod tests {
             created_revision: 1,
             links: Vec::new(),
             instances: Vec::new(),
+            xds_rejections: Vec::new(),
         };
         let export = Export {
             site: "east".into(),

@@ -149,6 +149,7 @@ async fn rejected_command_is_a_reply_not_a_storage_error() -> anyhow::Result<()>
         at_ms: 1,
         links: None,
         instance: String::new(),
+        xds_rejections: None,
     };
     let entry = Entry {
         log_id: log_id(1, 1),
@@ -240,6 +241,7 @@ async fn batches_on_the_spare_match_a_plain_replay() -> anyhow::Result<()> {
                     at_ms: index * 10,
                     links: None,
                     instance: String::new(),
+                    xds_rejections: None,
                 },
                 // Refused: changes nothing, and is not replayed.
                 _ => Command::RemoveSite {
@@ -279,6 +281,7 @@ async fn a_proposal_of_several_writes_applies_each_in_order_with_its_own_reply()
         at_ms: 1,
         links: None,
         instance: String::new(),
+        xds_rejections: None,
     };
     let proposal = Proposal(vec![
         Request {

@@ -54,6 +54,7 @@ fn revision_moves_by_one_per_command_with_changes() {
                 at_ms: 1_000,
                 links: None,
                 instance: String::new(),
+                xds_rejections: None,
             },
             4,
             vec!["site+"],
@@ -64,6 +65,7 @@ fn revision_moves_by_one_per_command_with_changes() {
                 at_ms: 1_000,
                 links: None,
                 instance: String::new(),
+                xds_rejections: None,
             },
             4,
             vec![],
@@ -354,6 +356,7 @@ fn heartbeats_carry_link_reports_and_bad_ones_name_the_field() {
         at_ms,
         links,
         instance: String::new(),
+        xds_rejections: None,
     };
     c.apply(&hb(Some(vec![link("b", true), link("c", false)]), 10))
         .unwrap();
@@ -380,6 +383,72 @@ fn heartbeats_carry_link_reports_and_bad_ones_name_the_field() {
         ),
     ] {
         match c.apply(&hb(Some(links), 30)) {
+            Err(Rejection::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+        assert_eq!(c, before);
+    }
+}
+
+#[test]
+fn heartbeats_carry_xds_rejections_per_gateway_and_bad_ones_name_the_field() {
+    let mut c = Catalog::default();
+    let gw = |c: &mut Catalog, name: &str| {
+        let mut s = spec("east", "eu", "eu-1a");
+        s.instance = name.into();
+        c.apply(&Command::RegisterSite { spec: s, at_ms: 1 })
+            .unwrap();
+    };
+    gw(&mut c, "gw-a");
+    gw(&mut c, "gw-b");
+    let nack = |node: &str| XdsRejection {
+        node: node.into(),
+        type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+        error: "cannot bind '127.0.0.1:80': Address already in use".into(),
+    };
+    let hb = |instance: &str, rejections: Option<Vec<XdsRejection>>, at_ms| Command::Heartbeat {
+        site: "east".into(),
+        at_ms,
+        links: rejections.as_ref().map(|_| Vec::new()),
+        instance: instance.into(),
+        xds_rejections: rejections,
+    };
+    c.apply(&hb("gw-a", Some(vec![nack("sidecar-1")]), 10))
+        .unwrap();
+    c.apply(&hb("gw-b", Some(vec![nack("sidecar-2")]), 10))
+        .unwrap();
+    let nodes = |c: &Catalog| -> Vec<String> {
+        let s = c.site("east").unwrap();
+        s.xds_rejections.iter().map(|r| r.node.clone()).collect()
+    };
+    // The site shows every gateway's, in instance order.
+    assert_eq!(nodes(&c), vec!["sidecar-1", "sidecar-2"]);
+    // A heartbeat without a report keeps them; a report replaces that gateway's only.
+    c.apply(&hb("gw-a", None, 20)).unwrap();
+    assert_eq!(nodes(&c), vec!["sidecar-1", "sidecar-2"]);
+    c.apply(&hb("gw-a", Some(vec![]), 30)).unwrap();
+    assert_eq!(nodes(&c), vec!["sidecar-2"]);
+    // Re-registering keeps what the gateway last reported.
+    gw(&mut c, "gw-b");
+    assert_eq!(nodes(&c), vec!["sidecar-2"]);
+    // Too many, or too long, is refused naming the field, and changes nothing.
+    let before = c.clone();
+    for (rejections, field) in [
+        (
+            (0..=MAX_XDS_REJECTIONS)
+                .map(|i| nack(&format!("n{i}")))
+                .collect(),
+            "xds_rejections",
+        ),
+        (
+            vec![XdsRejection {
+                error: "x".repeat(MAX_LINK_ERROR + 1),
+                ..nack("n")
+            }],
+            "xds_rejections[0].error",
+        ),
+    ] {
+        match c.apply(&hb("gw-a", Some(rejections), 40)) {
             Err(Rejection::Invalid { field: f, .. }) => assert_eq!(f, field),
             other => panic!("{field}: {other:?}"),
         }

@@ -120,6 +120,7 @@ fn import_addresses_need_a_live_site_and_go_with_it() {
         at_ms: TTL + GRACE - 1,
         links: None,
         instance: String::new(),
+        xds_rejections: None,
     })
     .unwrap();
     let applied = tick(&mut c, TTL + GRACE);

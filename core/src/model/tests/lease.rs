@@ -98,6 +98,7 @@ fn stale_then_heartbeat_is_fresh_again() {
             at_ms: TTL + 10,
             links: None,
             instance: String::new(),
+            xds_rejections: None,
         })
         .unwrap();
     let site = c.site("a").unwrap();

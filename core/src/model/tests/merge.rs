@@ -24,6 +24,7 @@ fn group(site: &str, region: &str, zone: &str, state: SiteState, ready: usize) -
         created_revision: 1,
         links: Vec::new(),
         instances: Vec::new(),
+        xds_rejections: Vec::new(),
     };
     EndpointGroup::from_export(&e, Some(&site))
 }

@@ -29,6 +29,7 @@ fn register_site_updates_and_heartbeat_rules() {
         at_ms,
         links: None,
         instance: String::new(),
+        xds_rejections: None,
     };
     assert_eq!(
         c.apply(&hb("zz", 300)),
@@ -294,6 +295,7 @@ fn rejections_leave_the_catalog_unchanged() {
                 at_ms: 5,
                 links: None,
                 instance: String::new(),
+                xds_rejections: None,
             },
         ),
         ("remove unknown", Command::RemoveSite { site: "zz".into() }),
@@ -545,6 +547,7 @@ fn several_gateways_of_one_site_register_and_report_each_for_itself() {
             ..Default::default()
         }]),
         instance: name.into(),
+        xds_rejections: None,
     };
     c.apply(&gw("gw-b", "10.0.0.2:15443", 100)).unwrap();
     c.apply(&gw("gw-a", "10.0.0.1:15443", 100)).unwrap();
@@ -608,6 +611,7 @@ fn withdrawn_sites_are_forgotten_after_the_keep_time_only() {
         at_ms: TTL + GRACE,
         links: None,
         instance: String::new(),
+        xds_rejections: None,
     })
     .unwrap();
     tick(&mut c, TTL + GRACE);
@@ -647,6 +651,7 @@ fn a_stale_site_that_a_live_site_reaches_is_not_withdrawn() {
                 last_error: None,
             }]),
             instance: String::new(),
+            xds_rejections: None,
         })
         .unwrap();
     };

@@ -189,6 +189,7 @@ fn invalid_commands_name_the_field() {
                 at_ms: 0,
                 links: None,
                 instance: String::new(),
+                xds_rejections: None,
             },
             "site",
         ),

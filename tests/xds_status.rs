@@ -1,0 +1,133 @@
+//! A real Envoy configured over mutual TLS by a real gateway process, and its rejection seen
+//! where an operator looks: the gateway reports its xDS clients' standing NACKs with its
+//! heartbeats, and `ctl status` names the client, the site, the resource type and Envoy's
+//! error, until that client goes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use meshbridge_testkit::envoy::{Envoy, ads_bootstrap};
+use meshbridge_testkit::pki::TestPki;
+use meshbridge_testkit::probe::eventually;
+use serde_json::Value;
+use support::{READY, ctl_status_json, registry, spawn, tls};
+
+const TD: &str = "xds.example";
+
+fn ctl_status(url: &str, tls_dir: &std::path::Path) -> Value {
+    let mut ctl = std::process::Command::new(env!("CARGO_BIN_EXE_meshbridge"));
+    ctl.args(["ctl", "--registry", url, "--tls-dir"])
+        .arg(tls_dir);
+    ctl_status_json(ctl)
+}
+
+fn nack_problems(status: &Value) -> Vec<String> {
+    status["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .filter(|p| p.starts_with("xDS client"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it_goes() -> Result<()>
+{
+    let pki = TestPki::new(TD);
+    let root = pki.dir().to_path_buf();
+    let (_registry, url) = registry(&pki, TD).await?;
+    let ctl_dir = pki
+        .issue("ctl", &format!("spiffe://{TD}/ctl/ops"))
+        .cert
+        .parent()
+        .unwrap()
+        .to_path_buf();
+
+    // A service whose port is taken on the address Envoy's listeners bind: Envoy cannot
+    // bind its listener and rejects the listener response.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let backend_port = backend.local_addr()?.port();
+    let xds_port = meshbridge_testkit::kube::free_port()?;
+    let files = pki.issue("gw-west", &format!("spiffe://{TD}/site/west/gateway"));
+    let cfg = root.join("gw-west.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nsite = \"west\"\ndata_dir = {:?}\n\
+             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
+             [gateway.xds]\nlisten = \"127.0.0.1:{xds_port}\"\nlistener_address = \"127.0.0.1\"\n\
+             {}[source]\nregistry = [\"{url}\"]\n[register]\nlease_ttl_ms = 3000\n\
+             [[exports]]\nnamespace = \"demo\"\nname = \"busy\"\n\
+             ports = [{{ name = \"tcp\", port = {port}, target_port = {backend_port} }}]\n\
+             endpoints = [{{ address = \"127.0.0.1\" }}]\n",
+            root.join("gw-west-data"),
+            tls(&files),
+        ),
+    )?;
+    let mut gateway = spawn("gateway west", &cfg, "gateway", &[])?;
+    gateway.wait_for("listening on", READY).await?;
+
+    // Envoy connects over mutual TLS with an SVID of the trust domain, and takes only the
+    // gateway's id as the server.
+    let envoy_files = pki.issue("envoy", &format!("spiffe://{TD}/ns/demo/sa/web"));
+    let server_id = format!("spiffe://{TD}/site/west/gateway");
+    let xds: SocketAddr = ([127, 0, 0, 1], xds_port).into();
+    let mut envoy = Envoy::start(ads_bootstrap(
+        "sidecar-nack",
+        xds,
+        "GRPC",
+        Some((&envoy_files, &server_id)),
+    ))
+    .await?;
+    // It got its configuration over mTLS: the service's cluster and endpoint.
+    let cluster = format!("busy.demo.svc.clusterset.local:{port}");
+    envoy
+        .until_endpoints(&cluster, &[([127, 0, 0, 1], backend_port).into()])
+        .await?;
+
+    // The rejection reaches ctl status with the next heartbeat.
+    let problems = eventually("the NACK in ctl status", READY, || async {
+        let p = nack_problems(&ctl_status(&url, &ctl_dir));
+        let seen = format!("{p:?}");
+        ((!p.is_empty()).then_some(p), seen)
+    })
+    .await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = &problems[0];
+    assert!(
+        p.starts_with(
+            "xDS client sidecar-nack of site west rejected its Listener configuration (NACK)"
+        ),
+        "{p}"
+    );
+    assert!(p.contains(&format!("127.0.0.1:{port}")), "{p}");
+    let status = ctl_status(&url, &ctl_dir);
+    let row = &status["xds_rejections"][0];
+    assert_eq!(row["node"], "sidecar-nack", "{status:#}");
+    assert_eq!(
+        row["type_url"], "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "{status:#}"
+    );
+    assert_eq!(status["ok"], false);
+
+    // The client goes: its rejection stops standing, and the problem goes too.
+    envoy.kill().await;
+    eventually("the NACK gone from ctl status", READY, || async {
+        let p = nack_problems(&ctl_status(&url, &ctl_dir));
+        let seen = format!("{p:?}");
+        (p.is_empty().then_some(()), seen)
+    })
+    .await;
+    drop((taken, backend));
+    gateway.terminate(Duration::from_secs(5)).await;
+    Ok(())
+}
