@@ -200,14 +200,6 @@ pub(crate) fn member_json(m: &proto::MemberStatus) -> Value {
     json!({"node_id": m.node_id, "url": m.url, "voter": m.voter, "matched_index": m.matched_index, "lag": m.lag})
 }
 
-pub(crate) fn state_name(s: &SiteState) -> &'static str {
-    match s {
-        SiteState::Fresh => "fresh",
-        SiteState::Stale { .. } => "stale",
-        SiteState::Withdrawn { .. } => "withdrawn",
-    }
-}
-
 pub(crate) fn sites_json(sites: &[Site], now_ms: u64) -> Value {
     Value::Array(
         sites
@@ -215,7 +207,7 @@ pub(crate) fn sites_json(sites: &[Site], now_ms: u64) -> Value {
             .map(|s| {
                 json!({
                     "name": s.name, "kind": s.kind, "region": s.locality.region, "zone": s.locality.zone,
-                    "state": state_name(&s.state), "staleness_seconds": s.staleness_seconds(now_ms),
+                    "state": s.state.name(), "staleness_seconds": s.staleness_seconds(now_ms),
                     "lease_age_ms": now_ms.saturating_sub(s.last_heartbeat_ms), "lease_ttl_ms": s.lease_ttl_ms,
                     "grace_ms": s.grace_ms, "gateways": s.gateways,
                     "instances": s.instances.iter().map(|i| json!({
@@ -263,12 +255,13 @@ pub(crate) fn print_sites(sites: &[Site], now_ms: u64, out: &Printer) {
         "SITE", "KIND", "LOCALITY", "STATE", "LEASE AGE", "STALE FOR"
     );
     for s in sites {
+        let name = s.state.name();
         let state = match s.state {
-            SiteState::Fresh => out.green("fresh"),
-            SiteState::Stale { .. } => out.yellow("stale"),
-            SiteState::Withdrawn { .. } => out.red("withdrawn"),
+            SiteState::Fresh => out.green(name),
+            SiteState::Stale { .. } => out.yellow(name),
+            SiteState::Withdrawn { .. } => out.red(name),
         };
-        let pad = 10 + state.len() - state_name(&s.state).len();
+        let pad = 10 + state.len() - s.state.name().len();
         println!(
             "{:<18} {:<8} {:<22} {:<pad$} {:>8.1}s {:>9}s  {}",
             s.name,
@@ -359,7 +352,7 @@ fn print_service_detail(s: &MergedService, out: &Printer) {
             g.site,
             g.locality.region,
             g.locality.zone,
-            state_name(&g.state),
+            g.state.name(),
             g.generation
         );
         for e in &g.endpoints {

@@ -97,10 +97,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Cmd::Inspect { file, output } => {
             let certs = load_certs(&file)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let now = meshbridge_core::clock::unix_secs();
             let infos = certs
                 .iter()
                 .enumerate()

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod drain;
 pub mod id;

@@ -7,9 +7,10 @@
 //! writer (an older process still running somewhere) is refused.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use meshbridge_core::client::{ClientError, RegistryClient};
+use meshbridge_core::clock::unix_ms as now_ms;
 use meshbridge_core::model::{Endpoint, Export, Port, Report, ServiceKey, SiteSpec};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -32,13 +33,6 @@ pub struct KeeperStatus {
     pub last_renewal_ms: u64,
     pub exports: usize,
     pub last_error: Option<String>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct Generations(u64);

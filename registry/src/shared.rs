@@ -3,7 +3,7 @@
 //! the leader ([`Shared::on_leader`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use meshbridge_core::client::{LEADER_HINT, MAX_MESSAGE_BYTES, REQUEST_ID};
 use meshbridge_core::model::{Catalog, Command};
@@ -134,11 +134,7 @@ impl Shared {
 }
 
 /// The wall clock in milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use meshbridge_core::clock::unix_ms as now_ms;
 
 enum Route {
     Local,
@@ -156,10 +152,7 @@ impl Shared {
     /// watcher that needs it (after a node loss, many reconnect at once).
     pub fn catalog_json(&self) -> Result<(u64, bytes::Bytes), serde_json::Error> {
         let catalog = self.catalog();
-        let mut cached = self
-            .reset_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cached = meshbridge_core::sync::lock(&self.reset_cache);
         if let Some((revision, json)) = &*cached
             && *revision == catalog.revision
         {

@@ -72,11 +72,12 @@ fn esc(s: &str) -> String {
 }
 
 fn state_of(s: &SiteState) -> (&'static str, &'static str) {
-    match s {
-        SiteState::Fresh => ("fresh", "#2e9d4f"),
-        SiteState::Stale { .. } => ("stale", "#e09a1b"),
-        SiteState::Withdrawn { .. } => ("withdrawn", "#c73a3a"),
-    }
+    let colour = match s {
+        SiteState::Fresh => "#2e9d4f",
+        SiteState::Stale { .. } => "#e09a1b",
+        SiteState::Withdrawn { .. } => "#c73a3a",
+    };
+    (s.name(), colour)
 }
 
 /// The page for one catalog (pure, for tests).

@@ -1,7 +1,6 @@
 //! `ctl status`: the one-screen diagnosis. Anything wrong comes first.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
@@ -98,10 +97,7 @@ pub(super) async fn status(
         );
     }
     let cert = identity.cert_info();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64;
+    let now = meshbridge_core::clock::unix_secs();
     let days_left = cert.seconds_left(now) / 86400;
     // The whole mesh's certificates: each registry node's own SVID and bundle, and every
     // client SVID the nodes have seen (gateways, agents, DNS servers, adapters), and ours.
@@ -373,7 +369,7 @@ fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
             rows.push(json!({
                 "from": s.name, "gateway": gateway, "to": l.peer_site, "connected": l.connected, "transport": l.transport,
                 "rtt_ms": l.rtt_us.map(|us| us as f64 / 1000.0), "failures": l.failures, "last_error": l.last_error,
-                "reporter_state": state_label(&s.state),
+                "reporter_state": s.state.name(),
             }));
             let from = match gateway {
                 Some(g) => format!("{} ({g})", s.name),
@@ -399,7 +395,7 @@ fn link_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
                 problems.push(format!(
                     "site {} is {} in the registry, but {} still has a live link to it: its gateway runs and lost the registry",
                     peer.name,
-                    state_label(&peer.state),
+                    peer.state.name(),
                     s.name
                 ));
             }
@@ -443,14 +439,6 @@ fn xds_findings(sites: &[Site]) -> (Vec<String>, Vec<Value>) {
         }
     }
     (problems, rows)
-}
-
-fn state_label(s: &SiteState) -> &'static str {
-    match s {
-        SiteState::Fresh => "fresh",
-        SiteState::Stale { .. } => "stale",
-        SiteState::Withdrawn { .. } => "withdrawn",
-    }
 }
 
 #[cfg(test)]

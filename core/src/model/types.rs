@@ -59,6 +59,17 @@ pub enum SiteState {
     Withdrawn { since_ms: u64 },
 }
 
+impl SiteState {
+    /// `fresh`, `stale` or `withdrawn`, as every view and metric names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SiteState::Fresh => "fresh",
+            SiteState::Stale { .. } => "stale",
+            SiteState::Withdrawn { .. } => "withdrawn",
+        }
+    }
+}
+
 /// A site as registered, with its lease.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Site {

@@ -153,12 +153,7 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_else(|| unix.to_string())
 }
 
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::unix_secs as now_unix;
 
 /// Check an SVID leaf: it carries exactly one SPIFFE id and is valid now.
 pub fn check_svid(

@@ -13,9 +13,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use meshbridge_core::client::{ClientOptions, JoinError, RegistryClient, join};
+use meshbridge_core::clock::unix_secs as now_unix;
 use meshbridge_core::id::SpiffeId;
 use meshbridge_core::pki::{PkiError, Svid, new_csr, write_atomic};
 use meshbridge_core::tls::{Identity, TlsError, rfc3339};
@@ -157,12 +158,6 @@ pub async fn obtain(cfg: &Config, opts: &ClientOptions) -> Result<AgentIdentity,
         identity,
         self_managed: true,
     })
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// When to renew: half of the validity left, but not sooner than in a second.

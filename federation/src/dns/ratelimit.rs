@@ -7,8 +7,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Instant;
+
+use meshbridge_core::sync::lock;
 
 use super::config::RateLimit;
 
@@ -62,9 +64,7 @@ impl RateLimiter {
         let key = client_key(ip);
         let mixed = (key ^ (key >> 64)) as u64;
         let shard = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as usize % SHARDS;
-        let mut map = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = lock(&self.shards[shard]);
         if map.len() >= MAX_CLIENTS / SHARDS && !map.contains_key(&key) {
             let (per_sec, burst) = (self.per_sec, self.burst);
             map.retain(|_, b| {
@@ -90,10 +90,7 @@ impl RateLimiter {
 
     #[cfg(test)]
     fn clients(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 }
 

@@ -387,12 +387,9 @@ pub async fn run(
         if errors == 0 {
             failed = false;
             retry = RETRY_MIN;
-            metrics.last_success.set(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0),
-            );
+            metrics
+                .last_success
+                .set(meshbridge_core::clock::unix_secs());
         } else {
             metrics.errors.inc_by(errors as u64);
             if failed {
@@ -463,9 +460,7 @@ struct ImportAddresses {
 
 impl ImportAddresses {
     fn next_generation(&mut self, held: u64) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = meshbridge_core::clock::unix_ms();
         self.generation = now.max(self.generation + 1).max(held + 1);
         self.generation
     }

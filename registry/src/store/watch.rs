@@ -7,7 +7,7 @@
 //! the ring (or a snapshot replaced the catalog): it starts over from `latest()`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use meshbridge_core::model::{Catalog, Change};
 use tokio::sync::watch;
@@ -116,7 +116,7 @@ impl Feed {
     fn ring(&self) -> MutexGuard<'_, Ring> {
         // The ring is consistent after every statement that mutates it: a panic elsewhere
         // while the lock was held does not leave it half-written.
-        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+        meshbridge_core::sync::lock(&self.ring)
     }
 }
 
