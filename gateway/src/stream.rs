@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::tcp::{H2Recv, H2Send};
@@ -15,6 +16,9 @@ use crate::tcp::{H2Recv, H2Send};
 /// up to the size that keeps per-write overhead low on fast links.
 const COPY_BUF_MIN: usize = 16 * 1024;
 const COPY_BUF_MAX: usize = 256 * 1024;
+/// Into the tunnel, chunks are cut from blocks of this many (once a stream is busy), so
+/// the tunnel takes them without a copy and a new block is rarely allocated.
+const CHUNKS_PER_BLOCK: usize = 4;
 
 /// The sending half of a tunnel stream.
 pub enum SendHalf {
@@ -38,6 +42,14 @@ impl SendHalf {
     pub async fn delivered(&self) {
         if let Self::Quic(s) = self {
             let _ = tokio::time::timeout(DELIVERY_WAIT, s.stopped()).await;
+        }
+    }
+
+    /// Send all of `data`, handing the buffer itself to the transport (no copy).
+    pub async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        match self {
+            Self::Quic(s) => s.write_chunk(data).await.map_err(io::Error::from),
+            Self::H2(s) => s.write_chunk(data).await,
         }
     }
 
@@ -135,6 +147,39 @@ where
     }
 }
 
+/// Copy `r` into the tunnel until `r` ends, then end the stream (half-close). Reads land in
+/// a block of memory that is cut into chunks handed to the transport as they are: QUIC and
+/// HTTP/2 would otherwise copy every write into a buffer of their own, allocated per write.
+/// A block is reused once the transport has let go of every chunk cut from it.
+async fn pump_to_tunnel<R>(r: &mut R, w: &mut SendHalf, count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut want = COPY_BUF_MIN;
+    let mut buf = BytesMut::new();
+    loop {
+        if buf.capacity() < want {
+            // An idle connection keeps one small block; a busy one, blocks of several chunks.
+            let block = if want == COPY_BUF_MIN {
+                want
+            } else {
+                want * CHUNKS_PER_BLOCK
+            };
+            buf.reserve(block);
+        }
+        let n = r.read_buf(&mut (&mut buf).limit(want)).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_chunk(buf.split().freeze()).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if n == want && want < COPY_BUF_MAX {
+            want *= 2;
+        }
+    }
+}
+
 /// Resolves with an error once no byte moved either way for `idle` (checked every quarter
 /// of it, so a stream is closed between `idle` and 1.25 × `idle` after its last byte).
 async fn idle_watch(counts: &Counts, idle: Duration) -> io::Error {
@@ -172,7 +217,7 @@ where
     CR: AsyncRead + Unpin + ?Sized,
     CW: AsyncWrite + Unpin + ?Sized,
 {
-    let up = pump(client_r, tunnel_w, &counts.to_tunnel);
+    let up = pump_to_tunnel(client_r, tunnel_w, &counts.to_tunnel);
     let down = pump(tunnel_r, client_w, &counts.from_tunnel);
     let result = tokio::select! {
         // The data first, without select's per-poll random draw: this runs on every wake.

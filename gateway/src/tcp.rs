@@ -81,6 +81,35 @@ impl H2Send {
         self.0.send_reset(Reason::CANCEL);
     }
 
+    /// Send all of `data` as flow control allows; h2 takes the buffer itself (no copy).
+    pub async fn write_chunk(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            self.0.reserve_capacity(data.len());
+            let cap = std::future::poll_fn(|cx| self.poll_send_capacity(cx)).await?;
+            let chunk = data.split_to(cap.min(data.len()));
+            if self.0.send_data(chunk, false).is_err() {
+                return Err(std::future::poll_fn(|cx| self.reset_error(cx)).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready with the capacity h2 assigned the stream (more than zero bytes).
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            let cap = self.0.capacity();
+            if cap > 0 {
+                return Poll::Ready(Ok(cap));
+            }
+            // Ready once per capacity increase; Pending (waker set) until the next one.
+            match ready!(self.0.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return self.reset_error(cx).map(Err),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
     fn reset_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.0.poll_reset(cx)) {
             Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
@@ -103,23 +132,16 @@ impl AsyncWrite for H2Send {
             return Poll::Ready(Ok(0));
         }
         this.0.reserve_capacity(buf.len());
-        loop {
-            let cap = this.0.capacity();
-            if cap > 0 {
-                let n = cap.min(buf.len());
-                let data = Bytes::copy_from_slice(&buf[..n]);
-                if this.0.send_data(data, false).is_ok() {
-                    return Poll::Ready(Ok(n));
-                }
-                return this.reset_error(cx).map(Err);
-            }
-            // Ready once per capacity increase; Pending (waker set) until the next one.
-            match ready!(this.0.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return this.reset_error(cx).map(Err),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
+        let cap = ready!(this.poll_send_capacity(cx))?;
+        let n = cap.min(buf.len());
+        if this
+            .0
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .is_ok()
+        {
+            return Poll::Ready(Ok(n));
         }
+        this.reset_error(cx).map(Err)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
