@@ -10,8 +10,8 @@ use meshbridge_core::model::{Catalog, ServiceKey, SiteRank};
 use tokio::net::TcpStream;
 
 use crate::choice::{self, Candidate};
+use crate::inbound::{self, describe_target};
 use crate::metrics::{Direction, SiteLabel, StreamLabels};
-use crate::outbound::{self, describe_target};
 use crate::preamble::{Preamble, ReplyStatus, Target};
 use crate::shared::Shared;
 use crate::stream::{RecvHalf, SendHalf};
@@ -227,7 +227,7 @@ async fn local(
     early: &[u8],
 ) -> Result<Dialed, Attempt> {
     use tokio::io::AsyncWriteExt;
-    match outbound::connect_local(sh, catalog, target, &sh.site).await {
+    match inbound::connect_local(sh, catalog, target, &sh.site).await {
         Ok((mut stream, endpoint)) => {
             if !early.is_empty() {
                 stream

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, addr};
-use crate::inbound::{self, Kind};
 use crate::metrics::Metrics;
+use crate::outbound::{self, Kind};
 use crate::pool::{PeerStatus, Pool};
 use crate::services::{self, ServiceAddrs};
 use crate::shared::Shared;
@@ -198,7 +198,7 @@ impl Gateway {
                 port: f.port,
             };
             let stop = sh.accept_stop.child_token();
-            tasks.spawn(inbound::accept_loop(
+            tasks.spawn(outbound::accept_loop(
                 sh.clone(),
                 l,
                 Kind::Service(target),
@@ -210,14 +210,14 @@ impl Gateway {
             let l = bind_tcp("listeners.sni", "SNI listener", a).await?;
             sni_addr = Some(local(&l, "SNI listener")?);
             let stop = sh.accept_stop.child_token();
-            tasks.spawn(inbound::accept_loop(sh.clone(), l, Kind::Sni, stop));
+            tasks.spawn(outbound::accept_loop(sh.clone(), l, Kind::Sni, stop));
         }
         let mut connect_addr = None;
         if let Some(a) = &config.listeners.connect {
             let l = bind_tcp("listeners.connect", "CONNECT listener", a).await?;
             connect_addr = Some(local(&l, "CONNECT listener")?);
             let stop = sh.accept_stop.child_token();
-            tasks.spawn(inbound::accept_loop(sh.clone(), l, Kind::Connect, stop));
+            tasks.spawn(outbound::accept_loop(sh.clone(), l, Kind::Connect, stop));
         }
 
         let readiness = Readiness::new();

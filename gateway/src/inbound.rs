@@ -1,348 +1,396 @@
-//! Local clients: service listeners, SNI passthrough and HTTP CONNECT. Each accepted
-//! connection is routed to a target, dialed (with failover), and spliced.
+//! Inbound: tunnel streams arriving from peer gateways (access log `direction =
+//! "incoming"`), the receiving side: read the preamble (size-capped, under a timeout),
+//! authorize, pick a ready local endpoint round-robin, connect with a timeout, reply, then
+//! copy both ways with half-close, counting bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use bytes::{Bytes, BytesMut};
+use meshbridge_core::id::SpiffeId;
+use meshbridge_core::model::{Catalog, ServiceKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-use crate::connect::{self, MAX_HEAD_LEN};
-use crate::dial::{DialError, Dialed, dial};
-use crate::metrics::{Direction, KindLabel};
-use crate::outbound::describe_target;
-use crate::preamble::{ReplyStatus, Target, TraceHex};
+use crate::metrics::{Direction, SiteLabel, StreamLabels};
+use crate::policy::{self, Decision};
+use crate::preamble::{MAX_PREAMBLE_LEN, Preamble, Reply, ReplyStatus, Target, TraceHex};
 use crate::shared::Shared;
-use crate::sni::{self, MAX_CLIENT_HELLO_LEN};
-use crate::stream::{Counts, splice, splice_local};
+use crate::stream::{Counts, RecvHalf, SendHalf, splice};
+use crate::transport::Carrier;
 
-/// What a listener serves.
+/// Endpoints tried per stream before answering connect-failed.
+const MAX_ENDPOINT_TRIES: usize = 3;
+
+/// The authenticated peer gateway of a tunnel connection.
 #[derive(Clone, Debug)]
-pub enum Kind {
-    /// A service listener: every connection goes to this target.
-    Service(Target),
-    Sni,
-    Connect,
+pub struct Peer {
+    pub id: SpiffeId,
+    /// The site named in the peer's id (or its whole id when it names none).
+    pub site: String,
+    pub carrier: Carrier,
+    pub addr: SocketAddr,
 }
 
-impl Kind {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Service(_) => "service",
-            Self::Sni => "sni",
-            Self::Connect => "connect",
-        }
-    }
-}
-
-/// Accept on `listener` until `stop` (or the gateway's accept stop) fires.
-pub async fn accept_loop(
-    sh: Arc<Shared>,
-    listener: TcpListener,
-    kind: Kind,
-    stop: CancellationToken,
-) {
-    let gauge = sh
-        .metrics
-        .listeners
-        .get_or_create(&KindLabel { kind: kind.name() })
-        .clone();
-    gauge.inc();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.cancelled() => break,
-            _ = sh.accept_stop.cancelled() => break,
-        };
-        match accepted {
-            Ok((client, addr)) => {
-                // At the connection limit, hold this client (unread) and accept no more:
-                // later ones wait in the kernel's backlog.
-                let slot = tokio::select! {
-                    s = sh.client_slots.clone().acquire_owned() => s,
-                    _ = stop.cancelled() => break,
-                    _ = sh.accept_stop.cancelled() => break,
-                };
-                let Ok(slot) = slot else { break };
-                sh.metrics
-                    .client_connections
-                    .get_or_create(&KindLabel { kind: kind.name() })
-                    .inc();
-                let sh2 = sh.clone();
-                let kind = kind.clone();
-                let guard = sh.drain.guard();
-                sh.tasks.spawn(async move {
-                    let _guard = guard;
-                    let _slot = slot;
-                    let stop = sh2.stop.clone();
-                    tokio::select! {
-                        _ = handle(&sh2, client, addr, kind) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                });
-            }
-            Err(e) => {
-                // Out of descriptors and the like: back off briefly rather than spin.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    gauge.dec();
-}
-
-/// Why a client's first bytes could not be routed.
-struct Unroutable {
-    reason: String,
-    /// The HTTP status for a CONNECT client.
-    status: u16,
-}
-
-impl Unroutable {
-    fn new(reason: impl Into<String>) -> Self {
+impl Peer {
+    pub fn new(id: SpiffeId, carrier: Carrier, addr: SocketAddr) -> Self {
+        let site = id
+            .site()
+            .map(str::to_string)
+            .unwrap_or_else(|| id.to_string());
         Self {
-            reason: reason.into(),
-            status: 400,
+            id,
+            site,
+            carrier,
+            addr,
         }
     }
 }
 
-/// Read from `client` into `buf` until `parse` decides, within `timeout` and `max` bytes.
-async fn read_head<T, E>(
-    client: &mut TcpStream,
-    buf: &mut BytesMut,
-    max: usize,
-    timeout: Duration,
-    mut parse: impl FnMut(&[u8]) -> Result<Option<T>, E>,
-    status: impl Fn(&E) -> u16,
-) -> Result<T, Unroutable>
-where
-    E: std::fmt::Display,
-{
-    let work = async {
-        loop {
-            match parse(buf) {
-                Ok(Some(t)) => return Ok(t),
-                Ok(None) if buf.len() >= max => {
-                    return Err(Unroutable::new(format!("over {max} bytes")));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Unroutable {
-                        reason: e.to_string(),
-                        status: status(&e),
-                    });
-                }
+/// A refusal: the status for the peer, the reason, and the failure metric label.
+pub struct Refusal {
+    pub status: ReplyStatus,
+    pub reason: String,
+    pub metric: &'static str,
+}
+
+fn refuse(status: ReplyStatus, reason: impl Into<String>, metric: &'static str) -> Refusal {
+    Refusal {
+        status,
+        reason: reason.into(),
+        metric,
+    }
+}
+
+/// Read a preamble: the preamble and any payload bytes that came with it.
+async fn read_preamble(recv: &mut RecvHalf) -> Result<(Preamble, Bytes), Refusal> {
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match Preamble::decode(&buf) {
+            Err(e) => {
+                return Err(refuse(
+                    ReplyStatus::BadRequest,
+                    format!("bad preamble: {e}"),
+                    "bad_preamble",
+                ));
             }
-            buf.reserve(4096);
-            match read_some(client, buf).await {
-                Ok(0) => {
-                    let reason = format!("client closed after {} bytes", buf.len());
-                    return Err(Unroutable::new(reason));
-                }
-                Ok(_) => {}
-                Err(e) => return Err(Unroutable::new(e.to_string())),
+            Ok(Some((p, used))) => return Ok((p, buf.split_off(used).freeze())),
+            Ok(None) if buf.len() >= MAX_PREAMBLE_LEN => {
+                return Err(refuse(
+                    ReplyStatus::BadRequest,
+                    "preamble over the size limit",
+                    "bad_preamble",
+                ));
+            }
+            Ok(None) => {}
+        }
+        match recv.read_buf(&mut buf).await {
+            Ok(0) => {
+                return Err(refuse(
+                    ReplyStatus::BadRequest,
+                    format!("stream ended inside the preamble after {} bytes", buf.len()),
+                    "truncated_preamble",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(refuse(
+                    ReplyStatus::BadRequest,
+                    format!("stream failed inside the preamble: {e}"),
+                    "stream_error",
+                ));
             }
         }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or_else(|_| Err(Unroutable::new(format!("incomplete after {timeout:?}"))))
+    }
 }
 
-async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    r.read_buf(buf).await
-}
-
-/// A fatal TLS alert record (TLS 1.2 framing, as every client accepts before a handshake).
-fn tls_alert(description: u8) -> [u8; 7] {
-    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
-}
-const ALERT_HANDSHAKE_FAILURE: u8 = 40;
-const ALERT_UNRECOGNIZED_NAME: u8 = 112;
-
-async fn handle(sh: &Shared, mut client: TcpStream, addr: SocketAddr, kind: Kind) {
-    let _ = client.set_nodelay(true);
-    let began = Instant::now();
+async fn send_reply(send: &mut SendHalf, reply: &Reply) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
-    let head_timeout = sh.cfg.tunnel.preamble_timeout();
-    // Route: the target and the bytes already read that belong to the payload.
-    let routed: Result<(Target, usize), Unroutable> = match &kind {
-        Kind::Service(t) => Ok((t.clone(), 0)),
-        Kind::Sni => read_head(
-            &mut client,
-            &mut buf,
-            MAX_CLIENT_HELLO_LEN,
-            head_timeout,
-            sni::parse_client_hello,
-            |_| 400,
-        )
-        .await
-        .and_then(|info| {
-            // Only SNI needs the listener's port (a system call per connection).
-            let local_port = client.local_addr().map(|a| a.port()).unwrap_or(0);
-            sni_target(sh, info.sni.as_deref(), local_port).map_err(Unroutable::new)
-        })
-        .map(|t| (t, 0)),
-        Kind::Connect => {
-            read_head(
-                &mut client,
-                &mut buf,
-                MAX_HEAD_LEN,
-                head_timeout,
-                |b| connect::parse_connect(b, &sh.cfg.zones),
-                connect::ConnectError::status,
-            )
-            .await
-        }
-    };
-    let (target, head_len) = match routed {
-        Ok(x) => x,
-        Err(Unroutable { reason, status }) => {
-            sh.metrics.failure("-", "bad_client_input");
-            let answer = match kind {
-                Kind::Sni => tls_alert(ALERT_UNRECOGNIZED_NAME).to_vec(),
-                Kind::Connect => connect::response(status, &reason),
-                Kind::Service(_) => Vec::new(),
+    reply.encode(&mut buf);
+    send.write_all(&buf).await?;
+    if reply.status != ReplyStatus::Ok {
+        send.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// The local export, endpoint addresses and service key a target resolves to in our site.
+fn local_endpoints(
+    catalog: &Catalog,
+    site: &str,
+    target: &Target,
+) -> Result<(ServiceKey, u16, Vec<SocketAddr>), Refusal> {
+    match target {
+        Target::Service {
+            namespace,
+            name,
+            port,
+        } => {
+            let key = ServiceKey::new(namespace.clone(), name.clone());
+            let Some(export) = catalog.export(&key, site) else {
+                return Err(refuse(
+                    ReplyStatus::NoEndpoint,
+                    format!("{key} is not exported by site {site}"),
+                    "no_endpoint",
+                ));
             };
-            let _ = client.write_all(&answer).await;
-            let _ = client.shutdown().await;
-            tracing::info!(
-                target: "meshbridge::access", direction = "outgoing", listener = kind.name(),
-                client.addr = %addr, status = "refused", %reason, "refused"
-            );
-            return;
+            let Some(p) = export.ports.iter().find(|p| p.port == *port) else {
+                return Err(refuse(
+                    ReplyStatus::NoEndpoint,
+                    format!("{key} has no port {port} in site {site}"),
+                    "no_endpoint",
+                ));
+            };
+            let addrs: Vec<SocketAddr> = export
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .map(|e| SocketAddr::new(e.address, p.target_port))
+                .collect();
+            if addrs.is_empty() {
+                return Err(refuse(
+                    ReplyStatus::NoEndpoint,
+                    format!("{key} has no ready endpoint in site {site}"),
+                    "no_endpoint",
+                ));
+            }
+            Ok((key, *port, addrs))
         }
-    };
-    // SNI: the whole ClientHello goes through; CONNECT: only bytes after the request head.
-    let early = buf.split_off(head_len).freeze();
-    // Boxed: dialing is most of this future's size (6.5 of 7.6 KB), and the task's future
-    // is copied when it is spawned and again when it ends.
-    let trace: [u8; 16] = rand::random();
-    let dialed = Box::pin(dial(sh, &target, None, &early, trace)).await;
-    let dialed = match dialed {
-        Ok(d) => d,
-        Err(e) => return refused(sh, &mut client, addr, &kind, e, &trace).await,
-    };
-    if let Kind::Connect = kind {
-        let (code, text) = connect::status_for(ReplyStatus::Ok);
-        if client
-            .write_all(&connect::response(code, text))
-            .await
-            .is_err()
-        {
-            return;
+        Target::Endpoint { addr } => {
+            // Only endpoints this site exports may be named: peers cannot reach arbitrary hosts.
+            let found = catalog.exports_of_site(site).find(|e| {
+                e.endpoints.iter().any(|ep| ep.address == addr.ip())
+                    && e.ports.iter().any(|p| p.target_port == addr.port())
+            });
+            match found {
+                Some(e) => Ok((e.service.clone(), addr.port(), vec![*addr])),
+                None => Err(refuse(
+                    ReplyStatus::Denied,
+                    format!("{addr} is not an endpoint exported by site {site}"),
+                    "unknown_endpoint",
+                )),
+            }
         }
     }
-    let site = dialed.site().to_string();
-    let via = match &dialed {
-        Dialed::Tunnel { .. } => "tunnel".to_string(),
-        Dialed::Local { endpoint, .. } => endpoint.to_string(),
+}
+
+/// Connect to a ready endpoint of `target` in this site, round-robin, trying a few.
+pub async fn connect_local(
+    sh: &Shared,
+    catalog: &Catalog,
+    target: &Target,
+    peer_site: &str,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let (key, port, addrs) = local_endpoints(catalog, &sh.site, target)?;
+    let order = sh.order_endpoints(&addrs, sh.next_rr(&key, port));
+    let mut last = String::new();
+    for addr in order.into_iter().take(MAX_ENDPOINT_TRIES) {
+        let began = Instant::now();
+        match tokio::time::timeout(sh.cfg.tunnel.connect_timeout(), TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => {
+                sh.endpoint_ok(addr);
+                let _ = s.set_nodelay(true);
+                sh.metrics
+                    .connect_seconds
+                    .get_or_create(&SiteLabel {
+                        peer_site: peer_site.to_string(),
+                    })
+                    .observe(began.elapsed().as_secs_f64());
+                return Ok((s, addr));
+            }
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => {
+                last = format!(
+                    "{addr}: no answer within {:?}",
+                    sh.cfg.tunnel.connect_timeout()
+                )
+            }
+        }
+        sh.metrics.failure(peer_site, "endpoint_connect");
+        sh.endpoint_failed(addr);
+    }
+    Err(refuse(
+        ReplyStatus::ConnectFailed,
+        format!("cannot connect to {key}: {last}"),
+        "connect_failed",
+    ))
+}
+
+/// Serve one tunnel stream accepted from `peer`.
+pub async fn serve_stream(
+    sh: Arc<Shared>,
+    peer: Arc<Peer>,
+    mut send: SendHalf,
+    mut recv: RecvHalf,
+) {
+    let _guard = sh.drain.guard();
+    let labels = StreamLabels {
+        peer_site: peer.site.clone(),
+        direction: Direction::Incoming,
+    };
+    sh.metrics.streams.get_or_create(&labels).inc();
+    let active = sh.metrics.streams_active.get_or_create(&labels).clone();
+    active.inc();
+    let began = Instant::now();
+    // At `tunnel.max_inbound_streams`: "draining", so the sender tries another gateway.
+    let Ok(_slot) = sh.inbound_streams.clone().try_acquire_owned() else {
+        let r = refuse(
+            ReplyStatus::Draining,
+            format!(
+                "gateway of site {} serves {} streams already (tunnel.max_inbound_streams)",
+                sh.site, sh.cfg.tunnel.max_inbound_streams
+            ),
+            "stream_limit",
+        );
+        return finish_refused(&sh, &peer, &mut send, None, r, began, &active).await;
+    };
+    let read = tokio::time::timeout(sh.cfg.tunnel.preamble_timeout(), read_preamble(&mut recv));
+    let (preamble, early) = match read.await {
+        Ok(Ok(x)) => x,
+        Ok(Err(r)) => return finish_refused(&sh, &peer, &mut send, None, r, began, &active).await,
+        Err(_) => {
+            let r = refuse(
+                ReplyStatus::BadRequest,
+                format!(
+                    "preamble not complete within {:?}",
+                    sh.cfg.tunnel.preamble_timeout()
+                ),
+                "preamble_timeout",
+            );
+            return finish_refused(&sh, &peer, &mut send, None, r, began, &active).await;
+        }
+    };
+    let catalog = sh.catalog();
+    let decided = decide(&sh, &catalog, &peer, &preamble);
+    let (mut endpoint, addr) = match decided {
+        Err(r) => {
+            return finish_refused(&sh, &peer, &mut send, Some(&preamble), r, began, &active).await;
+        }
+        Ok(()) => match connect_local(&sh, &catalog, &preamble.target, &peer.site).await {
+            Ok(x) => x,
+            Err(r) => {
+                return finish_refused(&sh, &peer, &mut send, Some(&preamble), r, began, &active)
+                    .await;
+            }
+        },
     };
     let counts = Counts::default();
-    let (mut cr, mut cw) = client.split();
-    let result = match dialed {
-        Dialed::Tunnel {
-            mut send,
-            mut recv,
-            leftover,
-            ..
-        } => {
-            let r = async {
-                if !leftover.is_empty() {
-                    cw.write_all(&leftover).await?;
-                }
-                let idle = sh.cfg.tunnel.stream_idle_timeout();
-                splice(&mut cr, &mut cw, &mut recv, &mut send, &counts, idle).await
-            };
-            r.await
+    let result = async {
+        send_reply(&mut send, &Reply::ok()).await?;
+        if !early.is_empty() {
+            // Bytes the peer sent with its preamble (an SNI listener's ClientHello): from the
+            // tunnel to the endpoint, like everything the peer sends after them.
+            endpoint.write_all(&early).await?;
+            counts
+                .from_tunnel
+                .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        Dialed::Local { mut stream, .. } => {
-            let (mut er, mut ew) = stream.split();
-            splice_local(&mut cr, &mut cw, &mut er, &mut ew, &counts).await
-        }
-    };
-    let (up, down) = counts.get();
-    let (up, down) = (up + early.len() as u64, down);
-    sh.metrics.add_bytes(&site, Direction::Outgoing, up, down);
-    if result.is_err() {
-        sh.metrics.failure(&site, "stream_error");
+        let (mut er, mut ew) = endpoint.split();
+        // Seen from the endpoint: "to tunnel" is what the endpoint sends back to the peer.
+        let idle = sh.cfg.tunnel.stream_idle_timeout();
+        splice(&mut er, &mut ew, &mut recv, &mut send, &counts, idle).await
     }
+    .await;
+    let (from_endpoint, from_peer) = counts.get();
+    sh.metrics
+        .add_bytes(&peer.site, Direction::Incoming, from_endpoint, from_peer);
+    if let Err(e) = &result {
+        sh.metrics.failure(&peer.site, "stream_error");
+        tracing::debug!(error = %e, "tunnel stream failed");
+    }
+    active.dec();
     tracing::info!(
-        target: "meshbridge::access", direction = "outgoing", listener = kind.name(),
-        client.addr = %addr, dest = %describe_target(&target), peer.site = %site,
-        via = %via, trace_id = %TraceHex(Some(&trace)), status = "ok",
-        bytes.from_client = up, bytes.to_client = down,
+        target: "meshbridge::access",
+        direction = "incoming",
+        peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr,
+        transport = peer.carrier.name(),
+        source.claimed = preamble.source_identity.as_deref().unwrap_or("-"),
+        trace_id = %TraceHex(preamble.trace_id.as_ref()),
+        dest = %describe_target(&preamble.target),
+        endpoint = %addr,
+        status = "ok",
+        bytes.from_peer = from_peer, bytes.to_peer = from_endpoint,
         duration_ms = began.elapsed().as_millis() as u64,
         error = result.err().map(|e| e.to_string()).unwrap_or_default(),
         "proxied"
     );
 }
 
-async fn refused(
-    sh: &Shared,
-    client: &mut TcpStream,
-    addr: SocketAddr,
-    kind: &Kind,
-    e: DialError,
-    trace: &[u8; 16],
-) {
-    sh.metrics.failure("-", "no_site");
-    match kind {
-        Kind::Connect => {
-            let (code, text) = connect::status_for(e.status);
-            let body = connect::response(code, &format!("{text} ({})", e.reason));
-            let _ = client.write_all(&body).await;
-        }
-        Kind::Sni => {
-            let _ = client.write_all(&tls_alert(ALERT_HANDSHAKE_FAILURE)).await;
-        }
-        Kind::Service(_) => {}
+/// Draining, then policy.
+fn decide(sh: &Shared, catalog: &Catalog, peer: &Peer, p: &Preamble) -> Result<(), Refusal> {
+    if sh.drain.is_draining() {
+        return Err(refuse(
+            ReplyStatus::Draining,
+            format!("gateway of site {} is draining", sh.site),
+            "draining",
+        ));
     }
-    let _ = client.shutdown().await;
+    let key = match &p.target {
+        Target::Service {
+            namespace, name, ..
+        } => ServiceKey::new(namespace.clone(), name.clone()),
+        Target::Endpoint { .. } => local_endpoints(catalog, &sh.site, &p.target)?.0,
+    };
+    let me = sh.identity.id();
+    match policy::authorize(
+        catalog,
+        &key,
+        &peer.id,
+        me.trust_domain(),
+        sh.cfg.policy.default,
+    ) {
+        Decision::Allow(_) => Ok(()),
+        Decision::Deny(reason) => {
+            sh.metrics
+                .policy_denials
+                .get_or_create(&SiteLabel {
+                    peer_site: peer.site.clone(),
+                })
+                .inc();
+            tracing::warn!(
+                peer.id = %peer.id, local.id = %sh.identity.id(),
+                source.claimed = p.source_identity.as_deref().unwrap_or("-"),
+                service = %key, %reason, "stream denied by policy"
+            );
+            Err(refuse(ReplyStatus::Denied, reason, "denied"))
+        }
+    }
+}
+
+async fn finish_refused(
+    sh: &Shared,
+    peer: &Peer,
+    send: &mut SendHalf,
+    preamble: Option<&Preamble>,
+    r: Refusal,
+    began: Instant,
+    active: &prometheus_client::metrics::gauge::Gauge,
+) {
+    sh.metrics.failure(&peer.site, r.metric);
+    let _ = send_reply(send, &Reply::new(r.status, r.reason.clone())).await;
+    active.dec();
     tracing::info!(
-        target: "meshbridge::access", direction = "outgoing", listener = kind.name(),
-        client.addr = %addr, dest = %e.target, trace_id = %TraceHex(Some(trace)),
-        status = ?e.status, reason = %e.reason, "refused"
+        target: "meshbridge::access",
+        direction = "incoming",
+        peer.site = %peer.site, peer.id = %peer.id, peer.addr = %peer.addr,
+        transport = peer.carrier.name(),
+        dest = %preamble.map(|p| describe_target(&p.target)).unwrap_or_else(|| "-".into()),
+        trace_id = %TraceHex(preamble.and_then(|p| p.trace_id.as_ref())),
+        status = ?r.status, reason = %r.reason,
+        duration_ms = began.elapsed().as_millis() as u64,
+        "refused"
     );
 }
 
-/// The target of a server name: the port from Istio's form, else the service's only port,
-/// else the listener's port when the service has it.
-fn sni_target(sh: &Shared, name: Option<&str>, listener_port: u16) -> Result<Target, String> {
-    let name = name.ok_or("ClientHello without SNI: cannot route")?;
-    let route = sni::route_from_sni(name, &sh.cfg.zones).ok_or_else(|| {
-        format!(
-            "server name {name:?} is not a service in {}",
-            sh.cfg.zones.join(" or ")
-        )
-    })?;
-    if let Some(subset) = &route.subset {
-        tracing::debug!(
-            sni = name,
-            subset,
-            "Istio subset in the server name ignored: the service is reached as a whole"
-        );
+pub fn describe_target(t: &Target) -> String {
+    match t {
+        Target::Service {
+            namespace,
+            name,
+            port,
+        } => format!("{namespace}/{name}:{port}"),
+        Target::Endpoint { addr } => addr.to_string(),
     }
-    if route.port.is_some() {
-        return Ok(route.target(listener_port));
-    }
-    let key = meshbridge_core::model::ServiceKey::new(route.namespace.clone(), route.name.clone());
-    let service = sh
-        .catalog()
-        .service(&key)
-        .ok_or_else(|| format!("{key} is not in the catalog"))?;
-    let port = match service.ports.as_slice() {
-        [only] => only.port,
-        ports if ports.iter().any(|p| p.port == listener_port) => listener_port,
-        _ => {
-            return Err(format!(
-                "{key} has several ports; name one with outbound_.<port>_._."
-            ));
-        }
-    };
-    Ok(route.target(port))
 }

@@ -1,5 +1,5 @@
 //! Accepting tunnels from peer gateways: QUIC connections on UDP and TLS+HTTP/2 connections
-//! on TCP, same port. Every stream goes to [`outbound::serve_stream`]. Only site identities
+//! on TCP, same port. Every stream goes to [`inbound::serve_stream`]. Only site identities
 //! (`spiffe://<td>/site/<site>/...`: gateways and VM agents) may open tunnels; workloads and
 //! registry nodes of a trusted domain may not.
 
@@ -11,8 +11,8 @@ use meshbridge_core::id::SpiffeId;
 use meshbridge_core::tls::describe;
 use tokio::net::TcpListener;
 
+use crate::inbound::{self, Peer};
 use crate::metrics::PeerLabels;
-use crate::outbound::{self, Peer};
 use crate::quic;
 use crate::shared::Shared;
 use crate::stream::{RecvHalf, SendHalf};
@@ -60,7 +60,7 @@ pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
                     Ok((send, recv)) => {
                         let sh3 = sh2.clone();
                         let peer = peer.clone();
-                        sh2.tasks.spawn(outbound::serve_stream(
+                        sh2.tasks.spawn(inbound::serve_stream(
                             sh3,
                             peer,
                             SendHalf::Quic(send),
@@ -124,7 +124,7 @@ pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
             let labels = link_up(&sh2, &peer, began.elapsed());
             let t = &sh2.cfg.tunnel;
             let why = tcp::serve(tls, t.keepalive(), t.idle_timeout(), t.max_streams_per_link, sh2.stop.clone(), |send, recv| {
-                sh2.tasks.spawn(outbound::serve_stream(
+                sh2.tasks.spawn(inbound::serve_stream(
                     sh2.clone(),
                     peer.clone(),
                     SendHalf::H2(send),

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::inbound::{self, Kind};
+use crate::outbound::{self, Kind};
 use crate::preamble::Target;
 use crate::shared::Shared;
 
@@ -101,7 +101,7 @@ pub async fn reconcile(
                         name: key.0.name.clone(),
                         port: key.1,
                     };
-                    sh.tasks.spawn(inbound::accept_loop(
+                    sh.tasks.spawn(outbound::accept_loop(
                         sh.clone(),
                         listener,
                         Kind::Service(target),
