@@ -274,10 +274,11 @@ impl RegistryClient {
     /// over its upper half so that clients do not retry in step.
     fn backoff(&self, attempt: u32) -> Duration {
         let o = &self.inner.opts;
-        let exp = o
-            .backoff_initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let cap = exp.min(o.backoff_max);
+        let cap = crate::backoff::exponential(
+            o.backoff_initial,
+            o.backoff_max,
+            attempt.saturating_sub(1),
+        );
         let half = cap / 2;
         half + half.mul_f64(rand::random::<f64>())
     }

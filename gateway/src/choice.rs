@@ -137,8 +137,7 @@ impl Ejections {
         if h.consecutive < self.after || h.until.is_some_and(|u| now < u) {
             return None;
         }
-        let factor = 1u32 << h.ejections.min(16);
-        let backoff = self.base.saturating_mul(factor).min(self.max);
+        let backoff = meshbridge_core::backoff::exponential(self.base, self.max, h.ejections);
         h.ejections += 1;
         h.consecutive = 0;
         h.until = Some(now + backoff);

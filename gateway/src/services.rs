@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshbridge_core::backoff::Backoff;
 use meshbridge_core::model::{Catalog, Protocol, ServiceKey};
 use meshbridge_core::vip::{PortRange, VipRange, assign_catalog, assign_ports};
 use tokio::net::TcpListener;
@@ -76,7 +77,7 @@ pub async fn reconcile(
     let mut bound: HashMap<SocketAddr, ((ServiceKey, u16), CancellationToken)> = HashMap::new();
     // A listener that could not be bound (address taken by another process) is retried
     // with backoff, not only at the next catalog change, which may never come.
-    let mut retry = RETRY_MIN;
+    let mut retry = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         let mut failed = 0usize;
         let want = desired(&catalog.borrow_and_update().clone(), &sh.site, addressing);
@@ -118,11 +119,9 @@ pub async fn reconcile(
         }
         published.send_replace(bound.iter().map(|(a, (k, _))| (k.clone(), *a)).collect());
         let wait = if failed > 0 {
-            let w = retry;
-            retry = (retry * 2).min(RETRY_MAX);
-            w
+            retry.next_delay()
         } else {
-            retry = RETRY_MIN;
+            retry.reset();
             Duration::MAX
         };
         tokio::select! {

@@ -220,10 +220,8 @@ pub async fn join(
         };
         tracing::debug!(attempt = attempts, error = %last, "join attempt failed; trying the next node");
         let elapsed = start.elapsed();
-        let pause = opts
-            .backoff_initial
-            .saturating_mul(1 << attempts.min(6))
-            .min(opts.backoff_max);
+        let pause =
+            crate::backoff::exponential(opts.backoff_initial, opts.backoff_max, attempts.min(6));
         if elapsed + pause >= opts.retry_deadline {
             return Err(ClientError::Unavailable {
                 method: "Join",

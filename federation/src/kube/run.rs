@@ -20,6 +20,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use meshbridge_core::backoff::Backoff;
 use meshbridge_core::client::{Consistency, RegistryClient};
 use meshbridge_core::model::{Catalog, Import, ServiceKey, TypeConflict};
 use meshbridge_core::tls::Identity;
@@ -246,7 +247,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<()> {
     // An API server that is down at start: say so, and keep trying.
-    let mut wait = RETRY_MIN;
+    let mut wait = Backoff::new(RETRY_MIN, RETRY_MAX);
     loop {
         match client.apiserver_version().await {
             Ok(v) => {
@@ -254,12 +255,12 @@ pub async fn run(
                 break;
             }
             Err(e) => {
-                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot reach the Kubernetes API server; retrying");
+                let delay = wait.next_delay();
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the Kubernetes API server; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                wait = (wait * 2).min(RETRY_MAX);
             }
         }
     }
@@ -341,11 +342,11 @@ pub async fn run(
         addresses: ImportAddresses::default(),
         namespaces: cfg.namespaces.iter().cloned().collect(),
     };
-    let mut retry = RETRY_MIN;
+    let mut retry = Backoff::new(RETRY_MIN, RETRY_MAX);
     let mut failed = false;
     let mut last_full = tokio::time::Instant::now();
     loop {
-        let wait = if failed { retry } else { RESYNC };
+        let wait = if failed { retry.peek() } else { RESYNC };
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = notify.notified() => {}
@@ -386,14 +387,15 @@ pub async fn run(
         let errors = state.pass(&view, &cat, &leading).await;
         if errors == 0 {
             failed = false;
-            retry = RETRY_MIN;
+            retry.reset();
             metrics
                 .last_success
                 .set(meshbridge_core::clock::unix_secs());
         } else {
             metrics.errors.inc_by(errors as u64);
             if failed {
-                retry = (retry * 2).min(RETRY_MAX);
+                // Wait twice as long before the next pass.
+                retry.next_delay();
             }
             failed = true;
         }

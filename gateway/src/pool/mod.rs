@@ -357,9 +357,8 @@ impl Pool {
 
 fn mark_failed(st: &mut State, reason: String) {
     st.failures += 1;
-    let backoff = BACKOFF_BASE
-        .saturating_mul(1 << st.failures.min(8))
-        .min(BACKOFF_MAX);
+    let backoff =
+        meshbridge_core::backoff::exponential(BACKOFF_BASE, BACKOFF_MAX, st.failures.min(8));
     st.retry_at = Some(Instant::now() + backoff);
     st.last_error = Some(reason);
 }
