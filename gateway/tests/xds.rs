@@ -194,6 +194,52 @@ async fn envoy_keeps_its_last_configuration_while_the_xds_server_is_gone() -> Re
     Ok(())
 }
 
+/// A TLS handshake with the xDS server at `xds` as `identity`, then HTTP/2's preface: the
+/// first 9 bytes the server sends back (a SETTINGS frame's header when served).
+async fn xds_handshake(
+    xds: SocketAddr,
+    identity: std::sync::Arc<meshbridge_core::tls::Identity>,
+) -> Result<[u8; 9]> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = identity.client_config(meshbridge_core::tls::AllowList::any(), &[b"h2"]);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(xds).await?;
+    let name = rustls_pki_types::ServerName::try_from("xds")?;
+    let mut tls = connector.connect(name, tcp).await?;
+    // TLS 1.3: the server's verdict on our certificate comes after our Finished; a refused
+    // client sees the alert on its first read.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    let mut buf = [0u8; 9];
+    tls.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Handshakes run side by side: a client that connects and never sends its ClientHello
+/// (the server waits up to 10 s for it) does not hold up the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_handshakes_does_not_hold_up_the_next() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let mut cfg = mesh.config("west");
+    cfg.xds = Some(XdsConfig {
+        listen: "127.0.0.1:0".into(),
+        ..XdsConfig::default()
+    });
+    let west = mesh
+        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
+        .await?;
+    let xds = west.xds_addr().context("no xds listener")?;
+    let _silent = tokio::net::TcpStream::connect(xds).await?;
+    let ours = mesh
+        .pki
+        .identity("envoy", &format!("spiffe://{TD}/ns/shop/sa/envoy"));
+    let served = tokio::time::timeout(Duration::from_secs(5), xds_handshake(xds, ours))
+        .await
+        .context("the handshake waited behind a silent client")??;
+    assert_eq!(served[3], 4, "{served:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_over_mtls_refuses_a_client_of_another_trust_domain() -> Result<()> {
     let mesh = Mesh::new(TransportKind::Quic);
@@ -206,23 +252,7 @@ async fn xds_over_mtls_refuses_a_client_of_another_trust_domain() -> Result<()> 
         .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
         .await?;
     let xds = west.xds_addr().context("no xds listener")?;
-    let handshake = |identity: std::sync::Arc<meshbridge_core::tls::Identity>| {
-        async move {
-            let config = identity.client_config(meshbridge_core::tls::AllowList::any(), &[b"h2"]);
-            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-            let tcp = tokio::net::TcpStream::connect(xds).await?;
-            let name = rustls_pki_types::ServerName::try_from("xds")?;
-            let mut tls = connector.connect(name, tcp).await?;
-            // TLS 1.3: the server's verdict on our certificate comes after our Finished;
-            // a refused client sees the alert on its first read.
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-                .await?;
-            let mut buf = [0u8; 9];
-            tls.read_exact(&mut buf).await?;
-            anyhow::Ok(buf)
-        }
-    };
+    let handshake = |identity| xds_handshake(xds, identity);
     // One of ours gets the server's HTTP/2 SETTINGS frame (type 4).
     let ours = mesh
         .pki

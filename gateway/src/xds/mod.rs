@@ -259,8 +259,15 @@ fn tokio_stream_of(
     })
 }
 
+/// TLS handshakes in progress at once; past that, new connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 64;
+/// How long a client may take to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// TLS connections whose handshake succeeded (the client's certificate verified against the
-/// allow list); failures are logged and dropped, never ending the stream.
+/// allow list); failures are logged and dropped, never ending the stream. Handshakes run
+/// side by side (up to [`MAX_HANDSHAKES`]), so a client that never completes one holds up
+/// no one else.
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -271,7 +278,7 @@ fn tls_incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio_stream_of(listener)
         .take_until(stop.cancelled_owned())
-        .filter_map(move |tcp| {
+        .map(move |tcp| {
             let acceptor = acceptor.clone();
             async move {
                 let tcp = match tcp {
@@ -282,12 +289,7 @@ fn tls_incoming(
                     }
                 };
                 let peer = tcp.peer_addr().ok();
-                let handshake = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(tcp),
-                )
-                .await;
-                match handshake {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => Some(Ok(s)),
                     Ok(Err(e)) => {
                         warn!(client.addr = ?peer, error = %describe(&e), "xds client refused in the TLS handshake");
@@ -300,6 +302,8 @@ fn tls_incoming(
                 }
             }
         })
+        .buffer_unordered(MAX_HANDSHAKES)
+        .filter_map(std::future::ready)
 }
 
 /// Rebuild the resources on every change of the catalog in use or of the bound service
