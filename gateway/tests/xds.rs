@@ -215,11 +215,10 @@ async fn xds_handshake(
     Ok(buf)
 }
 
-/// Handshakes run side by side: a client that connects and never sends its ClientHello
-/// (the server waits up to 10 s for it) does not hold up the next one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_never_handshakes_does_not_hold_up_the_next() -> Result<()> {
-    let mesh = Mesh::new(TransportKind::Quic);
+/// Site west's gateway with an xDS server over mutual TLS; and its address.
+async fn west_with_mtls_xds(
+    mesh: &Mesh,
+) -> Result<(meshbridge_gateway::GatewayHandle, SocketAddr)> {
     let mut cfg = mesh.config("west");
     cfg.xds = Some(XdsConfig {
         listen: "127.0.0.1:0".into(),
@@ -229,6 +228,15 @@ async fn a_client_that_never_handshakes_does_not_hold_up_the_next() -> Result<()
         .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
         .await?;
     let xds = west.xds_addr().context("no xds listener")?;
+    Ok((west, xds))
+}
+
+/// Handshakes run side by side: a client that connects and never sends its ClientHello
+/// (the server waits up to 10 s for it) does not hold up the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_handshakes_does_not_hold_up_the_next() -> Result<()> {
+    let mesh = Mesh::new(TransportKind::Quic);
+    let (_west, xds) = west_with_mtls_xds(&mesh).await?;
     let _silent = tokio::net::TcpStream::connect(xds).await?;
     let ours = mesh
         .pki
@@ -243,15 +251,7 @@ async fn a_client_that_never_handshakes_does_not_hold_up_the_next() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xds_over_mtls_refuses_a_client_of_another_trust_domain() -> Result<()> {
     let mesh = Mesh::new(TransportKind::Quic);
-    let mut cfg = mesh.config("west");
-    cfg.xds = Some(XdsConfig {
-        listen: "127.0.0.1:0".into(),
-        ..XdsConfig::default()
-    });
-    let west = mesh
-        .gateway_with(&site("west", "r2", "b"), cfg, mesh.identity("west"))
-        .await?;
-    let xds = west.xds_addr().context("no xds listener")?;
+    let (_west, xds) = west_with_mtls_xds(&mesh).await?;
     let handshake = |identity| xds_handshake(xds, identity);
     // One of ours gets the server's HTTP/2 SETTINGS frame (type 4).
     let ours = mesh
