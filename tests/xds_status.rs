@@ -1,7 +1,8 @@
 //! A real Envoy configured over mutual TLS by a real gateway process, and its rejection seen
 //! where an operator looks: the gateway reports its xDS clients' standing NACKs with its
 //! heartbeats, and `ctl status` names the client, the site, the resource type and Envoy's
-//! error, until that client goes.
+//! error, until that client goes. The report survives SIGKILL of the gateway and of the
+//! registry (restarted at once from its data directory).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Result;
+use meshbridge_core::client::{Consistency, RegistryClient};
 use meshbridge_testkit::envoy::{Envoy, ads_bootstrap};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::eventually;
@@ -42,7 +44,7 @@ async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it
 {
     let pki = TestPki::new(TD);
     let root = pki.dir().to_path_buf();
-    let (_registry, url) = registry(&pki, TD).await?;
+    let (mut registry, url) = registry(&pki, TD).await?;
     let ctl_dir = pki
         .issue("ctl", &format!("spiffe://{TD}/ctl/ops"))
         .cert
@@ -119,6 +121,41 @@ async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it
     );
     assert_eq!(status["ok"], false);
 
+    // The report is a Raft write like any other: with the gateway SIGKILLed (no heartbeat
+    // can write it again) and the registry SIGKILLed and restarted at once from its data
+    // directory, the last report is still there.
+    gateway.kill9().await;
+    registry.kill9().await;
+    let registry_cfg = root.join("registry.toml");
+    let mut registry = spawn("registry", &registry_cfg, "registry", &[])?;
+    registry.wait_for("listening on", READY).await?;
+    let admin = RegistryClient::connect(
+        std::slice::from_ref(&url),
+        pki.identity("ops", &format!("spiffe://{TD}/ctl/ops2")),
+    )
+    .await?;
+    let west = eventually("west in the restarted registry", READY, || async {
+        let sites = admin.list_sites(Consistency::Linearizable).await;
+        let seen = format!("{sites:?}");
+        let west = sites
+            .ok()
+            .and_then(|l| l.sites.into_iter().find(|s| s.name == "west"));
+        (west, seen)
+    })
+    .await;
+    assert_eq!(west.xds_rejections.len(), 1, "{west:?}");
+    assert_eq!(west.xds_rejections[0].node, "sidecar-nack");
+
+    // The gateway comes back on the same addresses; Envoy reconnects and rejects again.
+    let mut gateway = spawn("gateway west", &cfg, "gateway", &[])?;
+    gateway.wait_for("listening on", READY).await?;
+    eventually("the NACK in ctl status again", READY, || async {
+        let p = nack_problems(&ctl_status(&url, &ctl_dir));
+        let seen = format!("{p:?}");
+        ((p.len() == 1).then_some(()), seen)
+    })
+    .await;
+
     // The client goes: its rejection stops standing, and the problem goes too.
     envoy.kill().await;
     eventually("the NACK gone from ctl status", READY, || async {
@@ -129,5 +166,6 @@ async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it
     .await;
     drop((taken, backend));
     gateway.terminate(Duration::from_secs(5)).await;
+    registry.terminate(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -455,3 +455,27 @@ fn heartbeats_carry_xds_rejections_per_gateway_and_bad_ones_name_the_field() {
         assert_eq!(c, before);
     }
 }
+
+/// Heartbeats written to the Raft log before xDS rejections existed replay unchanged: the
+/// field is optional, and a command without a report keeps the last one.
+#[test]
+fn a_heartbeat_logged_before_xds_rejections_existed_still_applies() {
+    let old: Command = serde_json::from_str(
+        r#"{"op":"heartbeat","site":"a","at_ms":1000,"links":null,"instance":""}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        &old,
+        Command::Heartbeat {
+            xds_rejections: None,
+            ..
+        }
+    ));
+    let mut c = Catalog::default();
+    register(&mut c, "a", "eu", "eu-1a", 0);
+    c.apply(&old).unwrap();
+    assert_eq!(c.site("a").unwrap().last_heartbeat_ms, 1000);
+    // And a command without the field is written without it.
+    let text = serde_json::to_string(&old).unwrap();
+    assert!(!text.contains("xds_rejections"), "{text}");
+}
