@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshbridge_core::model::{
-    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site,
 };
 use meshbridge_federation::dns::{Config, DnsServer, Index, RateLimit};
 
@@ -17,17 +17,11 @@ fn catalog(n: u32) -> Catalog {
     let mut c = Catalog::default();
     let site = Site {
         name: "bench".into(),
-        kind: SiteKind::Cluster,
         locality: Locality::default(),
-        gateways: vec![],
         lease_ttl_ms: 10_000,
         grace_ms: 10_000,
-        last_heartbeat_ms: 0,
-        state: SiteState::Fresh,
         created_revision: 1,
-        links: Vec::new(),
-        instances: Vec::new(),
-        xds_rejections: Vec::new(),
+        ..Site::default()
     };
     c.sites.insert("bench".into(), Arc::new(site));
     for i in 0..n {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use meshbridge_core::model::{
-    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site, SiteKind, SiteState,
+    Catalog, Endpoint, Export, Locality, Port, Protocol, ServiceKey, Site,
 };
 use meshbridge_gateway::Gateway;
 use meshbridge_gateway::config::{Config, XdsConfig};
@@ -64,20 +64,14 @@ fn catalog(n: u32) -> Catalog {
     let mut c = Catalog::default();
     let site = Site {
         name: "west".into(),
-        kind: SiteKind::Cluster,
         locality: Locality {
             region: "r1".into(),
             zone: "a".into(),
         },
-        gateways: vec![],
         lease_ttl_ms: 10_000,
         grace_ms: 10_000,
-        last_heartbeat_ms: 0,
-        state: SiteState::Fresh,
         created_revision: 1,
-        links: Vec::new(),
-        instances: Vec::new(),
-        xds_rejections: Vec::new(),
+        ..Site::default()
     };
     c.sites.insert("west".into(), Arc::new(site));
     for i in 0..n {

@@ -70,8 +70,9 @@ impl SiteState {
     }
 }
 
-/// A site as registered, with its lease.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A site as registered, with its lease. (`Default`: a fresh cluster site with no name,
+/// for tests and benchmarks that set what they need.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Site {
     pub name: String,
     pub kind: SiteKind,
