@@ -37,7 +37,7 @@ fn two_demos_at_once_do_not_answer_each_others_clients() {
         .map(|_| {
             smoke()
                 .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("run a demo")
         })
@@ -46,7 +46,11 @@ fn two_demos_at_once_do_not_answer_each_others_clients() {
     for child in children {
         let out = child.wait_with_output().expect("a demo's output");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "a demo failed:\n{text}");
+        assert!(
+            out.status.success(),
+            "a demo failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let vip = text
             .split("echo.demo.svc.clusterset.local A ")
             .nth(1)

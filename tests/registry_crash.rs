@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,12 +27,7 @@ const TD: &str = "crash.example";
 const KEYS: [&str; 3] = ["k0", "k1", "k2"];
 const T: Duration = Duration::from_secs(30);
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use meshbridge_testkit::ports::free_addr;
 
 struct Member {
     config: PathBuf,

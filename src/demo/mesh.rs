@@ -12,7 +12,7 @@ use meshbridge_core::pki::Ca;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 
 use super::probe;
-use super::procs::{Proc, free_port};
+use super::procs::{MAX_DEMOS, Ports, Proc};
 
 const TD: &str = "demo.local";
 const READY: Duration = Duration::from_secs(30);
@@ -45,6 +45,7 @@ fn claim_vip_blocks() -> Result<(u8, std::net::TcpListener)> {
             return Ok((octet, l));
         }
     }
+    const _: () = assert!((242 - 100) / 2 + 1 == MAX_DEMOS);
     bail!("every loopback VIP block of the demo (127.100.0.0 to 127.243.255.255) is in use")
 }
 
@@ -66,6 +67,8 @@ impl Mesh {
             .tempdir()?;
         let root = tmp.path().to_path_buf();
         let (octet, vip_claim) = claim_vip_blocks()?;
+        let mut window = Ports::for_demo(u16::from((242 - octet) / 2))?;
+        let mut free_port = || window.take();
         let west_vips = format!("127.{octet}.0.0/16");
         let vm_vips = format!("127.{}.0.0/16", octet + 1);
         let ca = Ca::generate(TD, Duration::from_secs(30 * 86400))?;

@@ -102,14 +102,139 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// A free TCP+UDP port on 127.0.0.1 (asked of the kernel, then released).
-pub fn free_port() -> Result<u16> {
-    for _ in 0..50 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = tcp.local_addr()?.port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
+/// How many demos can run on one machine at once: one per pair of VIP blocks.
+pub const MAX_DEMOS: u16 = 72;
+/// Ports each demo may use (it needs about 15).
+const PORTS_PER_DEMO: u16 = 48;
+
+/// The ports of one demo's processes. They come from a window that belongs to this demo
+/// alone (indexed by its VIP claim, which is machine-wide exclusive) and that lies outside
+/// the kernel's ephemeral range. A port asked of the kernel (`bind(0)`) and released until
+/// the child process binds it could be handed to any other process's `bind(0)` or
+/// `connect()` in between; under a parallel test run that happened (`bind admin HTTP on
+/// 127.0.0.1:41261: Address already in use`).
+pub struct Ports {
+    next: u16,
+    end: u16,
+}
+
+impl Ports {
+    /// The window of demo number `index` (0..[`MAX_DEMOS`]).
+    pub fn for_demo(index: u16) -> Result<Self> {
+        let ephemeral = ephemeral_range()?;
+        let window = window(index, ephemeral)?;
+        Ok(Self {
+            next: window.start,
+            end: window.end,
+        })
     }
-    bail!("no free port on 127.0.0.1")
+
+    /// The next port of the window that is free for TCP and UDP on 127.0.0.1 (something
+    /// else on the machine may hold one; it is skipped).
+    pub fn take(&mut self) -> Result<u16> {
+        while self.next < self.end {
+            let port = self.next;
+            self.next += 1;
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+        bail!(
+            "no free port left in the demo's window (it ends at {}): other programs hold them",
+            self.end
+        )
+    }
+}
+
+/// The kernel's ephemeral port range, `net.ipv4.ip_local_port_range`.
+fn ephemeral_range() -> Result<(u16, u16)> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Ok((low, high)),
+        _ => bail!("{PATH}: expected two port numbers, found {:?}", text.trim()),
+    }
+}
+
+/// Demo `index`'s window: above the ephemeral range if there is room (the tests' own
+/// process windows are below it), else below it.
+fn window(index: u16, (low, high): (u16, u16)) -> Result<std::ops::Range<u16>> {
+    if index >= MAX_DEMOS {
+        bail!("demo index {index} is past the last of {MAX_DEMOS}");
+    }
+    let span = u32::from(MAX_DEMOS) * u32::from(PORTS_PER_DEMO);
+    let base = if u32::from(high) + 1 + span <= 65536 {
+        u32::from(high) + 1
+    } else if u32::from(low) >= 1024 + span {
+        u32::from(low) - span
+    } else {
+        bail!(
+            "the kernel's ephemeral port range {low}-{high} leaves no room for the demo's \
+             {span} ports (net.ipv4.ip_local_port_range)"
+        );
+    };
+    let start = base + u32::from(index) * u32::from(PORTS_PER_DEMO);
+    let end = start + u32::from(PORTS_PER_DEMO);
+    // end <= base + span <= 65536; the last window above the range loses port 65535.
+    let start = u16::try_from(start).context("demo port window")?;
+    let end = u16::try_from(end.min(65535)).context("demo port window")?;
+    Ok(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_demos_window_is_its_own_and_outside_the_ephemeral_range() {
+        for ephemeral in [
+            (32768, 60999),
+            (1024, 40000),
+            (50000, 65535),
+            (32768, 65535),
+        ] {
+            let windows: Vec<_> = (0..MAX_DEMOS)
+                .map(|i| window(i, ephemeral).unwrap())
+                .collect();
+            for (i, w) in windows.iter().enumerate() {
+                assert!(w.len() >= 40, "{w:?}");
+                assert!(w.start >= 1024, "{w:?}");
+                assert!(
+                    w.end <= ephemeral.0 || w.start > ephemeral.1,
+                    "{w:?} overlaps the ephemeral range {ephemeral:?}"
+                );
+                for other in &windows[i + 1..] {
+                    assert!(
+                        w.end <= other.start || other.end <= w.start,
+                        "{w:?} {other:?}"
+                    );
+                }
+            }
+        }
+        assert!(window(MAX_DEMOS, (32768, 60999)).is_err());
+        let err = window(0, (1024, 65000)).unwrap_err().to_string();
+        assert!(err.contains("ip_local_port_range"), "{err}");
+    }
+
+    #[test]
+    fn a_port_something_else_holds_is_skipped() {
+        let ephemeral = ephemeral_range().unwrap();
+        let w = window(MAX_DEMOS - 1, ephemeral).unwrap();
+        let mut ports = Ports {
+            next: w.start,
+            end: w.end,
+        };
+        // Hold the first free port of the window, then ask: the next one comes back.
+        let mut probe = Ports {
+            next: w.start,
+            end: w.end,
+        };
+        let held_port = probe.take().unwrap();
+        let _held = std::net::TcpListener::bind(("127.0.0.1", held_port)).unwrap();
+        let got = ports.take().unwrap();
+        assert!(got > held_port, "{got} vs held {held_port}");
+    }
 }

@@ -73,10 +73,9 @@ pub fn tool(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free port on 127.0.0.1 for a process of the test (see [`crate::ports`]).
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    Ok(crate::ports::free_port())
 }
 
 /// One etcd for every cluster of a test.

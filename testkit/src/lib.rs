@@ -8,6 +8,7 @@
 //!   adapter's tests;
 //! - [`netns`]: network namespaces joined by veth pairs, for tests that cross a network;
 //! - [`pki`]: a throw-away CA and SVIDs on disk;
+//! - [`ports`]: ports for the processes a test starts, outside the kernel's ephemeral range;
 //! - [`process`]: run the real binary and wait for the lines it prints;
 //! - [`linearizability`]: a recorder of concurrent keyed-register histories and a
 //!   Wing–Gong/Lowe checker for them (the registry's fault tests use it);
@@ -22,6 +23,7 @@ pub mod kube;
 pub mod linearizability;
 pub mod netns;
 pub mod pki;
+pub mod ports;
 pub mod probe;
 pub mod process;
 pub mod slots;

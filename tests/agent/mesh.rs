@@ -29,16 +29,7 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_meshbridge")
 }
 
-pub fn free_port() -> u16 {
-    for _ in 0..50 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port on 127.0.0.1")
-}
+pub use meshbridge_testkit::ports::free_port;
 
 fn tls_section(files: &IdentityFiles) -> String {
     format!(

@@ -9,7 +9,7 @@ pub mod proxy;
 pub use meshbridge_testkit::linearizability as history;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -80,12 +80,12 @@ impl Pki {
     }
 }
 
-/// Free loopback ports: bound, read, released (the node binds them again at once).
+/// Free loopback ports for nodes (see `meshbridge_testkit::ports`: never in the kernel's
+/// ephemeral range, so no other process takes one while a killed node is down).
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap()).collect()
+    (0..n)
+        .map(|_| meshbridge_testkit::ports::free_addr())
+        .collect()
 }
 
 /// A registry cluster in this process. Nodes can be killed and restarted from their data
