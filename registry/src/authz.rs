@@ -11,8 +11,9 @@
 //! - anything else (workloads, other paths) is refused.
 
 use meshbridge_core::id::SpiffeId;
-use tonic::{Request, Status};
+use tonic::Request;
 
+use crate::error::ApiError;
 use crate::listener::Peer;
 
 /// An authenticated caller.
@@ -30,16 +31,16 @@ pub enum Caller {
 
 impl Caller {
     /// Classifies the peer of `req`; `trust_domain` is the registry's own.
-    pub fn of<T>(req: &Request<T>, trust_domain: &str) -> Result<Self, Status> {
+    pub fn of<T>(req: &Request<T>, trust_domain: &str) -> Result<Self, ApiError> {
         let id = req
             .extensions()
             .get::<Peer>()
             .and_then(|p| p.id.clone())
-            .ok_or_else(|| Status::unauthenticated("no verified client SVID"))?;
+            .ok_or(ApiError::NoClientSvid { called: None })?;
         Self::classify(id, trust_domain)
     }
 
-    pub fn classify(id: SpiffeId, trust_domain: &str) -> Result<Self, Status> {
+    pub fn classify(id: SpiffeId, trust_domain: &str) -> Result<Self, ApiError> {
         let ours = id.trust_domain() == trust_domain;
         let ctl = id.path().starts_with("/ctl/") || id.path() == "/ctl";
         if id.is_registry() && ours {
@@ -58,7 +59,7 @@ impl Caller {
         if ctl {
             return Ok(Caller::Federated(id));
         }
-        Err(Status::permission_denied(format!(
+        Err(ApiError::forbidden(format!(
             "{id} may not use the registry (allowed: spiffe://<td>/site/<site>/..., spiffe://<td>/ctl/..., registry nodes)"
         )))
     }
@@ -73,10 +74,10 @@ impl Caller {
     }
 
     /// Admins and registry nodes only.
-    pub fn require_admin(&self, what: &str) -> Result<(), Status> {
+    pub fn require_admin(&self, what: &str) -> Result<(), ApiError> {
         match self {
             Caller::Node(_) | Caller::Admin(_) => Ok(()),
-            Caller::Site { id, .. } => Err(Status::permission_denied(format!(
+            Caller::Site { id, .. } => Err(ApiError::forbidden(format!(
                 "{id} may not {what}: admins only (spiffe://<td>/ctl/...)"
             ))),
             Caller::Federated(id) => Err(federated(id, what)),
@@ -84,21 +85,21 @@ impl Caller {
     }
 
     /// Admins, registry nodes, and the site `site` itself.
-    pub fn require_site(&self, site: &str, what: &str) -> Result<(), Status> {
+    pub fn require_site(&self, site: &str, what: &str) -> Result<(), ApiError> {
         match self {
-            Caller::Site { site: own, id } if own != site => Err(Status::permission_denied(
-                format!("{id} belongs to site {own:?} and may not {what} of site {site:?}"),
-            )),
+            Caller::Site { site: own, id } if own != site => Err(ApiError::forbidden(format!(
+                "{id} belongs to site {own:?} and may not {what} of site {site:?}"
+            ))),
             Caller::Federated(id) => Err(federated(id, what)),
             _ => Ok(()),
         }
     }
 
     /// Registry nodes only (Raft traffic).
-    pub fn require_node(&self) -> Result<(), Status> {
+    pub fn require_node(&self) -> Result<(), ApiError> {
         match self {
             Caller::Node(_) => Ok(()),
-            other => Err(Status::permission_denied(format!(
+            other => Err(ApiError::forbidden(format!(
                 "{} is not a registry node of this trust domain",
                 other.id()
             ))),
@@ -107,8 +108,8 @@ impl Caller {
 }
 
 /// A partner's identity asked to write.
-fn federated(id: &SpiffeId, what: &str) -> Status {
-    Status::permission_denied(format!(
+fn federated(id: &SpiffeId, what: &str) -> ApiError {
+    ApiError::forbidden(format!(
         "{id} may not {what}: it is of the federated trust domain {:?}, which may read this \
          registry but not write it (sites are keyed by trust domain and site)",
         id.trust_domain()
@@ -119,7 +120,7 @@ fn federated(id: &SpiffeId, what: &str) -> Status {
 mod tests {
     use super::*;
 
-    fn caller(s: &str) -> Result<Caller, Status> {
+    fn caller(s: &str) -> Result<Caller, ApiError> {
         Caller::classify(SpiffeId::parse(s).unwrap(), "corp.example")
     }
 
@@ -129,7 +130,7 @@ mod tests {
         assert!(gw.require_site("east", "export").is_ok());
         let err = gw.require_site("west", "export").unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
-        assert!(err.message().contains("\"west\""), "{}", err.message());
+        assert!(err.to_string().contains("\"west\""), "{}", err.to_string());
         assert!(gw.require_admin("write policies").is_err());
         assert!(gw.require_node().is_err());
     }
@@ -160,9 +161,9 @@ mod tests {
         let err = ctl.require_admin("create join tokens").unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert!(
-            err.message().contains("partner.example"),
+            err.to_string().contains("partner.example"),
             "{}",
-            err.message()
+            err.to_string()
         );
         assert!(ctl.require_site("east", "export services").is_err());
         // A partner.example gateway of "east" does not write our east.

@@ -15,6 +15,7 @@ use http_body_util::Limited;
 use tonic::Status;
 use tonic::body::Body;
 
+use crate::error::ApiError;
 use crate::listener::Peer;
 
 /// The one method served to a client without a certificate.
@@ -27,18 +28,16 @@ const SMALL_CALLS: [&str; 2] = [JOIN_PATH, "/meshbridge.registry.v1.Registry/Ren
 pub const RAFT_PREFIX: &str = "/meshbridge.registry.v1.Raft/";
 
 /// Why a call on `path` from `peer` is refused before its message is read, if it is.
-pub fn refusal(path: &str, peer: Option<&Peer>, trust_domain: &str) -> Option<Status> {
+pub fn refusal(path: &str, peer: Option<&Peer>, trust_domain: &str) -> Option<ApiError> {
     let peer = peer?;
     let Some(id) = &peer.id else {
-        return (path != JOIN_PATH).then(|| {
-            Status::unauthenticated(format!(
-                "no verified client SVID: without a certificate only Join is served (called {path})"
-            ))
+        return (path != JOIN_PATH).then(|| ApiError::NoClientSvid {
+            called: Some(path.to_owned()),
         });
     };
     (path.starts_with(RAFT_PREFIX) && !(id.is_registry() && id.trust_domain() == trust_domain))
         .then(|| {
-            Status::permission_denied(format!(
+            ApiError::forbidden(format!(
                 "{id} is not a registry node of trust domain {trust_domain:?}: the Raft service is for nodes only"
             ))
         })
@@ -92,9 +91,9 @@ where
             req.extensions().get::<Peer>(),
             &self.trust_domain,
         ) {
-            Some(status) => {
-                tracing::debug!(path = req.uri().path(), error = %status.message(), "refused at the gate");
-                Either::Right(ready(Ok(status.into_http())))
+            Some(refusal) => {
+                tracing::debug!(path = req.uri().path(), error = %refusal, "refused at the gate");
+                Either::Right(ready(Ok(Status::from(refusal).into_http())))
             }
             None if SMALL_CALLS.contains(&req.uri().path()) => {
                 let req = req.map(|body| Body::new(Limited::new(body, SMALL_CALL_BYTES)));

@@ -13,7 +13,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::shared::{Attempt, Shared, now_ms};
+use crate::error::Attempt;
+use crate::shared::{Shared, now_ms};
 
 /// What a tick at `now_ms` would change: `(site, new state)` for each site, and whether a
 /// token expires. Mirrors the state machine's tick, for the decision and the logs.
@@ -105,8 +106,8 @@ pub async fn run(
                     info!(sites = ?forget, revision = reply.revision, "withdrawn sites forgotten")
                 }
                 Err(Attempt::NotLeader) => {}
-                Err(Attempt::Failed(status)) => {
-                    warn!(error = %status.message(), "forgetting withdrawn sites failed");
+                Err(Attempt::Failed(e)) => {
+                    warn!(error = %e, "forgetting withdrawn sites failed");
                 }
             }
         }
@@ -122,8 +123,8 @@ pub async fn run(
                 }
             }
             Err(Attempt::NotLeader) => {}
-            Err(Attempt::Failed(status)) => {
-                warn!(error = %status.message(), "lease tick failed");
+            Err(Attempt::Failed(e)) => {
+                warn!(error = %e, "lease tick failed");
             }
         }
     }

@@ -9,7 +9,9 @@
 mod authz;
 mod certs;
 pub mod config;
+mod error;
 mod gate;
+mod leader;
 mod leases;
 mod listener;
 mod metrics;

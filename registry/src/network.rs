@@ -40,6 +40,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, info};
 
+use crate::error::ApiError;
 use crate::metrics::{EarlyMetrics, PeerLabel};
 use crate::raft_api::EARLY_APPEND_HEADER;
 use crate::store::EarlyAppend;
@@ -147,7 +148,7 @@ impl Peers {
 
     /// The channel to node `id` whose membership URL is `url` (made on first use; remade
     /// when the URL changes).
-    pub fn channel(&self, id: NodeId, url: &str) -> Result<Channel, Status> {
+    pub fn channel(&self, id: NodeId, url: &str) -> Result<Channel, ApiError> {
         let url = self.overrides.get(&id).map_or(url, String::as_str);
         let mut channels = lock(&self.channels);
         if let Some((known, ch)) = channels.get(&id)
@@ -157,7 +158,7 @@ impl Peers {
         }
         let allow = registry_allow_list(&self.identity);
         let ch = lazy_channel(url, &self.identity, allow, &self.opts)
-            .map_err(|e| Status::failed_precondition(format!("node {id}: {e}")))?;
+            .map_err(|e| ApiError::Precondition(format!("node {id}: {e}")))?;
         channels.insert(id, (url.to_owned(), ch.clone()));
         Ok(ch)
     }
@@ -335,8 +336,8 @@ impl PeerClient {
                     err,
                 )))
             }
-            None => Err(RPCError::Network(NetworkError::new(&Status::internal(
-                "empty raft reply",
+            None => Err(RPCError::Network(NetworkError::new(&ApiError::Internal(
+                "empty raft reply".into(),
             )))),
         }
     }
@@ -536,7 +537,7 @@ enum Lane {
 }
 
 fn lane_closed(why: &str) -> RPCError<NodeId, Node, RaftError<Infallible>> {
-    RPCError::Network(NetworkError::new(&Status::unavailable(format!(
+    RPCError::Network(NetworkError::new(&ApiError::PeerUnavailable(format!(
         "AppendEntries stream: {why}"
     ))))
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::shared::{Attempt, write_error};
+use crate::error::{ApiError, Attempt, write_error};
 use crate::types::{Proposal, Raft, Request, Response};
 
 /// Raft entries of client writes proposed and not yet applied, at most.
@@ -73,7 +73,7 @@ impl Proposer {
             };
         }
         let (reply, rx) = oneshot::channel();
-        let stopped = || Attempt::Failed(tonic::Status::unavailable("the registry is stopping"));
+        let stopped = || Attempt::Failed(ApiError::Stopping);
         self.queued.fetch_add(1, Ordering::AcqRel);
         if self.jobs.send(Job { request, reply }).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -84,8 +84,8 @@ impl Proposer {
 }
 
 fn too_few() -> Attempt {
-    Attempt::Failed(tonic::Status::internal(
-        "the state machine returned fewer replies than writes",
+    Attempt::Failed(ApiError::Internal(
+        "the state machine returned fewer replies than writes".into(),
     ))
 }
 

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
 use crate::authz::Caller;
+use crate::error::ApiError;
 use crate::network::Progress;
 use crate::types::{AppendEntriesRequest, InstallSnapshotRequest, Raft, VoteRequest};
 
@@ -53,8 +54,7 @@ impl RaftApi {
 }
 
 fn decode<T: DeserializeOwned>(m: &proto::RaftMessage) -> Result<T, Status> {
-    serde_json::from_slice(&m.json)
-        .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))
+    serde_json::from_slice(&m.json).map_err(|e| ApiError::bad_request("raft message", e).into())
 }
 
 /// Replies of an AppendEntries stream, one per request, in order.
@@ -74,7 +74,7 @@ fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<proto::Raf
         Ok(v) => serde_json::to_vec(v).map(proto::raft_reply::Result::Ok),
         Err(e) => serde_json::to_vec(e).map(proto::raft_reply::Result::Err),
     }
-    .map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
+    .map_err(|e| Status::from(ApiError::internal("encode raft reply", e)))?;
     Ok(proto::RaftReply {
         result: Some(encoded),
         early: false,

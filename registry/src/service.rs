@@ -13,12 +13,13 @@ mod route;
 use std::sync::Arc;
 
 use meshbridge_core::model::{Catalog, Command, Rejection};
-use meshbridge_core::proto::{self, registry_server::Registry, rejection_to_status};
+use meshbridge_core::proto::{self, registry_server::Registry};
 use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::authz::Caller;
+use crate::error::ApiError;
 use crate::shared::{Shared, now_ms};
 use crate::watch::{WatchStream, watch_stream};
 
@@ -46,7 +47,7 @@ impl RegistryApi {
         self
     }
 
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
         if let Some(p) = req.extensions().get::<crate::listener::Peer>()
             && let (Some(id), Some(not_after)) = (&p.id, p.not_after)
         {
@@ -56,12 +57,12 @@ impl RegistryApi {
     }
 }
 
-fn json<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, Status> {
-    serde_json::to_vec(v).map_err(|e| Status::internal(format!("encode reply: {e}")))
+fn json<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(v).map_err(|e| ApiError::internal("encode reply", e))
 }
 
-fn refused(r: Rejection) -> Status {
-    rejection_to_status(&r)
+fn refused(r: Rejection) -> ApiError {
+    ApiError::Rejected(r)
 }
 
 #[tonic::async_trait]
@@ -464,7 +465,7 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::CreateJoinTokenReply>, Status> {
         self.caller(&req)?.require_admin("create join tokens")?;
         let issuer = join::need(self.issuer.as_ref())?;
-        issuer.create_token(req.get_ref()).map(Response::new)
+        Ok(Response::new(issuer.create_token(req.get_ref())?))
     }
 
     /// The one call open to clients without a certificate: the token authenticates.
@@ -486,6 +487,6 @@ impl Registry for RegistryApi {
         if let Caller::Site { site, id } = &caller {
             join::may_renew(&self.shared.catalog(), site, id)?;
         }
-        issuer.renew(&caller, req.get_ref()).map(Response::new)
+        Ok(Response::new(issuer.renew(&caller, req.get_ref())?))
     }
 }

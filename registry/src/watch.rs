@@ -21,6 +21,7 @@ use meshbridge_core::proto::{self, watch_event::Event};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::error::ApiError;
 use crate::shared::{Shared, WatchSlot};
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
@@ -75,7 +76,7 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
                         catalog_json,
                     })
                 })
-                .map_err(|e| Status::internal(format!("encode catalog: {e}")));
+                .map_err(|e| ApiError::internal("encode catalog", e).into());
             if !send(&tx, event).await {
                 return;
             }
@@ -92,7 +93,7 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
                                 changes_json,
                             })
                         })
-                        .map_err(|e| Status::internal(format!("encode changes: {e}")));
+                        .map_err(|e| ApiError::internal("encode changes", e).into());
                     if !send(&tx, event).await {
                         return;
                     }
@@ -121,7 +122,7 @@ async fn serve(s: Arc<Shared>, from: u64, tx: Tx) {
                             since.elapsed()
                         );
                         tracing::info!(node = s.node_id, "ending a watch stream: out of touch with the cluster");
-                        let _ = send(&tx, Err(Status::unavailable(why))).await;
+                        let _ = send(&tx, Err(ApiError::OutOfTouch(why).into())).await;
                         return;
                     }
                 }

@@ -282,10 +282,9 @@ pub fn from_policy(p: &model::Policy) -> pb::Policy {
     }
 }
 
-/// The gRPC status of a refused command. The rejection itself travels as JSON in the
-/// status details, so a client gets the same [`Rejection`] back.
-pub fn rejection_to_status(r: &Rejection) -> Status {
-    let code = match r {
+/// The gRPC code of a rejection.
+pub fn rejection_code(r: &Rejection) -> Code {
+    match r {
         Rejection::Invalid { .. } => Code::InvalidArgument,
         Rejection::NotFound { .. } => Code::NotFound,
         Rejection::StaleGeneration { .. }
@@ -293,7 +292,13 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
         | Rejection::Withdrawn { .. } => Code::FailedPrecondition,
         Rejection::Revoked { .. } | Rejection::NotOwner { .. } => Code::PermissionDenied,
         Rejection::Quota { .. } => Code::ResourceExhausted,
-    };
+    }
+}
+
+/// The gRPC status of a refused command. The rejection itself travels as JSON in the
+/// status details, so a client gets the same [`Rejection`] back.
+pub fn rejection_to_status(r: &Rejection) -> Status {
+    let code = rejection_code(r);
     match serde_json::to_vec(r) {
         Ok(details) => Status::with_details(code, r.to_string(), Bytes::from(details)),
         Err(_) => Status::new(code, r.to_string()),

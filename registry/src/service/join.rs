@@ -23,8 +23,9 @@ use tracing::info;
 
 use super::refused;
 use crate::authz::Caller;
+use crate::error::{ApiError, Attempt};
 use crate::listener::Peer;
-use crate::shared::{Attempt, Shared, now_ms};
+use crate::shared::{Shared, now_ms};
 
 /// The longest validity a join token may be given (they are meant to be short-lived).
 pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 86_400;
@@ -45,21 +46,21 @@ impl std::fmt::Debug for Issuer {
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> Status {
+fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
     refused(Rejection::Invalid {
         field: field.into(),
         reason: reason.into(),
     })
 }
 
-fn pki_refused(e: PkiError) -> Status {
+fn pki_refused(e: PkiError) -> ApiError {
     match e {
         PkiError::Invalid { field, reason } => invalid(field, reason),
-        other => Status::internal(format!("signing failed: {other}")),
+        other => ApiError::internal("signing failed", other),
     }
 }
 
-fn token_refused(e: TokenError, token: &str) -> Status {
+fn token_refused(e: TokenError, token: &str) -> ApiError {
     match e {
         TokenError::Malformed(why) => invalid("token", why),
         TokenError::Expired { id, expires } => refused(Rejection::Token {
@@ -81,7 +82,7 @@ fn token_refused(e: TokenError, token: &str) -> Status {
     }
 }
 
-fn required(field: &str, value: &str) -> Result<(), Status> {
+fn required(field: &str, value: &str) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(invalid(field, "is required"));
     }
@@ -121,13 +122,13 @@ impl Issuer {
 
     /// The trust bundle handed to joiners: this node's own bundle file (read now, so a
     /// rotation shows), plus the CA if the file lacks it.
-    fn bundle_pem(&self) -> Result<String, Status> {
+    fn bundle_pem(&self) -> Result<String, ApiError> {
         let path = &self.identity.files().bundle;
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            .map_err(|e| ApiError::internal(&path.display().to_string(), e))?;
         let have = parse_certs(path, text.as_bytes()).unwrap_or_default();
         let ca = parse_certs(Path::new("ca_dir"), self.ca.cert_pem().as_bytes())
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let mut out = text;
         if !ca.iter().all(|c| have.contains(c)) {
             if !out.ends_with('\n') {
@@ -138,7 +139,7 @@ impl Issuer {
         Ok(out)
     }
 
-    fn svid(&self, id: &SpiffeId, csr_pem: &str) -> Result<proto::SvidReply, Status> {
+    fn svid(&self, id: &SpiffeId, csr_pem: &str) -> Result<proto::SvidReply, ApiError> {
         let cert_pem = self
             .ca
             .sign_csr(csr_pem, id, self.svid_ttl)
@@ -161,7 +162,7 @@ impl Issuer {
     pub fn create_token(
         &self,
         req: &proto::CreateJoinTokenRequest,
-    ) -> Result<proto::CreateJoinTokenReply, Status> {
+    ) -> Result<proto::CreateJoinTokenReply, ApiError> {
         let role = if req.role.is_empty() {
             "agent"
         } else {
@@ -244,15 +245,15 @@ impl Issuer {
         &self,
         caller: &Caller,
         req: &proto::RenewRequest,
-    ) -> Result<proto::SvidReply, Status> {
+    ) -> Result<proto::SvidReply, ApiError> {
         let Caller::Site { id, .. } = caller else {
-            return Err(Status::permission_denied(format!(
+            return Err(ApiError::forbidden(format!(
                 "{} may not renew here: only site identities (spiffe://<td>/site/<site>/...) renew their own SVID",
                 caller.id()
             )));
         };
         if id.trust_domain() != self.ca.trust_domain() {
-            return Err(Status::permission_denied(format!(
+            return Err(ApiError::forbidden(format!(
                 "{id} is not in this registry's trust domain {:?}",
                 self.ca.trust_domain()
             )));
@@ -267,7 +268,7 @@ impl Issuer {
 /// Whether `site`'s identity `id` may renew its SVID, as this node's catalog says: only a
 /// site that is registered and not revoked. (Renewal would otherwise never end: an agent of
 /// a removed site would keep a valid SVID forever.)
-pub fn may_renew(catalog: &Catalog, site: &str, id: &SpiffeId) -> Result<(), Status> {
+pub fn may_renew(catalog: &Catalog, site: &str, id: &SpiffeId) -> Result<(), ApiError> {
     if let Some(revision) = catalog.revoked_sites.get(site) {
         return Err(refused(Rejection::Revoked {
             site: site.to_owned(),
@@ -275,7 +276,7 @@ pub fn may_renew(catalog: &Catalog, site: &str, id: &SpiffeId) -> Result<(), Sta
         }));
     }
     if catalog.site(site).is_none() {
-        return Err(Status::permission_denied(format!(
+        return Err(ApiError::forbidden(format!(
             "{id} may not renew: site {site:?} is not registered (removed, or never registered)"
         )));
     }
@@ -283,10 +284,11 @@ pub fn may_renew(catalog: &Catalog, site: &str, id: &SpiffeId) -> Result<(), Sta
 }
 
 /// The issuer, or why there is none.
-pub fn need(issuer: Option<&Arc<Issuer>>) -> Result<&Issuer, Status> {
+pub fn need(issuer: Option<&Arc<Issuer>>) -> Result<&Issuer, ApiError> {
     issuer.map(|i| &**i).ok_or_else(|| {
-        Status::failed_precondition(
-            "this registry node has no ca_dir configured: it cannot mint join tokens or issue SVIDs",
+        ApiError::Precondition(
+            "this registry node has no ca_dir configured: it cannot mint join tokens or issue SVIDs"
+                .into(),
         )
     })
 }

@@ -8,7 +8,8 @@ use meshbridge_core::proto::{self, rejection_to_status};
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
-use crate::shared::{Attempt, Shared, write_error};
+use crate::error::{ApiError, Attempt, write_error};
+use crate::shared::Shared;
 use crate::types::{Membership, Node, RaftMetrics};
 
 fn state_name(s: ServerState) -> &'static str {
@@ -165,7 +166,7 @@ pub async fn remove(
         } else if membership.get_node(&id).is_some() {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         } else {
-            return Err(Attempt::Failed(rejection_to_status(&Rejection::NotFound {
+            return Err(Attempt::Failed(ApiError::Rejected(Rejection::NotFound {
                 what: "member".into(),
                 name: id.to_string(),
             })));

@@ -2,11 +2,13 @@
 //! catalog (linearizable on the leader, or stale from this node).
 
 use meshbridge_core::model::{Catalog, Command};
-use meshbridge_core::proto::{self, rejection_to_status};
+use meshbridge_core::proto;
 use tonic::{Request, Response, Status};
 
 use super::{Grpc, RegistryApi};
-use crate::shared::{now_ms, request_id};
+use crate::error::ApiError;
+use crate::leader::request_id;
+use crate::shared::now_ms;
 
 impl RegistryApi {
     /// Validates `cmd` (stamped later with the leader's clock), then proposes it on the
@@ -23,7 +25,7 @@ impl RegistryApi {
         F: Fn(Grpc, Request<R>) -> FFut,
         FFut: Future<Output = Result<Response<proto::WriteReply>, Status>>,
     {
-        cmd(0).validate().map_err(|r| rejection_to_status(&r))?;
+        cmd(0).validate().map_err(ApiError::Rejected)?;
         let id = request_id(&req)?;
         let s = &self.shared;
         let local = || {
@@ -42,7 +44,7 @@ impl RegistryApi {
         method: &'static str,
         req: Request<R>,
         stale: bool,
-        view: impl Fn(&Catalog) -> Result<T, Status>,
+        view: impl Fn(&Catalog) -> Result<T, ApiError>,
         forward: F,
     ) -> Result<Response<T>, Status>
     where
@@ -52,7 +54,7 @@ impl RegistryApi {
     {
         self.caller(&req)?;
         if stale {
-            return view(&self.shared.catalog()).map(Response::new);
+            return Ok(Response::new(view(&self.shared.catalog())?));
         }
         let s = &self.shared;
         let local = || async {
