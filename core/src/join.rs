@@ -10,23 +10,10 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
-use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "mbjt1";
 
-/// What a token grants.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    /// Random id; recorded when used.
-    pub id: String,
-    pub trust_domain: String,
-    /// The site the joiner becomes; its SVID will be `spiffe://<td>/site/<site>/<role>`.
-    pub site: String,
-    /// `agent` or `gateway`.
-    pub role: String,
-    /// Unix seconds.
-    pub expires: u64,
-}
+pub use meshbridge_model::token::Claims;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

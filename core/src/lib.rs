@@ -8,16 +8,17 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod drain;
-pub mod id;
 pub mod join;
-pub mod model;
 pub mod pki;
 pub mod proto;
 pub mod runtime;
 pub mod sync;
 pub mod telemetry;
 pub mod tls;
-pub mod vip;
+
+/// The catalog model, ids and VIPs live in their own pure crate ([`meshbridge_model`]).
+pub use meshbridge_model as model;
+pub use meshbridge_model::{id, vip};
 
 /// Install the process-wide rustls crypto provider (ring). Call at the start of `main`
 /// and of tests; calling it again is harmless.

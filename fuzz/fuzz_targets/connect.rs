@@ -3,10 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshbridge_gateway::connect::{MAX_HEAD_LEN, parse_connect, response};
+use meshbridge_wire::connect::{MAX_HEAD_LEN, parse_connect, response};
 
 fuzz_target!(|data: &[u8]| {
-    match parse_connect(data, "clusterset.local") {
+    match parse_connect(data, &["clusterset.local", "cluster.local"]) {
         Ok(Some((_, used))) => {
             assert!(used <= data.len() && used <= MAX_HEAD_LEN);
             assert!(data[..used].ends_with(b"\r\n\r\n"));

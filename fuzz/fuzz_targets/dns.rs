@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use meshbridge_core::model::{Catalog, Command, Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec};
+use meshbridge_model::{Catalog, Command, Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec};
 use meshbridge_federation::dns::{Config, Index, Transport, answer};
 
 fn index() -> &'static Index {
@@ -20,6 +20,7 @@ fn index() -> &'static Index {
             gateways: vec!["127.0.0.1:15008".into()],
             lease_ttl_ms: 10_000,
             grace_ms: 10_000,
+            instance: String::new(),
         };
         let _ = c.apply(&Command::RegisterSite { spec: site, at_ms: 1 });
         for (name, headless) in [("web", false), ("db", true)] {
@@ -27,7 +28,7 @@ fn index() -> &'static Index {
                 site: "east".into(),
                 service: ServiceKey::new("shop", name),
                 generation: 1,
-                ports: vec![Port { name: "tcp".into(), port: 80, protocol: Protocol::Tcp, target_port: 8080 }],
+                ports: vec![Port { name: "tcp".into(), port: 80, protocol: Protocol::Tcp, target_port: 8080, app_protocol: None }],
                 endpoints: (1..=40u8)
                     .map(|i| Endpoint {
                         address: std::net::IpAddr::from([10, 0, 0, i]),
@@ -35,6 +36,7 @@ fn index() -> &'static Index {
                         ready: true,
                         weight: 1,
                         identity: None,
+                        zone: None,
                     })
                     .collect(),
                 headless,

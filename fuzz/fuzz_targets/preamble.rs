@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use meshbridge_gateway::preamble::{MAX_PREAMBLE_LEN, Preamble, Reply};
+use meshbridge_wire::preamble::{MAX_PREAMBLE_LEN, Preamble, Reply};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((preamble, used))) = Preamble::decode(data) {

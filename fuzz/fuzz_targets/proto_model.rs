@@ -5,29 +5,30 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshbridge_core::proto::{self as pb, from_export, from_policy, from_site_spec, to_export, to_policy, to_site_spec};
+use meshbridge_core::proto::{self as pb, to_site_spec};
+use meshbridge_model::{Export, Policy};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(e) = pb::Export::decode(data)
-        && let Ok(model) = to_export(Some(&e))
+        && let Ok(model) = Export::try_from(&e)
         && model.validate().is_ok()
     {
-        let back = to_export(Some(&from_export(&model))).expect("a valid export converts back");
+        let back = Export::try_from(&pb::Export::from(&model)).expect("a valid export converts back");
         assert_eq!(back, model, "export round trip");
     }
     if let Ok(p) = pb::Policy::decode(data)
-        && let Ok(model) = to_policy(Some(&p))
+        && let Ok(model) = Policy::try_from(&p)
         && model.validate().is_ok()
     {
-        let back = to_policy(Some(&from_policy(&model))).expect("a valid policy converts back");
+        let back = Policy::try_from(&pb::Policy::from(&model)).expect("a valid policy converts back");
         assert_eq!(back, model, "policy round trip");
     }
     if let Ok(s) = pb::SiteSpec::decode(data)
-        && let Ok(model) = to_site_spec(Some(&s), 15_000, 600_000)
+        && let Ok(model) = to_site_spec(&s, 15_000, 600_000)
         && model.validate().is_ok()
     {
-        let back = to_site_spec(Some(&from_site_spec(&model)), 15_000, 600_000)
+        let back = to_site_spec(&pb::SiteSpec::from(&model), 15_000, 600_000)
             .expect("a valid site spec converts back");
         assert_eq!(back, model, "site spec round trip");
     }

@@ -1,14 +1,98 @@
-//! Endpoint choice at the sending side, sans-IO: which sites to try, in which order, and
-//! which sites are ejected after consecutive failures.
+//! All endpoint choice of a gateway, sans-IO ([`Chooser`]; the caller passes the clock):
+//! which sites to try for a client connection and in which order, which local endpoint a
+//! stream from a peer goes to, and which sites and endpoints are ejected after consecutive
+//! failures.
 //!
-//! Order: by locality rank (the catalog's `resolve`: own site, same zone, same region,
-//! others, stale last), ejected sites after all others; within one rank, a weighted random
-//! order by ready endpoint weight, so load spreads in proportion to capacity.
+//! Sites: by locality rank (the catalog's `resolve`: own site, same zone, same region,
+//! others, stale last), ejected or unhealthy sites after all others; within one rank, a
+//! weighted random order by ready endpoint weight, so load spreads in proportion to
+//! capacity. Local endpoints: round robin per service port, ejected ones last.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshbridge_core::model::{EndpointGroup, SiteRank};
+use meshbridge_core::model::{EndpointGroup, ServiceKey, SiteRank};
+
+/// A gateway's choice state: site and endpoint ejections, round-robin positions and the
+/// seed of the weighted site order. Every method that depends on time takes `now`.
+#[derive(Debug)]
+pub struct Chooser {
+    sites: Ejections,
+    endpoints: Ejections,
+    rr: HashMap<(ServiceKey, u16), usize>,
+    roll: u64,
+}
+
+impl Chooser {
+    /// Ejection after `after` consecutive failures, for `base` doubling up to `max`, for
+    /// sites and local endpoints alike; `seed` starts the weighted order.
+    pub fn new(after: u32, base: Duration, max: Duration, seed: u64) -> Self {
+        Self {
+            sites: Ejections::new(after, base, max),
+            endpoints: Ejections::new(after, base, max),
+            rr: HashMap::new(),
+            roll: seed,
+        }
+    }
+
+    /// The sites to try for a connection to service port `port` of the ranked groups, in
+    /// order; `unhealthy` sites (no working link) go last with the ejected ones.
+    pub fn sites(
+        &mut self,
+        ranked: &[(SiteRank, EndpointGroup)],
+        port: u16,
+        own_site: &str,
+        unhealthy: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Vec<Candidate> {
+        self.roll = self.roll.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let down = |s: &str| self.sites.is_ejected(s, now) || unhealthy(s);
+        candidates(ranked, port, own_site, down, self.roll)
+    }
+
+    /// Record a failed attempt at `site`; the ejection time when it ejects the site.
+    pub fn site_failed(&mut self, site: &str, now: Instant) -> Option<Duration> {
+        self.sites.failure(site, now)
+    }
+
+    pub fn site_ok(&mut self, site: &str) {
+        self.sites.success(site);
+    }
+
+    /// Sites ejected at `now`, with the time left.
+    pub fn ejected_sites(&self, now: Instant) -> Vec<(String, Duration)> {
+        self.sites.ejected(now)
+    }
+
+    /// The order in which to try the local endpoints `addrs` of service port
+    /// (`key`, `port`): round robin (each call starts one further), ejected ones last.
+    pub fn endpoints(
+        &mut self,
+        key: &ServiceKey,
+        port: u16,
+        addrs: &[SocketAddr],
+        now: Instant,
+    ) -> Vec<SocketAddr> {
+        let n = self.rr.entry((key.clone(), port)).or_insert(0);
+        let start = *n;
+        *n = n.wrapping_add(1);
+        let mut out: Vec<_> = (0..addrs.len())
+            .map(|i| addrs[(start + i) % addrs.len()])
+            .collect();
+        out.sort_by_key(|a| self.endpoints.is_ejected(&a.to_string(), now));
+        out
+    }
+
+    /// Record a failed connect to local endpoint `addr`; the ejection time when it ejects.
+    pub fn endpoint_failed(&mut self, addr: SocketAddr, now: Instant) -> Option<Duration> {
+        self.endpoints.failure(&addr.to_string(), now)
+    }
+
+    pub fn endpoint_ok(&mut self, addr: SocketAddr) {
+        self.endpoints.success(&addr.to_string());
+    }
+}
 
 /// A site to try for one client connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +190,7 @@ struct Health {
 
 /// Consecutive-failure ejection of sites, with exponential backoff.
 #[derive(Debug)]
-pub struct Ejections {
+struct Ejections {
     after: u32,
     base: Duration,
     max: Duration,
@@ -114,7 +198,7 @@ pub struct Ejections {
 }
 
 impl Ejections {
-    pub fn new(after: u32, base: Duration, max: Duration) -> Self {
+    fn new(after: u32, base: Duration, max: Duration) -> Self {
         Self {
             after: after.max(1),
             base,
@@ -123,7 +207,7 @@ impl Ejections {
         }
     }
 
-    pub fn is_ejected(&self, site: &str, now: Instant) -> bool {
+    fn is_ejected(&self, site: &str, now: Instant) -> bool {
         self.sites
             .get(site)
             .and_then(|h| h.until)
@@ -131,7 +215,7 @@ impl Ejections {
     }
 
     /// Record a failure; returns the ejection time when this failure ejects the site.
-    pub fn failure(&mut self, site: &str, now: Instant) -> Option<Duration> {
+    fn failure(&mut self, site: &str, now: Instant) -> Option<Duration> {
         let h = self.sites.entry(site.to_string()).or_default();
         h.consecutive += 1;
         if h.consecutive < self.after || h.until.is_some_and(|u| now < u) {
@@ -145,12 +229,12 @@ impl Ejections {
     }
 
     /// A success clears the site's record.
-    pub fn success(&mut self, site: &str) {
+    fn success(&mut self, site: &str) {
         self.sites.remove(site);
     }
 
     /// Sites ejected at `now`, with the time left.
-    pub fn ejected(&self, now: Instant) -> Vec<(String, Duration)> {
+    fn ejected(&self, now: Instant) -> Vec<(String, Duration)> {
         self.sites
             .iter()
             .filter_map(|(s, h)| {
@@ -247,5 +331,68 @@ mod tests {
         e.success("a");
         assert!(!e.is_ejected("a", t0 + s(4)));
         assert!(e.ejected(t0).is_empty());
+    }
+
+    #[test]
+    fn the_chooser_rotates_local_endpoints_and_puts_ejected_ones_last() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = Chooser::new(1, s(10), s(60), 0);
+        let key = ServiceKey::new("shop", "cart");
+        let addrs: Vec<SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(c.endpoints(&key, 80, &addrs, t0), addrs);
+        assert_eq!(
+            c.endpoints(&key, 80, &addrs, t0),
+            [addrs[1], addrs[2], addrs[0]]
+        );
+        // Another port of the same service has its own position.
+        assert_eq!(c.endpoints(&key, 81, &addrs, t0), addrs);
+        assert_eq!(c.endpoint_failed(addrs[0], t0), Some(s(10)));
+        assert_eq!(
+            c.endpoints(&key, 80, &addrs, t0),
+            [addrs[2], addrs[1], addrs[0]],
+            "round robin from the third, the ejected first endpoint last"
+        );
+        // Past its ejection (the clock is the caller's) it takes its turn again.
+        assert_eq!(
+            c.endpoints(&key, 80, &addrs, t0 + s(10)),
+            [addrs[0], addrs[1], addrs[2]]
+        );
+        c.endpoint_ok(addrs[0]);
+    }
+
+    #[test]
+    fn the_chooser_puts_ejected_and_unhealthy_sites_last_until_the_ejection_ends() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = Chooser::new(2, s(5), s(60), 42);
+        let ranked = vec![
+            (SiteRank::SameZone, group("near", 1, &["n:1"])),
+            (SiteRank::SameRegion, group("mid", 1, &["m:1"])),
+            (SiteRank::Other, group("far", 1, &["f:1"])),
+        ];
+        let healthy = |_: &str| false;
+        assert_eq!(
+            sites(&c.sites(&ranked, 80, "x", healthy, t0)),
+            ["near", "mid", "far"]
+        );
+        assert_eq!(c.site_failed("near", t0), None, "one failure is not enough");
+        assert_eq!(c.site_failed("near", t0), Some(s(5)));
+        assert_eq!(c.ejected_sites(t0), [("near".to_string(), s(5))]);
+        let no_link = |s: &str| s == "mid";
+        // Down sites (ejected or without a link) go last, among themselves by rank.
+        assert_eq!(
+            sites(&c.sites(&ranked, 80, "x", no_link, t0)),
+            ["far", "near", "mid"]
+        );
+        assert_eq!(
+            sites(&c.sites(&ranked, 80, "x", healthy, t0 + s(5))),
+            ["near", "mid", "far"]
+        );
+        c.site_ok("near");
+        assert!(c.ejected_sites(t0).is_empty());
     }
 }

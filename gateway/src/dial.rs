@@ -9,7 +9,7 @@ use bytes::Bytes;
 use meshbridge_core::model::{Catalog, ServiceKey, SiteRank};
 use tokio::net::TcpStream;
 
-use crate::choice::{self, Candidate};
+use crate::choice::Candidate;
 use crate::inbound::{self, describe_target};
 use crate::metrics::{Direction, SiteLabel, StreamLabels};
 use crate::preamble::{Preamble, ReplyStatus, Target};
@@ -61,8 +61,7 @@ fn plan(sh: &Shared, catalog: &Catalog, target: &Target) -> Vec<Candidate> {
         } => {
             let key = ServiceKey::new(namespace.clone(), name.clone());
             let ranked = catalog.resolve(&key, &sh.site).unwrap_or_default();
-            let down = |s: &str| sh.is_ejected(s) || sh.pool.unhealthy(s);
-            choice::candidates(&ranked, *port, &sh.site, down, sh.roll())
+            sh.candidates(&ranked, *port)
         }
         Target::Endpoint { addr } => catalog
             .exports

@@ -183,7 +183,7 @@ pub async fn connect_local(
     peer_site: &str,
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let (key, port, addrs) = local_endpoints(catalog, &sh.site, target)?;
-    let order = sh.order_endpoints(&addrs, sh.next_rr(&key, port));
+    let order = sh.order_endpoints(&key, port, &addrs);
     let mut last = String::new();
     for addr in order.into_iter().take(MAX_ENDPOINT_TRIES) {
         let began = Instant::now();

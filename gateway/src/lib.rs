@@ -6,9 +6,8 @@
 //! addresses, serves the admin routes and drains.
 #![forbid(unsafe_code)]
 
-pub mod connect;
-pub mod preamble;
-pub mod sni;
+/// The wire formats live in their own pure crate ([`meshbridge_wire`]).
+pub use meshbridge_wire::{connect, preamble, sni};
 
 mod admin;
 pub mod choice;

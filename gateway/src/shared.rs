@@ -1,19 +1,18 @@
 //! State shared by every task of one gateway.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use meshbridge_core::drain;
-use meshbridge_core::model::{Catalog, ServiceKey};
+use meshbridge_core::model::{Catalog, EndpointGroup, ServiceKey, SiteRank};
 use meshbridge_core::sync::lock;
 use meshbridge_core::tls::Identity;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::choice::Ejections;
+use crate::choice::{Candidate, Chooser};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -25,9 +24,8 @@ pub struct Shared {
     pub catalog: watch::Receiver<Arc<Catalog>>,
     pub metrics: Metrics,
     pub pool: Arc<Pool>,
-    pub ejections: Mutex<Ejections>,
-    /// Local endpoints with consecutive connect failures (receiving side).
-    pub endpoint_ejections: Mutex<Ejections>,
+    /// Every choice of a site or local endpoint, and their ejections.
+    chooser: Mutex<Chooser>,
     pub drain: drain::Watch,
     pub tasks: TaskTracker,
     /// Stops accept loops (first step of a drain).
@@ -40,8 +38,6 @@ pub struct Shared {
     pub inbound_streams: Arc<tokio::sync::Semaphore>,
     /// Open links per peer identity (`tunnel.max_links_per_peer`).
     peer_links: Arc<Mutex<HashMap<String, usize>>>,
-    rr: Mutex<HashMap<(ServiceKey, u16), usize>>,
-    roll: AtomicU64,
 }
 
 /// One open link of a peer identity; given back on drop.
@@ -89,34 +85,27 @@ impl Shared {
         stop: CancellationToken,
     ) -> Self {
         let f = &cfg.failover;
-        let ejections = Ejections::new(
+        let chooser = Chooser::new(
             f.eject_after,
             std::time::Duration::from_millis(f.eject_base_ms),
             std::time::Duration::from_millis(f.eject_max_ms),
-        );
-        let endpoint_ejections = Ejections::new(
-            f.eject_after,
-            std::time::Duration::from_millis(f.eject_base_ms),
-            std::time::Duration::from_millis(f.eject_max_ms),
+            rand::random(),
         );
         Self {
             client_slots: Arc::new(tokio::sync::Semaphore::new(cfg.listeners.max_connections)),
             inbound_streams: Arc::new(tokio::sync::Semaphore::new(cfg.tunnel.max_inbound_streams)),
             peer_links: Arc::default(),
-            endpoint_ejections: Mutex::new(endpoint_ejections),
             site: cfg.site.clone(),
             cfg,
             identity,
             catalog,
             metrics,
             pool,
-            ejections: Mutex::new(ejections),
+            chooser: Mutex::new(chooser),
             drain,
             tasks,
             accept_stop: stop.child_token(),
             stop,
-            rr: Mutex::new(HashMap::new()),
-            roll: AtomicU64::new(rand::random()),
         }
     }
 
@@ -125,27 +114,15 @@ impl Shared {
         self.catalog.borrow().clone()
     }
 
-    /// The next round-robin start index for a service port.
-    pub fn next_rr(&self, key: &ServiceKey, port: u16) -> usize {
-        let mut rr = lock(&self.rr);
-        let n = rr.entry((key.clone(), port)).or_insert(0);
-        let v = *n;
-        *n = n.wrapping_add(1);
-        v
-    }
-
-    /// A fresh seed for the weighted site order.
-    pub fn roll(&self) -> u64 {
-        self.roll
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-    }
-
-    pub fn is_ejected(&self, site: &str) -> bool {
-        lock(&self.ejections).is_ejected(site, Instant::now())
+    /// The sites to try for a connection to service port `port`, in order (see
+    /// [`Chooser::sites`]); sites without a working link go last.
+    pub fn candidates(&self, ranked: &[(SiteRank, EndpointGroup)], port: u16) -> Vec<Candidate> {
+        let unhealthy = |s: &str| self.pool.unhealthy(s);
+        lock(&self.chooser).sites(ranked, port, &self.site, unhealthy, Instant::now())
     }
 
     pub fn site_failed(&self, site: &str) {
-        if let Some(d) = lock(&self.ejections).failure(site, Instant::now()) {
+        if let Some(d) = lock(&self.chooser).site_failed(site, Instant::now()) {
             tracing::warn!(
                 peer.site = site,
                 backoff_ms = d.as_millis() as u64,
@@ -156,36 +133,30 @@ impl Shared {
     }
 
     pub fn site_ok(&self, site: &str) {
-        lock(&self.ejections).success(site);
+        lock(&self.chooser).site_ok(site);
     }
 
-    /// Order `addrs` for a connection: healthy endpoints first (round-robin from `start`),
-    /// ejected ones after them.
+    /// The order in which to try local endpoints `addrs` of (`key`, `port`).
     pub fn order_endpoints(
         &self,
+        key: &ServiceKey,
+        port: u16,
         addrs: &[std::net::SocketAddr],
-        start: usize,
     ) -> Vec<std::net::SocketAddr> {
-        let now = Instant::now();
-        let ej = lock(&self.endpoint_ejections);
-        let mut out: Vec<_> = (0..addrs.len())
-            .map(|i| addrs[(start + i) % addrs.len()])
-            .collect();
-        out.sort_by_key(|a| ej.is_ejected(&a.to_string(), now));
-        out
+        lock(&self.chooser).endpoints(key, port, addrs, Instant::now())
     }
 
     pub fn endpoint_failed(&self, addr: std::net::SocketAddr) {
-        if let Some(d) = lock(&self.endpoint_ejections).failure(&addr.to_string(), Instant::now()) {
+        if let Some(d) = lock(&self.chooser).endpoint_failed(addr, Instant::now()) {
             tracing::warn!(endpoint = %addr, backoff_ms = d.as_millis() as u64, "endpoint ejected after consecutive connect failures");
         }
     }
 
     pub fn endpoint_ok(&self, addr: std::net::SocketAddr) {
-        lock(&self.endpoint_ejections).success(&addr.to_string());
+        lock(&self.chooser).endpoint_ok(addr);
     }
 
     pub fn ejected_sites(&self) -> Vec<(String, std::time::Duration)> {
-        lock(&self.ejections).ejected(Instant::now())
+        lock(&self.chooser).ejected_sites(Instant::now())
     }
 }

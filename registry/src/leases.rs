@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshbridge_core::model::{Catalog, Command, SiteState, USED_TOKEN_KEEP_MS};
+use meshbridge_core::model::{Catalog, Command};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -17,52 +17,24 @@ use crate::error::Attempt;
 use crate::shared::{Shared, now_ms};
 
 /// What a tick at `now_ms` would change: `(site, new state)` for each site, and whether a
-/// token expires. Mirrors the state machine's tick, for the decision and the logs.
+/// token expires. The state machine's own lease transition ([`Catalog::lease_step`]), for
+/// the decision and the logs.
 pub fn due(catalog: &Catalog, now_ms: u64) -> (Vec<(String, &'static str)>, bool) {
-    let mut sites = Vec::new();
-    for site in catalog.sites.values() {
-        let next = match site.state {
-            SiteState::Fresh if site.lease_expires_ms() <= now_ms => {
-                let stale_since = site.lease_expires_ms();
-                if stale_since.saturating_add(site.grace_ms) <= now_ms
-                    && catalog.vouchers(&site.name, now_ms).is_empty()
-                {
-                    Some("withdrawn")
-                } else {
-                    Some("stale")
-                }
-            }
-            SiteState::Stale { since_ms }
-                if since_ms.saturating_add(site.grace_ms) <= now_ms
-                    && catalog.vouchers(&site.name, now_ms).is_empty() =>
-            {
-                Some("withdrawn")
-            }
-            // One of several gateways missed its lease while another keeps the site fresh.
-            SiteState::Fresh
-                if {
-                    let lapsed = |i: &&meshbridge_core::model::GatewayInstance| {
-                        i.last_heartbeat_ms.saturating_add(site.lease_ttl_ms) <= now_ms
-                    };
-                    let n = site.instances.iter().filter(lapsed).count();
-                    n > 0 && n < site.instances.len()
-                } =>
-            {
-                Some("fresh (a gateway instance left)")
-            }
-            _ => None,
-        };
-        if let Some(state) = next {
-            sites.push((site.name.clone(), state));
-        }
-    }
-    // As the state machine forgets them: past expiry by the keep margin, by the highest
-    // clock seen (a token merely expired is not worth a log entry yet).
-    let now = now_ms.max(catalog.clock_ms);
-    let tokens = catalog
-        .tokens
+    let sites = catalog
+        .sites
         .values()
-        .any(|t| t.expires_ms.saturating_add(USED_TOKEN_KEEP_MS) < now);
+        .filter_map(|site| {
+            let step = catalog.lease_step(site, now_ms)?;
+            let label = if step.state == site.state {
+                "fresh (a gateway instance left)"
+            } else {
+                step.state.name()
+            };
+            Some((site.name.clone(), label))
+        })
+        .collect();
+    // A token merely expired is not worth a log entry yet.
+    let tokens = catalog.expired_tokens(now_ms).next().is_some();
     (sites, tokens)
 }
 
@@ -134,7 +106,7 @@ pub async fn run(
 mod tests {
     use std::sync::Arc;
 
-    use meshbridge_core::model::{Locality, Site, SiteKind};
+    use meshbridge_core::model::{Locality, Site, SiteKind, SiteState, USED_TOKEN_KEEP_MS};
 
     use super::*;
 

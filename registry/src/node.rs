@@ -25,8 +25,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::network::{Network, Peers};
-use crate::raft_api::RaftApi;
+use crate::raft::{Network, Peers, RaftApi};
 use crate::service::RegistryApi;
 use crate::shared::Shared;
 use crate::store::{self, Options, StoreError};

@@ -12,7 +12,7 @@ mod route;
 
 use std::sync::Arc;
 
-use meshbridge_core::model::{Catalog, Command, Rejection};
+use meshbridge_core::model::{self, Catalog, Command, Rejection};
 use meshbridge_core::proto::{self, registry_server::Registry};
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -73,12 +73,9 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::WriteReply>, Status> {
         let caller = self.caller(&req)?;
         let l = &self.shared.leases;
-        let spec = proto::to_site_spec(
-            req.get_ref().spec.as_ref(),
-            l.default_ttl_ms,
-            l.default_grace_ms,
-        )
-        .map_err(refused)?;
+        let spec = proto::required(req.get_ref().spec.as_ref(), "spec")
+            .and_then(|spec| proto::to_site_spec(spec, l.default_ttl_ms, l.default_grace_ms))
+            .map_err(refused)?;
         caller.require_site(&spec.name, "register")?;
         let cmd = |at_ms| Command::RegisterSite {
             spec: spec.clone(),
@@ -98,7 +95,7 @@ impl Registry for RegistryApi {
         let site = req.get_ref().site.clone();
         caller.require_site(&site, "renew the lease")?;
         let report = req.get_ref().report_links;
-        let links = report.then(|| proto::to_links(&req.get_ref().links));
+        let links = report.then(|| req.get_ref().links.iter().map(Into::into).collect());
         let xds_rejections =
             report.then(|| proto::to_xds_rejections(&req.get_ref().xds_rejections));
         let instance = req.get_ref().instance.clone();
@@ -191,7 +188,9 @@ impl Registry for RegistryApi {
         req: Request<proto::PutExportRequest>,
     ) -> Result<Response<proto::WriteReply>, Status> {
         let caller = self.caller(&req)?;
-        let export = proto::to_export(req.get_ref().export.as_ref()).map_err(refused)?;
+        let export = proto::required(req.get_ref().export.as_ref(), "export")
+            .and_then(model::Export::try_from)
+            .map_err(refused)?;
         caller.require_site(&export.site, "export services")?;
         let cmd = |_| Command::PutExport {
             export: export.clone(),
@@ -207,7 +206,7 @@ impl Registry for RegistryApi {
         req: Request<proto::PutImportRequest>,
     ) -> Result<Response<proto::WriteReply>, Status> {
         let caller = self.caller(&req)?;
-        let import = proto::to_import(req.get_ref()).map_err(refused)?;
+        let import = model::Import::try_from(req.get_ref()).map_err(refused)?;
         caller.require_site(&import.site, "write import addresses")?;
         let cmd = |_| Command::PutImport {
             import: import.clone(),
@@ -225,7 +224,9 @@ impl Registry for RegistryApi {
         let caller = self.caller(&req)?;
         let r = req.get_ref();
         let (site, generation) = (r.site.clone(), r.generation);
-        let service = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        let service = model::ServiceKey::from(
+            proto::required(r.service.as_ref(), "service").map_err(refused)?,
+        );
         caller.require_site(&site, "delete exports")?;
         let cmd = |_| Command::DeleteExport {
             site: site.clone(),
@@ -243,7 +244,9 @@ impl Registry for RegistryApi {
         req: Request<proto::PutPolicyRequest>,
     ) -> Result<Response<proto::WriteReply>, Status> {
         self.caller(&req)?.require_admin("write policies")?;
-        let policy = proto::to_policy(req.get_ref().policy.as_ref()).map_err(refused)?;
+        let policy = proto::required(req.get_ref().policy.as_ref(), "policy")
+            .and_then(model::Policy::try_from)
+            .map_err(refused)?;
         let cmd = |_| Command::PutPolicy {
             policy: policy.clone(),
         };
@@ -305,7 +308,9 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::ServiceReply>, Status> {
         let r = req.get_ref();
         let stale = r.stale;
-        let key = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        let key = model::ServiceKey::from(
+            proto::required(r.service.as_ref(), "service").map_err(refused)?,
+        );
         key.validate().map_err(refused)?;
         let view = |c: &Catalog| {
             let merged = c.service(&key).ok_or_else(|| {
@@ -331,7 +336,9 @@ impl Registry for RegistryApi {
     ) -> Result<Response<proto::ResolveReply>, Status> {
         let r = req.get_ref();
         let (stale, from_site) = (r.stale, r.from_site.clone());
-        let key = proto::to_service_key(r.service.as_ref(), "service").map_err(refused)?;
+        let key = model::ServiceKey::from(
+            proto::required(r.service.as_ref(), "service").map_err(refused)?,
+        );
         key.validate().map_err(refused)?;
         let view = |c: &Catalog| {
             let ranked = c.resolve(&key, &from_site).unwrap_or_default();

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::LeaseConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::network::Peers;
+use crate::raft::Peers;
 use crate::store::Feed;
 use crate::types::{NodeId, Raft};
 

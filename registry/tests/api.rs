@@ -166,7 +166,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
     )
     .unwrap();
     let mut raw = Grpc::new(channel);
-    let mut wire = proto::from_export(&export("east", "cart", 3, &["10.0.0.1"]));
+    let mut wire = proto::Export::from(&export("east", "cart", 3, &["10.0.0.1"]));
     wire.endpoints[0].address = "10.0.0.300".into();
     wire.ports[0].port = 70_000;
     let status = raw
@@ -606,7 +606,7 @@ async fn a_site_writes_its_own_import_addresses_only() {
     let bad = Grpc::new(channel)
         .put_import(proto::PutImportRequest {
             site: "west".into(),
-            service: Some(proto::from_service_key(&key("cart"))),
+            service: Some(proto::ServiceKey::from(&key("cart"))),
             generation: 9,
             ips: vec!["10.96.0.7".into(), "not-an-ip".into()],
         })

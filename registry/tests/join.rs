@@ -400,7 +400,7 @@ async fn without_a_certificate_every_call_but_join_is_unauthenticated() {
         (
             "RegisterSite",
             anon.register_site(proto::RegisterSiteRequest {
-                spec: Some(proto::from_site_spec(&spec("evil", "eu", "eu-1a"))),
+                spec: Some(proto::SiteSpec::from(&spec("evil", "eu", "eu-1a"))),
             })
             .await
             .map(|_| ()),

@@ -39,7 +39,7 @@ impl RegistryClient {
         consistency: Consistency,
     ) -> Result<Versioned<Option<MergedService>>, ClientError> {
         let req = proto::GetServiceRequest {
-            service: Some(proto::from_service_key(key)),
+            service: Some(proto::ServiceKey::from(key)),
             stale: consistency.stale(),
         };
         let reply = self
@@ -73,7 +73,7 @@ impl RegistryClient {
         consistency: Consistency,
     ) -> Result<Versioned<Ranked>, ClientError> {
         let req = proto::ResolveRequest {
-            service: Some(proto::from_service_key(key)),
+            service: Some(proto::ServiceKey::from(key)),
             from_site: from_site.into(),
             stale: consistency.stale(),
         };

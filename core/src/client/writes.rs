@@ -9,7 +9,7 @@ impl RegistryClient {
     /// the registry's default lease and grace.
     pub async fn register_site(&self, spec: &SiteSpec) -> Result<WriteResult, ClientError> {
         let req = proto::RegisterSiteRequest {
-            spec: Some(proto::from_site_spec(spec)),
+            spec: Some(proto::SiteSpec::from(spec)),
         };
         self.write("RegisterSite", req, |mut c, r| async move {
             c.register_site(r).await
@@ -34,15 +34,10 @@ impl RegistryClient {
             instance: instance.into(),
             report_links: report.is_some(),
             links: report
-                .map(|r| r.links.iter().map(proto::from_link).collect())
+                .map(|r| r.links.iter().map(Into::into).collect())
                 .unwrap_or_default(),
             xds_rejections: report
-                .map(|r| {
-                    r.xds_rejections
-                        .iter()
-                        .map(proto::from_xds_rejection)
-                        .collect()
-                })
+                .map(|r| r.xds_rejections.iter().map(Into::into).collect())
                 .unwrap_or_default(),
         };
         self.write(
@@ -108,7 +103,7 @@ impl RegistryClient {
 
     pub async fn put_export(&self, export: &Export) -> Result<WriteResult, ClientError> {
         let req = proto::PutExportRequest {
-            export: Some(proto::from_export(export)),
+            export: Some(proto::Export::from(export)),
         };
         self.write(
             "PutExport",
@@ -126,7 +121,7 @@ impl RegistryClient {
     ) -> Result<WriteResult, ClientError> {
         let req = proto::DeleteExportRequest {
             site: site.into(),
-            service: Some(proto::from_service_key(service)),
+            service: Some(proto::ServiceKey::from(service)),
             generation,
         };
         self.write("DeleteExport", req, |mut c, r| async move {
@@ -137,7 +132,7 @@ impl RegistryClient {
 
     /// Set (or, with no addresses, remove) `import.site`'s import address of a service.
     pub async fn put_import(&self, import: &Import) -> Result<WriteResult, ClientError> {
-        let req = proto::from_import(import);
+        let req = proto::PutImportRequest::from(import);
         self.write(
             "PutImport",
             req,
@@ -157,7 +152,7 @@ impl RegistryClient {
 
     pub async fn put_policy(&self, policy: &Policy) -> Result<WriteResult, ClientError> {
         let req = proto::PutPolicyRequest {
-            policy: Some(proto::from_policy(policy)),
+            policy: Some(proto::Policy::from(policy)),
         };
         self.write(
             "PutPolicy",

@@ -1,10 +1,12 @@
-//! Typed requests ↔ model types, and refusals ↔ gRPC statuses.
+//! Typed requests ↔ model types (`From` toward the wire, `TryFrom` from it), and
+//! refusals ↔ gRPC statuses.
 //!
 //! Conversions from the wire name every bad field with the same path the model's validation
 //! uses (`export.endpoints[2].address`), so a caller sees one naming scheme whichever layer
 //! refused the value. They only check what the wire type cannot express (an address that is
 //! not an IP, a port above 65535, an unknown enum value); the rest is
-//! [`Command::validate`](crate::model::Command::validate)'s job.
+//! [`Command::validate`](crate::model::Command::validate)'s job. A message field the
+//! request lacks is refused by [`required`], which names it.
 
 use std::net::IpAddr;
 
@@ -21,33 +23,34 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Rejection {
     }
 }
 
-fn required(field: &str) -> Rejection {
-    invalid(field, "is required")
+/// A message field that must be set (proto3 makes every message field optional); `field`
+/// is its path in refusals (`export`, `policy.service`).
+pub fn required<'a, T>(value: Option<&'a T>, field: &str) -> Result<&'a T, Rejection> {
+    value.ok_or_else(|| invalid(field, "is required"))
 }
 
-/// A service key from the wire; `field` is its path (`export.service`).
-pub fn to_service_key(
-    key: Option<&pb::ServiceKey>,
-    field: &str,
-) -> Result<model::ServiceKey, Rejection> {
-    let key = key.ok_or_else(|| required(field))?;
-    Ok(model::ServiceKey::new(&key.namespace, &key.name))
-}
-
-pub fn from_service_key(key: &model::ServiceKey) -> pb::ServiceKey {
-    pb::ServiceKey {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
+impl From<&pb::ServiceKey> for model::ServiceKey {
+    fn from(key: &pb::ServiceKey) -> Self {
+        model::ServiceKey::new(&key.namespace, &key.name)
     }
 }
 
-/// A site spec from the wire; unset lease fields take the registry's defaults.
+impl From<&model::ServiceKey> for pb::ServiceKey {
+    fn from(key: &model::ServiceKey) -> Self {
+        pb::ServiceKey {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        }
+    }
+}
+
+/// A site spec from the wire; unset lease fields take the registry's defaults (which is
+/// why this is a function of the defaults, not a `TryFrom`).
 pub fn to_site_spec(
-    spec: Option<&pb::SiteSpec>,
+    spec: &pb::SiteSpec,
     default_ttl_ms: u64,
     default_grace_ms: u64,
 ) -> Result<model::SiteSpec, Rejection> {
-    let spec = spec.ok_or_else(|| required("spec"))?;
     let kind = match pb::SiteKind::try_from(spec.kind) {
         Ok(pb::SiteKind::Unspecified | pb::SiteKind::Cluster) => model::SiteKind::Cluster,
         Ok(pb::SiteKind::Zone) => model::SiteKind::Zone,
@@ -71,24 +74,26 @@ pub fn to_site_spec(
 
 /// The wire form of a site spec. A zero `lease_ttl_ms` asks for the registry's default
 /// lease, and then so does the grace.
-pub fn from_site_spec(spec: &model::SiteSpec) -> pb::SiteSpec {
-    let kind = match spec.kind {
-        model::SiteKind::Cluster => pb::SiteKind::Cluster,
-        model::SiteKind::Zone => pb::SiteKind::Zone,
-        model::SiteKind::Vm => pb::SiteKind::Vm,
-    };
-    let defaults = spec.lease_ttl_ms == 0;
-    pb::SiteSpec {
-        name: spec.name.clone(),
-        kind: kind.into(),
-        locality: Some(pb::Locality {
-            region: spec.locality.region.clone(),
-            zone: spec.locality.zone.clone(),
-        }),
-        gateways: spec.gateways.clone(),
-        lease_ttl_ms: (!defaults).then_some(spec.lease_ttl_ms),
-        grace_ms: (!defaults).then_some(spec.grace_ms),
-        instance: spec.instance.clone(),
+impl From<&model::SiteSpec> for pb::SiteSpec {
+    fn from(spec: &model::SiteSpec) -> Self {
+        let kind = match spec.kind {
+            model::SiteKind::Cluster => pb::SiteKind::Cluster,
+            model::SiteKind::Zone => pb::SiteKind::Zone,
+            model::SiteKind::Vm => pb::SiteKind::Vm,
+        };
+        let defaults = spec.lease_ttl_ms == 0;
+        pb::SiteSpec {
+            name: spec.name.clone(),
+            kind: kind.into(),
+            locality: Some(pb::Locality {
+                region: spec.locality.region.clone(),
+                zone: spec.locality.zone.clone(),
+            }),
+            gateways: spec.gateways.clone(),
+            lease_ttl_ms: (!defaults).then_some(spec.lease_ttl_ms),
+            grace_ms: (!defaults).then_some(spec.grace_ms),
+            instance: spec.instance.clone(),
+        }
     }
 }
 
@@ -141,144 +146,160 @@ fn to_endpoint(e: &pb::Endpoint, i: usize) -> Result<model::Endpoint, Rejection>
 }
 
 /// An export from the wire. Revisions are the catalog's to stamp; they start at 0.
-pub fn to_export(export: Option<&pb::Export>) -> Result<model::Export, Rejection> {
-    let e = export.ok_or_else(|| required("export"))?;
-    let ports = e
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| to_port(p, i))
-        .collect::<Result<_, _>>()?;
-    let endpoints = e
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, p)| to_endpoint(p, i))
-        .collect::<Result<_, _>>()?;
-    Ok(model::Export {
-        site: e.site.clone(),
-        service: to_service_key(e.service.as_ref(), "export.service")?,
-        generation: e.generation,
-        ports,
-        endpoints,
-        headless: e.headless,
-        created_revision: 0,
-        updated_revision: 0,
-    })
+impl TryFrom<&pb::Export> for model::Export {
+    type Error = Rejection;
+
+    fn try_from(e: &pb::Export) -> Result<Self, Rejection> {
+        let ports = e
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| to_port(p, i))
+            .collect::<Result<_, _>>()?;
+        let endpoints = e
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, p)| to_endpoint(p, i))
+            .collect::<Result<_, _>>()?;
+        Ok(model::Export {
+            site: e.site.clone(),
+            service: required(e.service.as_ref(), "export.service")?.into(),
+            generation: e.generation,
+            ports,
+            endpoints,
+            headless: e.headless,
+            created_revision: 0,
+            updated_revision: 0,
+        })
+    }
 }
 
 /// An import address record from the wire.
-pub fn to_import(r: &pb::PutImportRequest) -> Result<model::Import, Rejection> {
-    let ips = r
-        .ips
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| {
-            ip.parse::<IpAddr>().map_err(|_| {
-                invalid(
-                    format!("import.ips[{i}]"),
-                    format!("{ip:?} is not an IPv4 or IPv6 address"),
-                )
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(model::Import {
-        site: r.site.clone(),
-        service: to_service_key(r.service.as_ref(), "import.service")?,
-        generation: r.generation,
-        ips,
-    })
-}
+impl TryFrom<&pb::PutImportRequest> for model::Import {
+    type Error = Rejection;
 
-pub fn from_import(i: &model::Import) -> pb::PutImportRequest {
-    pb::PutImportRequest {
-        site: i.site.clone(),
-        service: Some(from_service_key(&i.service)),
-        generation: i.generation,
-        ips: i.ips.iter().map(ToString::to_string).collect(),
+    fn try_from(r: &pb::PutImportRequest) -> Result<Self, Rejection> {
+        let ips = r
+            .ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                ip.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        format!("import.ips[{i}]"),
+                        format!("{ip:?} is not an IPv4 or IPv6 address"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(model::Import {
+            site: r.site.clone(),
+            service: required(r.service.as_ref(), "import.service")?.into(),
+            generation: r.generation,
+            ips,
+        })
     }
 }
 
-pub fn from_export(e: &model::Export) -> pb::Export {
-    let protocol = |p: model::Protocol| match p {
-        model::Protocol::Tcp => pb::Protocol::Tcp,
-        model::Protocol::Udp => pb::Protocol::Udp,
-        model::Protocol::Sctp => pb::Protocol::Sctp,
-    };
-    pb::Export {
-        site: e.site.clone(),
-        service: Some(from_service_key(&e.service)),
-        generation: e.generation,
-        ports: e
-            .ports
-            .iter()
-            .map(|p| pb::Port {
-                name: p.name.clone(),
-                port: p.port.into(),
-                protocol: protocol(p.protocol).into(),
-                target_port: p.target_port.into(),
-                app_protocol: p.app_protocol.clone(),
-            })
-            .collect(),
-        endpoints: e
-            .endpoints
-            .iter()
-            .map(|ep| pb::Endpoint {
-                address: ep.address.to_string(),
-                hostname: ep.hostname.clone(),
-                ready: ep.ready,
-                weight: Some(ep.weight),
-                identity: ep.identity.clone(),
-                zone: ep.zone.clone(),
-            })
-            .collect(),
-        headless: e.headless,
+impl From<&model::Import> for pb::PutImportRequest {
+    fn from(i: &model::Import) -> Self {
+        pb::PutImportRequest {
+            site: i.site.clone(),
+            service: Some((&i.service).into()),
+            generation: i.generation,
+            ips: i.ips.iter().map(ToString::to_string).collect(),
+        }
     }
 }
 
-pub fn to_policy(policy: Option<&pb::Policy>) -> Result<model::Policy, Rejection> {
-    let p = policy.ok_or_else(|| required("policy"))?;
-    let allow = p
-        .allow
-        .iter()
-        .enumerate()
-        .map(|(i, a)| match &a.kind {
-            Some(pb::principal::Kind::Id(s)) => Ok(model::Principal::Id(s.clone())),
-            Some(pb::principal::Kind::IdPrefix(s)) => Ok(model::Principal::IdPrefix(s.clone())),
-            Some(pb::principal::Kind::TrustDomain(s)) => {
-                Ok(model::Principal::TrustDomain(s.clone()))
-            }
-            Some(pb::principal::Kind::Site(s)) => Ok(model::Principal::Site(s.clone())),
-            None => Err(invalid(
-                format!("policy.allow[{i}]"),
-                "needs one of id, id_prefix, trust_domain, site",
-            )),
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(model::Policy {
-        name: p.name.clone(),
-        service: to_service_key(p.service.as_ref(), "policy.service")?,
-        allow,
-    })
+impl From<&model::Export> for pb::Export {
+    fn from(e: &model::Export) -> Self {
+        let protocol = |p: model::Protocol| match p {
+            model::Protocol::Tcp => pb::Protocol::Tcp,
+            model::Protocol::Udp => pb::Protocol::Udp,
+            model::Protocol::Sctp => pb::Protocol::Sctp,
+        };
+        pb::Export {
+            site: e.site.clone(),
+            service: Some((&e.service).into()),
+            generation: e.generation,
+            ports: e
+                .ports
+                .iter()
+                .map(|p| pb::Port {
+                    name: p.name.clone(),
+                    port: p.port.into(),
+                    protocol: protocol(p.protocol).into(),
+                    target_port: p.target_port.into(),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            endpoints: e
+                .endpoints
+                .iter()
+                .map(|ep| pb::Endpoint {
+                    address: ep.address.to_string(),
+                    hostname: ep.hostname.clone(),
+                    ready: ep.ready,
+                    weight: Some(ep.weight),
+                    identity: ep.identity.clone(),
+                    zone: ep.zone.clone(),
+                })
+                .collect(),
+            headless: e.headless,
+        }
+    }
 }
 
-pub fn from_policy(p: &model::Policy) -> pb::Policy {
-    use pb::principal::Kind;
-    pb::Policy {
-        name: p.name.clone(),
-        service: Some(from_service_key(&p.service)),
-        allow: p
+impl TryFrom<&pb::Policy> for model::Policy {
+    type Error = Rejection;
+
+    fn try_from(p: &pb::Policy) -> Result<Self, Rejection> {
+        let allow = p
             .allow
             .iter()
-            .map(|a| pb::Principal {
-                kind: Some(match a {
-                    model::Principal::Id(s) => Kind::Id(s.clone()),
-                    model::Principal::IdPrefix(s) => Kind::IdPrefix(s.clone()),
-                    model::Principal::TrustDomain(s) => Kind::TrustDomain(s.clone()),
-                    model::Principal::Site(s) => Kind::Site(s.clone()),
-                }),
+            .enumerate()
+            .map(|(i, a)| match &a.kind {
+                Some(pb::principal::Kind::Id(s)) => Ok(model::Principal::Id(s.clone())),
+                Some(pb::principal::Kind::IdPrefix(s)) => Ok(model::Principal::IdPrefix(s.clone())),
+                Some(pb::principal::Kind::TrustDomain(s)) => {
+                    Ok(model::Principal::TrustDomain(s.clone()))
+                }
+                Some(pb::principal::Kind::Site(s)) => Ok(model::Principal::Site(s.clone())),
+                None => Err(invalid(
+                    format!("policy.allow[{i}]"),
+                    "needs one of id, id_prefix, trust_domain, site",
+                )),
             })
-            .collect(),
+            .collect::<Result<_, _>>()?;
+        Ok(model::Policy {
+            name: p.name.clone(),
+            service: required(p.service.as_ref(), "policy.service")?.into(),
+            allow,
+        })
+    }
+}
+
+impl From<&model::Policy> for pb::Policy {
+    fn from(p: &model::Policy) -> Self {
+        use pb::principal::Kind;
+        pb::Policy {
+            name: p.name.clone(),
+            service: Some((&p.service).into()),
+            allow: p
+                .allow
+                .iter()
+                .map(|a| pb::Principal {
+                    kind: Some(match a {
+                        model::Principal::Id(s) => Kind::Id(s.clone()),
+                        model::Principal::IdPrefix(s) => Kind::IdPrefix(s.clone()),
+                        model::Principal::TrustDomain(s) => Kind::TrustDomain(s.clone()),
+                        model::Principal::Site(s) => Kind::Site(s.clone()),
+                    }),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -317,14 +338,16 @@ pub fn rejection_from_status(status: &Status) -> Option<Rejection> {
 }
 
 /// A link report for the wire.
-pub fn from_link(l: &model::Link) -> pb::LinkReport {
-    pb::LinkReport {
-        peer_site: l.peer_site.clone(),
-        connected: l.connected,
-        transport: l.transport.clone().unwrap_or_default(),
-        rtt_us: l.rtt_us,
-        failures: l.failures,
-        last_error: l.last_error.clone().unwrap_or_default(),
+impl From<&model::Link> for pb::LinkReport {
+    fn from(l: &model::Link) -> Self {
+        pb::LinkReport {
+            peer_site: l.peer_site.clone(),
+            connected: l.connected,
+            transport: l.transport.clone().unwrap_or_default(),
+            rtt_us: l.rtt_us,
+            failures: l.failures,
+            last_error: l.last_error.clone().unwrap_or_default(),
+        }
     }
 }
 
@@ -337,46 +360,49 @@ fn cut_text(text: &str) -> String {
     text[..cut].to_string()
 }
 
-/// Link reports from the wire: over-long errors are cut (at a character boundary) rather
-/// than refused, so a chatty TLS error never costs a site its lease renewal.
-pub fn to_links(links: &[pb::LinkReport]) -> Vec<model::Link> {
-    links
-        .iter()
-        .map(|l| {
-            let err = cut_text(&l.last_error);
-            model::Link {
-                peer_site: l.peer_site.clone(),
-                connected: l.connected,
-                transport: (!l.transport.is_empty()).then(|| l.transport.clone()),
-                rtt_us: l.rtt_us,
-                failures: l.failures,
-                last_error: (!err.is_empty()).then_some(err),
-            }
-        })
-        .collect()
-}
-
-/// An xDS rejection for the wire.
-pub fn from_xds_rejection(r: &model::XdsRejection) -> pb::XdsRejection {
-    pb::XdsRejection {
-        node: r.node.clone(),
-        type_url: r.type_url.clone(),
-        error: r.error.clone(),
+/// A link report from the wire: an over-long error is cut (at a character boundary)
+/// rather than refused, so a chatty TLS error never costs a site its lease renewal.
+impl From<&pb::LinkReport> for model::Link {
+    fn from(l: &pb::LinkReport) -> Self {
+        let err = cut_text(&l.last_error);
+        model::Link {
+            peer_site: l.peer_site.clone(),
+            connected: l.connected,
+            transport: (!l.transport.is_empty()).then(|| l.transport.clone()),
+            rtt_us: l.rtt_us,
+            failures: l.failures,
+            last_error: (!err.is_empty()).then_some(err),
+        }
     }
 }
 
-/// xDS rejections from the wire: over-long texts are cut, and only the newest
-/// [`model::MAX_XDS_REJECTIONS`] are kept, as with links, so a report never costs a lease.
-pub fn to_xds_rejections(list: &[pb::XdsRejection]) -> Vec<model::XdsRejection> {
-    let skip = list.len().saturating_sub(model::MAX_XDS_REJECTIONS);
-    list[skip..]
-        .iter()
-        .map(|r| model::XdsRejection {
+/// An xDS rejection for the wire.
+impl From<&model::XdsRejection> for pb::XdsRejection {
+    fn from(r: &model::XdsRejection) -> Self {
+        pb::XdsRejection {
+            node: r.node.clone(),
+            type_url: r.type_url.clone(),
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// An xDS rejection from the wire, over-long texts cut as with links.
+impl From<&pb::XdsRejection> for model::XdsRejection {
+    fn from(r: &pb::XdsRejection) -> Self {
+        model::XdsRejection {
             node: cut_text(&r.node),
             type_url: cut_text(&r.type_url),
             error: cut_text(&r.error),
-        })
-        .collect()
+        }
+    }
+}
+
+/// A heartbeat's xDS rejections from the wire: only the newest
+/// [`model::MAX_XDS_REJECTIONS`] are kept, so a report never costs a lease.
+pub fn to_xds_rejections(list: &[pb::XdsRejection]) -> Vec<model::XdsRejection> {
+    let skip = list.len().saturating_sub(model::MAX_XDS_REJECTIONS);
+    list[skip..].iter().map(Into::into).collect()
 }
 
 #[cfg(test)]
@@ -416,10 +442,10 @@ mod tests {
 
     #[test]
     fn export_round_trips_and_fills_defaults() {
-        let e = to_export(Some(&export())).unwrap();
+        let e = model::Export::try_from(&export()).unwrap();
         assert_eq!(e.ports[0].target_port, 80);
         assert_eq!(e.endpoints[0].weight, 1);
-        assert_eq!(to_export(Some(&from_export(&e))).unwrap(), e);
+        assert_eq!(model::Export::try_from(&pb::Export::from(&e)).unwrap(), e);
     }
 
     #[test]
@@ -434,25 +460,34 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            field(to_export(Some(&e)).unwrap_err()),
+            field(model::Export::try_from(&e).unwrap_err()),
             "export.endpoints[1].address"
         );
         let mut e = export();
         e.ports.push(port("grpc", 70_000));
         assert_eq!(
-            field(to_export(Some(&e)).unwrap_err()),
+            field(model::Export::try_from(&e).unwrap_err()),
             "export.ports[1].port"
         );
         let mut e = export();
         e.service = None;
-        assert_eq!(field(to_export(Some(&e)).unwrap_err()), "export.service");
-        assert_eq!(field(to_export(None).unwrap_err()), "export");
+        assert_eq!(
+            field(model::Export::try_from(&e).unwrap_err()),
+            "export.service"
+        );
+        assert_eq!(
+            field(required::<pb::Export>(None, "export").unwrap_err()),
+            "export"
+        );
         let p = pb::Policy {
             name: "p".into(),
             service: e.service.clone(),
             allow: vec![pb::Principal { kind: None }],
         };
-        assert_eq!(field(to_policy(Some(&p)).unwrap_err()), "policy.allow[0]");
+        assert_eq!(
+            field(model::Policy::try_from(&p).unwrap_err()),
+            "policy.allow[0]"
+        );
     }
 
     #[test]
@@ -466,7 +501,7 @@ mod tests {
             grace_ms: 0,
             instance: String::new(),
         };
-        let back = to_site_spec(Some(&from_site_spec(&spec)), 15_000, 600_000).unwrap();
+        let back = to_site_spec(&pb::SiteSpec::from(&spec), 15_000, 600_000).unwrap();
         assert_eq!((back.lease_ttl_ms, back.grace_ms), (15_000, 600_000));
         assert_eq!(back.kind, model::SiteKind::Vm);
     }

@@ -14,13 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
+use super::wire::{EARLY_APPEND_HEADER, Progress};
 use crate::authz::Caller;
 use crate::error::ApiError;
-use crate::network::Progress;
 use crate::types::{AppendEntriesRequest, InstallSnapshotRequest, Raft, VoteRequest};
-
-/// Response header of an AppendEntries stream whose server answers early appends.
-pub const EARLY_APPEND_HEADER: &str = "meshbridge-early-append";
 
 pub struct RaftApi {
     raft: Raft,

@@ -11,7 +11,7 @@ mod validate;
 
 use std::net::IpAddr;
 
-use crate::model::*;
+use crate::*;
 
 pub(super) const TTL: u64 = 10_000;
 pub(super) const GRACE: u64 = 60_000;

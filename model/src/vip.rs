@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use crate::model::ServiceKey;
+use crate::ServiceKey;
 
 /// An IPv4 range in CIDR form, for VIPs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,10 +117,7 @@ pub fn assign(
 }
 
 /// VIPs for every service in a catalog, by the creation revision of its oldest export.
-pub fn assign_catalog(
-    range: VipRange,
-    catalog: &crate::model::Catalog,
-) -> BTreeMap<ServiceKey, Ipv4Addr> {
+pub fn assign_catalog(range: VipRange, catalog: &crate::Catalog) -> BTreeMap<ServiceKey, Ipv4Addr> {
     let mut oldest: BTreeMap<&ServiceKey, u64> = BTreeMap::new();
     for ((key, _site), export) in &catalog.exports {
         let e = oldest.entry(key).or_insert(u64::MAX);
@@ -192,7 +189,7 @@ impl<'de> serde::Deserialize<'de> for PortRange {
 /// slot while its service exists. Pairs that do not fit get none.
 pub fn assign_ports(
     range: PortRange,
-    catalog: &crate::model::Catalog,
+    catalog: &crate::Catalog,
 ) -> BTreeMap<(ServiceKey, u16), u16> {
     let mut oldest: BTreeMap<&ServiceKey, u64> = BTreeMap::new();
     for ((key, _site), export) in &catalog.exports {
@@ -208,7 +205,7 @@ pub fn assign_ports(
         for p in svc
             .ports
             .iter()
-            .filter(|p| p.protocol == crate::model::Protocol::Tcp)
+            .filter(|p| p.protocol == crate::Protocol::Tcp)
         {
             list.push((rev, svc.key.clone(), p.port));
         }
@@ -288,9 +285,9 @@ mod tests {
         );
     }
 
-    fn catalog_with(services: &[(&str, u64, &[u16], bool)]) -> crate::model::Catalog {
-        use crate::model::{Export, Port, Protocol};
-        let mut c = crate::model::Catalog::default();
+    fn catalog_with(services: &[(&str, u64, &[u16], bool)]) -> crate::Catalog {
+        use crate::{Export, Port, Protocol};
+        let mut c = crate::Catalog::default();
         for (name, rev, ports, headless) in services {
             let e = Export {
                 site: "east".into(),

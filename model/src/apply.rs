@@ -752,45 +752,64 @@ impl Catalog {
         changes
     }
 
+    /// What a tick at `at_ms` does to `site`'s lease, if anything: the one lease
+    /// transition, used by the state machine's tick and by the leader deciding whether a
+    /// tick is due (`registry/src/leases.rs`).
+    pub fn lease_step(&self, site: &Site, at_ms: u64) -> Option<LeaseStep> {
+        let mut state = site.state;
+        if state == SiteState::Fresh && site.lease_expires_ms() <= at_ms {
+            state = SiteState::Stale {
+                since_ms: site.lease_expires_ms(),
+            };
+        }
+        // A partial partition: the registry lost the site, but a live site's gateway
+        // still reaches it. It stays stale (demoted), not withdrawn, while that lasts.
+        if let SiteState::Stale { since_ms } = state
+            && since_ms.saturating_add(site.grace_ms) <= at_ms
+            && self.vouchers(&site.name, at_ms).is_empty()
+        {
+            state = SiteState::Withdrawn { since_ms: at_ms };
+        }
+        // A gateway instance that missed its lease leaves the site (its addresses with
+        // it) while another instance keeps the site fresh; the last one stays, so a
+        // stale site keeps an address to be reached at.
+        let live = |i: &GatewayInstance| instance_live(site, i, at_ms);
+        let drop_instances = state == SiteState::Fresh
+            && site.instances.iter().any(live)
+            && !site.instances.iter().all(live);
+        (state != site.state || drop_instances).then_some(LeaseStep {
+            state,
+            drop_instances,
+        })
+    }
+
+    /// Used tokens a tick at `at_ms` forgets: kept well past their expiry (and by the
+    /// highest time seen), so a leader whose clock is behind still finds them used.
+    pub fn expired_tokens(&self, at_ms: u64) -> impl Iterator<Item = &TokenUse> {
+        let now = at_ms.max(self.clock_ms);
+        self.tokens
+            .values()
+            .filter(move |t| t.expires_ms.saturating_add(USED_TOKEN_KEEP_MS) < now)
+    }
+
     /// Lapse leases, withdraw sites past their grace (a late tick may do both at once),
     /// forget used tokens [`USED_TOKEN_KEEP_MS`] after they expired.
     fn tick(&mut self, at_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut updated: Vec<Site> = Vec::new();
         for site in self.sites.values() {
-            let mut state = site.state;
-            if state == SiteState::Fresh && site.lease_expires_ms() <= at_ms {
-                state = SiteState::Stale {
-                    since_ms: site.lease_expires_ms(),
-                };
+            let Some(step) = self.lease_step(site, at_ms) else {
+                continue;
+            };
+            let mut s = Site {
+                state: step.state,
+                ..(**site).clone()
+            };
+            if step.drop_instances {
+                s.instances.retain(|i| instance_live(site, i, at_ms));
+                s.derive_from_instances();
             }
-            // A partial partition: the registry lost the site, but a live site's gateway
-            // still reaches it. It stays stale (demoted), not withdrawn, while that lasts.
-            if let SiteState::Stale { since_ms } = state
-                && since_ms.saturating_add(site.grace_ms) <= at_ms
-                && self.vouchers(&site.name, at_ms).is_empty()
-            {
-                state = SiteState::Withdrawn { since_ms: at_ms };
-            }
-            // A gateway instance that missed its lease leaves the site (its addresses with
-            // it) while another instance keeps the site fresh; the last one stays, so a
-            // stale site keeps an address to be reached at.
-            let live =
-                |i: &GatewayInstance| i.last_heartbeat_ms.saturating_add(site.lease_ttl_ms) > at_ms;
-            let drop_some = state == SiteState::Fresh
-                && site.instances.iter().any(live)
-                && !site.instances.iter().all(live);
-            if state != site.state || drop_some {
-                let mut s = Site {
-                    state,
-                    ..(**site).clone()
-                };
-                if drop_some {
-                    s.instances.retain(live);
-                    s.derive_from_instances();
-                }
-                updated.push(s);
-            }
+            updated.push(s);
         }
         for site in updated {
             if matches!(site.state, SiteState::Withdrawn { .. }) {
@@ -800,21 +819,27 @@ impl Catalog {
             }
             changes.extend(self.upsert_site(site));
         }
-        // A used token is kept well past its expiry (and by the highest time seen), so a
-        // leader whose clock is behind still finds it used.
-        let now = at_ms.max(self.clock_ms);
-        let expired: Vec<String> = self
-            .tokens
-            .values()
-            .filter(|t| t.expires_ms.saturating_add(USED_TOKEN_KEEP_MS) < now)
-            .map(|t| t.id.clone())
-            .collect();
+        let expired: Vec<String> = self.expired_tokens(at_ms).map(|t| t.id.clone()).collect();
         for id in expired {
             self.tokens.remove(&id);
             changes.push(Change::TokenForgotten { id });
         }
         changes
     }
+}
+
+/// One site's lease transition at a tick (see [`Catalog::lease_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseStep {
+    /// The site's state after the tick.
+    pub state: SiteState,
+    /// Gateway instances that missed their lease leave (others keep the site fresh).
+    pub drop_instances: bool,
+}
+
+/// Whether gateway instance `i` of `site` still holds its lease at `at_ms`.
+fn instance_live(site: &Site, i: &GatewayInstance, at_ms: u64) -> bool {
+    i.last_heartbeat_ms.saturating_add(site.lease_ttl_ms) > at_ms
 }
 
 fn not_found(what: &str, name: &str) -> Rejection {

@@ -1,0 +1,27 @@
+//! What both ends of the Raft transport share: the header that announces early appends,
+//! and how a snapshot transfer is described in the logs. (The messages themselves are
+//! openraft's serde types as JSON inside `proto::RaftMessage`.)
+
+use std::fmt::Display;
+
+/// Response header of an AppendEntries stream whose server answers early appends.
+pub const EARLY_APPEND_HEADER: &str = "meshbridge-early-append";
+
+/// Progress of a snapshot transfer, for the logs.
+pub struct Progress<'a> {
+    pub id: &'a str,
+    pub offset: u64,
+    pub len: usize,
+    pub done: bool,
+}
+
+impl Display for Progress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let end = self.offset + self.len as u64;
+        write!(f, "{} bytes {}..{end}", self.id, self.offset)?;
+        if self.done {
+            write!(f, " (last chunk, {end} bytes in all)")?;
+        }
+        Ok(())
+    }
+}
