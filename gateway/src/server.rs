@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use meshbridge_core::id::SpiffeId;
-use meshbridge_core::tls::describe;
+use meshbridge_core::tls::{AcceptLimits, describe, handshakes};
 use tokio::net::TcpListener;
 
 use crate::inbound::{self, Peer};
@@ -80,36 +81,38 @@ pub async fn quic_loop(sh: Arc<Shared>, endpoint: quinn::Endpoint) {
     endpoint.set_server_config(None);
 }
 
+/// TLS handshakes of TCP tunnels in progress at once (the shared accept loop waits past
+/// it).
+const MAX_TCP_HANDSHAKES: usize = 256;
+
 /// Accept TCP fallback connections until the gateway stops accepting.
 pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
     let tls = sh
         .identity
         .server_config(sh.cfg.tunnel.allow_list(&sh.identity), &[tcp::ALPN_H2]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = sh.accept_stop.cancelled() => break,
-        };
-        let (sock, addr) = match accepted {
-            Ok(x) => x,
+    let limits = AcceptLimits {
+        handshake_timeout: sh.cfg.tunnel.handshake_timeout(),
+        max_handshakes: MAX_TCP_HANDSHAKES,
+    };
+    let keepalive = sh.cfg.tunnel.keepalive();
+    let admit = move |sock: &tokio::net::TcpStream, _| {
+        tcp::tune_socket(sock, keepalive);
+        Some(())
+    };
+    let incoming = handshakes(listener, acceptor, limits, sh.accept_stop.clone(), admit);
+    let mut incoming = std::pin::pin!(incoming);
+    while let Some(h) = incoming.next().await {
+        let addr = h.addr;
+        let tls = match h.result {
+            Ok(t) => t,
             Err(e) => {
-                tracing::warn!(error = %e, "tunnel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                handshake_failed(&sh, addr, Carrier::Tcp, e.to_string());
                 continue;
             }
         };
         let sh2 = sh.clone();
-        let acceptor = acceptor.clone();
         sh.tasks.spawn(async move {
-            let began = Instant::now();
-            tcp::tune_socket(&sock, sh2.cfg.tunnel.keepalive());
-            let hs = tokio::time::timeout(sh2.cfg.tunnel.handshake_timeout(), acceptor.accept(sock));
-            let tls = match hs.await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => return handshake_failed(&sh2, addr, Carrier::Tcp, describe(&e)),
-                Err(_) => return handshake_failed(&sh2, addr, Carrier::Tcp, "timed out".into()),
-            };
             let Some(id) = meshbridge_core::tls::peer_id(tls.get_ref().1.peer_certificates()) else {
                 return handshake_failed(&sh2, addr, Carrier::Tcp, "no SPIFFE id".into());
             };
@@ -121,7 +124,7 @@ pub async fn tcp_loop(sh: Arc<Shared>, listener: TcpListener) {
                 return link_limit(&sh2, addr, Carrier::Tcp, &id);
             };
             let peer = Arc::new(Peer::new(id, Carrier::Tcp, addr));
-            let labels = link_up(&sh2, &peer, began.elapsed());
+            let labels = link_up(&sh2, &peer, h.took);
             let t = &sh2.cfg.tunnel;
             let why = tcp::serve(tls, t.keepalive(), t.idle_timeout(), t.max_streams_per_link, sh2.stop.clone(), |send, recv| {
                 sh2.tasks.spawn(inbound::serve_stream(

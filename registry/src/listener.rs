@@ -15,13 +15,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use futures::StreamExt;
 use meshbridge_core::client::ALPN_H2;
 use meshbridge_core::id::SpiffeId;
-use meshbridge_core::tls::{AllowList, Identity, describe, peer_id};
+use meshbridge_core::tls::{AcceptLimits, AllowList, Identity, handshakes, peer_id};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -29,7 +29,7 @@ use tonic::transport::server::Connected;
 use tracing::debug;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once; a connection beyond it is closed at once.
+/// TLS handshakes in progress at once; beyond it, new connections wait to be accepted.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Open connections at once; beyond it, new ones are closed at accept.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -141,8 +141,8 @@ impl AsyncWrite for TlsIo {
 
 /// Accepts connections on `listener` until `stop` is cancelled and yields the ones whose
 /// handshake succeeded; `kill` fails every connection accepted. Handshakes run
-/// concurrently, so a slow client cannot hold up the accept loop; failed handshakes are
-/// logged with the reason.
+/// concurrently (the shared accept loop, [`meshbridge_core::tls::handshakes`]), so a slow
+/// client cannot hold up the accept loop; failed handshakes are logged with the reason.
 pub fn incoming(
     listener: TcpListener,
     identity: &Arc<Identity>,
@@ -153,88 +153,71 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(
         identity.server_config_optional_client(allow, &[ALPN_H2]),
     ));
-    let (tx, rx) = mpsc::channel::<io::Result<TlsIo>>(64);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let anonymous = Arc::new(Semaphore::new(MAX_ANONYMOUS));
-    tokio::spawn(async move {
-        let mut handshakes = JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                a = listener.accept() => a,
-                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
-            };
-            let (tcp, addr) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            // Limits before anything is read: a flood of connections or slow handshakes
-            // cannot take every descriptor or task (closing the socket is the answer).
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                warn_limit(addr, "connections", MAX_CONNECTIONS);
-                continue;
-            };
-            if handshakes.len() >= MAX_HANDSHAKES {
-                warn_limit(addr, "TLS handshakes in progress", MAX_HANDSHAKES);
-                continue;
+    // Limits before anything is read: a flood of connections cannot take every descriptor
+    // or task (closing the socket is the answer).
+    let admit = move |tcp: &TcpStream, addr| {
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn_limit(addr, "connections", MAX_CONNECTIONS);
+            return None;
+        };
+        let _ = tcp.set_nodelay(true);
+        Some(permit)
+    };
+    let limits = AcceptLimits {
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        max_handshakes: MAX_HANDSHAKES,
+    };
+    handshakes(listener, acceptor, limits, stop, admit).filter_map(move |h| {
+        let addr = h.addr;
+        let connection = match h.result {
+            Ok(stream) => admitted(stream, addr, h.admitted, &anonymous, &kill),
+            Err(e) => {
+                debug!(client.addr = %addr, error = %e, "TLS handshake refused");
+                None
             }
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let kill = Box::pin(kill.clone().cancelled_owned());
-            let anonymous = anonymous.clone();
-            handshakes.spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let certs = stream.get_ref().1.peer_certificates();
-                        let id = peer_id(certs);
-                        let not_after = certs
-                            .and_then(|c| c.first())
-                            .and_then(|leaf| meshbridge_core::tls::cert_info(leaf).ok())
-                            .map(|i| i.not_after);
-                        let mut permits = vec![permit];
-                        let mut deadline = None;
-                        if id.is_none() {
-                            let Ok(anon) = anonymous.try_acquire_owned() else {
-                                warn_limit(
-                                    addr,
-                                    "connections without a certificate",
-                                    MAX_ANONYMOUS,
-                                );
-                                return;
-                            };
-                            permits.push(anon);
-                            deadline = Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
-                        }
-                        let _ = tx
-                            .send(Ok(TlsIo {
-                                stream,
-                                peer: Peer {
-                                    addr,
-                                    id,
-                                    not_after,
-                                },
-                                kill,
-                                deadline,
-                                _permits: permits,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => {
-                        debug!(client.addr = %addr, error = %describe(&e), "TLS handshake refused");
-                    }
-                    Err(_) => debug!(client.addr = %addr, "TLS handshake timed out"),
-                }
-            });
-        }
-        handshakes.abort_all();
-    });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+        };
+        std::future::ready(connection.map(Ok))
+    })
+}
+
+/// A connection whose handshake succeeded, with its peer; `None` when it has no
+/// certificate and the connections without one are at their limit.
+fn admitted(
+    stream: TlsStream<TcpStream>,
+    addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    anonymous: &Arc<Semaphore>,
+    kill: &CancellationToken,
+) -> Option<TlsIo> {
+    let certs = stream.get_ref().1.peer_certificates();
+    let id = peer_id(certs);
+    let not_after = certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshbridge_core::tls::cert_info(leaf).ok())
+        .map(|i| i.not_after);
+    let mut permits = vec![permit];
+    let mut deadline = None;
+    if id.is_none() {
+        let Ok(anon) = anonymous.clone().try_acquire_owned() else {
+            warn_limit(addr, "connections without a certificate", MAX_ANONYMOUS);
+            return None;
+        };
+        permits.push(anon);
+        deadline = Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
+    }
+    Some(TlsIo {
+        stream,
+        peer: Peer {
+            addr,
+            id,
+            not_after,
+        },
+        kill: Box::pin(kill.clone().cancelled_owned()),
+        deadline,
+        _permits: permits,
+    })
 }
 
 /// A connection closed because a limit was reached (rate-limited in the log by the limit

@@ -1,11 +1,13 @@
 //! Identity and TLS: SPIFFE SVIDs from files, per-trust-domain bundles, mutual TLS 1.3
 //! configs for rustls (and so quinn and tonic), allow-lists, hot reload.
 
+mod accept;
 mod files;
 mod identity;
 mod trust;
 mod verify;
 
+pub use accept::{AcceptLimits, Handshake, HandshakeError, handshakes};
 pub use files::{
     CertInfo, TlsError, cert_info, check_svid, load_certs, load_key, parse_certs, rfc3339,
 };

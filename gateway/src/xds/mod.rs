@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use futures::StreamExt;
 use meshbridge_core::sync::lock;
-use meshbridge_core::tls::describe;
+use meshbridge_core::tls::{AcceptLimits, HandshakeError, handshakes};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -266,8 +266,9 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 
 /// TLS connections whose handshake succeeded (the client's certificate verified against the
 /// allow list); failures are logged and dropped, never ending the stream. Handshakes run
-/// side by side (up to [`MAX_HANDSHAKES`]), so a client that never completes one holds up
-/// no one else.
+/// side by side (up to [`MAX_HANDSHAKES`], the shared accept loop
+/// [`meshbridge_core::tls::handshakes`]), so a client that never completes one holds up no
+/// one else.
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -275,35 +276,29 @@ fn tls_incoming(
 ) -> impl futures::Stream<Item = io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>
 + Send
 + 'static {
+    let limits = AcceptLimits {
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        max_handshakes: MAX_HANDSHAKES,
+    };
+    let admit = |tcp: &tokio::net::TcpStream, _| {
+        let _ = tcp.set_nodelay(true);
+        Some(())
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio_stream_of(listener)
-        .take_until(stop.cancelled_owned())
-        .map(move |tcp| {
-            let acceptor = acceptor.clone();
-            async move {
-                let tcp = match tcp {
-                    Ok(t) => t,
-                    Err(e) => {
-                        debug!(error = %e, "xds accept failed");
-                        return None;
-                    }
-                };
-                let peer = tcp.peer_addr().ok();
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => Some(Ok(s)),
-                    Ok(Err(e)) => {
-                        warn!(client.addr = ?peer, error = %describe(&e), "xds client refused in the TLS handshake");
-                        None
-                    }
-                    Err(_) => {
-                        debug!(client.addr = ?peer, "xds TLS handshake timed out");
-                        None
-                    }
-                }
+    handshakes(listener, acceptor, limits, stop, admit).filter_map(|h| {
+        let stream = match h.result {
+            Ok(s) => Some(Ok(s)),
+            Err(e @ HandshakeError::TimedOut(_)) => {
+                debug!(client.addr = %h.addr, error = %e, "xds TLS handshake did not complete");
+                None
             }
-        })
-        .buffer_unordered(MAX_HANDSHAKES)
-        .filter_map(std::future::ready)
+            Err(e) => {
+                warn!(client.addr = %h.addr, error = %e, "xds client refused in the TLS handshake");
+                None
+            }
+        };
+        std::future::ready(stream)
+    })
 }
 
 /// Rebuild the resources on every change of the catalog in use or of the bound service
