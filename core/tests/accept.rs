@@ -30,8 +30,16 @@ fn identity(dir: &std::path::Path, ca: &Ca, id: &str) -> Arc<Identity> {
     Identity::load(IdentityFiles::in_dir(dir)).unwrap()
 }
 
-#[tokio::test]
-async fn a_silent_client_is_timed_out_and_holds_up_the_next_only_past_the_bound() {
+/// A server's listener and acceptor, and a client identity of the same CA.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    client: Arc<Identity>,
+}
+
+async fn setup() -> Setup {
     meshbridge_core::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::generate("corp.example", DAY).unwrap();
@@ -46,10 +54,24 @@ async fn a_silent_client_is_timed_out_and_holds_up_the_next_only_past_the_bound(
         "spiffe://corp.example/site/east/gateway",
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(server.server_config(AllowList::any(), &[])));
-    // Long enough that the first phase is surely over before the first silent client times
-    // out, so the order of the outcomes below shows who waited for whom.
+    Setup {
+        addr: listener.local_addr().unwrap(),
+        listener,
+        acceptor: TlsAcceptor::from(Arc::new(server.server_config(AllowList::any(), &[]))),
+        client,
+        _tmp: tmp,
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_is_timed_out_and_holds_up_the_next_only_past_the_bound() {
+    let Setup {
+        _tmp,
+        listener,
+        addr,
+        acceptor,
+        client,
+    } = setup().await;
     let timeout = Duration::from_secs(2);
     let limits = AcceptLimits {
         handshake_timeout: timeout,
@@ -122,17 +144,13 @@ async fn a_silent_client_is_timed_out_and_holds_up_the_next_only_past_the_bound(
 
 #[tokio::test]
 async fn a_connection_the_admission_refuses_is_closed_before_its_handshake() {
-    meshbridge_core::install_crypto_provider();
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::generate("corp.example", DAY).unwrap();
-    let server = identity(
-        &tmp.path().join("s"),
-        &ca,
-        "spiffe://corp.example/registry/1",
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(server.server_config(AllowList::any(), &[])));
+    let Setup {
+        _tmp,
+        listener,
+        addr,
+        acceptor,
+        ..
+    } = setup().await;
     let limits = AcceptLimits {
         handshake_timeout: Duration::from_secs(5),
         max_handshakes: 8,
