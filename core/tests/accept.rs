@@ -72,6 +72,8 @@ async fn a_silent_client_is_timed_out_and_holds_up_the_next_only_past_the_bound(
         acceptor,
         client,
     } = setup().await;
+    // Long enough that the first phase is surely over before the first silent client times
+    // out, so the order of the outcomes below shows who waited for whom.
     let timeout = Duration::from_secs(2);
     let limits = AcceptLimits {
         handshake_timeout: timeout,
