@@ -11,6 +11,7 @@ use meshbridge_core::config::{self, Problems, RoleConfig};
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use meshbridge_federation::dns;
 use meshbridge_federation::site::{self, ExportSpec, Registration};
+use meshbridge_federation::site_gateway::{Keeper, SiteGateway};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -108,36 +109,31 @@ async fn run(cfg: File) -> Result<ExitCode> {
             .watch_files(Duration::from_secs(5), stop.clone().cancelled_owned()),
     );
     let (catalog, client) = cfg.source.open(&identity, None).await?;
-    let gw =
-        meshbridge_gateway::Gateway::start(cfg.gateway.clone(), identity.clone(), catalog.clone())
-            .await
-            .context("starting the gateway")?;
-    let mut keeper = None;
-    if let (Some(reg), Some(client)) = (&cfg.register, client) {
-        let spec = reg.spec(&cfg.gateway.site, &gw.tunnel_addr().to_string());
-        let exports: Vec<site::LocalExport> =
-            cfg.exports.iter().map(|e| e.to_local(true)).collect();
-        let (_exports_tx, exports_rx) = watch::channel(exports);
-        let (status_tx, _status_rx) = site::status_channel();
-        keeper = Some(tokio::spawn(site::keep_reporting(
-            client,
-            spec,
-            exports_rx,
-            status_tx,
-            Some(gw.reporter()),
-            stop.clone().cancelled_owned(),
-        )));
-    }
-    let dns_server = match cfg.dns_config() {
-        Some(d) => Some(
-            // From the gateway's catalog: its persisted snapshot while the registry has
-            // not answered since a restart (static stability), then the registry's.
-            dns::DnsServer::start(d, gw.catalog_watch())
-                .await
-                .context("starting DNS")?,
-        ),
-        None => None,
+    let keeper = match (&cfg.register, client) {
+        (Some(reg), Some(client)) => {
+            let exports: Vec<site::LocalExport> =
+                cfg.exports.iter().map(|e| e.to_local(true)).collect();
+            let (reg, name) = (reg.clone(), cfg.gateway.site.clone());
+            Some(Keeper {
+                client,
+                spec: Box::new(move |tunnel| reg.spec(&name, &tunnel.to_string())),
+                exports: watch::channel(exports).1,
+            })
+        }
+        _ => None,
     };
+    // DNS answers from the gateway's catalog: its persisted snapshot while the registry
+    // has not answered since a restart (static stability), then the registry's.
+    let site = SiteGateway::start(
+        cfg.gateway.clone(),
+        identity.clone(),
+        catalog,
+        cfg.dns_config(),
+        keeper,
+    )
+    .await
+    .context("starting the gateway")?;
+    let gw = site.gateway();
     let admin = match gw.admin_addr() {
         Some(a) => format!(", admin {a}"),
         None => String::new(),
@@ -151,25 +147,18 @@ async fn run(cfg: File) -> Result<ExitCode> {
         gw.sni_addr()
             .map(|a| format!(", sni {a}"))
             .unwrap_or_default(),
-        dns_server
-            .as_ref()
+        site.dns()
             .map(|d| format!(", dns {}", d.local_addr()))
             .unwrap_or_default(),
         admin
     );
     signal.await;
     tracing::info!("signal received; draining");
-    let outcome = gw
+    let outcome = site
         .drain(Duration::from_millis(cfg.gateway.drain_deadline_ms))
         .await;
     tracing::info!(?outcome, "gateway stopped");
     stop.cancel();
-    if let Some(d) = dns_server {
-        d.shutdown(Duration::from_secs(1)).await;
-    }
-    if let Some(k) = keeper {
-        let _ = k.await;
-    }
     let _ = reload.await;
     Ok(ExitCode::SUCCESS)
 }

@@ -7,3 +7,4 @@ pub mod agent;
 pub mod dns;
 pub mod kube;
 pub mod site;
+pub mod site_gateway;

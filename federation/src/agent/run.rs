@@ -15,7 +15,7 @@ use std::time::Duration;
 use meshbridge_core::client::{ClientError, ClientOptions, RegistryClient};
 use meshbridge_core::drain::Outcome;
 use meshbridge_core::tls::Identity;
-use meshbridge_gateway::{Gateway, GatewayHandle};
+use meshbridge_gateway::GatewayHandle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +24,9 @@ use tracing::info;
 use super::config::Config;
 use super::exports;
 use super::identity::{self, IdentityError};
-use crate::dns::{DnsError, DnsHandle, DnsServer};
-use crate::site::{self, KeeperStatus};
+use crate::dns::DnsHandle;
+use crate::site::KeeperStatus;
+use crate::site_gateway::{Keeper, SiteGateway, SiteGatewayError};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +35,8 @@ pub enum AgentError {
     Identity(#[from] IdentityError),
     #[error("registry client: {0}")]
     Registry(ClientError),
-    #[error("gateway: {0}")]
-    Gateway(meshbridge_gateway::Error),
-    #[error("dns: {0}")]
-    Dns(DnsError),
+    #[error(transparent)]
+    Gateway(#[from] SiteGatewayError),
 }
 
 /// Entry point: [`Agent::start`].
@@ -45,8 +44,9 @@ pub struct Agent;
 
 /// A running agent.
 pub struct AgentHandle {
-    gateway: GatewayHandle,
-    dns: Option<DnsHandle>,
+    /// The embedded gateway with its DNS stub and site keeper (as `meshbridge gateway`
+    /// runs them).
+    site: SiteGateway,
     identity: Arc<Identity>,
     keeper: watch::Receiver<KeeperStatus>,
     tasks: JoinSet<()>,
@@ -69,33 +69,26 @@ impl Agent {
             .map_err(AgentError::Registry)?;
         // The gateway serves the persisted catalog until the registry's first answer, and
         // the DNS stub answers from the gateway's catalog (static stability for both).
-        let replica = client.clone().watch_catalog();
-        let gateway = Gateway::start(cfg.gateway(), identity.clone(), replica)
-            .await
-            .map_err(AgentError::Gateway)?;
-        let catalog = gateway.catalog_watch();
-        let dns = match cfg.dns() {
-            Some(d) => Some(
-                DnsServer::start(d, catalog.clone())
-                    .await
-                    .map_err(AgentError::Dns)?,
-            ),
-            None => None,
-        };
-
-        let exports = exports::follow(&cfg.services, &mut tasks, &stop);
-        let (status_tx, keeper) = site::status_channel();
-        let spec = cfg.site_spec(gateway.tunnel_addr());
-        let stopped = stop.clone();
         // Like a gateway, the agent reports its tunnel links with each heartbeat.
-        tasks.spawn(site::keep_reporting(
-            client.clone(),
-            spec,
+        let replica = client.clone().watch_catalog();
+        let exports = exports::follow(&cfg.services, &mut tasks, &stop);
+        let site_cfg = cfg.clone();
+        let keeper = Keeper {
+            client: client.clone(),
+            spec: Box::new(move |tunnel| site_cfg.site_spec(tunnel)),
             exports,
-            status_tx,
-            Some(gateway.reporter()),
-            async move { stopped.cancelled().await },
-        ));
+        };
+        let site = SiteGateway::start(
+            cfg.gateway(),
+            identity.clone(),
+            replica,
+            cfg.dns(),
+            Some(keeper),
+        )
+        .await?;
+        let keeper = site
+            .keeper()
+            .unwrap_or_else(|| crate::site::status_channel().1);
 
         let stopped = stop.clone();
         if id.self_managed {
@@ -115,10 +108,9 @@ impl Agent {
                     ),
             );
         }
-        info!(site = %cfg.site, id = %identity.id(), tunnel = %gateway.tunnel_addr(), dns = ?dns.as_ref().map(DnsHandle::local_addr), services = cfg.services.len(), "agent started");
+        info!(site = %cfg.site, id = %identity.id(), tunnel = %site.gateway().tunnel_addr(), dns = ?site.dns().map(DnsHandle::local_addr), services = cfg.services.len(), "agent started");
         Ok(AgentHandle {
-            gateway,
-            dns,
+            site,
             identity,
             keeper,
             tasks,
@@ -130,15 +122,15 @@ impl Agent {
 impl AgentHandle {
     /// Where peers' tunnels arrive (UDP for QUIC, TCP for the fallback).
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.gateway.tunnel_addr()
+        self.site.gateway().tunnel_addr()
     }
 
     pub fn dns_addr(&self) -> Option<SocketAddr> {
-        self.dns.as_ref().map(DnsHandle::local_addr)
+        self.site.dns().map(DnsHandle::local_addr)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.gateway.admin_addr()
+        self.site.gateway().admin_addr()
     }
 
     pub fn identity(&self) -> &Arc<Identity> {
@@ -151,16 +143,13 @@ impl AgentHandle {
     }
 
     pub fn gateway(&self) -> &GatewayHandle {
-        &self.gateway
+        self.site.gateway()
     }
 
     /// Stop in order: drain the data plane (peers fail over) up to `deadline`, then DNS,
     /// the keeper, health checks and renewal.
     pub async fn drain(mut self, deadline: Duration) -> Outcome {
-        let outcome = self.gateway.drain(deadline).await;
-        if let Some(d) = self.dns.take() {
-            d.shutdown(Duration::from_secs(1)).await;
-        }
+        let outcome = self.site.drain(deadline).await;
         self.stop.cancel();
         let tasks = &mut self.tasks;
         let wait = async { while tasks.join_next().await.is_some() {} };
