@@ -56,12 +56,7 @@ impl Joinable {
 
     /// What an operator hands to a new host: the registry nodes' CA certificate.
     fn bundle(&self) -> PathBuf {
-        self.cluster
-            .pki
-            .dir
-            .path()
-            .join("node-1")
-            .join("bundle.pem")
+        self.cluster.pki.dir().join("node-1").join("bundle.pem")
     }
 
     fn anonymous(&self, url: &str) -> Grpc<tonic::transport::Channel> {

@@ -35,6 +35,8 @@ pub enum Mode {
 pub struct TcpFault {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    /// Bumped by [`TcpFault::heal_closing`].
+    heals: watch::Sender<u64>,
     tasks: JoinSet<()>,
 }
 
@@ -44,6 +46,7 @@ impl TcpFault {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Pass);
+        let (heals, heals_rx) = watch::channel(0u64);
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
             let mut conns = JoinSet::new();
@@ -52,7 +55,7 @@ impl TcpFault {
                     drop(client);
                     continue;
                 }
-                let rx = rx.clone();
+                let (rx, mut heals) = (rx.clone(), heals_rx.clone());
                 conns.spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -61,11 +64,30 @@ impl TcpFault {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pipe(cr, sw, rx.clone()), pipe(sr, cw, rx));
+                    // A connection that lived through a blackhole ends at a closing heal.
+                    let mut blackholed = rx.clone();
+                    heals.borrow_and_update();
+                    let (h1, h2) = (heals.clone(), heals.clone());
+                    let pipes =
+                        async { tokio::join!(pipe(cr, sw, rx.clone(), h1), pipe(sr, cw, rx, h2)) };
+                    let closed_by_heal = async move {
+                        let _ = blackholed.wait_for(|m| *m == Mode::Blackhole).await;
+                        heals.borrow_and_update();
+                        let _ = heals.changed().await;
+                    };
+                    tokio::select! {
+                        _ = pipes => {}
+                        _ = closed_by_heal => {}
+                    }
                 });
             }
         });
-        Ok(Self { addr, mode, tasks })
+        Ok(Self {
+            addr,
+            mode,
+            heals,
+            tasks,
+        })
     }
 
     /// Where clients connect.
@@ -75,6 +97,14 @@ impl TcpFault {
 
     pub fn set(&self, mode: Mode) {
         self.mode.send_replace(mode);
+    }
+
+    /// Back to [`Mode::Pass`], closing every connection that lived through a blackhole (as
+    /// the keepalives of its two ends would have by the time a real partition heals);
+    /// connections made from now on pass.
+    pub fn heal_closing(&self) {
+        self.heals.send_modify(|n| *n += 1);
+        self.mode.send_replace(Mode::Pass);
     }
 }
 
@@ -88,6 +118,7 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    mut heals: watch::Receiver<u64>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -107,9 +138,13 @@ async fn pipe(
             match current {
                 Mode::Reset => return,
                 Mode::Blackhole => {
-                    // Hold the bytes until the link heals (or the test ends).
-                    if mode.changed().await.is_err() {
-                        return;
+                    // Hold the bytes until the link heals (or the test ends); a closing
+                    // heal drops them with the connection. It is announced before the
+                    // mode changes, so it is seen first.
+                    tokio::select! {
+                        biased;
+                        _ = heals.changed() => return,
+                        changed = mode.changed() => if changed.is_err() { return },
                     }
                     continue;
                 }
@@ -239,6 +274,40 @@ mod tests {
         proxy.set(Mode::Pass);
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"b");
+    }
+
+    #[tokio::test]
+    async fn a_closing_heal_ends_the_connections_that_lived_through_the_blackhole() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let proxy = TcpFault::start(target).await.unwrap();
+        let mut idle = TcpStream::connect(proxy.addr()).await.unwrap();
+        let mut b = [0u8; 1];
+        idle.write_all(b"a").await.unwrap();
+        idle.read_exact(&mut b).await.unwrap();
+        proxy.set(Mode::Blackhole);
+        // The byte is held: the connection lives through the blackhole.
+        idle.write_all(b"b").await.unwrap();
+        let stalled = tokio::time::timeout(Duration::from_millis(200), idle.read(&mut b)).await;
+        assert!(stalled.is_err(), "a blackholed link must not deliver");
+        proxy.heal_closing();
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b))
+            .await
+            .expect("closed at the heal, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without delivering what the blackhole held");
+        let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        fresh.write_all(b"c").await.unwrap();
+        fresh.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"c", "a new connection passes after the heal");
     }
 
     #[tokio::test]

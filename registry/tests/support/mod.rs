@@ -23,6 +23,7 @@ use meshbridge_core::pki::Ca;
 use meshbridge_core::tls::{Identity, IdentityFiles};
 use meshbridge_registry::types::NodeId;
 use meshbridge_registry::{Config, Node, NodeHandle};
+use meshbridge_testkit::pki::TestPki;
 use tempfile::TempDir;
 
 pub const TD: &str = "test.example";
@@ -38,34 +39,29 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A CA and identities issued from it, as files in a temp dir.
-pub struct Pki {
-    ca: Ca,
-    pub dir: TempDir,
-}
+/// A CA and identities issued from it, as files in a temp dir (testkit's [`TestPki`] of
+/// this suite's trust domain).
+pub struct Pki(TestPki);
 
 impl Pki {
     pub fn new() -> Self {
         init_tracing();
-        Self {
-            ca: Ca::generate(TD, DAY).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Self(TestPki::new(TD))
+    }
+
+    /// Where the identities are issued.
+    pub fn dir(&self) -> &std::path::Path {
+        self.0.dir()
     }
 
     /// Issues `id` into `<dir>/<name>/` and returns the directory.
     pub fn issue(&self, id: &str, name: &str) -> PathBuf {
-        let dir = self.dir.path().join(name);
-        let svid = self
-            .ca
-            .issue(&SpiffeId::parse(id).unwrap(), DAY, &[])
-            .unwrap();
-        svid.write_to(&dir).unwrap();
-        dir
+        self.0.issue(name, id);
+        self.0.dir().join(name)
     }
 
     pub fn identity(&self, id: &str, name: &str) -> Arc<Identity> {
-        Identity::load(IdentityFiles::in_dir(self.issue(id, name))).unwrap()
+        self.0.identity(name, id)
     }
 
     pub fn ctl(&self) -> Arc<Identity> {
