@@ -250,8 +250,8 @@ fn verdict(mode: &watch::Receiver<Mode>, rng: &Mutex<rand::rngs::StdRng>) -> Opt
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tcp_blackhole_stalls_and_heals() {
+    /// A TCP echo server on loopback.
+    async fn echo() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = echo.local_addr().unwrap();
         tokio::spawn(async move {
@@ -262,7 +262,12 @@ mod tests {
                 });
             }
         });
-        let proxy = TcpFault::start(target).await.unwrap();
+        target
+    }
+
+    #[tokio::test]
+    async fn tcp_blackhole_stalls_and_heals() {
+        let proxy = TcpFault::start(echo().await).await.unwrap();
         let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
         c.write_all(b"a").await.unwrap();
         let mut b = [0u8; 1];
@@ -278,17 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closing_heal_ends_the_connections_that_lived_through_the_blackhole() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        let proxy = TcpFault::start(target).await.unwrap();
+        let proxy = TcpFault::start(echo().await).await.unwrap();
         let mut idle = TcpStream::connect(proxy.addr()).await.unwrap();
         let mut b = [0u8; 1];
         idle.write_all(b"a").await.unwrap();
