@@ -15,19 +15,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshbridge_core::client::{ClientOptions, RegistryClient};
-use meshbridge_core::id::SpiffeId;
 use meshbridge_core::model::{
     Endpoint, Export, Locality, Port, Protocol, ServiceKey, SiteKind, SiteSpec,
 };
-use meshbridge_core::pki::Ca;
-use meshbridge_core::tls::{Identity, IdentityFiles};
+use meshbridge_core::tls::Identity;
 use meshbridge_registry::types::NodeId;
 use meshbridge_registry::{Config, Node, NodeHandle};
 use meshbridge_testkit::pki::TestPki;
 use tempfile::TempDir;
 
 pub const TD: &str = "test.example";
-const DAY: Duration = Duration::from_secs(86_400);
 
 /// Logs to the test's captured output; `RUST_LOG` picks the level (default `warn`).
 pub fn init_tracing() {
