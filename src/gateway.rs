@@ -118,6 +118,7 @@ async fn run(cfg: File) -> Result<ExitCode> {
                 client,
                 spec: Box::new(move |tunnel| reg.spec(&name, &tunnel.to_string())),
                 exports: watch::channel(exports).1,
+                status: site::status_channel().0,
             })
         }
         _ => None,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod drain;
 pub mod join;
 pub mod pki;
+pub mod ports;
 pub mod proto;
 pub mod runtime;
 pub mod sync;

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dns::{self, DnsError, DnsHandle, DnsServer};
-use crate::site::{self, LocalExport, StatusRx};
+use crate::site::{self, KeeperStatus, LocalExport};
 
 /// How long DNS may take to finish the queries in flight once the data plane is drained.
 const DNS_DRAIN: Duration = Duration::from_secs(1);
@@ -30,6 +30,8 @@ pub struct Keeper {
     /// The site's spec, given the gateway's tunnel address (known once it is bound).
     pub spec: Box<dyn FnOnce(SocketAddr) -> SiteSpec + Send>,
     pub exports: watch::Receiver<Vec<LocalExport>>,
+    /// Where the keeper reports registration and exports ([`site::status_channel`]).
+    pub status: watch::Sender<KeeperStatus>,
 }
 
 /// Why a site's gateway could not start.
@@ -45,7 +47,7 @@ pub enum SiteGatewayError {
 pub struct SiteGateway {
     gateway: GatewayHandle,
     dns: Option<DnsHandle>,
-    keeper: Option<(JoinHandle<()>, StatusRx)>,
+    keeper: Option<JoinHandle<()>>,
     stop: CancellationToken,
 }
 
@@ -67,16 +69,14 @@ impl SiteGateway {
         };
         let stop = CancellationToken::new();
         let keeper = keeper.map(|k| {
-            let (status_tx, status) = site::status_channel();
-            let task = tokio::spawn(site::keep_reporting(
+            tokio::spawn(site::keep_reporting(
                 k.client,
                 (k.spec)(gateway.tunnel_addr()),
                 k.exports,
-                status_tx,
+                k.status,
                 Some(gateway.reporter()),
                 stop.clone().cancelled_owned(),
-            ));
-            (task, status)
+            ))
         });
         Ok(Self {
             gateway,
@@ -94,11 +94,6 @@ impl SiteGateway {
         self.dns.as_ref()
     }
 
-    /// The keeper's registration and export status, when there is a keeper.
-    pub fn keeper(&self) -> Option<StatusRx> {
-        self.keeper.as_ref().map(|(_, status)| status.clone())
-    }
-
     /// Stop in order: drain the data plane up to `deadline` (not ready, new streams
     /// refused so peers fail over, work in flight finished), then DNS, then the keeper
     /// (its lease lapses on its own; the site is not withdrawn at once, so a restart is
@@ -109,7 +104,7 @@ impl SiteGateway {
             d.shutdown(DNS_DRAIN).await;
         }
         self.stop.cancel();
-        if let Some((task, _)) = self.keeper.take() {
+        if let Some(task) = self.keeper.take() {
             let _ = task.await;
         }
         outcome

@@ -77,10 +77,14 @@ impl Chooser {
         let n = self.rr.entry((key.clone(), port)).or_insert(0);
         let start = *n;
         *n = n.wrapping_add(1);
-        let mut out: Vec<_> = (0..addrs.len())
-            .map(|i| addrs[(start + i) % addrs.len()])
-            .collect();
-        out.sort_by_key(|a| self.endpoints.is_ejected(&a.to_string(), now));
+        let rotated = (0..addrs.len()).map(|i| addrs[(start + i) % addrs.len()]);
+        if self.endpoints.is_empty() {
+            // The common case: no local endpoint has failed lately; nothing to look up.
+            return rotated.collect();
+        }
+        let (mut out, ejected): (Vec<_>, Vec<_>) =
+            rotated.partition(|a| !self.endpoints.is_ejected(&a.to_string(), now));
+        out.extend(ejected);
         out
     }
 
@@ -205,6 +209,11 @@ impl Ejections {
             max,
             sites: HashMap::new(),
         }
+    }
+
+    /// No failures on record (none ejected, none on the way to it).
+    fn is_empty(&self) -> bool {
+        self.sites.is_empty()
     }
 
     fn is_ejected(&self, site: &str, now: Instant) -> bool {

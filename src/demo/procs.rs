@@ -121,7 +121,7 @@ pub struct Ports {
 impl Ports {
     /// The window of demo number `index` (0..[`MAX_DEMOS`]).
     pub fn for_demo(index: u16) -> Result<Self> {
-        let ephemeral = ephemeral_range()?;
+        let ephemeral = meshbridge_core::ports::ephemeral_range().map_err(anyhow::Error::msg)?;
         let window = window(index, ephemeral)?;
         Ok(Self {
             next: window.start,
@@ -135,9 +135,7 @@ impl Ports {
         while self.next < self.end {
             let port = self.next;
             self.next += 1;
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok()
-            {
+            if meshbridge_core::ports::free_on_loopback(port) {
                 return Ok(port);
             }
         }
@@ -145,17 +143,6 @@ impl Ports {
             "no free port left in the demo's window (it ends at {}): other programs hold them",
             self.end
         )
-    }
-}
-
-/// The kernel's ephemeral port range, `net.ipv4.ip_local_port_range`.
-fn ephemeral_range() -> Result<(u16, u16)> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
-    let mut parts = text.split_whitespace().map(str::parse::<u16>);
-    match (parts.next(), parts.next()) {
-        (Some(Ok(low)), Some(Ok(high))) if low <= high => Ok((low, high)),
-        _ => bail!("{PATH}: expected two port numbers, found {:?}", text.trim()),
     }
 }
 
@@ -221,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_port_something_else_holds_is_skipped() {
-        let ephemeral = ephemeral_range().unwrap();
+        let ephemeral = meshbridge_core::ports::ephemeral_range().unwrap();
         let w = window(MAX_DEMOS - 1, ephemeral).unwrap();
         let mut ports = Ports {
             next: w.start,

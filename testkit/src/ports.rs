@@ -10,7 +10,7 @@
 //!
 //! [`slots`]: crate::slots
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -45,8 +45,7 @@ pub fn free_port() -> u16 {
         } else {
             port + 1
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if TcpListener::bind(addr).is_ok() && UdpSocket::bind(addr).is_ok() {
+        if meshbridge_core::ports::free_on_loopback(port) {
             return port;
         }
     }
@@ -63,13 +62,7 @@ pub fn free_addr() -> SocketAddr {
 
 /// `net.ipv4.ip_local_port_range`; Linux's default when it cannot be read.
 fn ephemeral_range() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
-            Some((parts.next()??, parts.next()??))
-        })
-        .unwrap_or((32768, 60999))
+    meshbridge_core::ports::ephemeral_range().unwrap_or((32768, 60999))
 }
 
 /// Window `slot`, just below the ephemeral range.
@@ -107,7 +100,7 @@ mod tests {
     #[test]
     fn ports_come_from_the_window_and_a_held_one_is_skipped() {
         let a = free_port();
-        let held = TcpListener::bind(("127.0.0.1", a)).unwrap();
+        let held = std::net::TcpListener::bind(("127.0.0.1", a)).unwrap();
         let range = WINDOW.lock().unwrap().as_ref().unwrap().range.clone();
         assert!(range.contains(&a), "{a} outside {range:?}");
         // Go once round the window: the held port never comes back.

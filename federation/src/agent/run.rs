@@ -73,22 +73,21 @@ impl Agent {
         let replica = client.clone().watch_catalog();
         let exports = exports::follow(&cfg.services, &mut tasks, &stop);
         let site_cfg = cfg.clone();
-        let keeper = Keeper {
+        let (status, keeper) = crate::site::status_channel();
+        let site_keeper = Keeper {
             client: client.clone(),
             spec: Box::new(move |tunnel| site_cfg.site_spec(tunnel)),
             exports,
+            status,
         };
         let site = SiteGateway::start(
             cfg.gateway(),
             identity.clone(),
             replica,
             cfg.dns(),
-            Some(keeper),
+            Some(site_keeper),
         )
         .await?;
-        let keeper = site
-            .keeper()
-            .unwrap_or_else(|| crate::site::status_channel().1);
 
         let stopped = stop.clone();
         if id.self_managed {
