@@ -7,47 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use meshbridge_core::config::{self, Problems, RoleConfig};
-use meshbridge_core::tls::{Identity, IdentityFiles};
+use meshbridge_core::config;
+use meshbridge_core::tls::Identity;
 use meshbridge_federation::dns;
-use serde::{Deserialize, Serialize};
-
-use crate::source::CatalogSource;
+use meshbridge_federation::files::DnsFile as File;
 
 #[derive(ClapArgs)]
 pub struct Args {
     #[arg(long, short = 'c', env = "MESHBRIDGE_CONFIG")]
     config: PathBuf,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct File {
-    pub dns: dns::Config,
-    pub source: CatalogSource,
-    /// This server's SVID, to follow the registry (not needed with a catalog file).
-    #[serde(default)]
-    pub tls: Option<IdentityFiles>,
-    /// `/healthz`, `/readyz`, `/metrics`, `/config_dump`.
-    #[serde(default)]
-    pub admin_listen: Option<String>,
-    /// Where the catalog in use is kept (`catalog.json`), so that a restart while the
-    /// registry is unreachable answers as before instead of NXDOMAIN (static stability).
-    /// Without it, a restarted server has nothing to answer until the registry does.
-    #[serde(default)]
-    pub data_dir: Option<PathBuf>,
-}
-
-impl RoleConfig for File {
-    fn validate(&self, p: &mut Problems) {
-        self.dns.validate(p);
-        self.source.validate("source", p);
-        if !self.source.registry.is_empty() && self.tls.is_none() {
-            p.push("tls", "needed to follow a registry");
-        }
-        if let Some(a) = &self.admin_listen {
-            p.socket_addr("admin_listen", a);
-        }
-    }
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {
@@ -83,7 +51,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 .catalog_file
                 .as_ref()
                 .context("source.catalog_file")?;
-            let c = crate::source::read_catalog(path)?;
+            let c = meshbridge_federation::source::read_catalog(path)?;
             (tokio::sync::watch::channel(Arc::new(c)).1, None)
         }
     };

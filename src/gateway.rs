@@ -7,88 +7,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use meshbridge_core::config::{self, Problems, RoleConfig};
-use meshbridge_core::tls::{Identity, IdentityFiles};
-use meshbridge_federation::dns;
-use meshbridge_federation::site::{self, ExportSpec, Registration};
+use meshbridge_core::config;
+use meshbridge_core::tls::Identity;
+use meshbridge_federation::files::GatewayFile as File;
+use meshbridge_federation::site;
 use meshbridge_federation::site_gateway::{Keeper, SiteGateway};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-use crate::source::CatalogSource;
 
 #[derive(ClapArgs)]
 pub struct Args {
     #[arg(long, short = 'c', env = "MESHBRIDGE_CONFIG")]
     config: PathBuf,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct File {
-    pub gateway: meshbridge_gateway::Config,
-    pub tls: IdentityFiles,
-    pub source: CatalogSource,
-    /// Register this site and keep its lease (needs a registry source).
-    #[serde(default)]
-    pub register: Option<Registration>,
-    /// Services of this site to export (sites without a Kubernetes adapter).
-    #[serde(default)]
-    pub exports: Vec<ExportSpec>,
-    /// An embedded federated DNS server (its `site` defaults to the gateway's).
-    #[serde(default)]
-    pub dns: Option<dns::Config>,
-    /// Threads that run the gateway. 1 (the default, as linkerd2-proxy's) runs everything
-    /// on one thread: no hand-offs between threads on a request's path, the lowest latency
-    /// and CPU per request. More spread a busy gateway over cores; 0 = one per CPU.
-    #[serde(default = "default_workers")]
-    pub workers: usize,
-}
-
-fn default_workers() -> usize {
-    1
-}
-
-impl File {
-    /// The embedded DNS server's settings, its `site` defaulting to the gateway's.
-    fn dns_config(&self) -> Option<dns::Config> {
-        let mut d = self.dns.clone()?;
-        if d.site.is_empty() {
-            d.site.clone_from(&self.gateway.site);
-        }
-        Some(d)
-    }
-}
-
-impl RoleConfig for File {
-    fn validate(&self, p: &mut Problems) {
-        let mut inner = Problems::default();
-        self.gateway.validate(&mut inner);
-        for pr in inner.0 {
-            p.push(format!("gateway.{}", pr.field), pr.message);
-        }
-        self.source.validate("source", p);
-        if self.register.is_some() && self.source.registry.is_empty() {
-            p.push("register", "needs source.registry");
-        }
-        if !self.exports.is_empty() && self.register.is_none() {
-            p.push(
-                "exports",
-                "exports need [register] (the site must hold a lease)",
-            );
-        }
-        for (i, e) in self.exports.iter().enumerate() {
-            e.validate(&format!("exports[{i}]"), p);
-        }
-        meshbridge_core::runtime::check_workers(p, "workers", self.workers);
-        if let Some(d) = self.dns_config() {
-            let mut inner = Problems::default();
-            d.validate(&mut inner);
-            for pr in inner.0 {
-                p.push(format!("dns.{}", pr.field), pr.message);
-            }
-        }
-    }
 }
 
 /// Reads the configuration, then runs the gateway on a runtime with `workers` threads.
@@ -162,45 +92,4 @@ async fn run(cfg: File) -> Result<ExitCode> {
     stop.cancel();
     let _ = reload.await;
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use meshbridge_core::config::parse_with_env;
-
-    use super::File;
-
-    /// The chart passes a Node's topology labels as `MESHBRIDGE_REGISTER__REGION`/`__ZONE`;
-    /// a label that reads as a number (zone `1`) is still the site's zone.
-    #[test]
-    fn register_region_and_zone_come_from_the_environment_numbers_included_and_dns_site_defaults() {
-        let text = "[gateway]\nsite = \"east\"\ndata_dir = \"/d\"\n\
-                    [tls]\ncert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n\
-                    [source]\nregistry = [\"https://127.0.0.1:7443\"]\n\
-                    [register]\nregion = \"r-file\"\n";
-        let vars = |region: &str, zone: &str| {
-            vec![
-                (
-                    "MESHBRIDGE_REGISTER__REGION".to_string(),
-                    region.to_string(),
-                ),
-                ("MESHBRIDGE_REGISTER__ZONE".to_string(), zone.to_string()),
-            ]
-        };
-        for (region, zone) in [("eu-west", "eu-west-1b"), ("7", "1"), ("", "")] {
-            let cfg: File = parse_with_env("gw.toml", text, &vars(region, zone))
-                .unwrap_or_else(|e| panic!("{region}/{zone}: {e}"));
-            let reg = cfg.register.unwrap_or_else(|| panic!("no [register]"));
-            assert_eq!((reg.region.as_str(), reg.zone.as_str()), (region, zone));
-        }
-        // An embedded [dns] answers as the gateway's site unless told otherwise.
-        let with_dns = format!("{text}[dns]\nlisten = \"127.0.0.1:0\"\n");
-        let cfg: File = parse_with_env("gw.toml", &with_dns, &[]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(cfg.dns_config().map(|d| d.site), Some("east".to_string()));
-        let err = parse_with_env::<File>("gw.toml", text, &vars("eu", "[1]"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("register.zone"), "{err}");
-    }
 }

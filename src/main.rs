@@ -11,7 +11,6 @@ mod gateway;
 mod kube;
 mod pki;
 mod registry;
-mod source;
 
 use std::process::ExitCode;
 
@@ -83,10 +82,29 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, outermost first, as `{:#}` prints them, but without a cause
+/// that the message before it already ends with: many errors quote their source in their
+/// own message (`bind admin HTTP on …: Address already in use`), and saying it twice reads
+/// as two failures.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// One worker per CPU, for the commands without a `workers` setting.
@@ -110,4 +128,27 @@ fn exit_with_parent() {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("bind admin HTTP on 127.0.0.1:9902: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_said_once_and_others_are_kept() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(Quoting { source: io }).context("starting the registry node");
+        assert_eq!(
+            report(&e),
+            "starting the registry node: bind admin HTTP on 127.0.0.1:9902: Address already in use"
+        );
+        let plain = anyhow::anyhow!("no such file").context("reading r.toml");
+        assert_eq!(report(&plain), "reading r.toml: no such file");
+    }
 }

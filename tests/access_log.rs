@@ -9,10 +9,11 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use meshbridge_gateway::config::FixedListener;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::eventually;
 use serde_json::Value;
-use support::{READY, registry, spawn, tls};
+use support::{LOOPBACK, READY, export, registered_gateway, registry, spawn, write};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -29,7 +30,6 @@ async fn access_line(p: &mut meshbridge_testkit::process::Proc, needle: &str) ->
 async fn one_connection_has_one_trace_id_on_both_gateways_and_piped_logs_have_no_colour()
 -> Result<()> {
     let pki = TestPki::new(TD);
-    let root = pki.dir().to_path_buf();
     let (mut registry, url) = registry(&pki, TD).await?;
 
     // An echo server behind east (one connection at a time is all this test makes).
@@ -44,38 +44,18 @@ async fn one_connection_has_one_trace_id_on_both_gateways_and_piped_logs_have_no
         }
     });
     let fixed = meshbridge_testkit::kube::free_port()?;
-    let gateway = |site: &str, extra: &str| -> Result<std::path::PathBuf> {
-        let files = pki.issue(
-            &format!("gw-{site}"),
-            &format!("spiffe://{TD}/site/{site}/gateway"),
-        );
-        let cfg = root.join(format!("gw-{site}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 500\n\
-                 [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n{extra}{}\
-                 [source]\nregistry = [\"{url}\"]\n[register]\n",
-                root.join(format!("gw-{site}-data")),
-                tls(&files),
-            ),
-        )?;
-        Ok(cfg)
-    };
-    let east_cfg = gateway(
-        "east",
-        &format!(
-            "[[exports]]\nnamespace = \"shop\"\nname = \"web\"\n\
-             ports = [{{ name = \"http\", port = 80, target_port = {echo_port} }}]\n\
-             endpoints = [{{ address = \"127.0.0.1\" }}]\n"
-        ),
-    )?;
-    let west_cfg = gateway(
-        "west",
-        &format!(
-            "[gateway.listeners]\nfixed = [{{ listen = \"127.0.0.1:{fixed}\", service = \"shop/web\", port = 80 }}]\n"
-        ),
-    )?;
+    let mut east = registered_gateway(&pki, TD, "east", &url);
+    east.gateway.drain_deadline_ms = 500;
+    east.exports = vec![export("shop", "web", (80, echo_port), &[LOOPBACK])];
+    let east_cfg = write(&pki, "gw-east", &east)?;
+    let mut west = registered_gateway(&pki, TD, "west", &url);
+    west.gateway.drain_deadline_ms = 500;
+    west.gateway.listeners.fixed = vec![FixedListener {
+        listen: format!("127.0.0.1:{fixed}"),
+        service: "shop/web".into(),
+        port: 80,
+    }];
+    let west_cfg = write(&pki, "gw-west", &west)?;
     let json = ["--log-format", "json"];
     let mut east = spawn("gateway east", &east_cfg, "gateway", &json)?;
     let mut west = spawn("gateway west", &west_cfg, "gateway", &json)?;

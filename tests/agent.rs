@@ -6,6 +6,7 @@
 
 #[path = "agent/mesh.rs"]
 mod mesh;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

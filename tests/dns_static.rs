@@ -6,15 +6,18 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
+use meshbridge_federation::dns;
+use meshbridge_federation::files::DnsFile;
+use meshbridge_federation::source::CatalogSource;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::{dig_a, eventually};
 use meshbridge_testkit::process::Proc;
-use support::{READY, addr_after, registry, spawn, tls};
+use support::{READY, addr_after, export, registered_gateway, registry, spawn, write};
 
 const TD: &str = "static.example";
 const NAME: &str = "web.shop.svc.clusterset.local";
@@ -51,33 +54,22 @@ async fn dns_answers_from_its_persisted_catalog_after_a_restart_while_the_regist
 
     // East's gateway exports shop/web (an object-model address: DNS only, never dialled)
     // and embeds east's DNS.
-    let gw = pki.issue("gw-east", &format!("spiffe://{TD}/site/east/gateway"));
-    let gw_dir = root.join("gw-east-data");
-    let gw_cfg = root.join("gw-east.toml");
-    std::fs::write(
-        &gw_cfg,
-        format!(
-            "[gateway]\nsite = \"east\"\ndata_dir = {gw_dir:?}\ndrain_deadline_ms = 500\n\
-             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n{}\
-             [source]\nregistry = [\"{url}\"]\n[register]\n\
-             [[exports]]\nnamespace = \"shop\"\nname = \"web\"\nports = [{{ name = \"http\", port = 80 }}]\n\
-             endpoints = [{{ address = \"10.1.0.1\" }}]\n\
-             [dns]\nlisten = \"127.0.0.1:0\"\n[dns.rate_limit]\nper_client_qps = 0\n",
-            tls(&gw),
-        ),
-    )?;
+    let mut gw = registered_gateway(&pki, TD, "east", &url);
+    gw.gateway.drain_deadline_ms = 500;
+    let object_model = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1));
+    gw.exports = vec![export("shop", "web", (80, 80), &[object_model])];
+    gw.dns = Some(dns::Config::for_test(""));
+    let gw_dir = gw.gateway.data_dir.clone();
+    let gw_cfg = write(&pki, "gw-east", &gw)?;
     // A standalone DNS server of east, keeping its catalog in its own data_dir.
-    let dns = pki.issue("dns-east", &format!("spiffe://{TD}/site/east/dns"));
     let dns_dir = root.join("dns-east-data");
-    let dns_cfg = root.join("dns-east.toml");
-    std::fs::write(
-        &dns_cfg,
-        format!(
-            "data_dir = {dns_dir:?}\n[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"east\"\n\
-             [dns.rate_limit]\nper_client_qps = 0\n[source]\nregistry = [\"{url}\"]\n{}",
-            tls(&dns),
-        ),
-    )?;
+    let mut dns = DnsFile::new(
+        dns::Config::for_test("east"),
+        CatalogSource::registry([&url]),
+    );
+    dns.tls = Some(pki.issue("dns-east", &format!("spiffe://{TD}/site/east/dns")));
+    dns.data_dir = Some(dns_dir.clone());
+    let dns_cfg = write(&pki, "dns-east", &dns)?;
     let (mut gateway, gw_dns) = start("gateway", &gw_cfg, "gateway", "dns ").await?;
     let (mut standalone, dns_addr) = start("dns", &dns_cfg, "dns", "listening on ").await?;
     let want = vec![Ipv4Addr::new(10, 1, 0, 1)];

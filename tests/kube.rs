@@ -533,16 +533,14 @@ async fn coredns_multicluster_answers_from_the_imports_the_adapter_writes() -> R
 fn adapter_config_with(dir: &std::path::Path, kubeconfig: &std::path::Path) -> std::path::PathBuf {
     let pki = meshbridge_testkit::pki::TestPki::new(TD);
     let files = pki.issue("adapter", &format!("spiffe://{TD}/site/east/adapter"));
-    let path = dir.join("kube.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "site = \"east\"\ntrust_domain = \"{TD}\"\nregistry = [\"https://127.0.0.1:1\"]\nkubeconfig = {kubeconfig:?}\n\
-             [tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-            files.cert, files.key, files.bundle
-        ),
-    )
-    .unwrap();
+    let mut cfg = meshbridge_federation::kube::config::Config::new(
+        "east",
+        TD,
+        ["https://127.0.0.1:1"],
+        files,
+    );
+    cfg.kubeconfig = Some(kubeconfig.to_path_buf());
+    let path = meshbridge_testkit::process::write_config(&dir.join("kube.toml"), &cfg).unwrap();
     // The PKI's files must outlive the process: keep its dir.
     std::mem::forget(pki);
     path

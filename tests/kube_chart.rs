@@ -315,7 +315,7 @@ async fn a_gateway_takes_its_sites_region_and_zone_from_its_nodes_topology_label
     // site where its Node is.
     let mut gw = start_gateway_env(
         &env.pki,
-        &env.registry_list,
+        &env.registry_urls,
         "east",
         "gw-east-node-a",
         "127.0.0.1",

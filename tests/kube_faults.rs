@@ -208,7 +208,7 @@ async fn two_gateways_of_one_site_both_register_and_a_killed_one_leaves_after_it
     let env = Env::start(&["east"], ApiServerOptions::default()).await?;
     let mut second = start_gateway(
         &env.pki,
-        &env.registry_list,
+        &env.registry_urls,
         "east",
         "gw-east-1",
         "127.0.0.1",

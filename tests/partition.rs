@@ -13,11 +13,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use meshbridge_federation::files::GatewayFile;
+use meshbridge_federation::source::CatalogSource;
+use meshbridge_gateway::config::FixedListener;
 use meshbridge_testkit::netns::{self, HostLink, Link, Netns};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 use serde_json::json;
-use support::{READY, tls};
+use support::{READY, gateway_file, write};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TD: &str = "partition.example";
@@ -63,26 +66,14 @@ async fn east_link_up(admin: SocketAddr) -> Option<bool> {
         .and_then(|l| l["connected"].as_bool())
 }
 
-fn gateway_config(
-    dir: &Path,
-    site: &str,
-    tunnel: &str,
-    extra: &str,
-    files: &meshbridge_core::tls::IdentityFiles,
-) -> Result<std::path::PathBuf> {
-    let path = dir.join(format!("gw-{site}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\n{extra}\
-             [gateway.tunnel]\nlisten = \"{tunnel}\"\nkeepalive_ms = 500\nidle_timeout_ms = 2000\n\
-             {}[source]\ncatalog_file = {:?}\n",
-            dir.join(format!("gw-{site}-data")),
-            tls(files),
-            dir.join("catalog.json"),
-        ),
-    )?;
-    Ok(path)
+/// The gateway of `site`, its tunnel on `tunnel` with a 2 s idle timeout (the bound on
+/// noticing a lost peer), reading the catalog from `catalog`.
+fn gateway_config(pki: &TestPki, site: &str, tunnel: &str, catalog: &Path) -> GatewayFile {
+    let mut file = gateway_file(pki, TD, site, CatalogSource::file(catalog));
+    file.gateway.tunnel.listen = tunnel.into();
+    file.gateway.tunnel.keepalive_ms = 500;
+    file.gateway.tunnel.idle_timeout_ms = 2_000;
+    file
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +105,8 @@ async fn a_partition_between_two_sites_gateways_fails_fast_and_heals_without_a_r
         }],
         "policies": {}, "tokens": {}
     });
-    std::fs::write(dir.join("catalog.json"), serde_json::to_vec(&catalog)?)?;
+    let catalog_file = dir.join("catalog.json");
+    std::fs::write(&catalog_file, serde_json::to_vec(&catalog)?)?;
 
     let _echo = spawn_in(
         &east,
@@ -129,8 +121,11 @@ async fn a_partition_between_two_sites_gateways_fails_fast_and_heals_without_a_r
         "listening on",
     )
     .await?;
-    let east_files = pki.issue("gw-east", &format!("spiffe://{TD}/site/east/gateway"));
-    let east_cfg = gateway_config(&dir, "east", &tunnel, "", &east_files)?;
+    let east_cfg = write(
+        &pki,
+        "gw-east",
+        &gateway_config(&pki, "east", &tunnel, &catalog_file),
+    )?;
     let _east_gw = spawn_in(
         &east,
         "gateway east",
@@ -140,17 +135,14 @@ async fn a_partition_between_two_sites_gateways_fails_fast_and_heals_without_a_r
     .await?;
     let front: SocketAddr = format!("{west_host_ip}:7000").parse()?;
     let admin: SocketAddr = format!("{west_host_ip}:9901").parse()?;
-    let west_files = pki.issue("gw-west", &format!("spiffe://{TD}/site/west/gateway"));
-    let west_cfg = gateway_config(
-        &dir,
-        "west",
-        &format!("{west_ip}:15008"),
-        &format!(
-            "admin_listen = \"{admin}\"\n[[gateway.listeners.fixed]]\nlisten = \"{front}\"\n\
-             service = \"shop/web\"\nport = 80\n"
-        ),
-        &west_files,
-    )?;
+    let mut west_file = gateway_config(&pki, "west", &format!("{west_ip}:15008"), &catalog_file);
+    west_file.gateway.admin_listen = Some(admin.to_string());
+    west_file.gateway.listeners.fixed = vec![FixedListener {
+        listen: front.to_string(),
+        service: "shop/web".into(),
+        port: 80,
+    }];
+    let west_cfg = write(&pki, "gw-west", &west_file)?;
     let mut west_gw = spawn_in(
         &west,
         "gateway west",

@@ -73,7 +73,7 @@ impl Registry {
             let admin = free_addr();
             config.admin_listen = admin.to_string();
             let path = data.path().join(format!("node-{id}.toml"));
-            std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+            meshbridge_testkit::process::write_config(&path, &config).unwrap();
             members.insert(
                 id,
                 Member {

@@ -13,11 +13,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
+use meshbridge_federation::site::Registration;
+use meshbridge_gateway::config::XdsConfig;
 use meshbridge_testkit::envoy::{Envoy, ads_bootstrap};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::eventually;
 use serde_json::Value;
-use support::{READY, ctl_status_json, registry, spawn, tls};
+use support::{
+    LOOPBACK, READY, ctl_status_json, export, registered_gateway, registry, spawn, write,
+};
 
 const TD: &str = "xds.example";
 
@@ -59,22 +63,18 @@ async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it
     let backend = std::net::TcpListener::bind("127.0.0.1:0")?;
     let backend_port = backend.local_addr()?.port();
     let xds_port = meshbridge_testkit::kube::free_port()?;
-    let files = pki.issue("gw-west", &format!("spiffe://{TD}/site/west/gateway"));
-    let cfg = root.join("gw-west.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nsite = \"west\"\ndata_dir = {:?}\n\
-             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-             [gateway.xds]\nlisten = \"127.0.0.1:{xds_port}\"\nlistener_address = \"127.0.0.1\"\n\
-             {}[source]\nregistry = [\"{url}\"]\n[register]\nlease_ttl_ms = 3000\n\
-             [[exports]]\nnamespace = \"demo\"\nname = \"busy\"\n\
-             ports = [{{ name = \"tcp\", port = {port}, target_port = {backend_port} }}]\n\
-             endpoints = [{{ address = \"127.0.0.1\" }}]\n",
-            root.join("gw-west-data"),
-            tls(&files),
-        ),
-    )?;
+    let mut west = registered_gateway(&pki, TD, "west", &url);
+    west.gateway.xds = Some(XdsConfig {
+        listen: format!("127.0.0.1:{xds_port}"),
+        listener_address: Some(LOOPBACK),
+        ..XdsConfig::default()
+    });
+    west.register = Some(Registration {
+        lease_ttl_ms: 3000,
+        ..Registration::default()
+    });
+    west.exports = vec![export("demo", "busy", (port, backend_port), &[LOOPBACK])];
+    let cfg = write(&pki, "gw-west", &west)?;
     let mut gateway = spawn("gateway west", &cfg, "gateway", &[])?;
     gateway.wait_for("listening on", READY).await?;
 

@@ -58,6 +58,14 @@ impl Problems {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Take the problems of a section validated on its own, under `prefix.` (its name in
+    /// this file).
+    pub fn nest(&mut self, prefix: &str, inner: Problems) {
+        for pr in inner.0 {
+            self.push(format!("{prefix}.{}", pr.field), pr.message);
+        }
+    }
 }
 
 /// Every problem found in one configuration source.
@@ -201,6 +209,12 @@ fn known_top_level_env(name: &str) -> bool {
 /// The effective configuration as TOML, for logs and `/config_dump`.
 pub fn effective<T: Serialize>(cfg: &T) -> String {
     toml::to_string_pretty(cfg).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+}
+
+/// A configuration as the TOML text of its file: how the demo and the tests write the
+/// files of the processes they start, from typed values rather than formatted text.
+pub fn render<T: Serialize>(cfg: &T) -> Result<String, toml::ser::Error> {
+    toml::to_string(cfg)
 }
 
 /// Resolve a possibly relative path against the config file's directory.

@@ -5,6 +5,8 @@
 
 pub mod agent;
 pub mod dns;
+pub mod files;
 pub mod kube;
 pub mod site;
 pub mod site_gateway;
+pub mod source;

@@ -433,7 +433,7 @@ impl ExportSpec {
 }
 
 /// How a site registers itself, as written in a config file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Registration {
     #[serde(default)]
     pub kind: meshbridge_core::model::SiteKind,

@@ -250,6 +250,24 @@ pub struct FailoverConfig {
     pub eject_max_ms: u64,
 }
 
+impl Config {
+    /// The gateway of `site`, every optional setting at its default.
+    pub fn new(site: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            site: site.into(),
+            data_dir: data_dir.into(),
+            zones: default_zones(),
+            admin_listen: None,
+            drain_deadline_ms: default_drain_ms(),
+            tunnel: TunnelConfig::default(),
+            listeners: ListenersConfig::default(),
+            policy: PolicyConfig::default(),
+            failover: FailoverConfig::default(),
+            xds: None,
+        }
+    }
+}
+
 fn default_zones() -> Vec<String> {
     vec!["clusterset.local".into(), "cluster.local".into()]
 }

@@ -60,6 +60,32 @@ fn default_workers() -> usize {
     0
 }
 
+impl Config {
+    /// Node `node_id` listening on `listen`, every optional setting at its default (no
+    /// initial members, no CA).
+    pub fn new(
+        node_id: NodeId,
+        listen: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        tls: IdentityFiles,
+    ) -> Self {
+        Self {
+            node_id,
+            listen: listen.into(),
+            admin_listen: default_admin_listen(),
+            data_dir: data_dir.into(),
+            tls,
+            initial_members: BTreeMap::new(),
+            drain_deadline_ms: default_drain_ms(),
+            leases: LeaseConfig::default(),
+            raft: RaftConfig::default(),
+            ca_dir: None,
+            svid_ttl_ms: default_svid_ttl_ms(),
+            workers: default_workers(),
+        }
+    }
+}
+
 /// Site leases.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -189,28 +215,20 @@ impl Config {
         tls_dir: impl Into<PathBuf>,
         members: &BTreeMap<NodeId, String>,
     ) -> Self {
-        Self {
+        let mut cfg = Self::new(
             node_id,
-            listen: listen.to_string(),
-            admin_listen: "127.0.0.1:0".into(),
-            data_dir: data_dir.into(),
-            tls: IdentityFiles::in_dir(tls_dir),
-            initial_members: members
-                .iter()
-                .map(|(id, url)| (id.to_string(), url.clone()))
-                .collect(),
-            drain_deadline_ms: 1_000,
-            leases: LeaseConfig {
-                default_ttl_ms: 15_000,
-                default_grace_ms: 600_000,
-                tick_interval_ms: 100,
-                ..LeaseConfig::default()
-            },
-            raft: RaftConfig::default(),
-            ca_dir: None,
-            svid_ttl_ms: default_svid_ttl_ms(),
-            workers: default_workers(),
-        }
+            listen.to_string(),
+            data_dir,
+            IdentityFiles::in_dir(tls_dir),
+        );
+        cfg.admin_listen = "127.0.0.1:0".into();
+        cfg.initial_members = members
+            .iter()
+            .map(|(id, url)| (id.to_string(), url.clone()))
+            .collect();
+        cfg.drain_deadline_ms = 1_000;
+        cfg.leases.tick_interval_ms = 100;
+        cfg
     }
 }
 
@@ -322,6 +340,33 @@ default_grace_ms = 600000
         let cfg: Config = parse_with_env("registry.toml", &text, &[]).unwrap();
         let addr: std::net::SocketAddr = cfg.admin_listen.parse().unwrap();
         assert!(addr.ip().is_loopback(), "{addr}");
+    }
+
+    /// The demo and the tests write node files from typed values; what `render` writes
+    /// reads back as the same value, and `new` is what a file with only the required
+    /// fields means.
+    #[test]
+    fn a_rendered_config_reads_back_as_written_and_new_means_the_defaults() {
+        let tls = IdentityFiles::in_dir(std::path::Path::new("/etc/meshbridge/tls"));
+        let mut cfg = Config::new(2, "127.0.0.1:7443", "/var/lib/mb", tls.clone());
+        cfg.initial_members = BTreeMap::from([
+            ("1".into(), "https://127.0.0.1:7442".into()),
+            ("2".into(), "https://127.0.0.1:7443".into()),
+        ]);
+        cfg.ca_dir = Some("/etc/meshbridge/ca".into());
+        cfg.leases.tick_interval_ms = 200;
+        cfg.raft.dial_overrides = BTreeMap::from([("1".into(), "https://127.0.0.1:9000".into())]);
+        let text = meshbridge_core::config::render(&cfg).unwrap();
+        let back: Config = parse_with_env("registry.toml", &text, &[]).unwrap();
+        assert_eq!(back, cfg, "{text}");
+
+        let minimal = format!(
+            "node_id = 2\nlisten = \"127.0.0.1:7443\"\ndata_dir = \"/var/lib/mb\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+            tls.cert, tls.key, tls.bundle
+        );
+        let parsed: Config = parse_with_env("registry.toml", &minimal, &[]).unwrap();
+        assert_eq!(parsed, Config::new(2, "127.0.0.1:7443", "/var/lib/mb", tls));
     }
 
     #[test]

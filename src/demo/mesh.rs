@@ -1,6 +1,6 @@
 //! Setting up the demo mesh: PKI, configuration files, processes.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
@@ -8,8 +8,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use meshbridge_core::client::RegistryClient;
 use meshbridge_core::id::SpiffeId;
+use meshbridge_core::model::SiteKind;
 use meshbridge_core::pki::Ca;
 use meshbridge_core::tls::{Identity, IdentityFiles};
+use meshbridge_core::vip::VipRange;
+use meshbridge_federation::agent::config::{Config as AgentConfig, LocalityConfig, ServiceConfig};
+use meshbridge_federation::agent::health::{CheckSpec, Probe};
+use meshbridge_federation::dns;
+use meshbridge_federation::files::GatewayFile;
+use meshbridge_federation::site::{EndpointSpec, ExportSpec, PortSpec, Registration};
+use meshbridge_federation::source::CatalogSource;
 
 use super::probe;
 use super::procs::{MAX_DEMOS, Ports, Proc};
@@ -49,15 +57,25 @@ fn claim_vip_blocks() -> Result<(u8, std::net::TcpListener)> {
     bail!("every loopback VIP block of the demo (127.100.0.0 to 127.243.255.255) is in use")
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
+/// Write `cfg` (a role's typed configuration) as the TOML file `path`.
+fn write_config(path: &Path, cfg: &impl serde::Serialize) -> Result<()> {
+    let text = meshbridge_core::config::render(cfg)
+        .with_context(|| format!("rendering {}", path.display()))?;
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn tls_section(dir: &Path) -> String {
-    format!(
-        "[tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\nbundle = \"{0}/bundle.pem\"\n",
-        dir.display()
-    )
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// The demo's one service, `demo/echo`, on port [`SERVICE_PORT`] (endpoints on `target`).
+fn echo_port(target: u16) -> PortSpec {
+    PortSpec {
+        name: "tcp".into(),
+        port: SERVICE_PORT,
+        protocol: Default::default(),
+        target_port: Some(target),
+    }
 }
 
 impl Mesh {
@@ -69,8 +87,9 @@ impl Mesh {
         let (octet, vip_claim) = claim_vip_blocks()?;
         let mut window = Ports::for_demo(u16::from((242 - octet) / 2))?;
         let mut free_port = || window.take();
-        let west_vips = format!("127.{octet}.0.0/16");
-        let vm_vips = format!("127.{}.0.0/16", octet + 1);
+        let block =
+            |o: u8| VipRange::new(Ipv4Addr::new(127, o, 0, 0), 16).map_err(anyhow::Error::msg);
+        let (west_vips, vm_vips) = (block(octet)?, block(octet + 1)?);
         let ca = Ca::generate(TD, Duration::from_secs(30 * 86400))?;
         ca.write_to(&root.join("ca"))?;
         let issue = |name: &str, id: &str| -> Result<PathBuf> {
@@ -86,11 +105,6 @@ impl Mesh {
             .iter()
             .map(|p| format!("https://127.0.0.1:{p}"))
             .collect();
-        let members: String = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| format!("{} = \"{u}\"\n", i + 1))
-            .collect();
         let mut registry = Vec::new();
         let mut admin = Vec::new();
         for (i, port) in ports.iter().enumerate() {
@@ -100,17 +114,21 @@ impl Mesh {
                 &format!("spiffe://{TD}/registry/{id}"),
             )?;
             let admin_port = free_port()?;
+            let mut node = meshbridge_registry::Config::new(
+                id,
+                loopback(*port).to_string(),
+                root.join(format!("registry-{id}-data")),
+                IdentityFiles::in_dir(&certs),
+            );
+            node.admin_listen = loopback(admin_port).to_string();
+            node.ca_dir = Some(root.join("ca"));
+            node.leases.tick_interval_ms = 200;
+            node.initial_members = (1..)
+                .zip(&urls)
+                .map(|(i, u): (u64, _)| (i.to_string(), u.clone()))
+                .collect();
             let cfg = root.join(format!("registry-{id}.toml"));
-            write(
-                &cfg,
-                &format!(
-                    "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-                     data_dir = \"{}\"\nca_dir = \"{}\"\n{}[leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
-                    root.join(format!("registry-{id}-data")).display(),
-                    root.join("ca").display(),
-                    tls_section(&certs),
-                ),
-            )?;
+            write_config(&cfg, &node)?;
             let p = Proc::spawn(
                 &root,
                 &format!("registry-{id}"),
@@ -158,11 +176,6 @@ impl Mesh {
         )?;
         vm_echo.wait_for("listening on", READY).await?;
 
-        let registry_list = urls
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut others = vec![vm_echo];
         let west_dns = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         // The VM: a real agent that joins with a single-use token, exports its echo service
@@ -172,22 +185,36 @@ impl Mesh {
             .await
             .context("minting the VM's join token")?;
         let agent_admin = free_port()?;
+        let mut vm = AgentConfig::new("vm", TD, &urls, root.join("agent-vm-data"));
+        vm.join_token = Some(token.token);
+        vm.bundle = Some(root.join("ca").join("ca.pem"));
+        vm.vip_range = vm_vips;
+        vm.lease_ttl_ms = 3000;
+        vm.admin_listen = Some(loopback(agent_admin).to_string());
+        vm.locality = LocalityConfig {
+            region: "onprem".into(),
+            zone: "dc1".into(),
+        };
+        vm.tunnel.listen = loopback(free_port()?).to_string();
+        vm.services = vec![ServiceConfig {
+            namespace: "demo".into(),
+            name: "echo".into(),
+            address: Ipv4Addr::LOCALHOST.into(),
+            ports: vec![echo_port(vm_echo_port)],
+            hostname: None,
+            weight: None,
+            check: Some(CheckSpec {
+                probe: Probe::Tcp {
+                    address: loopback(vm_echo_port),
+                },
+                interval_ms: 500,
+                timeout_ms: 400,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            }),
+        }];
         let agent_cfg = root.join("agent-vm.toml");
-        write(
-            &agent_cfg,
-            &format!(
-                "site = \"vm\"\ntrust_domain = \"{TD}\"\nregistry = [{registry_list}]\ndata_dir = \"{}\"\n\
-                 join_token = \"{}\"\nbundle = \"{}\"\nvip_range = \"{vm_vips}\"\nlease_ttl_ms = 3000\n\
-                 admin_listen = \"127.0.0.1:{agent_admin}\"\n[locality]\nregion = \"onprem\"\nzone = \"dc1\"\n\
-                 [tunnel]\nlisten = \"127.0.0.1:{}\"\n[[services]]\nnamespace = \"demo\"\nname = \"echo\"\naddress = \"127.0.0.1\"\n\
-                 ports = [{{ name = \"tcp\", port = {SERVICE_PORT}, target_port = {vm_echo_port} }}]\n\
-                 [services.check]\nkind = \"tcp\"\naddress = \"127.0.0.1:{vm_echo_port}\"\ninterval_ms = 500\ntimeout_ms = 400\n",
-                root.join("agent-vm-data").display(),
-                token.token,
-                root.join("ca").join("ca.pem").display(),
-                free_port()?,
-            ),
-        )?;
+        write_config(&agent_cfg, &vm)?;
         let mut agent = Proc::spawn(
             &root,
             "agent-vm",
@@ -201,14 +228,14 @@ impl Mesh {
         ));
         // east and west share a region and the VM is on premises: from west, east ranks
         // first (same region), the VM second (another region) and takes over on failure.
-        for (site, region, zone, echo_port, vip, dns) in [
+        for (site, region, zone, echo_port_of_site, vip, dns) in [
             ("east", "us", "us-east-1a", Some(east_echo_port), None, None),
             (
                 "west",
                 "us",
                 "us-west-1a",
                 None,
-                Some(west_vips.as_str()),
+                Some(west_vips),
                 Some(west_dns),
             ),
         ] {
@@ -217,34 +244,53 @@ impl Mesh {
                 &format!("spiffe://{TD}/site/{site}/gateway"),
             )?;
             let admin_port = free_port()?;
-            let mut cfg = format!(
-                "[gateway]\nsite = \"{site}\"\ndata_dir = \"{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ndrain_deadline_ms = 2000\n\
-                 [gateway.tunnel]\nlisten = \"127.0.0.1:{}\"\n",
-                root.join(format!("gateway-{site}-data")).display(),
-                free_port()?,
+            let mut gw =
+                meshbridge_gateway::Config::new(site, root.join(format!("gateway-{site}-data")));
+            gw.admin_listen = Some(loopback(admin_port).to_string());
+            gw.drain_deadline_ms = 2000;
+            gw.tunnel.listen = loopback(free_port()?).to_string();
+            gw.listeners.vip_range = vip;
+            let mut file = GatewayFile::new(
+                gw,
+                IdentityFiles::in_dir(&certs),
+                CatalogSource::registry(&urls),
             );
-            if let Some(range) = vip {
-                cfg += &format!("[gateway.listeners]\nvip_range = \"{range}\"\n");
-            }
-            cfg += &tls_section(&certs);
-            cfg += &format!("[source]\nregistry = [{registry_list}]\n");
-            cfg += &format!(
-                "[register]\nkind = \"{}\"\nregion = \"{region}\"\nzone = \"{zone}\"\nlease_ttl_ms = 3000\ngrace_ms = 60000\n",
-                "cluster"
-            );
-            if let Some(port) = echo_port {
-                cfg += &format!(
-                    "[[exports]]\nnamespace = \"demo\"\nname = \"echo\"\nports = [{{ name = \"tcp\", port = {SERVICE_PORT}, target_port = {port} }}]\n\
-                     endpoints = [{{ address = \"127.0.0.1\" }}]\n"
-                );
+            file.register = Some(Registration {
+                kind: SiteKind::Cluster,
+                region: region.into(),
+                zone: zone.into(),
+                lease_ttl_ms: 3000,
+                grace_ms: 60_000,
+                ..Registration::default()
+            });
+            if let Some(port) = echo_port_of_site {
+                file.exports = vec![ExportSpec {
+                    namespace: "demo".into(),
+                    name: "echo".into(),
+                    headless: false,
+                    ports: vec![echo_port(port)],
+                    endpoints: vec![EndpointSpec {
+                        address: Ipv4Addr::LOCALHOST.into(),
+                        hostname: None,
+                        weight: None,
+                        identity: None,
+                    }],
+                }];
             }
             if let (Some(dns), Some(range)) = (dns, vip) {
-                cfg += &format!(
-                    "[dns]\nlisten = \"{dns}\"\nsite = \"{site}\"\nvip_range = \"{range}\"\n[dns.rate_limit]\nper_client_qps = 0\n"
-                );
+                file.dns = Some(dns::Config {
+                    listen: dns.to_string(),
+                    site: site.into(),
+                    vip_range: Some(range),
+                    rate_limit: dns::RateLimit {
+                        per_client_qps: 0,
+                        ..dns::RateLimit::default()
+                    },
+                    ..dns::Config::default()
+                });
             }
             let path = root.join(format!("gateway-{site}.toml"));
-            write(&path, &cfg)?;
+            write_config(&path, &file)?;
             let mut p = Proc::spawn(
                 &root,
                 &format!("gateway-{site}"),

@@ -1,10 +1,22 @@
-//! Run the real binary as a child process and wait for what it prints.
+//! Run the real binary as a child process and wait for what it prints; write the
+//! configuration files it reads.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
+
+/// Write `cfg` (a role's typed configuration) as the TOML file `path`; returns `path`.
+pub fn write_config<T: serde::Serialize>(path: &Path, cfg: &T) -> anyhow::Result<PathBuf> {
+    let text = meshbridge_core::config::render(cfg)
+        .with_context(|| format!("rendering {}", path.display()))?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
 
 /// A child process whose stdout and stderr lines are collected; killed on drop.
 pub struct Proc {

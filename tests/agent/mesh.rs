@@ -14,10 +14,18 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
 use meshbridge_core::client::RegistryClient;
 use meshbridge_core::tls::{Identity, IdentityFiles, cert_info, load_certs};
+use meshbridge_core::vip::VipRange;
+use meshbridge_federation::agent::config::{Config as AgentConfig, LocalityConfig, ServiceConfig};
+use meshbridge_federation::agent::health::{CheckSpec, Probe};
+use meshbridge_federation::dns;
+use meshbridge_federation::site::Registration;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
+use meshbridge_testkit::process::write_config;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+
+use crate::support::{LOOPBACK, export, registered_gateway, registry_node, write};
 
 pub const TD: &str = "test.example";
 pub const READY: Duration = Duration::from_secs(30);
@@ -29,13 +37,11 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_meshbridge")
 }
 
-pub use meshbridge_testkit::ports::free_port;
+pub use meshbridge_testkit::ports::free_addr;
 
-fn tls_section(files: &IdentityFiles) -> String {
-    format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        files.cert, files.key, files.bundle
-    )
+fn vip_range(text: &str) -> VipRange {
+    text.parse()
+        .unwrap_or_else(|e| panic!("VIP range {text}: {e}"))
 }
 
 pub fn spawn(name: &str, args: &[&str]) -> Proc {
@@ -130,49 +136,32 @@ pub struct Mesh {
 impl Mesh {
     pub async fn start() -> Self {
         let pki = TestPki::new(TD);
-        let root = pki.dir().to_path_buf();
-        let port = free_port();
-        let url = format!("https://127.0.0.1:{port}");
-        let node = pki.issue("registry-1", &format!("spiffe://{TD}/registry/1"));
-        let cfg = root.join("registry.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "node_id = 1\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 data_dir = {:?}\nca_dir = {:?}\nsvid_ttl_ms = {SVID_TTL_MS}\n{}\
-                 [leases]\ntick_interval_ms = 200\n[initial_members]\n1 = \"{url}\"\n",
-                root.join("registry-data"),
-                pki.ca_dir(),
-                tls_section(&node),
-            ),
-        )
-        .unwrap();
+        let url = format!("https://{}", free_addr());
+        let mut node = registry_node(&pki, TD, 1, std::slice::from_ref(&url)).unwrap();
+        node.ca_dir = Some(pki.ca_dir().to_path_buf());
+        node.svid_ttl_ms = SVID_TTL_MS;
+        let cfg = write(&pki, "registry", &node).unwrap();
         let mut registry = spawn("registry", &["registry", "--config", cfg.to_str().unwrap()]);
         registry.wait_for("listening on", READY).await.unwrap();
 
         let ctl = pki.issue("ctl", &format!("spiffe://{TD}/ctl/test"));
         let east_service = Service::start("east").await;
-        let gw = pki.issue("east", &format!("spiffe://{TD}/site/east/gateway"));
+        let mut gw = registered_gateway(&pki, TD, "east", &url);
+        gw.gateway.listeners.vip_range = Some(vip_range("127.244.0.0/16"));
+        gw.register = Some(Registration {
+            region: "us-east".into(),
+            zone: "us-east-1a".into(),
+            lease_ttl_ms: 3000,
+            ..Registration::default()
+        });
         let p = east_service.port;
-        let cfg = root.join("east.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[gateway]\nsite = \"east\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
-                 [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-                 [gateway.listeners]\nvip_range = \"127.244.0.0/16\"\n{}\
-                 [source]\nregistry = [\"{url}\"]\n\
-                 [register]\nregion = \"us-east\"\nzone = \"us-east-1a\"\nlease_ttl_ms = 3000\n\
-                 [[exports]]\nnamespace = \"shop\"\nname = \"front\"\n\
-                 ports = [{{ name = \"tcp\", port = {p}, target_port = {p} }}]\n\
-                 endpoints = [{{ address = \"127.0.0.1\" }}]\n\
-                 [dns]\nlisten = \"127.0.0.1:0\"\nsite = \"east\"\nvip_range = \"127.244.0.0/16\"\n\
-                 [dns.rate_limit]\nper_client_qps = 0\n",
-                root.join("east-data"),
-                tls_section(&gw),
-            ),
-        )
-        .unwrap();
+        gw.exports = vec![export("shop", "front", (p, p), &[LOOPBACK])];
+        gw.dns = Some(dns::Config {
+            site: "east".into(),
+            vip_range: Some(vip_range("127.244.0.0/16")),
+            ..dns::Config::for_test("east")
+        });
+        let cfg = write(&pki, "east", &gw).unwrap();
         let mut east = spawn("east", &["gateway", "--config", cfg.to_str().unwrap()]);
         let line = east.wait_for("listening on", READY).await.unwrap();
         Self {
@@ -214,24 +203,40 @@ impl Mesh {
         svc: &Service,
         svc_name: &str,
     ) -> PathBuf {
-        let p = svc.port;
-        let text = format!(
-            "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [\"{}\"]\ndata_dir = {data_dir:?}\n\
-             join_token = \"{token}\"\nbundle = {:?}\nvip_range = \"127.245.0.0/16\"\n\
-             lease_ttl_ms = 3000\ndrain_deadline_ms = 1000\n\
-             [locality]\nregion = \"us-east\"\nzone = \"us-east-1b\"\n\
-             [tunnel]\nlisten = \"127.0.0.1:0\"\n\
-             [dns]\nlisten = \"127.0.0.1:0\"\n[dns.rate_limit]\nper_client_qps = 0\n\
-             [[services]]\nnamespace = \"shop\"\nname = \"{svc_name}\"\n\
-             ports = [{{ name = \"tcp\", port = {p} }}]\n\
-             [services.check]\nkind = \"http\"\naddress = \"127.0.0.1:{}\"\npath = \"/healthz\"\n\
-             interval_ms = {CHECK_INTERVAL_MS}\ntimeout_ms = 250\n",
-            self.registry_url,
-            self.pki.ca_dir().join("ca.pem"),
-            svc.health_port,
-        );
+        let mut cfg = AgentConfig::new(site, TD, [&self.registry_url], data_dir);
+        cfg.join_token = Some(token.into());
+        cfg.bundle = Some(self.pki.ca_dir().join("ca.pem"));
+        cfg.vip_range = vip_range("127.245.0.0/16");
+        cfg.lease_ttl_ms = 3000;
+        cfg.drain_deadline_ms = 1000;
+        cfg.locality = LocalityConfig {
+            region: "us-east".into(),
+            zone: "us-east-1b".into(),
+        };
+        cfg.tunnel.listen = "127.0.0.1:0".into();
+        cfg.dns = Some(dns::Config::for_test(""));
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, svc.health_port));
+        cfg.services = vec![ServiceConfig {
+            namespace: "shop".into(),
+            name: svc_name.into(),
+            address: LOOPBACK,
+            ports: export("shop", svc_name, (svc.port, svc.port), &[]).ports,
+            hostname: None,
+            weight: None,
+            check: Some(CheckSpec {
+                probe: Probe::Http {
+                    address: health,
+                    path: "/healthz".into(),
+                    expect_status: 200,
+                },
+                interval_ms: CHECK_INTERVAL_MS,
+                timeout_ms: 250,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            }),
+        }];
         let path = data_dir.with_extension("toml");
-        std::fs::write(&path, text).unwrap();
+        write_config(&path, &cfg).unwrap();
         path
     }
 

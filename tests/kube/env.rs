@@ -20,12 +20,21 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, CustomResourceExt};
 use meshbridge_core::client::RegistryClient;
 use meshbridge_core::model::Catalog;
-use meshbridge_core::tls::IdentityFiles;
+use meshbridge_federation::dns;
+use meshbridge_federation::files::{DnsFile, GatewayFile};
+use meshbridge_federation::kube::config::Config as KubeConfig;
 use meshbridge_federation::kube::crd::{ServiceExport, ServiceImport};
+use meshbridge_federation::site::Registration;
+use meshbridge_federation::source::CatalogSource;
+use meshbridge_gateway::config::ImportPorts;
 use meshbridge_testkit::kube::{ApiServer, ApiServerOptions, Etcd, User};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 use tokio::sync::watch;
+
+#[path = "../support/configs.rs"]
+mod configs;
+use configs::{registry_node, write_config};
 
 pub const TD: &str = "kube.example";
 pub const READY: Duration = Duration::from_secs(60);
@@ -58,13 +67,6 @@ pub fn spawn(name: &str, args: &[&str]) -> Proc {
     Proc::spawn(name, command(args)).unwrap()
 }
 
-fn tls_section(files: &IdentityFiles) -> String {
-    format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        files.cert, files.key, files.bundle
-    )
-}
-
 /// The adapter's RBAC user in each cluster.
 pub fn adapter_user(site: &str) -> User {
     User {
@@ -87,17 +89,17 @@ pub struct Env {
     pub registry_url: String,
     pub catalog: watch::Receiver<Arc<Catalog>>,
     registry: Vec<Proc>,
-    /// Every node's URL, as a TOML list's inside (`"https://…", "https://…"`).
-    pub registry_list: String,
+    /// Every node's URL.
+    pub registry_urls: Vec<String>,
     gateways: Vec<Proc>,
     pub root: PathBuf,
 }
 
 /// A gateway process of `site`, registered as gateway instance `instance`; its import
-/// listener binds `bind`. `registry` is the inside of a TOML list of URLs.
+/// listener binds `bind`. `registry`: the registry's URLs.
 pub async fn start_gateway(
     pki: &TestPki,
-    registry: &str,
+    registry: &[String],
     site: &str,
     instance: &str,
     bind: &str,
@@ -108,30 +110,36 @@ pub async fn start_gateway(
 /// [`start_gateway`] with environment variables (`MESHBRIDGE_*` overrides, say).
 pub async fn start_gateway_env(
     pki: &TestPki,
-    registry: &str,
+    registry: &[String],
     site: &str,
     instance: &str,
     bind: &str,
     vars: &[(String, String)],
 ) -> Result<Proc> {
-    let root = pki.dir();
-    let gw = pki.issue(
+    let files = pki.issue(
         &format!("gw-{instance}"),
         &format!("spiffe://{TD}/site/{site}/gateway"),
     );
-    let cfg = root.join(format!("gw-{instance}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nsite = \"{site}\"\ndata_dir = {:?}\ndrain_deadline_ms = 1000\n\
-             [gateway.tunnel]\nlisten = \"127.0.0.1:0\"\n\
-             [gateway.listeners]\nimport_ports = {{ address = \"{bind}\", ports = \"{IMPORT_PORTS}\" }}\n{}\
-             [source]\nregistry = [{registry}]\n\
-             [register]\nregion = \"r-{site}\"\nlease_ttl_ms = 3000\ninstance = \"{instance}\"\n",
-            root.join(format!("gw-{instance}-data")),
-            tls_section(&gw),
-        ),
-    )?;
+    let mut gw =
+        meshbridge_gateway::Config::new(site, pki.dir().join(format!("gw-{instance}-data")));
+    gw.drain_deadline_ms = 1000;
+    gw.tunnel.listen = "127.0.0.1:0".into();
+    gw.listeners.import_ports = Some(ImportPorts {
+        address: bind
+            .parse()
+            .with_context(|| format!("gateway address {bind}"))?,
+        ports: IMPORT_PORTS
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{IMPORT_PORTS}: {e}"))?,
+    });
+    let mut file = GatewayFile::new(gw, files, CatalogSource::registry(registry));
+    file.register = Some(Registration {
+        region: format!("r-{site}"),
+        lease_ttl_ms: 3000,
+        instance: Some(instance.into()),
+        ..Registration::default()
+    });
+    let cfg = write_config(&pki.dir().join(format!("gw-{instance}.toml")), &file)?;
     let mut cmd = command(&["gateway", "--config", cfg.to_str().unwrap_or_default()]);
     cmd.envs(vars.iter().map(|(k, v)| (k, v)));
     let mut p = Proc::spawn(&format!("gateway {instance}"), cmd)?;
@@ -183,46 +191,15 @@ impl Env {
         let pki = TestPki::new(TD);
         let root = pki.dir().to_path_buf();
         // A 3-node registry, as a deployment runs it.
-        // Three distinct ports: a port released by one pick can come back at the next.
-        let mut ports: Vec<u16> = Vec::with_capacity(3);
-        for _ in 0..100 {
-            let p = free_port();
-            if !ports.contains(&p) {
-                ports.push(p);
-            }
-            if ports.len() == 3 {
-                break;
-            }
-        }
-        assert_eq!(ports.len(), 3, "no three distinct free ports: {ports:?}");
-        let urls: Vec<String> = ports
-            .iter()
-            .map(|p| format!("https://127.0.0.1:{p}"))
+        // Three distinct ports: the test's port window hands them out in turn.
+        let urls: Vec<String> = (0..3)
+            .map(|_| format!("https://{}", meshbridge_testkit::ports::free_addr()))
             .collect();
         let url = urls[0].clone();
-        let members: String = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| format!("{} = \"{u}\"\n", i + 1))
-            .collect();
         let mut registry = Vec::new();
-        for (i, port) in ports.iter().enumerate() {
-            let id = i + 1;
-            let node = pki.issue(
-                &format!("registry-{id}"),
-                &format!("spiffe://{TD}/registry/{id}"),
-            );
-            let cfg = root.join(format!("registry-{id}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                     data_dir = {:?}\n{}\
-                     [leases]\ntick_interval_ms = 200\n[initial_members]\n{members}",
-                    root.join(format!("registry-{id}-data")),
-                    tls_section(&node),
-                ),
-            )?;
+        for id in 1..=3 {
+            let node = registry_node(&pki, TD, id, &urls)?;
+            let cfg = write_config(&root.join(format!("registry-{id}.toml")), &node)?;
             registry.push(spawn(
                 &format!("registry {id}"),
                 &["registry", "--config", cfg.to_str().unwrap_or_default()],
@@ -231,16 +208,10 @@ impl Env {
         for r in &mut registry {
             r.wait_for("listening on", READY).await?;
         }
-        let registry_list = urls
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
         let mut gateways = Vec::new();
         for site in sites {
             let bind = addr_of(site).unwrap_or_else(|| "127.0.0.1".into());
-            let p =
-                start_gateway(&pki, &registry_list, site, &format!("gw-{site}-0"), &bind).await?;
+            let p = start_gateway(&pki, &urls, site, &format!("gw-{site}-0"), &bind).await?;
             gateways.push(p);
         }
         let ctl = pki.identity("ctl", &format!("spiffe://{TD}/ctl/test"));
@@ -251,7 +222,7 @@ impl Env {
             etcd,
             clusters,
             registry_url: url,
-            registry_list,
+            registry_urls: urls,
             catalog,
             registry,
             gateways,
@@ -263,31 +234,31 @@ impl Env {
         &self.clusters[site].admin
     }
 
-    /// The adapter's config for `site`; `extra` is appended (TOML).
+    /// The adapter's config for `site`: replica `name`, quick leader election and debounce,
+    /// admin HTTP on any free loopback port.
     pub fn adapter_config(
         &self,
         site: &str,
         name: &str,
         kubeconfig: &std::path::Path,
-        extra: &str,
     ) -> Result<PathBuf> {
         let files = self.pki.issue(
             &format!("adapter-{name}"),
             &format!("spiffe://{TD}/site/{site}/adapter"),
         );
-        let path = self.root.join(format!("adapter-{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "site = \"{site}\"\ntrust_domain = \"{TD}\"\nregistry = [{}]\nkubeconfig = {kubeconfig:?}\n\
-                 admin_listen = \"127.0.0.1:0\"\ndebounce_ms = 50\n{extra}\n{}\
-                 [import]\ngateway_service = \"meshbridge/meshbridge-gateway\"\nports = \"{IMPORT_PORTS}\"\n\
-                 [leader_election]\nidentity = \"{name}\"\nlease_duration_ms = 3000\nrenew_deadline_ms = 2000\nretry_period_ms = 300\n",
-                self.registry_list,
-                tls_section(&files),
-            ),
-        )?;
-        Ok(path)
+        let mut cfg = KubeConfig::new(site, TD, &self.registry_urls, files);
+        cfg.kubeconfig = Some(kubeconfig.to_path_buf());
+        cfg.admin_listen = Some("127.0.0.1:0".into());
+        cfg.debounce_ms = 50;
+        cfg.import.gateway_service = "meshbridge/meshbridge-gateway".into();
+        cfg.import.ports = IMPORT_PORTS
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{IMPORT_PORTS}: {e}"))?;
+        cfg.leader_election.identity = Some(name.into());
+        cfg.leader_election.lease_duration_ms = 3000;
+        cfg.leader_election.renew_deadline_ms = 2000;
+        cfg.leader_election.retry_period_ms = 300;
+        write_config(&self.root.join(format!("adapter-{name}.toml")), &cfg)
     }
 
     /// Start an adapter for `site` as the admin user (RBAC tests use their own user).
@@ -303,7 +274,7 @@ impl Env {
         name: &str,
         kubeconfig: &std::path::Path,
     ) -> Result<(Proc, std::net::SocketAddr)> {
-        let cfg = self.adapter_config(site, name, kubeconfig, "")?;
+        let cfg = self.adapter_config(site, name, kubeconfig)?;
         let mut p = spawn(
             &format!("adapter {name}"),
             &["kube", "--config", cfg.to_str().unwrap_or_default()],
@@ -346,15 +317,12 @@ impl Env {
             &format!("dns-{site}"),
             &format!("spiffe://{TD}/site/{site}/dns"),
         );
-        let cfg = self.root.join(format!("dns-{site}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "[dns]\nlisten = \"127.0.0.1:0\"\nsite = \"{site}\"\n[dns.rate_limit]\nper_client_qps = 0\n\
-                 [source]\nregistry = [{}]\n[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-                self.registry_list, files.cert, files.key, files.bundle
-            ),
-        )?;
+        let mut file = DnsFile::new(
+            dns::Config::for_test(site),
+            CatalogSource::registry(&self.registry_urls),
+        );
+        file.tls = Some(files);
+        let cfg = write_config(&self.root.join(format!("dns-{site}.toml")), &file)?;
         let mut p = spawn(
             "dns",
             &["dns", "--config", cfg.to_str().unwrap_or_default()],

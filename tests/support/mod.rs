@@ -1,5 +1,6 @@
-//! Real `meshbridge` processes for end-to-end tests: a one-node registry, configs with TLS
-//! sections, and the addresses processes print when they listen.
+//! Real `meshbridge` processes for end-to-end tests: a one-node registry, the roles' config
+//! files built as typed values (rendered to TOML by `testkit::process::write_config`), and
+//! the addresses processes print when they listen.
 
 #![allow(dead_code)]
 
@@ -8,9 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use meshbridge_core::tls::IdentityFiles;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
+
+pub mod configs;
+pub use configs::*;
 
 pub const READY: Duration = Duration::from_secs(30);
 
@@ -21,14 +24,6 @@ pub fn spawn(name: &str, cfg: &Path, role: &str, extra: &[&str]) -> Result<Proc>
         .args(extra)
         .env("MESHBRIDGE_LOG", "info,openraft=warn,hickory_server=warn");
     Proc::spawn(name, cmd)
-}
-
-/// The `[tls]` section for `files`.
-pub fn tls(files: &IdentityFiles) -> String {
-    format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        files.cert, files.key, files.bundle
-    )
 }
 
 /// The address after `label` in a "listening on" line (`dns 127.0.0.1:5353, …`).
@@ -43,21 +38,11 @@ pub fn addr_after(line: &str, label: &str) -> Result<SocketAddr> {
 /// A one-node registry of `pki`'s trust domain (minting join tokens with its CA), listening;
 /// with its URL.
 pub async fn registry(pki: &TestPki, td: &str) -> Result<(Proc, String)> {
-    let root = pki.dir();
-    let port = meshbridge_testkit::kube::free_port()?;
-    let url = format!("https://127.0.0.1:{port}");
-    let files = pki.issue("registry-1", &format!("spiffe://{td}/registry/1"));
-    let cfg = root.join("registry.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nca_dir = {:?}\n{}[initial_members]\n1 = \"{url}\"\n",
-            root.join("registry-data"),
-            pki.ca_dir(),
-            tls(&files),
-        ),
-    )?;
-    let mut p = spawn("registry", &cfg, "registry", &[])?;
+    let url = format!("https://{}", meshbridge_testkit::ports::free_addr());
+    let mut cfg = registry_node(pki, td, 1, std::slice::from_ref(&url))?;
+    cfg.ca_dir = Some(pki.ca_dir().to_path_buf());
+    let path = write_config(&pki.dir().join("registry.toml"), &cfg)?;
+    let mut p = spawn("registry", &path, "registry", &[])?;
     p.wait_for("listening on", READY).await?;
     Ok((p, url))
 }

@@ -106,6 +106,39 @@ pub struct ServiceConfig {
     pub check: Option<CheckSpec>,
 }
 
+impl Config {
+    /// The agent of `site` in `trust_domain`, following `registry`, every optional setting
+    /// at its default (it then needs a join token, or TLS files, to start).
+    pub fn new<S: Into<String>>(
+        site: impl Into<String>,
+        trust_domain: impl Into<String>,
+        registry: impl IntoIterator<Item = S>,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            site: site.into(),
+            trust_domain: trust_domain.into(),
+            locality: LocalityConfig::default(),
+            registry: registry.into_iter().map(Into::into).collect(),
+            data_dir: data_dir.into(),
+            tls: None,
+            join_token: None,
+            join_token_file: None,
+            bundle: None,
+            services: Vec::new(),
+            dns: None,
+            vip_range: default_vip_range(),
+            tunnel: TunnelConfig::default(),
+            advertise: Vec::new(),
+            lease_ttl_ms: 0,
+            grace_ms: 0,
+            policy: PolicyConfig::default(),
+            admin_listen: None,
+            drain_deadline_ms: default_drain_ms(),
+        }
+    }
+}
+
 fn default_vip_range() -> VipRange {
     VipRange::new(Ipv4Addr::new(127, 240, 0, 0), 16).unwrap_or_else(|_| unreachable!())
 }
@@ -292,9 +325,7 @@ impl RoleConfig for Config {
             let mut inner = Problems::default();
             // The agent fills these in; validate what the stub will run with.
             self.dns().unwrap_or_else(|| d.clone()).validate(&mut inner);
-            for pr in inner.0 {
-                p.push(format!("dns.{}", pr.field), pr.message);
-            }
+            p.nest("dns", inner);
         }
         // The embedded gateway's own checks; its field names are this file's.
         let mut inner = Problems::default();

@@ -112,6 +112,28 @@ fn default_debounce_ms() -> u64 {
 }
 
 impl Config {
+    /// The adapter of `site` in `trust_domain`, following `registry`, every optional
+    /// setting at its default.
+    pub fn new<S: Into<String>>(
+        site: impl Into<String>,
+        trust_domain: impl Into<String>,
+        registry: impl IntoIterator<Item = S>,
+        tls: IdentityFiles,
+    ) -> Self {
+        Self {
+            site: site.into(),
+            trust_domain: trust_domain.into(),
+            registry: registry.into_iter().map(Into::into).collect(),
+            tls,
+            kubeconfig: None,
+            namespaces: Vec::new(),
+            import: ImportConfig::default(),
+            leader_election: LeaderElectionConfig::default(),
+            debounce_ms: default_debounce_ms(),
+            admin_listen: None,
+        }
+    }
+
     /// This replica's identity in the Lease.
     pub fn holder_identity(&self) -> String {
         if let Some(id) = &self.leader_election.identity {

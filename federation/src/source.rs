@@ -24,6 +24,22 @@ pub struct CatalogSource {
 }
 
 impl CatalogSource {
+    /// Follow the registry at these URLs.
+    pub fn registry<S: Into<String>>(urls: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            registry: urls.into_iter().map(Into::into).collect(),
+            catalog_file: None,
+        }
+    }
+
+    /// Read the catalog from this JSON file.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            registry: Vec::new(),
+            catalog_file: Some(path.into()),
+        }
+    }
+
     pub fn validate(&self, field: &str, p: &mut Problems) {
         match (self.registry.is_empty(), &self.catalog_file) {
             (true, None) => p.push(field, "set registry (URLs) or catalog_file"),
