@@ -42,6 +42,22 @@ pub enum Outcome {
     Forced { remaining: usize },
 }
 
+/// The end of every role's drain (gateway streams, registry calls, DNS sockets): wait up
+/// to `deadline` for `done`; if the deadline passes first, the drain is forced with
+/// `remaining()` units of work still in flight (at least one: something did not finish).
+pub async fn within(
+    deadline: Duration,
+    done: impl Future<Output = ()>,
+    remaining: impl FnOnce() -> usize,
+) -> Outcome {
+    match tokio::time::timeout(deadline, done).await {
+        Ok(()) => Outcome::Graceful,
+        Err(_) => Outcome::Forced {
+            remaining: remaining().max(1),
+        },
+    }
+}
+
 /// A new trigger/watch pair.
 pub fn channel() -> (Trigger, Watch) {
     let (tx, rx) = watch::channel(false);
@@ -69,21 +85,17 @@ impl Trigger {
     /// Announce the drain, then wait up to `deadline` for every guard to drop.
     pub async fn drain(self, deadline: Duration) -> Outcome {
         let _ = self.tx.send(true);
-        let wait = async {
+        let shared = &self.shared;
+        let idle = async {
             loop {
-                let notified = self.shared.idle.notified();
-                if self.shared.inflight.load(Ordering::Acquire) == 0 {
+                let notified = shared.idle.notified();
+                if shared.inflight.load(Ordering::Acquire) == 0 {
                     return;
                 }
                 notified.await;
             }
         };
-        match tokio::time::timeout(deadline, wait).await {
-            Ok(()) => Outcome::Graceful,
-            Err(_) => Outcome::Forced {
-                remaining: self.shared.inflight.load(Ordering::Acquire),
-            },
-        }
+        within(deadline, idle, || shared.inflight.load(Ordering::Acquire)).await
     }
 
     /// A watch tied to this trigger.
@@ -156,6 +168,25 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_is_graceful_when_the_work_ends_and_forced_with_at_least_one_left_when_not() {
+        let quick = tokio::time::sleep(Duration::from_millis(10));
+        assert_eq!(
+            within(Duration::from_secs(1), quick, || 7).await,
+            Outcome::Graceful
+        );
+        let stuck = std::future::pending::<()>();
+        assert_eq!(
+            within(Duration::from_secs(1), stuck, || 3).await,
+            Outcome::Forced { remaining: 3 }
+        );
+        // Unknown counts (a server that does not count its calls) still read as forced.
+        assert_eq!(
+            within(Duration::from_secs(1), std::future::pending(), || 0).await,
+            Outcome::Forced { remaining: 1 }
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_waits_for_guards_then_reports_graceful() {

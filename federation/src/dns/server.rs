@@ -15,7 +15,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageRequest;
 use meshbridge_core::config::{ConfigError, Problems, RoleConfig};
-use meshbridge_core::drain::Outcome;
+use meshbridge_core::drain::{self, Outcome};
 use meshbridge_core::model::Catalog;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -204,19 +204,17 @@ impl DnsHandle {
         let server = &mut self.server;
         let tasks = &mut self.tasks;
         let udp = &mut self.udp;
+        let left = std::cell::Cell::new(tasks.len());
         let wait = async {
             if let Err(e) = server.block_until_done().await {
                 warn!(error = %e, "dns sockets ended with an error");
             }
             udp.join().await;
-            while tasks.join_next().await.is_some() {}
+            while tasks.join_next().await.is_some() {
+                left.set(tasks.len());
+            }
         };
-        let outcome = match tokio::time::timeout(deadline, wait).await {
-            Ok(()) => Outcome::Graceful,
-            Err(_) => Outcome::Forced {
-                remaining: self.tasks.len().max(1),
-            },
-        };
+        let outcome = drain::within(deadline, wait, || left.get()).await;
         info!(addr = %self.local_addr, ?outcome, "dns stopped");
         outcome
     }

@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meshbridge_core::admin::Readiness;
+use meshbridge_core::drain::{self, Outcome};
 use meshbridge_core::model::Catalog;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -102,24 +103,25 @@ impl NodeHandle {
 
     /// Graceful stop: not ready, stop accepting, end watch and AppendEntries streams, let
     /// calls in flight finish up to the drain deadline, then stop Raft and close the store.
-    /// Returns whether every call finished before the deadline.
-    pub async fn shutdown(mut self) -> bool {
+    pub async fn shutdown(mut self) -> Outcome {
         info!(node = self.node_id(), "registry node shutting down");
         self.readiness.set(false);
         self.stop.cancel();
-        let drained = match tokio::time::timeout(self.drain, &mut self.server).await {
-            Ok(Ok(Err(e))) => {
+        let server = &mut self.server;
+        let calls = async {
+            if let Ok(Err(e)) = server.await {
                 warn!(error = %e, "gRPC server ended with an error");
-                true
-            }
-            Ok(_) => true,
-            Err(_) => {
-                warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them");
-                false
             }
         };
-        self.finish(drained).await;
-        drained
+        // tonic does not count its calls in flight: a forced drain reports "some" (1).
+        let outcome = drain::within(self.drain, calls, || 1).await;
+        if outcome != Outcome::Graceful {
+            warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them");
+        }
+        let node = self.node_id();
+        self.finish(outcome == Outcome::Graceful).await;
+        info!(node, ?outcome, "registry node stopped");
+        outcome
     }
 
     /// Abrupt stop: every connection fails at once and Raft stops where it is. What was
