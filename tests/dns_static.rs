@@ -17,7 +17,8 @@ use meshbridge_federation::source::CatalogSource;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::{dig_a, eventually};
 use meshbridge_testkit::process::Proc;
-use support::{READY, addr_after, export, registered_gateway, registry, spawn, write};
+use meshbridge_testkit::process::addr_after;
+use support::{READY, export, registered_gateway, registry, spawn, write};
 
 const TD: &str = "static.example";
 const NAME: &str = "web.shop.svc.clusterset.local";

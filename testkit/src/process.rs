@@ -18,6 +18,16 @@ pub fn write_config<T: serde::Serialize>(path: &Path, cfg: &T) -> anyhow::Result
     Ok(path.to_path_buf())
 }
 
+/// The address after `label` in a line a process printed (`listening on 127.0.0.1:7443
+/// (tunnel), dns 127.0.0.1:5353, admin …`): the first word after it, up to a space or comma.
+pub fn addr_after(line: &str, label: &str) -> anyhow::Result<std::net::SocketAddr> {
+    line.split(label)
+        .nth(1)
+        .and_then(|r| r.trim_start().split([' ', ',']).next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address after {label:?} in {line:?}"))
+}
+
 /// A child process whose stdout and stderr lines are collected; killed on drop.
 pub struct Proc {
     pub name: String,

@@ -55,15 +55,7 @@ pub fn spawn(name: &str, args: &[&str]) -> Proc {
 
 /// The address after `label ` in a "listening on" line.
 pub fn addr_in(line: &str, label: &str) -> SocketAddr {
-    let rest = line
-        .split(label)
-        .nth(1)
-        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"));
-    rest.trim_start()
-        .split([' ', ','])
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address after {label:?} in {line:?}"))
+    meshbridge_testkit::process::addr_after(line, label).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A line-echo server (`<name>: <line>`) and an HTTP health endpoint whose answer the

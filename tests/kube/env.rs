@@ -29,7 +29,7 @@ use meshbridge_federation::source::CatalogSource;
 use meshbridge_gateway::config::ImportPorts;
 use meshbridge_testkit::kube::{ApiServer, ApiServerOptions, Etcd, User};
 use meshbridge_testkit::pki::TestPki;
-use meshbridge_testkit::process::Proc;
+use meshbridge_testkit::process::{Proc, addr_after};
 use tokio::sync::watch;
 
 #[path = "../support/configs.rs"]
@@ -280,12 +280,7 @@ impl Env {
             &["kube", "--config", cfg.to_str().unwrap_or_default()],
         );
         let line = p.wait_for("kube adapter", READY).await?;
-        let admin = line
-            .split("admin ")
-            .nth(1)
-            .and_then(|r| r.split([' ', ',']).next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no admin address in {line:?}"))?;
+        let admin = addr_after(&line, "admin ")?;
         Ok((p, admin))
     }
 
@@ -328,12 +323,7 @@ impl Env {
             &["dns", "--config", cfg.to_str().unwrap_or_default()],
         );
         let line = p.wait_for("listening on", READY).await?;
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split([' ', ',']).next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in {line:?}"))?;
+        let addr = addr_after(&line, "listening on ")?;
         Ok((p, addr))
     }
 

@@ -4,11 +4,10 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 
@@ -24,15 +23,6 @@ pub fn spawn(name: &str, cfg: &Path, role: &str, extra: &[&str]) -> Result<Proc>
         .args(extra)
         .env("MESHBRIDGE_LOG", "info,openraft=warn,hickory_server=warn");
     Proc::spawn(name, cmd)
-}
-
-/// The address after `label` in a "listening on" line (`dns 127.0.0.1:5353, …`).
-pub fn addr_after(line: &str, label: &str) -> Result<SocketAddr> {
-    line.split(label)
-        .nth(1)
-        .and_then(|r| r.split([' ', ',']).next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address after {label:?} in {line:?}"))
 }
 
 /// A one-node registry of `pki`'s trust domain (minting join tokens with its CA), listening;
