@@ -96,7 +96,7 @@ fn report(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        if out == text || out.ends_with(&format!(": {text}")) {
             continue;
         }
         if !out.is_empty() {
@@ -150,5 +150,8 @@ mod tests {
         );
         let plain = anyhow::anyhow!("no such file").context("reading r.toml");
         assert_eq!(report(&plain), "reading r.toml: no such file");
+        // Only a whole quoted cause is dropped, not one that happens to end the message.
+        let port = anyhow::anyhow!("0").context("no listener on port 0");
+        assert_eq!(report(&port), "no listener on port 0: 0");
     }
 }

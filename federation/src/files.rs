@@ -127,7 +127,9 @@ impl DnsFile {
 
 impl RoleConfig for DnsFile {
     fn validate(&self, p: &mut Problems) {
-        self.dns.validate(p);
+        let mut inner = Problems::default();
+        self.dns.validate(&mut inner);
+        p.nest("dns", inner);
         self.source.validate("source", p);
         if !self.source.registry.is_empty() && self.tls.is_none() {
             p.push("tls", "needed to follow a registry");
@@ -421,5 +423,21 @@ mod render_tests {
             kube,
             KubeConfig::new("east", "td", ["https://127.0.0.1:1"], files)
         );
+    }
+
+    /// `meshbridge dns` names a bad field of its `[dns]` section with the section, as the
+    /// gateway's embedded `[dns]` does.
+    #[test]
+    fn a_dns_file_names_bad_fields_with_their_section() {
+        let err = parse_with_env::<DnsFile>(
+            "dns.toml",
+            "[dns]\nsite = \"Not_A_Label\"\nlisten = \"nowhere\"\n[source]\ncatalog_file = \"/c.json\"\n",
+            &[],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("dns.site"), "{err}");
+        assert!(err.contains("dns.listen"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -204,17 +205,18 @@ impl DnsHandle {
         let server = &mut self.server;
         let tasks = &mut self.tasks;
         let udp = &mut self.udp;
-        let left = std::cell::Cell::new(tasks.len());
+        // Atomic, not a Cell: the drain's future stays `Send` (callers may spawn it).
+        let left = AtomicUsize::new(tasks.len());
         let wait = async {
             if let Err(e) = server.block_until_done().await {
                 warn!(error = %e, "dns sockets ended with an error");
             }
             udp.join().await;
             while tasks.join_next().await.is_some() {
-                left.set(tasks.len());
+                left.store(tasks.len(), Ordering::Relaxed);
             }
         };
-        let outcome = drain::within(deadline, wait, || left.get()).await;
+        let outcome = drain::within(deadline, wait, || left.load(Ordering::Relaxed)).await;
         info!(addr = %self.local_addr, ?outcome, "dns stopped");
         outcome
     }

@@ -116,11 +116,9 @@ impl NodeHandle {
         // tonic does not count its calls in flight: a forced drain reports "some" (1).
         let outcome = drain::within(self.drain, calls, || 1).await;
         if outcome != Outcome::Graceful {
-            warn!(deadline = ?self.drain, "calls still in flight at the drain deadline; closing them");
+            warn!(deadline = ?self.drain, ?outcome, "calls still in flight at the drain deadline; closing them");
         }
-        let node = self.node_id();
         self.finish(outcome == Outcome::Graceful).await;
-        info!(node, ?outcome, "registry node stopped");
         outcome
     }
 
