@@ -9,6 +9,7 @@ mod dns;
 mod echo;
 mod gateway;
 mod kube;
+mod malloc;
 mod pki;
 mod registry;
 
@@ -62,12 +63,20 @@ enum Command {
 
 fn main() -> ExitCode {
     meshbridge_core::install_crypto_provider();
-    exit_with_parent();
     let cli = Cli::parse();
+    // The data plane's roles, before any thread exists (see `malloc`).
+    let malloc = match cli.command {
+        Command::Gateway(_) | Command::Agent(_) => malloc::reexec_tuned(),
+        _ => None,
+    };
+    exit_with_parent();
     telemetry::init(
         cli.log_format,
         "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
     );
+    if let Some(why) = malloc {
+        tracing::warn!("{why}");
+    }
     let result = match cli.command {
         Command::Agent(args) => agent::runtime().and_then(|rt| rt.block_on(agent::run(args))),
         Command::Pki(args) => pki::run(args),
