@@ -77,6 +77,9 @@ fn main() -> ExitCode {
     if let Some(why) = malloc {
         tracing::warn!("{why}");
     }
+    if let Err(why) = malloc::opted_out(std::env::var(malloc::OPT_OUT).ok().as_deref()) {
+        tracing::warn!("{why}");
+    }
     let result = match cli.command {
         Command::Agent(args) => agent::runtime().and_then(|rt| rt.block_on(agent::run(args))),
         Command::Pki(args) => pki::run(args),

@@ -21,9 +21,21 @@ pub const TUNABLES: &str =
 /// The environment variable that turns the re-exec off (`off`, `0` or `false`).
 pub const OPT_OUT: &str = "MESHBRIDGE_MALLOC_TUNING";
 
+/// Whether [`OPT_OUT`]'s value turns the tuning off; `Err` names a value that is neither
+/// on nor off (taken as on, the default).
+pub fn opted_out(value: Option<&str>) -> Result<bool, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "on" | "1" | "true") => Ok(false),
+        Some("off" | "0" | "false") => Ok(true),
+        Some(other) => Err(format!(
+            "{OPT_OUT}={other:?} is neither on (on, 1, true) nor off (off, 0, false); taken as on"
+        )),
+    }
+}
+
 /// The `GLIBC_TUNABLES` to re-execute with, or `None` to run as is.
 pub fn tunables(current: Option<&str>, opt_out: Option<&str>) -> Option<String> {
-    if opt_out.is_some_and(|v| matches!(v.trim(), "off" | "0" | "false")) {
+    if opted_out(opt_out).unwrap_or(false) {
         return None;
     }
     match current.map(str::trim).filter(|c| !c.is_empty()) {
@@ -61,7 +73,7 @@ pub fn reexec_tuned() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{TUNABLES, tunables};
+    use super::{TUNABLES, opted_out, tunables};
 
     #[test]
     fn tunables_are_added_unless_the_operator_set_malloc_ones_or_opted_out() {
@@ -80,5 +92,13 @@ mod tests {
             assert_eq!(tunables(None, Some(off)), None, "{off:?}");
         }
         assert_eq!(tunables(None, Some("on")).as_deref(), Some(TUNABLES));
+        assert_eq!(tunables(None, Some("OFF")), None);
+    }
+
+    #[test]
+    fn a_value_that_is_neither_on_nor_off_is_named_and_taken_as_on() {
+        let err = opted_out(Some("of")).err().unwrap_or_default();
+        assert!(err.contains("MESHBRIDGE_MALLOC_TUNING=\"of\""), "{err}");
+        assert_eq!(tunables(None, Some("of")).as_deref(), Some(TUNABLES));
     }
 }

@@ -9,11 +9,12 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use meshbridge_federation::site::ExportSpec;
 use meshbridge_gateway::config::FixedListener;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::eventually;
 use serde_json::Value;
-use support::{LOOPBACK, READY, export, registered_gateway, registry, spawn, write};
+use support::{LOOPBACK, READY, registered_gateway, registry, spawn, write};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,7 +47,7 @@ async fn one_connection_has_one_trace_id_on_both_gateways_and_piped_logs_have_no
     let fixed = meshbridge_testkit::kube::free_port()?;
     let mut east = registered_gateway(&pki, TD, "east", &url);
     east.gateway.drain_deadline_ms = 500;
-    east.exports = vec![export("shop", "web", (80, echo_port), &[LOOPBACK])];
+    east.exports = vec![ExportSpec::tcp("shop", "web", (80, echo_port), &[LOOPBACK])];
     let east_cfg = write(&pki, "gw-east", &east)?;
     let mut west = registered_gateway(&pki, TD, "west", &url);
     west.gateway.drain_deadline_ms = 500;

@@ -13,12 +13,13 @@ use std::time::Duration;
 use anyhow::Result;
 use meshbridge_federation::dns;
 use meshbridge_federation::files::DnsFile;
+use meshbridge_federation::site::ExportSpec;
 use meshbridge_federation::source::CatalogSource;
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::{dig_a, eventually};
 use meshbridge_testkit::process::Proc;
 use meshbridge_testkit::process::addr_after;
-use support::{READY, export, registered_gateway, registry, spawn, write};
+use support::{READY, registered_gateway, registry, spawn, write};
 
 const TD: &str = "static.example";
 const NAME: &str = "web.shop.svc.clusterset.local";
@@ -58,7 +59,7 @@ async fn dns_answers_from_its_persisted_catalog_after_a_restart_while_the_regist
     let mut gw = registered_gateway(&pki, TD, "east", &url);
     gw.gateway.drain_deadline_ms = 500;
     let object_model = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1));
-    gw.exports = vec![export("shop", "web", (80, 80), &[object_model])];
+    gw.exports = vec![ExportSpec::tcp("shop", "web", (80, 80), &[object_model])];
     gw.dns = Some(dns::Config::for_test(""));
     let gw_dir = gw.gateway.data_dir.clone();
     let gw_cfg = write(&pki, "gw-east", &gw)?;

@@ -13,15 +13,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use meshbridge_core::client::{Consistency, RegistryClient};
-use meshbridge_federation::site::Registration;
+use meshbridge_federation::site::{ExportSpec, Registration};
 use meshbridge_gateway::config::XdsConfig;
 use meshbridge_testkit::envoy::{Envoy, ads_bootstrap};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::probe::eventually;
 use serde_json::Value;
-use support::{
-    LOOPBACK, READY, ctl_status_json, export, registered_gateway, registry, spawn, write,
-};
+use support::{LOOPBACK, READY, ctl_status_json, registered_gateway, registry, spawn, write};
 
 const TD: &str = "xds.example";
 
@@ -73,7 +71,12 @@ async fn an_envoy_over_mtls_that_rejects_a_listener_shows_in_ctl_status_until_it
         lease_ttl_ms: 3000,
         ..Registration::default()
     });
-    west.exports = vec![export("demo", "busy", (port, backend_port), &[LOOPBACK])];
+    west.exports = vec![ExportSpec::tcp(
+        "demo",
+        "busy",
+        (port, backend_port),
+        &[LOOPBACK],
+    )];
     let cfg = write(&pki, "gw-west", &west)?;
     let mut gateway = spawn("gateway west", &cfg, "gateway", &[])?;
     gateway.wait_for("listening on", READY).await?;

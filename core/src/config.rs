@@ -217,6 +217,15 @@ pub fn render<T: Serialize>(cfg: &T) -> Result<String, toml::ser::Error> {
     toml::to_string(cfg)
 }
 
+/// [`render`] `cfg` into the file `path`; errors name the file.
+pub fn write<T: Serialize>(path: &Path, cfg: &T) -> std::io::Result<()> {
+    let named = |what: &str, e: &dyn fmt::Display| {
+        std::io::Error::other(format!("{what} {}: {e}", path.display()))
+    };
+    let text = render(cfg).map_err(|e| named("rendering", &e))?;
+    std::fs::write(path, text).map_err(|e| named("writing", &e))
+}
+
 /// Resolve a possibly relative path against the config file's directory.
 pub fn relative_to(base: Option<&Path>, p: &Path) -> PathBuf {
     match base.and_then(Path::parent) {

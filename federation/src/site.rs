@@ -378,7 +378,44 @@ pub struct EndpointSpec {
     pub identity: Option<String>,
 }
 
+impl PortSpec {
+    /// Port `port` named `tcp`, its endpoints listening on `target_port`.
+    pub fn tcp(port: u16, target_port: u16) -> Self {
+        Self {
+            name: "tcp".into(),
+            port,
+            protocol: Default::default(),
+            target_port: (target_port != port).then_some(target_port),
+        }
+    }
+}
+
 impl ExportSpec {
+    /// `namespace/name` with one TCP port ([`PortSpec::tcp`]) and an endpoint at each of
+    /// `addresses` (no hostname, weight or identity).
+    pub fn tcp(
+        namespace: &str,
+        name: &str,
+        (port, target_port): (u16, u16),
+        addresses: &[std::net::IpAddr],
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            headless: false,
+            ports: vec![PortSpec::tcp(port, target_port)],
+            endpoints: addresses
+                .iter()
+                .map(|&address| EndpointSpec {
+                    address,
+                    hostname: None,
+                    weight: None,
+                    identity: None,
+                })
+                .collect(),
+        }
+    }
+
     pub fn key(&self) -> ServiceKey {
         ServiceKey::new(&self.namespace, &self.name)
     }

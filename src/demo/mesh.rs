@@ -16,7 +16,7 @@ use meshbridge_federation::agent::config::{Config as AgentConfig, LocalityConfig
 use meshbridge_federation::agent::health::{CheckSpec, Probe};
 use meshbridge_federation::dns;
 use meshbridge_federation::files::GatewayFile;
-use meshbridge_federation::site::{EndpointSpec, ExportSpec, PortSpec, Registration};
+use meshbridge_federation::site::{ExportSpec, PortSpec, Registration};
 use meshbridge_federation::source::CatalogSource;
 
 use super::probe;
@@ -57,25 +57,8 @@ fn claim_vip_blocks() -> Result<(u8, std::net::TcpListener)> {
     bail!("every loopback VIP block of the demo (127.100.0.0 to 127.243.255.255) is in use")
 }
 
-/// Write `cfg` (a role's typed configuration) as the TOML file `path`.
-fn write_config(path: &Path, cfg: &impl serde::Serialize) -> Result<()> {
-    let text = meshbridge_core::config::render(cfg)
-        .with_context(|| format!("rendering {}", path.display()))?;
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// The demo's one service, `demo/echo`, on port [`SERVICE_PORT`] (endpoints on `target`).
-fn echo_port(target: u16) -> PortSpec {
-    PortSpec {
-        name: "tcp".into(),
-        port: SERVICE_PORT,
-        protocol: Default::default(),
-        target_port: Some(target),
-    }
 }
 
 impl Mesh {
@@ -128,7 +111,7 @@ impl Mesh {
                 .map(|(i, u): (u64, _)| (i.to_string(), u.clone()))
                 .collect();
             let cfg = root.join(format!("registry-{id}.toml"));
-            write_config(&cfg, &node)?;
+            meshbridge_core::config::write(&cfg, &node)?;
             let p = Proc::spawn(
                 &root,
                 &format!("registry-{id}"),
@@ -200,7 +183,7 @@ impl Mesh {
             namespace: "demo".into(),
             name: "echo".into(),
             address: Ipv4Addr::LOCALHOST.into(),
-            ports: vec![echo_port(vm_echo_port)],
+            ports: vec![PortSpec::tcp(SERVICE_PORT, vm_echo_port)],
             hostname: None,
             weight: None,
             check: Some(CheckSpec {
@@ -214,7 +197,7 @@ impl Mesh {
             }),
         }];
         let agent_cfg = root.join("agent-vm.toml");
-        write_config(&agent_cfg, &vm)?;
+        meshbridge_core::config::write(&agent_cfg, &vm)?;
         let mut agent = Proc::spawn(
             &root,
             "agent-vm",
@@ -264,18 +247,12 @@ impl Mesh {
                 ..Registration::default()
             });
             if let Some(port) = echo_port_of_site {
-                file.exports = vec![ExportSpec {
-                    namespace: "demo".into(),
-                    name: "echo".into(),
-                    headless: false,
-                    ports: vec![echo_port(port)],
-                    endpoints: vec![EndpointSpec {
-                        address: Ipv4Addr::LOCALHOST.into(),
-                        hostname: None,
-                        weight: None,
-                        identity: None,
-                    }],
-                }];
+                file.exports = vec![ExportSpec::tcp(
+                    "demo",
+                    "echo",
+                    (SERVICE_PORT, port),
+                    &[Ipv4Addr::LOCALHOST.into()],
+                )];
             }
             if let (Some(dns), Some(range)) = (dns, vip) {
                 file.dns = Some(dns::Config {
@@ -290,7 +267,7 @@ impl Mesh {
                 });
             }
             let path = root.join(format!("gateway-{site}.toml"));
-            write_config(&path, &file)?;
+            meshbridge_core::config::write(&path, &file)?;
             let mut p = Proc::spawn(
                 &root,
                 &format!("gateway-{site}"),

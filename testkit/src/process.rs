@@ -12,9 +12,7 @@ use tokio::sync::mpsc;
 
 /// Write `cfg` (a role's typed configuration) as the TOML file `path`; returns `path`.
 pub fn write_config<T: serde::Serialize>(path: &Path, cfg: &T) -> anyhow::Result<PathBuf> {
-    let text = meshbridge_core::config::render(cfg)
-        .with_context(|| format!("rendering {}", path.display()))?;
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    meshbridge_core::config::write(path, cfg)?;
     Ok(path.to_path_buf())
 }
 

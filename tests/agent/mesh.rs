@@ -18,14 +18,14 @@ use meshbridge_core::vip::VipRange;
 use meshbridge_federation::agent::config::{Config as AgentConfig, LocalityConfig, ServiceConfig};
 use meshbridge_federation::agent::health::{CheckSpec, Probe};
 use meshbridge_federation::dns;
-use meshbridge_federation::site::Registration;
+use meshbridge_federation::site::{ExportSpec, PortSpec, Registration};
 use meshbridge_testkit::pki::TestPki;
 use meshbridge_testkit::process::Proc;
 use meshbridge_testkit::process::write_config;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::support::{LOOPBACK, export, registered_gateway, registry_node, write};
+use crate::support::{LOOPBACK, registered_gateway, registry_node, write};
 
 pub const TD: &str = "test.example";
 pub const READY: Duration = Duration::from_secs(30);
@@ -147,7 +147,7 @@ impl Mesh {
             ..Registration::default()
         });
         let p = east_service.port;
-        gw.exports = vec![export("shop", "front", (p, p), &[LOOPBACK])];
+        gw.exports = vec![ExportSpec::tcp("shop", "front", (p, p), &[LOOPBACK])];
         gw.dns = Some(dns::Config {
             site: "east".into(),
             vip_range: Some(vip_range("127.244.0.0/16")),
@@ -212,7 +212,7 @@ impl Mesh {
             namespace: "shop".into(),
             name: svc_name.into(),
             address: LOOPBACK,
-            ports: export("shop", svc_name, (svc.port, svc.port), &[]).ports,
+            ports: vec![PortSpec::tcp(svc.port, svc.port)],
             hostname: None,
             weight: None,
             check: Some(CheckSpec {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use meshbridge_federation::files::GatewayFile;
-use meshbridge_federation::site::{EndpointSpec, ExportSpec, PortSpec, Registration};
+use meshbridge_federation::site::Registration;
 use meshbridge_federation::source::CatalogSource;
 use meshbridge_testkit::pki::TestPki;
 
@@ -63,36 +63,6 @@ pub fn registered_gateway(pki: &TestPki, td: &str, site: &str, url: &str) -> Gat
     let mut file = gateway_file(pki, td, site, CatalogSource::registry([url]));
     file.register = Some(Registration::default());
     file
-}
-
-/// An export of `namespace/name` with one TCP port (`port`, endpoints listening on
-/// `target_port`) and one endpoint per address.
-pub fn export(
-    namespace: &str,
-    name: &str,
-    (port, target_port): (u16, u16),
-    addresses: &[IpAddr],
-) -> ExportSpec {
-    ExportSpec {
-        namespace: namespace.into(),
-        name: name.into(),
-        headless: false,
-        ports: vec![PortSpec {
-            name: "tcp".into(),
-            port,
-            protocol: Default::default(),
-            target_port: (target_port != port).then_some(target_port),
-        }],
-        endpoints: addresses
-            .iter()
-            .map(|a| EndpointSpec {
-                address: *a,
-                hostname: None,
-                weight: None,
-                identity: None,
-            })
-            .collect(),
-    }
 }
 
 /// 127.0.0.1, the address of every test endpoint.
