@@ -8,6 +8,7 @@
 # file, no registry. Stays in the foreground; SIGTERM stops both.
 # Optional: MB = the meshbridge binary (default target/dist/meshbridge: cargo build --profile dist).
 # Optional: WORKERS = threads per gateway (default 1; 0 = one per CPU).
+# Optional: MTU = the QUIC tunnel's max_mtu (default 8952; loopback carries up to 65527).
 # Optional: ADMIN_ENTRY / ADMIN_EXIT = ip:port of each gateway's admin HTTP (/metrics).
 set -euo pipefail
 ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-quic}
@@ -48,7 +49,7 @@ ${4:+admin_listen = \"$4\"}
 [gateway.tunnel]
 listen = "$2"
 transport = "$TRANSPORT"
-max_mtu = 8952
+max_mtu = ${MTU:-8952}
 $3
 [tls]
 cert = "$D/$1/cert.pem"

@@ -8,7 +8,7 @@
 //! thresholds below, for 1.1–1.25× the throughput and the same memory per connection
 //! (docs/BENCHMARKS.md). The workspace forbids `unsafe`, so `mallopt` is out of reach; the
 //! same settings are glibc tunables, read at process start: the data-plane roles re-execute
-//! themselves (same pid, arguments and environment) with them set.
+//! themselves (same pid, name, arguments and environment) with them set.
 //!
 //! Not done when `GLIBC_TUNABLES` already sets a `glibc.malloc.` tunable (the operator's
 //! choice wins), when `MESHBRIDGE_MALLOC_TUNING=off`, or off glibc Linux. If the re-exec
@@ -55,8 +55,7 @@ pub fn reexec_tuned() -> Option<String> {
     let value = tunables(current.as_deref(), opt_out.as_deref())?;
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "meshbridge".into());
-    // /proc/self/exe: this very binary, even if its file was replaced or deleted since.
-    let err = std::process::Command::new("/proc/self/exe")
+    let err = std::process::Command::new(this_binary())
         .arg0(arg0)
         .args(args)
         .env("GLIBC_TUNABLES", value)
@@ -64,6 +63,25 @@ pub fn reexec_tuned() -> Option<String> {
     Some(format!(
         "re-executing with GLIBC_TUNABLES failed ({err}); glibc's malloc defaults stay"
     ))
+}
+
+/// The file to re-execute: this binary's own path, so the process keeps its name (the
+/// kernel names a process after the file it executes, and `ps`, `top`, `pgrep meshbridge`
+/// and `pkill meshbridge` go by that name), unless that path no longer holds this binary
+/// (replaced or deleted since start): then `/proc/self/exe`, which always does, at the cost
+/// of the process being named `exe`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn this_binary() -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    const SELF: &str = "/proc/self/exe";
+    let same = |path: &std::path::Path| match (std::fs::metadata(path), std::fs::metadata(SELF)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    match std::env::current_exe() {
+        Ok(path) if same(&path) => path,
+        _ => SELF.into(),
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -29,6 +29,22 @@ fn tunables_of(pid: u32) -> Option<String> {
         .find_map(|kv| kv.strip_prefix("GLIBC_TUNABLES=").map(String::from))
 }
 
+/// The process name (`/proc/<pid>/comm`) that `ps`, `top` and `pgrep` show.
+fn comm_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// The name the kernel gives a process started from the test binary's file (at most 15
+/// bytes of its file name).
+fn binary_name() -> String {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_meshbridge"));
+    let name = path.file_name().unwrap().to_string_lossy();
+    name.chars().take(15).collect()
+}
+
 /// A gateway reading an empty catalog file, started with `env`; its pid once it listens.
 async fn gateway(pki: &TestPki, name: &str, env: &[(&str, &str)]) -> Result<(Proc, u32)> {
     let catalog = pki.dir().join("catalog.json");
@@ -58,6 +74,9 @@ async fn a_gateway_runs_with_tuned_malloc_unless_told_otherwise() -> Result<()> 
     let (mut tuned, pid) = gateway(&pki, "tuned", &[]).await?;
     assert!(!tuned.exited(), "the re-executed gateway runs");
     assert_eq!(tunables_of(pid).as_deref(), Some(FIRST_TUNABLE));
+    // ... and still named after its binary: `ps`, `top`, `pgrep meshbridge` and
+    // `pkill meshbridge` find it by this name (an exec of /proc/self/exe would make it "exe").
+    assert_eq!(comm_of(pid), binary_name());
 
     // The operator's own malloc tunables stand; so does the opt-out.
     let own = "glibc.malloc.arena_max=2";
