@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gateway-pair.sh -- a meshbridge gateway pair for ../shared/bench/{tunnel,latency}.sh.
-#   gateway-pair.sh ENTRY_PORT TUNNEL_PORT BACKEND_PORT [quic|tcp]
+#   gateway-pair.sh ENTRY_PORT TUNNEL_PORT BACKEND_PORT [quic|tcp]   (or TRANSPORT=quic|tcp)
 # The entry gateway listens for plaintext on 127.0.0.1:ENTRY_PORT (a fixed service listener
 # for bench/backend) and tunnels each connection to the exit gateway at
 # 127.0.0.1:TUNNEL_PORT (QUIC, or the TLS-over-TCP fallback) with mutual TLS (its own SPIFFE
@@ -9,9 +9,11 @@
 # Optional: MB = the meshbridge binary (default target/dist/meshbridge: cargo build --profile dist).
 # Optional: WORKERS = threads per gateway (default 1; 0 = one per CPU).
 # Optional: MTU = the QUIC tunnel's max_mtu (default 8952; loopback carries up to 65527).
+# Optional: TUNNEL_SETTINGS = more lines for both gateways' [gateway.tunnel] (TOML; \n
+#   separates lines, e.g. 'stream_window_bytes = 33554432\nsocket_buffer_bytes = 16777216').
 # Optional: ADMIN_ENTRY / ADMIN_EXIT = ip:port of each gateway's admin HTTP (/metrics).
 set -euo pipefail
-ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-quic}
+ENTRY=$1 TUNNEL=$2 BACKEND=$3 TRANSPORT=${4:-${TRANSPORT:-quic}}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # The binary measured is the one gateways ship as (docs/OPERATIONS.md): the `dist` profile,
 # whole-program LTO. MB=path overrides (e.g. target/release/meshbridge).
@@ -50,6 +52,7 @@ ${4:+admin_listen = \"$4\"}
 listen = "$2"
 transport = "$TRANSPORT"
 max_mtu = ${MTU:-8952}
+$(printf '%b' "${TUNNEL_SETTINGS:-}")
 $3
 [tls]
 cert = "$D/$1/cert.pem"
