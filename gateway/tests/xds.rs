@@ -541,3 +541,59 @@ async fn a_resource_envoy_rejects_is_counted_and_kept_with_the_node_and_error() 
     );
     Ok(())
 }
+
+/// A delta client's subscriptions add up over its stream; one that keeps subscribing to new
+/// names is cut off with RESOURCE_EXHAUSTED once past the bound, instead of making the
+/// gateway hold them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_client_subscribing_without_end_is_cut_off() -> Result<()> {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use meshbridge_gateway::xds::MAX_DELTA_NAMES;
+
+    let mesh = Mesh::new(TransportKind::Quic);
+    let west = west_with_xds(&mesh, listener_ip()).await?;
+    let xds = west.xds_addr().context("no xds listener")?;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}")).await?;
+    const BATCH: usize = 10_000;
+    let batches = MAX_DELTA_NAMES / BATCH + 2;
+    let requests = (0..batches).map(|b| DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "greedy".into(),
+            ..Default::default()
+        }),
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        resource_names_subscribe: (0..BATCH).map(|i| format!("svc-{b}-{i}")).collect(),
+        ..Default::default()
+    });
+    // The requests are sent, then the client's side stays open (the stream::pending), so
+    // the stream ends only when the server ends it.
+    let outbound =
+        futures::StreamExt::chain(futures::stream::iter(requests), futures::stream::pending());
+    let mut inbound = client
+        .delta_aggregated_resources(outbound)
+        .await?
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .context("the server kept the stream of a client with too many names")?;
+    let status = ended
+        .err()
+        .context("the stream ended without an error status")?;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("at most {MAX_DELTA_NAMES}")),
+        "{status:?}"
+    );
+    Ok(())
+}

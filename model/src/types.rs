@@ -165,6 +165,17 @@ pub const MAX_LINKS: usize = 256;
 /// Longest link error kept.
 pub const MAX_LINK_ERROR: usize = 512;
 
+/// `text` cut to at most [`MAX_LINK_ERROR`] bytes at a character boundary: how the texts of
+/// a gateway's report (link errors, xDS clients' node ids and errors) are bounded where they
+/// are kept, sent and received.
+pub fn cut_report_text(text: &str) -> &str {
+    let mut cut = text.len().min(MAX_LINK_ERROR);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
 impl Site {
     /// With instances: `gateways` and `links` become the union of theirs (addresses once,
     /// in instance order).

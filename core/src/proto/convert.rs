@@ -337,7 +337,7 @@ pub fn rejection_from_status(status: &Status) -> Option<Rejection> {
     }
 }
 
-/// A link report for the wire.
+/// A link report for the wire, its error cut as on the way in.
 impl From<&model::Link> for pb::LinkReport {
     fn from(l: &model::Link) -> Self {
         pb::LinkReport {
@@ -346,18 +346,14 @@ impl From<&model::Link> for pb::LinkReport {
             transport: l.transport.clone().unwrap_or_default(),
             rtt_us: l.rtt_us,
             failures: l.failures,
-            last_error: l.last_error.clone().unwrap_or_default(),
+            last_error: l.last_error.as_deref().map(cut_text).unwrap_or_default(),
         }
     }
 }
 
 /// `text` cut to [`model::MAX_LINK_ERROR`] bytes at a character boundary.
 fn cut_text(text: &str) -> String {
-    let mut cut = text.len().min(model::MAX_LINK_ERROR);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_string()
+    model::cut_report_text(text).to_string()
 }
 
 /// A link report from the wire: an over-long error is cut (at a character boundary)
@@ -376,13 +372,14 @@ impl From<&pb::LinkReport> for model::Link {
     }
 }
 
-/// An xDS rejection for the wire.
+/// An xDS rejection for the wire, over-long texts cut (a heartbeat over the registry's
+/// message limit would fail, and the site would lose its lease).
 impl From<&model::XdsRejection> for pb::XdsRejection {
     fn from(r: &model::XdsRejection) -> Self {
         pb::XdsRejection {
-            node: r.node.clone(),
-            type_url: r.type_url.clone(),
-            error: r.error.clone(),
+            node: cut_text(&r.node),
+            type_url: cut_text(&r.type_url),
+            error: cut_text(&r.error),
         }
     }
 }
@@ -438,6 +435,27 @@ mod tests {
             }],
             headless: false,
         }
+    }
+
+    /// What a gateway sends is cut like what the registry keeps: a report over the
+    /// registry's message limit would fail the heartbeat that carries it.
+    #[test]
+    fn report_texts_are_cut_on_the_way_out_too() {
+        let long = "x".repeat(1 << 20);
+        let sent = pb::XdsRejection::from(&model::XdsRejection {
+            node: long.clone(),
+            type_url: long.clone(),
+            error: long.clone(),
+        });
+        for text in [&sent.node, &sent.type_url, &sent.error] {
+            assert_eq!(text.len(), model::MAX_LINK_ERROR);
+        }
+        let link = pb::LinkReport::from(&model::Link {
+            peer_site: "east".into(),
+            last_error: Some(long),
+            ..Default::default()
+        });
+        assert_eq!(link.last_error.len(), model::MAX_LINK_ERROR);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use futures::Stream;
+use meshbridge_core::model::cut_report_text;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -122,8 +123,10 @@ impl Client {
         if let Some(node) = node
             && self.node.is_empty()
         {
-            self.node = node.id.clone();
-            info!(node = %self.node, cluster = %node.cluster, peer = %self.peer, "xds client connected");
+            // The client's own words, cut: they go into every log line of the stream.
+            self.node = cut_report_text(&node.id).to_string();
+            let cluster = cut_report_text(&node.cluster);
+            info!(node = %self.node, %cluster, peer = %self.peer, "xds client connected");
         }
     }
 
@@ -131,6 +134,8 @@ impl Client {
     /// error, else an ACK when it carries a nonce.
     fn verdict(&self, type_url: &str, nonce: &str, error: Option<&str>, kept_version: &str) {
         if let Some(error) = error {
+            let error = cut_report_text(error);
+            let (nonce, kept_version) = (cut_report_text(nonce), cut_report_text(kept_version));
             self.stats.nack(type_url);
             warn!(
                 node = %self.node, peer = %self.peer, %type_url, %nonce, %kept_version, %error,
@@ -310,6 +315,10 @@ impl Protocol for DeltaSession {
     }
 }
 
+/// Most resource names one delta stream may subscribe to per type (far more than a gateway
+/// serves: a name per service port).
+pub const MAX_DELTA_NAMES: usize = 65_536;
+
 /// Incremental (delta) xDS, per type: what the client subscribed to and which version of
 /// each resource it holds, so a change sends only the resources that changed and the names
 /// of those that are gone.
@@ -354,6 +363,21 @@ impl DeltaSession {
             } else {
                 sub.names.insert(name.clone());
             }
+        }
+        if sub.names.len() > MAX_DELTA_NAMES {
+            // Subscriptions add up over a stream's life: without a bound, one client could
+            // make the gateway hold (and match every change against) any number of names.
+            let count = sub.names.len();
+            warn!(
+                node = %self.client.node, peer = %self.client.peer, %type_url, count,
+                limit = MAX_DELTA_NAMES, "xds client subscribed to too many names; stream closed"
+            );
+            let status = Status::resource_exhausted(format!(
+                "subscribed to {count} names of {type_url}; at most {MAX_DELTA_NAMES} per type \
+                 and stream"
+            ));
+            let _ = self.tx.send(Err(status)).await;
+            return Err(Closed);
         }
         for name in &req.resource_names_unsubscribe {
             if name == "*" {

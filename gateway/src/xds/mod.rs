@@ -9,6 +9,7 @@
 //!   that rebuilds the resources on every catalog or service-listener change, metrics.
 
 mod ads;
+pub use ads::MAX_DELTA_NAMES;
 pub mod resources;
 
 use std::collections::BTreeMap;
@@ -129,12 +130,14 @@ impl Stats {
         self.streams.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Stream `stream` (client `node`) rejected the last response of `type_url`.
+    /// Stream `stream` (client `node`) rejected the last response of `type_url`. The
+    /// client's texts are kept cut to what a report may carry.
     fn rejected(&self, stream: u64, node: &str, type_url: &str, error: &str) {
+        use meshbridge_core::model::cut_report_text;
         let nack = Nack {
-            node: node.to_string(),
-            type_url: type_url.to_string(),
-            error: error.to_string(),
+            node: cut_report_text(node).to_string(),
+            type_url: cut_report_text(type_url).to_string(),
+            error: cut_report_text(error).to_string(),
         };
         lock(&self.standing).insert((stream, type_url.to_string()), nack.clone());
         *lock(&self.last_nack) = Some(nack);
@@ -336,5 +339,34 @@ async fn follow(
                 true
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Stats, resources};
+    use meshbridge_core::model::MAX_LINK_ERROR;
+
+    /// A client's NACK may carry megabytes of error detail (and a node id as long): what is
+    /// kept, and reported with every heartbeat, is cut, so one NACK can neither hold that
+    /// memory nor make the heartbeat too large for the registry (which would cost the
+    /// site its lease).
+    #[test]
+    fn a_huge_nack_is_kept_and_reported_cut() {
+        let stats = Stats::default();
+        let huge = "é".repeat(1 << 20);
+        stats.rejected(7, &huge, resources::LISTENER, &huge);
+        let reported = stats.rejections(32);
+        assert_eq!(reported.len(), 1);
+        let r = &reported[0];
+        assert!(r.node.len() <= MAX_LINK_ERROR && r.node.len() > MAX_LINK_ERROR - 2);
+        assert!(r.error.len() <= MAX_LINK_ERROR && r.error.len() > MAX_LINK_ERROR - 2);
+        assert!(
+            r.error.chars().all(|c| c == 'é'),
+            "cut at a character boundary"
+        );
+        assert_eq!(r.type_url, resources::LISTENER);
+        let last = stats.latest_nack().unwrap_or_default();
+        assert!(last.error.len() <= MAX_LINK_ERROR && last.node.len() <= MAX_LINK_ERROR);
     }
 }
