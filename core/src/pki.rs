@@ -72,17 +72,40 @@ impl std::fmt::Debug for Ca {
     }
 }
 
-fn parse_ttl_field(ttl: Duration) -> Result<time::Duration, PkiError> {
-    if ttl.is_zero() {
-        return Err(PkiError::Invalid {
-            field: "ttl",
-            reason: "must be more than zero".into(),
-        });
-    }
-    time::Duration::try_from(ttl).map_err(|e| PkiError::Invalid {
+/// The longest lifetime of anything this CA issues (itself included): 100 years, far
+/// beyond any sane certificate or token, and far enough from X.509's year 9999 that "now +
+/// lifetime" always has a date.
+pub const MAX_TTL: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// `ttl` checked: more than zero, at most [`MAX_TTL`].
+fn check_ttl(ttl: Duration) -> Result<(), PkiError> {
+    let reason = if ttl.is_zero() {
+        "must be more than zero".to_string()
+    } else if ttl > MAX_TTL {
+        format!(
+            "{} days is too long: at most {} days",
+            ttl.as_secs() / 86_400,
+            MAX_TTL.as_secs() / 86_400
+        )
+    } else {
+        return Ok(());
+    };
+    Err(PkiError::Invalid {
         field: "ttl",
-        reason: e.to_string(),
+        reason,
     })
+}
+
+/// `now + ttl` for a certificate's end of validity, `ttl` checked.
+fn not_after(now: OffsetDateTime, ttl: Duration) -> Result<OffsetDateTime, PkiError> {
+    check_ttl(ttl)?;
+    time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add(ttl))
+        .ok_or_else(|| PkiError::Invalid {
+            field: "ttl",
+            reason: format!("{ttl:?} from now has no date"),
+        })
 }
 
 impl Ca {
@@ -114,7 +137,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + parse_ttl_field(ttl)?;
+        params.not_after = not_after(now, ttl)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.self_signed(&key)?;
         Ok(Self {
@@ -242,7 +265,7 @@ impl Ca {
             id,
             dns,
             now - time::Duration::minutes(5),
-            now + parse_ttl_field(ttl)?,
+            not_after(now, ttl)?,
         )
     }
 
@@ -284,7 +307,7 @@ impl Ca {
             id,
             &[],
             now - time::Duration::minutes(5),
-            now + parse_ttl_field(ttl)?,
+            not_after(now, ttl)?,
         )?;
         let csr = CertificateSigningRequestParams {
             params,
@@ -315,13 +338,14 @@ impl Ca {
                 reason: e.to_string(),
             }
         })?;
+        check_ttl(ttl)?;
         let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
         let claims = crate::join::Claims {
             id: crate::join::new_id(),
             trust_domain: self.trust_domain.clone(),
             site: site.to_string(),
             role: role.to_string(),
-            expires: now + ttl.as_secs().max(1),
+            expires: now.saturating_add(ttl.as_secs().max(1)),
         };
         let token = crate::join::mint(&claims, &self.key).map_err(|e| PkiError::Invalid {
             field: "token",
@@ -382,19 +406,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 24h, 30d"))?;
-    let secs = match unit {
+    let per_unit = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => {
             return Err(format!(
                 "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[cfg(test)]
@@ -408,6 +434,35 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("1y").is_err_and(|e| e.contains("unknown unit")));
         assert!(parse_duration("h").is_err());
+    }
+
+    /// Durations and lifetimes from the command line or a config: too long is an error
+    /// naming the limit, never an overflow (a panic, or a silent wrap to a short TTL).
+    #[test]
+    fn lifetimes_too_long_are_refused_by_name() {
+        let err = parse_duration("213503982334602d").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+        assert!(parse_duration("99999999999999999999s").is_err());
+        assert_eq!(
+            parse_duration("36500d"),
+            Ok(Duration::from_secs(36_500 * 86_400))
+        );
+        let far = Duration::from_secs(3_000_000 * 86_400);
+        let named = |e: PkiError| match e {
+            PkiError::Invalid { field, reason } => {
+                assert!(reason.contains("at most 36500 days"), "{reason}");
+                field
+            }
+            other => panic!("{other}"),
+        };
+        assert_eq!(named(Ca::generate("a.example", far).unwrap_err()), "ttl");
+        let ca = Ca::generate("a.example", MAX_TTL).unwrap();
+        let id = SpiffeId::parse("spiffe://a.example/x").unwrap();
+        assert_eq!(named(ca.issue(&id, far, &[]).unwrap_err()), "ttl");
+        assert_eq!(
+            named(ca.mint_join_token("east", "agent", far).unwrap_err()),
+            "ttl"
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ struct Generations(u64);
 
 impl Generations {
     fn next(&mut self) -> u64 {
-        self.0 = now_ms().max(self.0 + 1);
+        self.0 = now_ms().max(self.0.saturating_add(1));
         self.0
     }
 }
@@ -539,5 +539,20 @@ impl Registration {
             grace_ms: self.grace_ms,
             instance: self.instance_name(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Generations;
+
+    /// A generation read back from the catalog may be anything a writer stored; the next
+    /// one never overflows (a panic in debug builds, a wrap to a stale value in release).
+    #[test]
+    fn the_next_generation_never_overflows() {
+        assert_eq!(Generations(u64::MAX).next(), u64::MAX);
+        let mut g = Generations(0);
+        let first = g.next();
+        assert!(first > 0 && g.next() > first);
     }
 }

@@ -291,10 +291,11 @@ impl RoleConfig for Config {
             "raft.watch_history",
             "must be more than 0",
         );
+        let max_svid_ttl_ms = meshbridge_core::pki::MAX_TTL.as_millis();
         p.check(
-            self.svid_ttl_ms >= 1_000,
+            (1_000..=max_svid_ttl_ms).contains(&u128::from(self.svid_ttl_ms)),
             "svid_ttl_ms",
-            "must be at least 1000 (one second)",
+            format!("must be within 1000 (one second) ..= {max_svid_ttl_ms} (100 years)"),
         );
         if let Some(dir) = &self.ca_dir {
             p.check(
@@ -387,6 +388,8 @@ default_grace_ms = 600000
                 "two = \"https://10.0.0.2\"",
             )
             .replace("default_ttl_ms = 15000", "default_ttl_ms = 0\ncolour = 1");
+        // An SVID lifetime with no date at its end (each Join and Renew panicked on it).
+        let text = format!("svid_ttl_ms = 250000000000000\n{text}");
         let err = parse_with_env::<Config>("r.toml", &text, &[]).unwrap_err();
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
@@ -395,7 +398,8 @@ default_grace_ms = 600000
                 "leases.colour",
                 "listen",
                 "initial_members.two",
-                "leases.default_ttl_ms"
+                "leases.default_ttl_ms",
+                "svid_ttl_ms"
             ],
             "{err}"
         );

@@ -177,9 +177,13 @@ impl Node {
             trust_domain: trust_domain.clone(),
             leases: config.leases.clone(),
             metrics,
-            leader_wait: Duration::from_millis(config.raft.election_timeout_max_ms * 6),
-            detach_after: Duration::from_millis(config.raft.election_timeout_max_ms * 4)
-                .max(Duration::from_secs(3)),
+            leader_wait: Duration::from_millis(
+                config.raft.election_timeout_max_ms.saturating_mul(6),
+            ),
+            detach_after: Duration::from_millis(
+                config.raft.election_timeout_max_ms.saturating_mul(4),
+            )
+            .max(Duration::from_secs(3)),
             stop: stop.clone(),
             reset_cache: std::sync::Mutex::new(None),
             proposer: crate::propose::Proposer::start(raft.clone()),

@@ -125,7 +125,7 @@ pub(super) async fn status(
             "certificates": certs.iter().map(|c| json!({
                 "id": c.id, "kind": c.kind,
                 "not_after": meshbridge_core::tls::rfc3339(c.not_after_unix),
-                "days_left": (c.not_after_unix - now).div_euclid(86400),
+                "days_left": c.not_after_unix.saturating_sub(now).div_euclid(86400),
                 "expired": c.not_after_unix <= now,
                 "last_seen": meshbridge_core::tls::rfc3339((c.last_seen_unix_ms / 1000) as i64),
             })).collect::<Vec<_>>(),
@@ -227,7 +227,7 @@ pub(super) async fn status(
         );
         let soon: Vec<&proto::SeenCertificate> = certs
             .iter()
-            .filter(|c| c.not_after_unix - now < EXPIRY_WARNING_SECS)
+            .filter(|c| c.not_after_unix.saturating_sub(now) < EXPIRY_WARNING_SECS)
             .collect();
         println!(
             "{} certificates in the mesh, {} expiring within 7 days or expired",
@@ -273,7 +273,7 @@ fn merge_certificates(all: Vec<proto::SeenCertificate>) -> Vec<proto::SeenCertif
 fn certificate_problems(certs: &[proto::SeenCertificate], now: i64) -> Vec<String> {
     let mut soon: Vec<&proto::SeenCertificate> = certs
         .iter()
-        .filter(|c| c.not_after_unix - now < EXPIRY_WARNING_SECS)
+        .filter(|c| c.not_after_unix.saturating_sub(now) < EXPIRY_WARNING_SECS)
         .collect();
     soon.sort_by_key(|c| c.not_after_unix);
     soon.iter()
@@ -286,7 +286,7 @@ fn certificate_problems(certs: &[proto::SeenCertificate], now: i64) -> Vec<Strin
                     "certificate {} ({}) expires in {} days ({when})",
                     c.id,
                     c.kind,
-                    (c.not_after_unix - now) / 86400
+                    c.not_after_unix.saturating_sub(now) / 86400
                 )
             }
         })

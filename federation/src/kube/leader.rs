@@ -163,7 +163,11 @@ impl Elector {
                 Some(Self::now())
             },
             renew_time: Some(Self::now()),
-            lease_transitions: Some(if mine { transitions } else { transitions + 1 }),
+            lease_transitions: Some(if mine {
+                transitions
+            } else {
+                transitions.saturating_add(1)
+            }),
             ..spec
         };
         lease.spec = Some(new_spec);

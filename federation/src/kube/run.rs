@@ -463,7 +463,9 @@ struct ImportAddresses {
 impl ImportAddresses {
     fn next_generation(&mut self, held: u64) -> u64 {
         let now = meshbridge_core::clock::unix_ms();
-        self.generation = now.max(self.generation + 1).max(held + 1);
+        self.generation = now
+            .max(self.generation.saturating_add(1))
+            .max(held.saturating_add(1));
         self.generation
     }
 

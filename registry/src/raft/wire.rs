@@ -17,11 +17,27 @@ pub struct Progress<'a> {
 
 impl Display for Progress<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let end = self.offset + self.len as u64;
+        let end = self.offset.saturating_add(self.len as u64);
         write!(f, "{} bytes {}..{end}", self.id, self.offset)?;
         if self.done {
             write!(f, " (last chunk, {end} bytes in all)")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The offset comes from the peer that sends the snapshot: its log line never
+    /// overflows.
+    #[test]
+    fn a_chunk_at_the_top_of_the_range_is_shown() {
+        let p = super::Progress {
+            id: "s",
+            offset: u64::MAX,
+            len: 10,
+            done: false,
+        };
+        assert!(p.to_string().contains(&u64::MAX.to_string()), "{p}");
     }
 }
