@@ -114,7 +114,7 @@ mod tests {
         Peer {
             addr: ([127, 0, 0, 1], 1).into(),
             id: id.map(|s| SpiffeId::parse(s).unwrap()),
-            not_after: None,
+            validity: None,
         }
     }
 

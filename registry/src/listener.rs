@@ -45,8 +45,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The SPIFFE id of the verified client SVID; `None` when the client sent none.
     pub id: Option<SpiffeId>,
-    /// When that SVID expires (unix seconds).
-    pub not_after: Option<i64>,
+    /// When that SVID's validity starts and ends (unix seconds).
+    pub validity: Option<(i64, i64)>,
 }
 
 /// A TLS connection with its peer. It fails every read and write once the node is killed
@@ -193,10 +193,10 @@ fn admitted(
 ) -> Option<TlsIo> {
     let certs = stream.get_ref().1.peer_certificates();
     let id = peer_id(certs);
-    let not_after = certs
+    let validity = certs
         .and_then(|c| c.first())
         .and_then(|leaf| meshbridge_core::tls::cert_info(leaf).ok())
-        .map(|i| i.not_after);
+        .map(|i| (i.not_before, i.not_after));
     let mut permits = vec![permit];
     let mut deadline = None;
     if id.is_none() {
@@ -209,11 +209,7 @@ fn admitted(
     }
     Some(TlsIo {
         stream,
-        peer: Peer {
-            addr,
-            id,
-            not_after,
-        },
+        peer: Peer { addr, id, validity },
         kill: Box::pin(kill.clone().cancelled_owned()),
         deadline,
         _permits: permits,

@@ -49,9 +49,9 @@ impl RegistryApi {
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
         if let Some(p) = req.extensions().get::<crate::listener::Peer>()
-            && let (Some(id), Some(not_after)) = (&p.id, p.not_after)
+            && let (Some(id), Some((not_before, not_after))) = (&p.id, p.validity)
         {
-            self.shared.seen.note(id, not_after);
+            self.shared.seen.note(id, not_before, not_after);
         }
         Caller::of(req, &self.shared.trust_domain)
     }

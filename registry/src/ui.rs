@@ -28,12 +28,17 @@ async fn page(State(s): State<Arc<Shared>>) -> Html<String> {
     Html(html)
 }
 
-/// The certificates this node knows of (its own, its bundle's, its callers') that expire
-/// within 7 days, expired ones marked; nothing when there are none.
+/// The certificates this node knows of (its own, its bundle's, its callers') that are
+/// expiring (within a third of their lifetime, at most 7 days), expired ones marked;
+/// nothing when there are none.
 fn expiring(certs: &[meshbridge_core::proto::SeenCertificate], now: i64) -> String {
     let mut soon: Vec<_> = certs
         .iter()
-        .filter(|c| c.not_after_unix - now < 7 * 86_400)
+        .filter(|c| {
+            let warn =
+                meshbridge_core::tls::expiry_warning_secs(c.not_before_unix, c.not_after_unix);
+            c.not_after_unix.saturating_sub(now) < warn
+        })
         .collect();
     if soon.is_empty() {
         return String::new();
@@ -42,13 +47,13 @@ fn expiring(certs: &[meshbridge_core::proto::SeenCertificate], now: i64) -> Stri
     let rows: String = soon
         .iter()
         .map(|c| {
-            let left = c.not_after_unix - now;
+            let left = c.not_after_unix.saturating_sub(now);
             let when = if left <= 0 {
                 r#"<b class="bad">EXPIRED</b>"#.to_string()
             } else {
                 format!(
-                    r#"<span class="bad">in {:.1} days</span>"#,
-                    left as f64 / 86_400.0
+                    r#"<span class="bad">in {}</span>"#,
+                    meshbridge_core::tls::time_left(left)
                 )
             };
             format!(
@@ -60,7 +65,7 @@ fn expiring(certs: &[meshbridge_core::proto::SeenCertificate], now: i64) -> Stri
         })
         .collect();
     format!(
-        r#"<h2>Certificates expiring within 7 days</h2><table id="certificates"><tr><th>id</th><th>kind</th><th>not after</th><th>expires</th></tr>{rows}</table>"#
+        r#"<h2>Certificates expiring (within a third of their lifetime, at most 7 days)</h2><table id="certificates"><tr><th>id</th><th>kind</th><th>not after</th><th>expires</th></tr>{rows}</table>"#
     )
 }
 
@@ -288,6 +293,7 @@ mod tests {
         let cert = |id: &str, left: i64| SeenCertificate {
             id: id.into(),
             kind: "client".into(),
+            not_before_unix: 0,
             not_after_unix: 1_000_000 + left,
             last_seen_unix_ms: 0,
         };
@@ -300,7 +306,7 @@ mod tests {
             1_000_000,
         );
         assert!(
-            html.contains("site/a/gateway") && html.contains("in 3.0 days"),
+            html.contains("site/a/gateway") && html.contains("in 3 days"),
             "{html}"
         );
         assert!(

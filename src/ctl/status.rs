@@ -104,6 +104,7 @@ pub(super) async fn status(
     let mut seen: Vec<proto::SeenCertificate> = vec![proto::SeenCertificate {
         id: identity.id().to_string(),
         kind: "svid (this operator)".into(),
+        not_before_unix: cert.not_before,
         not_after_unix: cert.not_after,
         last_seen_unix_ms: (now as u64) * 1000,
     }];
@@ -225,12 +226,11 @@ pub(super) async fn status(
             meshbridge_core::tls::rfc3339(cert.not_after),
             days_left
         );
-        let soon: Vec<&proto::SeenCertificate> = certs
-            .iter()
-            .filter(|c| c.not_after_unix.saturating_sub(now) < EXPIRY_WARNING_SECS)
-            .collect();
+        let soon: Vec<&proto::SeenCertificate> =
+            certs.iter().filter(|c| expiring(c, now)).collect();
         println!(
-            "{} certificates in the mesh, {} expiring within 7 days or expired",
+            "{} certificates in the mesh, {} expiring (past two thirds of their lifetime, or \
+             within 7 days) or expired",
             certs.len(),
             soon.len()
         );
@@ -250,8 +250,12 @@ pub(super) async fn status(
     })
 }
 
-/// A certificate that expires within this is a problem (as is an expired one).
-const EXPIRY_WARNING_SECS: i64 = 7 * 86400;
+/// Whether `c` is expired or close enough to its end to be a problem: within a third of
+/// its lifetime, at most 7 days ([`meshbridge_core::tls::expiry_warning_secs`]).
+fn expiring(c: &proto::SeenCertificate, now: i64) -> bool {
+    let warn = meshbridge_core::tls::expiry_warning_secs(c.not_before_unix, c.not_after_unix);
+    c.not_after_unix.saturating_sub(now) < warn
+}
 
 /// One row per certificate (id and kind), the last seen of its reports.
 fn merge_certificates(all: Vec<proto::SeenCertificate>) -> Vec<proto::SeenCertificate> {
@@ -269,25 +273,26 @@ fn merge_certificates(all: Vec<proto::SeenCertificate>) -> Vec<proto::SeenCertif
     by.into_values().collect()
 }
 
-/// Expired certificates, then those that expire within 7 days, soonest first.
+/// Expired certificates, then those expiring ([`expiring`]), soonest first; a certificate
+/// reported under several kinds (a registry node's own SVID is also a client's) once.
 fn certificate_problems(certs: &[proto::SeenCertificate], now: i64) -> Vec<String> {
-    let mut soon: Vec<&proto::SeenCertificate> = certs
-        .iter()
-        .filter(|c| c.not_after_unix.saturating_sub(now) < EXPIRY_WARNING_SECS)
-        .collect();
-    soon.sort_by_key(|c| c.not_after_unix);
-    soon.iter()
-        .map(|c| {
-            let when = meshbridge_core::tls::rfc3339(c.not_after_unix);
-            if c.not_after_unix <= now {
-                format!("certificate {} ({}) EXPIRED at {when}", c.id, c.kind)
+    let mut soon: std::collections::BTreeMap<(i64, &str), Vec<&str>> = Default::default();
+    for c in certs.iter().filter(|c| expiring(c, now)) {
+        soon.entry((c.not_after_unix, &c.id))
+            .or_default()
+            .push(&c.kind);
+    }
+    soon.into_iter()
+        .map(|((not_after, id), mut kinds)| {
+            kinds.sort_unstable();
+            kinds.dedup();
+            let kinds = kinds.join(", ");
+            let when = meshbridge_core::tls::rfc3339(not_after);
+            if not_after <= now {
+                format!("certificate {id} ({kinds}) EXPIRED at {when}")
             } else {
-                format!(
-                    "certificate {} ({}) expires in {} days ({when})",
-                    c.id,
-                    c.kind,
-                    c.not_after_unix.saturating_sub(now) / 86400
-                )
+                let left = meshbridge_core::tls::time_left(not_after.saturating_sub(now));
+                format!("certificate {id} ({kinds}) expires in {left} ({when})")
             }
         })
         .collect()
@@ -478,9 +483,11 @@ mod tests {
     fn expired_and_soon_expiring_certificates_are_problems_soonest_first() {
         use meshbridge_core::proto::SeenCertificate;
         let now = 1_000_000;
+        let year = 365 * 86400;
         let cert = |id: &str, kind: &str, left: i64, seen: u64| SeenCertificate {
             id: id.into(),
             kind: kind.into(),
+            not_before_unix: now + left - year,
             not_after_unix: now + left,
             last_seen_unix_ms: seen,
         };
@@ -498,6 +505,42 @@ mod tests {
         assert!(
             problems[1].contains("site/a/gateway") && problems[1].contains("expires in 2 days")
         );
+    }
+
+    /// Short-lived SVIDs renew themselves at half of what is left: a 24-hour SVID with 20
+    /// hours left is healthy, not "expiring within 7 days" (with the defaults, `ctl status`
+    /// was never green). One with under a third of its lifetime left has missed its
+    /// renewal. The same certificate seen as a node's own and as a client's is one problem.
+    #[test]
+    fn short_lived_certificates_are_problems_only_past_two_thirds_of_their_life() {
+        use meshbridge_core::proto::SeenCertificate;
+        let now = 1_000_000;
+        let day = 86400;
+        let cert = |id: &str, kind: &str, lifetime: i64, left: i64| SeenCertificate {
+            id: id.into(),
+            kind: kind.into(),
+            not_before_unix: now + left - lifetime,
+            not_after_unix: now + left,
+            last_seen_unix_ms: 1,
+        };
+        let certs = super::merge_certificates(vec![
+            cert("spiffe://t/site/a/agent", "client", day, 20 * 3600),
+            cert("spiffe://t/site/b/agent", "client", day, 5 * 3600),
+            cert("spiffe://t/registry/1", "svid", day, 7 * 3600),
+            cert("spiffe://t/registry/1", "client", day, 7 * 3600),
+            cert("spiffe://t/site/c/gateway", "client", 365 * day, 6 * day),
+        ]);
+        let problems = super::certificate_problems(&certs, now);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].contains("site/b/agent") && problems[0].contains("expires in 5 h"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("registry/1 (client, svid) expires in 7 h"),
+            "{problems:?}"
+        );
+        assert!(problems[2].contains("site/c/gateway") && problems[2].contains("in 6 days"));
     }
 
     #[test]

@@ -52,6 +52,30 @@ pub struct CertInfo {
     pub serial: String,
 }
 
+/// Longest warning before a certificate's end.
+const MAX_EXPIRY_WARNING_SECS: i64 = 7 * 86400;
+
+/// How long before its end a certificate counts as expiring: a third of its lifetime, at
+/// most 7 days (7 days when its start is unknown, `not_before` 0). A certificate renewed at
+/// half of what is left (as agents renew their SVIDs) never gets there unless its renewal
+/// failed, so short-lived SVIDs are not a standing alarm.
+pub fn expiry_warning_secs(not_before: i64, not_after: i64) -> i64 {
+    let lifetime = not_after.saturating_sub(not_before);
+    if not_before <= 0 || lifetime <= 0 {
+        return MAX_EXPIRY_WARNING_SECS;
+    }
+    (lifetime / 3).min(MAX_EXPIRY_WARNING_SECS)
+}
+
+/// `secs` of validity left, in words: days from two days on, else hours, else minutes.
+pub fn time_left(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86400 => format!("{} days", s / 86400),
+        s if s >= 3600 => format!("{} h", s / 3600),
+        s => format!("{} min", (s / 60).max(0)),
+    }
+}
+
 impl CertInfo {
     /// Seconds of validity left at `now` (negative when expired).
     pub fn seconds_left(&self, now_unix: i64) -> i64 {
