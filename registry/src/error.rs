@@ -143,6 +143,21 @@ impl<E: Into<ApiError>> From<E> for Attempt {
     }
 }
 
+/// A refused membership change in words (openraft's own text shows its log ids' `Debug`).
+fn membership_error(e: &openraft::error::ChangeMembershipError<u64>) -> String {
+    use openraft::error::ChangeMembershipError;
+    match e {
+        ChangeMembershipError::InProgress(p) => format!(
+            "another membership change is still in progress (its entry at log index {}, \
+             committed up to {}): it completes once a quorum of both the old and the new \
+             voters has it; `ctl status` shows which members have not answered",
+            p.membership_log_id.map_or(0, |l| l.index),
+            p.committed.map_or(0, |l| l.index)
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Errors of Raft writes (commands and membership changes) as attempts.
 pub fn write_error(e: crate::types::RaftError<crate::types::ClientWriteError>) -> Attempt {
     use openraft::error::ClientWriteError;
@@ -151,7 +166,7 @@ pub fn write_error(e: crate::types::RaftError<crate::types::ClientWriteError>) -
             Attempt::NotLeader
         }
         crate::types::RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            Attempt::Failed(ApiError::Precondition(e.to_string()))
+            Attempt::Failed(ApiError::Precondition(membership_error(&e)))
         }
         crate::types::RaftError::Fatal(f) => Attempt::Failed(ApiError::RaftStopped(f.to_string())),
     }
@@ -160,6 +175,25 @@ pub fn write_error(e: crate::types::RaftError<crate::types::ClientWriteError>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_membership_change_in_progress_is_said_in_words() {
+        let at = |index| {
+            Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            ))
+        };
+        let e = openraft::error::ChangeMembershipError::InProgress(openraft::error::InProgress {
+            committed: at(44),
+            membership_log_id: at(45),
+        });
+        let text = membership_error(&e);
+        assert!(
+            text.contains("log index 45, committed up to 44") && !text.contains("LogId"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn each_error_has_its_code_and_keeps_its_text() {

@@ -377,3 +377,48 @@ async fn east_with_cart(cluster: &Cluster, admin: &RegistryClient) {
         .unwrap();
     cluster.wait_revision(w.revision, T).await;
 }
+
+/// A learner that never answered the leader is not promoted: in a one-node registry the
+/// promotion would have made writes wait for it for good (a joint configuration that needs
+/// a node nobody runs). The refusal names the node and its URL, and writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_learner_that_never_answered_is_not_promoted() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let admin = cluster.admin().await;
+    // Nothing listens at this address.
+    let nowhere = format!("https://{}", support::free_addrs(1)[0]);
+    // Waiting for it says that it never answered (it is a learner all the same).
+    let err = admin.add_learner(5, &nowhere, true).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(
+        err.to_string().contains("has not answered the leader"),
+        "{err}"
+    );
+    assert!(admin.add_learner(6, &nowhere, false).await.is_ok());
+
+    let err = admin.promote(5).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("node 5") && text.contains(&nowhere) && text.contains("never answered"),
+        "{text}"
+    );
+    // Writes go on, and the learner can be removed.
+    let w = tokio::time::timeout(T, admin.register_site(&spec("east", "eu", "eu-1a")))
+        .await
+        .expect("writes stopped")
+        .unwrap();
+    assert!(w.changed);
+    for id in [5, 6] {
+        let reply = admin.remove_member(id).await.unwrap();
+        assert!(reply.members.iter().all(|m| m.node_id != id));
+    }
+
+    // Adding a node id that is already a voter is refused, naming it.
+    let err = admin.add_learner(1, &nowhere, true).await.unwrap_err();
+    assert!(
+        err.to_string().contains("node 1 is already a voter"),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}

@@ -34,14 +34,7 @@ pub(super) async fn status(
                     "applied_index": s.applied_index, "revision": s.revision,
                     "members": s.members.iter().map(member_json).collect::<Vec<_>>()}),
                 );
-                for m in &s.members {
-                    if m.lag > 100 {
-                        problems.push(format!(
-                            "registry node {} is {} entries behind the leader",
-                            m.node_id, m.lag
-                        ));
-                    }
-                }
+                problems.extend(member_problems(s));
             }
             Err(e) => {
                 problems.push(format!("registry node {url} is unreachable: {e}"));
@@ -248,6 +241,35 @@ pub(super) async fn status(
     } else {
         ExitCode::from(3)
     })
+}
+
+/// Members that lag far behind the leader, and (in the leader's report, the only one that
+/// knows) members that never answered it.
+fn member_problems(s: &proto::StatusReply) -> Vec<String> {
+    let leader = s.state == "Leader";
+    s.members
+        .iter()
+        .filter_map(|m| {
+            if leader && m.node_id != s.node_id && m.matched_index.is_none() {
+                let role = if m.voter {
+                    "a voter: every write waits for a quorum that counts it"
+                } else {
+                    "a learner"
+                };
+                Some(format!(
+                    "registry node {} ({}) has never answered the leader; it is {role}",
+                    m.node_id, m.url
+                ))
+            } else if m.lag > 100 {
+                Some(format!(
+                    "registry node {} is {} entries behind the leader",
+                    m.node_id, m.lag
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Whether `c` is expired or close enough to its end to be a problem: within a third of
@@ -511,6 +533,38 @@ mod tests {
     /// hours left is healthy, not "expiring within 7 days" (with the defaults, `ctl status`
     /// was never green). One with under a third of its lifetime left has missed its
     /// renewal. The same certificate seen as a node's own and as a client's is one problem.
+    #[test]
+    fn a_member_that_never_answered_the_leader_is_a_problem() {
+        use meshbridge_core::proto::{MemberStatus, StatusReply};
+        let member =
+            |node_id: u64, voter: bool, matched_index: Option<u64>, lag: u64| MemberStatus {
+                node_id,
+                url: format!("https://127.0.0.1:{}", 7000 + node_id),
+                voter,
+                matched_index,
+                lag,
+            };
+        let mut s = StatusReply {
+            node_id: 1,
+            state: "Leader".into(),
+            members: vec![
+                member(1, true, Some(50), 0),
+                member(2, true, Some(50), 0),
+                member(3, true, None, 45),
+                member(4, false, Some(10), 400),
+            ],
+            ..Default::default()
+        };
+        let problems = super::member_problems(&s);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("node 3 (https://127.0.0.1:7003) has never answered"));
+        assert!(problems[0].contains("a voter"));
+        assert!(problems[1].contains("node 4 is 400 entries behind"));
+        // A follower does not know who answered the leader.
+        s.state = "Follower".into();
+        assert_eq!(super::member_problems(&s).len(), 1);
+    }
+
     #[test]
     fn short_lived_certificates_are_problems_only_past_two_thirds_of_their_life() {
         use meshbridge_core::proto::SeenCertificate;

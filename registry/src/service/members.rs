@@ -113,12 +113,49 @@ pub async fn add_learner(
     let (id, url, wait) = (r.node_id, r.url.clone(), r.wait);
     endpoint_uri(&url).map_err(|e| invalid("url", e.reason))?;
     let local = || async {
+        let membership = s
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        if let Some(node) = membership.get_node(&id) {
+            let role = if membership.voter_ids().any(|v| v == id) {
+                "a voter"
+            } else {
+                "a learner"
+            };
+            return Err(Attempt::Failed(ApiError::Precondition(format!(
+                "node {id} is already {role} at {}: remove it first (`ctl members remove {id}`) \
+                 to add it again under another URL",
+                node.addr
+            ))));
+        }
         let resp = s
             .raft
             .add_learner(id, Node::new(url.clone()), wait)
             .await
             .map_err(write_error)?;
         tracing::info!(node = id, url = %url, "added learner");
+        // openraft's wait returns at once for a learner that never answers: wait here until
+        // it has answered the leader, or say that it has not.
+        if wait {
+            let answered = s
+                .raft
+                .wait(Some(LEARNER_ANSWER_WAIT))
+                .metrics(|m| replicated(m, id).is_some(), "learner answered")
+                .await;
+            if answered.is_err() {
+                return Err(Attempt::Failed(ApiError::Precondition(format!(
+                    "node {id} was added as a learner (log index {}), but has not answered the \
+                     leader within {} s: check that it runs at {url} and trusts this \
+                     registry. It stays a learner until removed (`ctl members remove {id}`)",
+                    resp.log_id.index,
+                    LEARNER_ANSWER_WAIT.as_secs()
+                ))));
+            }
+        }
         Ok(membership_reply(s, resp.log_id.index, resp.membership))
     };
     s.on_leader("AddLearner", req, local, |mut c, r| async move {
@@ -133,6 +170,8 @@ pub async fn promote(
 ) -> Result<Response<proto::MembershipReply>, Status> {
     let id = req.get_ref().node_id;
     let local = || async {
+        promotable(&s.raft.metrics().borrow(), id)
+            .map_err(|e| Attempt::Failed(ApiError::Precondition(e)))?;
         let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
         let resp = s
             .raft
@@ -146,6 +185,53 @@ pub async fn promote(
         c.promote(r).await
     })
     .await
+}
+
+/// How long `members add` waits for a new learner's first answer.
+const LEARNER_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The log index node `id` has replicated, as the leader knows it (`None`: never answered,
+/// or this node is not the leader).
+fn replicated(m: &RaftMetrics, id: u64) -> Option<u64> {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&id).cloned().flatten())
+        .map(|l| l.index)
+}
+
+/// A learner lagging more than this many entries is not promoted: writes would wait for
+/// it to catch up.
+const MAX_PROMOTE_LAG: u64 = 1_000;
+
+/// Why `id` may not become a voter now, if so: not a member, or a learner that has not
+/// replicated the log (a voter that never answers makes every write wait for it, and in a
+/// one- or two-node registry stops writes for good). Only the leader knows; this runs there.
+fn promotable(m: &RaftMetrics, id: u64) -> Result<(), String> {
+    let membership = m.membership_config.membership();
+    let Some(node) = membership.get_node(&id) else {
+        return Err(format!(
+            "node {id} is not a member: add it as a learner first (`ctl members add {id} URL`)"
+        ));
+    };
+    if membership.voter_ids().any(|v| v == id) {
+        return Ok(());
+    }
+    let url = &node.addr;
+    let matched = replicated(m, id);
+    let last = m.last_log_index.unwrap_or(0);
+    match matched {
+        None => Err(format!(
+            "node {id} ({url}) never answered the leader: promoting it would make every write \
+             wait for a node that is not there. Start it, wait until `ctl status` shows it \
+             caught up, then promote it (or remove it: `ctl members remove {id}`)"
+        )),
+        Some(i) if last.saturating_sub(i) > MAX_PROMOTE_LAG => Err(format!(
+            "node {id} ({url}) is {} entries behind the leader: promote it once it caught up \
+             (at most {MAX_PROMOTE_LAG} behind)",
+            last.saturating_sub(i)
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 pub async fn remove(
