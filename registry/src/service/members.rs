@@ -98,6 +98,16 @@ fn membership_reply(
     }
 }
 
+/// The membership this node knows now.
+fn current_membership(s: &Shared) -> Membership {
+    s.raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone()
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> Status {
     rejection_to_status(&Rejection::Invalid {
         field: field.into(),
@@ -113,13 +123,7 @@ pub async fn add_learner(
     let (id, url, wait) = (r.node_id, r.url.clone(), r.wait);
     endpoint_uri(&url).map_err(|e| invalid("url", e.reason))?;
     let local = || async {
-        let membership = s
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = current_membership(s);
         if let Some(node) = membership.get_node(&id) {
             let role = if membership.voter_ids().any(|v| v == id) {
                 "a voter"
@@ -240,13 +244,7 @@ pub async fn remove(
 ) -> Result<Response<proto::MembershipReply>, Status> {
     let id = req.get_ref().node_id;
     let local = || async {
-        let membership = s
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = current_membership(s);
         let change = if membership.voter_ids().any(|v| v == id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else if membership.get_node(&id).is_some() {
