@@ -21,6 +21,25 @@ pub struct Args {
     config: PathBuf,
 }
 
+/// A gateway's SVID must be of its own site: peers and the registry authorize a gateway by
+/// the site in its id. Another site's SVID would be refused at every registration; a
+/// registry node's would pass (nodes are admins) and register any site.
+fn check_site_id(cfg: &File, identity: &Identity) -> Result<()> {
+    let id = identity.id();
+    let site = &cfg.gateway.site;
+    if id.site() == Some(site.as_str()) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} holds the SVID {id}, but gateway.site is {site:?}: a gateway's SVID must be \
+         spiffe://{}/site/{site}/... (issue one with `meshbridge pki issue --id \
+         spiffe://{}/site/{site}/gateway`)",
+        cfg.tls.cert.display(),
+        id.trust_domain(),
+        id.trust_domain()
+    )
+}
+
 /// Reads the configuration, then runs the gateway on a runtime with `workers` threads.
 pub fn main(args: Args) -> Result<ExitCode> {
     let cfg: File = config::load(Some(&args.config))?;
@@ -32,6 +51,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
 async fn run(cfg: File) -> Result<ExitCode> {
     tracing::info!(config = %config::effective(&cfg), "effective configuration");
     let identity = Identity::load(cfg.tls.clone()).context("loading TLS files")?;
+    check_site_id(&cfg, &identity)?;
     let stop = CancellationToken::new();
     let reload = tokio::spawn(
         identity

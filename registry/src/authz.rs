@@ -88,7 +88,7 @@ impl Caller {
     pub fn require_site(&self, site: &str, what: &str) -> Result<(), ApiError> {
         match self {
             Caller::Site { site: own, id } if own != site => Err(ApiError::forbidden(format!(
-                "{id} belongs to site {own:?} and may not {what} of site {site:?}"
+                "{id} belongs to site {own:?} and may not {what} for site {site:?}"
             ))),
             Caller::Federated(id) => Err(federated(id, what)),
             _ => Ok(()),
