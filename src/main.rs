@@ -62,6 +62,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     meshbridge_core::install_crypto_provider();
     let cli = Cli::parse();
     // The data plane's roles, before any thread exists (see `malloc`).
@@ -98,6 +99,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a process that wrote into a closed pipe: what a shell reports for one
+/// ended by SIGPIPE (128 + 13).
+const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// Output into a closed pipe (`ctl status | head -3`) ends the process quietly, as SIGPIPE
+/// ends other tools. Rust ignores SIGPIPE, so `println!` panics on EPIPE instead; restoring
+/// the signal needs `unsafe` (forbidden here), so the panic is caught by its message.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") && is_broken_pipe(message) {
+            std::process::exit(BROKEN_PIPE_EXIT);
+        }
+        default(info);
+    }));
+}
+
+/// Whether a failed print's message is about a closed pipe.
+fn is_broken_pipe(message: &str) -> bool {
+    let epipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe).to_string();
+    message.contains("Broken pipe") || message.contains(&epipe)
 }
 
 /// The error and its causes, outermost first, as `{:#}` prints them, but without a cause
