@@ -26,13 +26,39 @@ pub enum TokenCmd {
     /// Join tokens that have been used or revoked: id, site, when, and until when the
     /// registry remembers them (a token is single use; the registry records each use).
     List,
-    /// Revoke a token before it is used (by the id `create` printed): a join with it is
-    /// then refused.
-    Revoke { id: String },
+    /// Revoke a token before it is used (by the id `create` printed: 32 hex digits): a join
+    /// with it is then refused.
+    Revoke {
+        #[arg(value_parser = parse_token_id)]
+        id: String,
+    },
 }
 
+/// Validity of a token: more than zero (at most 7 days, which the registry checks).
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    meshbridge_core::pki::parse_duration(s)
+    let ttl = meshbridge_core::pki::parse_duration(s)?;
+    if ttl.is_zero() {
+        return Err(format!("{s:?}: a token must be valid for more than zero"));
+    }
+    Ok(ttl)
+}
+
+/// A token id as `create` prints it: 32 lowercase hex digits. The registry keeps no
+/// record of unused tokens, so a mistyped id would be "revoked" without protecting
+/// anything: it is refused here instead.
+fn parse_token_id(s: &str) -> Result<String, String> {
+    let id = s.trim();
+    if id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Ok(id.to_string());
+    }
+    Err(format!(
+        "{s:?} is not a join token id: ids are the 32 hex digits `ctl token create` printed \
+         (`id` in its -o json)"
+    ))
 }
 
 pub async fn run(
@@ -86,7 +112,8 @@ pub async fn run(
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if r.changed {
                 println!(
-                    "join token {id} revoked: a join with it is refused (catalog revision {})",
+                    "join token {id} revoked: a join with it is refused (catalog revision {}; \
+                     unused tokens are not stored, so this holds whether or not it was issued)",
                     r.revision
                 );
             } else {
@@ -119,4 +146,21 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_token_id, parse_ttl};
+
+    #[test]
+    fn token_ids_and_ttls_are_checked_before_anything_is_sent() {
+        let id = meshbridge_core::join::new_id();
+        assert_eq!(parse_token_id(&id), Ok(id.clone()));
+        for bad in ["nonexistent", "zzz;drop", "", &id[1..], &id.to_uppercase()] {
+            let err = parse_token_id(bad).unwrap_err();
+            assert!(err.contains("is not a join token id"), "{bad:?}: {err}");
+        }
+        assert!(parse_ttl("0s").unwrap_err().contains("more than zero"));
+        assert!(parse_ttl("1h").is_ok());
+    }
 }
