@@ -5,7 +5,10 @@
 //! on the first one) so that they are reported together with invalid values.
 //! Environment overrides name a field path with `__` between levels:
 //! `MESHBRIDGE_ADMIN__LISTEN=127.0.0.1:9901` sets `admin.listen`. The value is read as a
-//! TOML value when it parses as one (numbers, booleans, arrays), else as a string.
+//! TOML value when it parses as one (numbers, booleans, arrays), else as a string. A
+//! top-level variable that names no field is ignored (another tool's); the command line's
+//! own variables ([`NOT_OVERRIDES`]) never override; a problem with an overridden value
+//! names its variable.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -138,42 +141,77 @@ pub fn parse_with_env<T: RoleConfig>(
         }])
     })?;
     let mut problems = Problems::default();
+    // (field path, variable) of each override applied.
+    let mut from_env: Vec<(String, &str)> = Vec::new();
     for (key, value) in env {
         let Some(path) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        // Variables without `__` that do not name a top-level field are other settings
-        // (MESHBRIDGE_LOG and the like) and are left alone.
-        apply_env(&mut doc, path, value, &mut problems);
+        if NOT_OVERRIDES.contains(&path) {
+            continue;
+        }
+        if let Some(field) = apply_env(&mut doc, path, value, &mut problems) {
+            from_env.push((field, key));
+        }
     }
     let mut unknown = Vec::new();
     let parsed: Result<T, _> = serde_ignored::deserialize(toml::Value::Table(doc), |p| {
         unknown.push(p.to_string());
     });
     for field in unknown {
+        // A variable without `__` that names no field is another tool's (or a test's):
+        // left alone, as if never applied.
+        if !field.contains('.') && from_env.iter().any(|(f, _)| *f == field) {
+            continue;
+        }
         problems.push(field, "unknown field");
     }
+    if let Ok(cfg) = &parsed {
+        cfg.validate(&mut problems);
+    } else if let Err(e) = &parsed {
+        problems.push("(value)", e.to_string());
+    }
+    // A bad value that came from the environment says so: the file may be fine.
+    for problem in &mut problems.0 {
+        if let Some((_, var)) = from_env
+            .iter()
+            .find(|(f, _)| problem.field == *f || problem.message.contains(&format!("`{f}`")))
+        {
+            problem
+                .message
+                .push_str(&format!(" (set by {var} in the environment)"));
+        }
+    }
     match parsed {
-        Ok(cfg) => {
-            cfg.validate(&mut problems);
-            if problems.is_empty() {
-                Ok(cfg)
-            } else {
-                Err(err(problems.0))
-            }
-        }
-        Err(e) => {
-            problems.push("(value)", e.to_string());
-            Err(err(problems.0))
-        }
+        Ok(cfg) if problems.is_empty() => Ok(cfg),
+        _ => Err(err(problems.0)),
     }
 }
 
-fn apply_env(doc: &mut toml::Table, path: &str, value: &str, problems: &mut Problems) {
+/// `MESHBRIDGE_*` variables of the command line itself (`--config`, `ctl --registry`,
+/// `ctl --tls-dir`, logging, the allocator, the parent watch): never config overrides.
+/// `MESHBRIDGE_REGISTRY`, exported for `ctl`, would otherwise replace an agent's
+/// `registry` list.
+const NOT_OVERRIDES: &[&str] = &[
+    "CONFIG",
+    "REGISTRY",
+    "TLS_DIR",
+    "LOG",
+    "LOG_FORMAT",
+    "MALLOC_TUNING",
+    "EXIT_WITH_PARENT",
+];
+
+/// Apply one override (`path` without the prefix, `__` between levels) to `doc`; the
+/// field path it set (`admin.listen`), or `None` when it could not be applied.
+fn apply_env(
+    doc: &mut toml::Table,
+    path: &str,
+    value: &str,
+    problems: &mut Problems,
+) -> Option<String> {
     let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
-    if parts.len() == 1 && !doc.contains_key(&parts[0]) && !known_top_level_env(&parts[0]) {
-        return;
-    }
+    let field = parts.join(".");
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
@@ -183,7 +221,7 @@ fn apply_env(doc: &mut toml::Table, path: &str, value: &str, problems: &mut Prob
     for (i, part) in parts.iter().enumerate() {
         if i + 1 == parts.len() {
             table.insert(part.clone(), parsed);
-            return;
+            return Some(field);
         }
         let entry = table
             .entry(part.clone())
@@ -195,15 +233,11 @@ fn apply_env(doc: &mut toml::Table, path: &str, value: &str, problems: &mut Prob
                     format!("{ENV_PREFIX}{path}"),
                     format!("{part} is not a table"),
                 );
-                return;
+                return None;
             }
         }
     }
-}
-
-/// Top-level env names that are config overrides even when the file does not set them.
-fn known_top_level_env(name: &str) -> bool {
-    matches!(name, "site" | "node_id" | "data_dir" | "trust_domain")
+    None
 }
 
 /// The effective configuration as TOML, for logs and `/config_dump`.
@@ -250,6 +284,10 @@ mod tests {
         site: String,
         lease_ttl_secs: u64,
         admin: Admin,
+        #[serde(default)]
+        workers: usize,
+        #[serde(default)]
+        registry: Vec<String>,
     }
 
     impl RoleConfig for Sample {
@@ -294,6 +332,68 @@ mod tests {
         let cfg = parse_with_env::<Sample>("t", text, &env).unwrap();
         assert_eq!(cfg.admin.listen, "127.0.0.1:9000");
         assert_eq!(cfg.lease_ttl_secs, 7);
+    }
+
+    /// A top-level field the file leaves out is set from the environment too; variables
+    /// that name no field (another tool's, or the tests') are left alone.
+    #[test]
+    fn env_sets_top_level_fields_the_file_leaves_out() {
+        let text = "site = \"east\"\nlease_ttl_secs = 5\n[admin]\nlisten = \"127.0.0.1:1\"\n";
+        let env = [
+            ("MESHBRIDGE_WORKERS", "4"),
+            ("MESHBRIDGE_ENVOY", "/opt/envoy"),
+            ("MESHBRIDGE_EXIT_WITH_PARENT", "1"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = parse_with_env::<Sample>("t", text, &env).unwrap();
+        assert_eq!(cfg.workers, 4);
+    }
+
+    /// The command line's own variables (`ctl`'s `MESHBRIDGE_REGISTRY`, `--config`'s
+    /// `MESHBRIDGE_CONFIG`, the log's) are not config overrides: `MESHBRIDGE_REGISTRY`
+    /// exported for `ctl` broke the agent's `registry` list.
+    #[test]
+    fn the_command_lines_variables_are_not_overrides() {
+        let text = "site = \"east\"\nlease_ttl_secs = 5\nregistry = [\"https://a:1\"]\n\
+                    [admin]\nlisten = \"127.0.0.1:1\"\n";
+        let env = [
+            ("MESHBRIDGE_REGISTRY", "https://127.0.0.1:7443"),
+            ("MESHBRIDGE_CONFIG", "other.toml"),
+            ("MESHBRIDGE_LOG", "debug"),
+            ("MESHBRIDGE_LOG_FORMAT", "json"),
+            ("MESHBRIDGE_TLS_DIR", "ctl"),
+            ("MESHBRIDGE_MALLOC_TUNING", "off"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = parse_with_env::<Sample>("t", text, &env).unwrap();
+        assert_eq!(cfg.registry, ["https://a:1"]);
+    }
+
+    /// A bad value from the environment is not blamed on the file alone.
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        let text = "site = \"east\"\nlease_ttl_secs = 5\n[admin]\nlisten = \"127.0.0.1:1\"\n";
+        let env = [
+            ("MESHBRIDGE_ADMIN__LISTEN", "bogus"),
+            ("MESHBRIDGE_LEASE_TTL_SECS", "\"soon\""),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let err = parse_with_env::<Sample>("t.toml", text, &env).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("set by MESHBRIDGE_LEASE_TTL_SECS"), "{text}");
+        let env =
+            [("MESHBRIDGE_ADMIN__LISTEN", "bogus")].map(|(k, v)| (k.to_string(), v.to_string()));
+        let text = parse_with_env::<Sample>(
+            "t.toml",
+            "site = \"east\"\nlease_ttl_secs = 5\n[admin]\nlisten = \"127.0.0.1:1\"\n",
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("admin.listen") && text.contains("set by MESHBRIDGE_ADMIN__LISTEN"),
+            "{text}"
+        );
     }
 
     #[test]
