@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args as ClapArgs, Subcommand};
-use meshbridge_core::client::{Consistency, RegistryClient};
+use meshbridge_core::client::{ClientOptions, Consistency, RegistryClient};
 use meshbridge_core::model::{MergedService, ServiceKey, Site, SiteState};
 use meshbridge_core::proto;
 use meshbridge_core::tls::{Identity, IdentityFiles};
@@ -39,6 +39,10 @@ pub struct Args {
     /// Read from whichever node answers, without a round trip to the leader.
     #[arg(long, global = true)]
     stale: bool,
+    /// How long a command keeps trying the registry's nodes before it gives up, like 10s,
+    /// 1m (each attempt on one node: at most 5 s). `members add` waits longer by nature.
+    #[arg(long, global = true, default_value = "10s", value_parser = meshbridge_core::pki::parse_duration)]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -109,7 +113,13 @@ enum MembersCmd {
 
 pub async fn run(args: Args) -> Result<ExitCode> {
     let identity = Identity::load(IdentityFiles::in_dir(&args.tls_dir)).context("--tls-dir")?;
-    let client = RegistryClient::connect(&args.registry, identity.clone()).await?;
+    let defaults = ClientOptions::default();
+    let options = ClientOptions {
+        retry_deadline: args.timeout,
+        attempt_timeout: defaults.attempt_timeout.min(args.timeout),
+        ..defaults
+    };
+    let client = RegistryClient::with_options(&args.registry, identity.clone(), options).await?;
     let consistency = if args.stale {
         Consistency::Stale
     } else {

@@ -58,7 +58,8 @@ pub enum ClientError {
     },
     /// No node could serve the call before the retry deadline.
     #[error(
-        "registry {method}: no node answered in {elapsed:?} ({attempts} attempts); last error: {last}"
+        "registry {method}: no node answered in {:.1} s ({attempts} attempts); last error: {last}",
+        .elapsed.as_secs_f64()
     )]
     Unavailable {
         method: &'static str,

@@ -45,8 +45,16 @@ pub(super) async fn status(
     if leader.is_none() {
         problems.push("no registry node knows a leader: writes and linearizable reads fail".into());
     }
-    let sites = client.list_sites(consistency).await.ok();
-    let services = client.list_services(consistency).await.ok();
+    // With no node answering, catalog reads would only wait out the timeout again.
+    let any_answered = nodes.iter().any(|(_, r)| r.is_ok());
+    let (sites, services) = if any_answered {
+        (
+            client.list_sites(consistency).await.ok(),
+            client.list_services(consistency).await.ok(),
+        )
+    } else {
+        (None, None)
+    };
     if let Some(list) = &sites {
         problems.extend(site_problems(&list.sites, list.now_ms));
     }
