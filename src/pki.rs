@@ -89,10 +89,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
             dns,
         } => {
             let id = SpiffeId::parse(&id).context("--id")?;
+            if id.path().is_empty() || id.path() == "/" {
+                anyhow::bail!(
+                    "--id {id}: names a trust domain, not a workload: an SVID needs a path \
+                     (spiffe://{}/site/<site>/gateway, .../registry/<n>, .../ctl/<name>)",
+                    id.trust_domain()
+                );
+            }
             let ca = Ca::load(&ca)?;
             let svid = ca.issue(&id, ttl, &dns)?;
             svid.write_to(&out)?;
             println!("SVID {id} written to {}", out.display());
+            let ca_end = ca.not_after()?;
+            let asked = meshbridge_core::clock::unix_secs()
+                .saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+            if asked > ca_end {
+                eprintln!(
+                    "warning: --ttl goes past the CA's own end: the SVID is valid until {} only \
+                     (a certificate cannot outlive its CA)",
+                    meshbridge_core::tls::rfc3339(ca_end)
+                );
+            }
             println!("  cert.pem, key.pem (0600), bundle.pem");
         }
         Cmd::Inspect { file, output } => {

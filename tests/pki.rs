@@ -221,3 +221,61 @@ fn bad_arguments_exit_non_zero_with_a_clear_message() {
         text(&o)
     );
 }
+
+/// `pki issue` does not hand out certificates that cannot work: one past its CA's end is
+/// cut to it, with a warning (it would fail validation from there on); a bare trust-domain
+/// id is refused; a --ttl too long to have a date is refused by name, not a panic.
+#[test]
+fn issue_refuses_or_warns_about_certificates_that_cannot_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    let ca_s = ca.to_str().unwrap();
+    let out = tmp.path().join("leaf");
+    let out_s = out.to_str().unwrap();
+    let o = meshbridge(&[
+        "pki",
+        "init",
+        "--trust-domain",
+        "corp.example",
+        "--out",
+        ca_s,
+        "--ttl",
+        "30d",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let issue = |id: &str, ttl: &str| {
+        meshbridge(&[
+            "pki", "issue", "--id", id, "--ca", ca_s, "--out", out_s, "--ttl", ttl,
+        ])
+    };
+
+    let o = issue("spiffe://corp.example/site/east/gateway", "3650d");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("warning: --ttl goes past the CA's own end"),
+        "{}",
+        text(&o)
+    );
+    let o = meshbridge(&[
+        "pki",
+        "inspect",
+        out.join("cert.pem").to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let days = v[0]["days_left"].as_i64().unwrap();
+    assert!((29..=30).contains(&days), "{v}");
+
+    let o = issue("spiffe://corp.example", "1h");
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("names a trust domain, not a workload"),
+        "{}",
+        text(&o)
+    );
+
+    let o = issue("spiffe://corp.example/site/east/gateway", "100000000d");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("at most 36500 days"), "{}", text(&o));
+}

@@ -111,11 +111,24 @@ fn not_after(now: OffsetDateTime, ttl: Duration) -> Result<OffsetDateTime, PkiEr
 impl Ca {
     /// A new self-signed CA whose URI SAN `spiffe://<td>` names its trust domain.
     pub fn generate(trust_domain: &str, ttl: Duration) -> Result<Self, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        Self::generate_between(
+            trust_domain,
+            now - time::Duration::minutes(5),
+            not_after(now, ttl)?,
+        )
+    }
+
+    /// [`Ca::generate`] with an explicit validity window (tests use it for expired CAs).
+    pub fn generate_between(
+        trust_domain: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, PkiError> {
         validate_trust_domain_name(trust_domain).map_err(|reason| PkiError::Invalid {
             field: "trust-domain",
             reason,
         })?;
-        let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         // A distinct name per CA, so that two roots of one trust domain (during a rotation)
@@ -136,8 +149,8 @@ impl Ca {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = not_after(now, ttl)?;
+        params.not_before = not_before;
+        params.not_after = not_after;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.self_signed(&key)?;
         Ok(Self {
@@ -258,15 +271,47 @@ impl Ca {
         Ok(params)
     }
 
-    /// Issue an SVID valid from five minutes ago for `ttl`.
+    /// The end of this CA's own validity (unix seconds).
+    pub fn not_after(&self) -> Result<i64, PkiError> {
+        let invalid = |reason: String| PkiError::Invalid {
+            field: "ca",
+            reason,
+        };
+        let der = crate::tls::parse_certs(Path::new(CA_CERT), self.cert_pem.as_bytes())
+            .map_err(|e| invalid(e.to_string()))?;
+        let first = der
+            .first()
+            .ok_or_else(|| invalid("holds no certificate".into()))?;
+        crate::tls::cert_info(first)
+            .map(|i| i.not_after)
+            .map_err(invalid)
+    }
+
+    /// The CA's end, or why it signs nothing any more.
+    fn valid_until(&self, now: OffsetDateTime) -> Result<OffsetDateTime, PkiError> {
+        let end = self.not_after()?;
+        let at = OffsetDateTime::from_unix_timestamp(end).map_err(|e| PkiError::Invalid {
+            field: "ca",
+            reason: e.to_string(),
+        })?;
+        if at <= now {
+            return Err(PkiError::Invalid {
+                field: "ca",
+                reason: format!(
+                    "the CA expired at {}: make a new one (`meshbridge pki init`)",
+                    crate::tls::rfc3339(end)
+                ),
+            });
+        }
+        Ok(at)
+    }
+
+    /// Issue an SVID valid from five minutes ago for `ttl`, but never past the CA's own end
+    /// (it would fail validation from there on); refused when the CA has expired.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration, dns: &[String]) -> Result<Svid, PkiError> {
         let now = OffsetDateTime::now_utc();
-        self.issue_between(
-            id,
-            dns,
-            now - time::Duration::minutes(5),
-            not_after(now, ttl)?,
-        )
+        let end = not_after(now, ttl)?.min(self.valid_until(now)?);
+        self.issue_between(id, dns, now - time::Duration::minutes(5), end)
     }
 
     /// Issue an SVID with an explicit validity window (tests use it for expired certs).
@@ -303,12 +348,9 @@ impl Ca {
                 reason: e.to_string(),
             })?;
         let now = OffsetDateTime::now_utc();
-        let params = self.leaf_params(
-            id,
-            &[],
-            now - time::Duration::minutes(5),
-            not_after(now, ttl)?,
-        )?;
+        // Never past the CA's own end: the certificate would fail validation from there on.
+        let end = not_after(now, ttl)?.min(self.valid_until(now)?);
+        let params = self.leaf_params(id, &[], now - time::Duration::minutes(5), end)?;
         let csr = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -463,6 +505,48 @@ mod tests {
             named(ca.mint_join_token("east", "agent", far).unwrap_err()),
             "ttl"
         );
+    }
+
+    /// A certificate cannot outlive the CA that signed it (it fails validation from the
+    /// CA's end on): issued or signed for a join or renewal, it is cut to the CA's end. An
+    /// expired CA signs nothing.
+    #[test]
+    fn nothing_outlives_its_ca() {
+        let ca = Ca::generate("a.example", Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::parse("spiffe://a.example/site/x/agent").unwrap();
+        let svid = ca.issue(&id, Duration::from_secs(7200), &[]).unwrap();
+        let der = crate::tls::parse_certs(std::path::Path::new("svid"), svid.cert_pem.as_bytes())
+            .unwrap();
+        assert_eq!(
+            crate::tls::cert_info(&der[0]).unwrap().not_after,
+            ca.not_after().unwrap()
+        );
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let pem = ca.sign_csr(&csr, &id, Duration::from_secs(86_400)).unwrap();
+        let der = crate::tls::parse_certs(std::path::Path::new("leaf"), pem.as_bytes()).unwrap();
+        let leaf = crate::tls::cert_info(&der[0]).unwrap();
+        assert!(leaf.not_after <= ca.not_after().unwrap(), "{leaf:?}");
+
+        let now = OffsetDateTime::now_utc();
+        let expired = Ca::generate_between(
+            "a.example",
+            now - time::Duration::hours(2),
+            now - time::Duration::hours(1),
+        )
+        .unwrap();
+        let err = expired.issue(&id, Duration::from_secs(1), &[]).unwrap_err();
+        assert!(err.to_string().contains("the CA expired at"), "{err}");
+        let err = expired
+            .sign_csr(&csr, &id, Duration::from_secs(60))
+            .unwrap_err();
+        assert!(err.to_string().contains("the CA expired at"), "{err}");
     }
 
     #[test]
