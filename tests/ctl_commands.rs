@@ -190,6 +190,21 @@ async fn policy_export_and_token_commands_print_what_changed_and_name_bad_input(
         "site:west",
     ]);
     assert!(err.contains("policy.service"), "{err}");
+    // Without --allow: refused (it made a deny-all policy without a word); a deny-all
+    // policy is asked for by name.
+    let err = ctl.fails(&["policy", "put", "--name", "x", "--service", "shop/web"]);
+    assert!(err.contains("--allow"), "{err}");
+    let closed = ctl.ok(&[
+        "policy",
+        "put",
+        "--name",
+        "closed",
+        "--service",
+        "shop/db",
+        "--deny-all",
+    ]);
+    assert!(closed.contains("shop/db from nobody"), "{closed}");
+    assert!(ctl.json(&["policy", "delete", "closed"])["deleted"] == true);
     write(&file, "name = \"x\"\nservice = \"shop/web\"\nallows = []\n");
     let err = ctl.fails(&["policy", "put", "--file", file.to_str().unwrap()]);
     assert!(

@@ -25,11 +25,16 @@ pub enum PolicyCmd {
         #[arg(long, required_unless_present = "file")]
         service: Option<String>,
         /// An allowed principal (repeat): `site:S` (`site:TD/S` for a partner's),
-        /// `td:DOMAIN`, `id:SPIFFE-ID`, `prefix:SPIFFE-ID-PREFIX`.
-        #[arg(long = "allow")]
+        /// `td:DOMAIN`, `id:SPIFFE-ID`, `prefix:SPIFFE-ID-PREFIX`. At least one, unless
+        /// `--deny-all`.
+        #[arg(long = "allow", required_unless_present_any = ["file", "deny_all"])]
         allow: Vec<String>,
-        /// A TOML or JSON file with `name`, `service` and `allow` (flags are then ignored).
-        #[arg(long, conflicts_with_all = ["name", "service", "allow"])]
+        /// A policy that lets nobody reach the service (instead of `--allow`).
+        #[arg(long, conflicts_with = "allow")]
+        deny_all: bool,
+        /// A TOML or JSON file with `name`, `service` and `allow` (not with the other flags;
+        /// `allow = []` lets nobody in).
+        #[arg(long, conflicts_with_all = ["name", "service", "allow", "deny_all"])]
         file: Option<PathBuf>,
     },
     /// Remove a policy by name.
@@ -43,6 +48,18 @@ struct PolicyFile {
     name: String,
     service: String,
     allow: Vec<String>,
+}
+
+/// Who a policy lets in, for a line of text ("nobody" for no one).
+fn principals_text(allow: &[Principal]) -> String {
+    if allow.is_empty() {
+        return "nobody".into();
+    }
+    allow
+        .iter()
+        .map(principal_text)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `kind:value` → a principal; the error names the flag value.
@@ -127,6 +144,7 @@ pub async fn run(
             name,
             service,
             allow,
+            deny_all: _,
             file,
         } => {
             let (name, service, allow) = match file {
@@ -164,29 +182,20 @@ pub async fn run(
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let allow: Vec<String> = policy.allow.iter().map(principal_text).collect();
                 let what = match (&before, r.changed) {
                     (_, false) => "unchanged".to_string(),
                     (None, true) => "created".to_string(),
                     (Some(b), true) => format!(
                         "replaced (was {} from {})",
                         b.service,
-                        b.allow
-                            .iter()
-                            .map(principal_text)
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        principals_text(&b.allow)
                     ),
                 };
                 println!(
                     "policy {} {what}: {} from {} (catalog revision {})",
                     policy.name,
                     policy.service,
-                    if allow.is_empty() {
-                        "nobody".to_string()
-                    } else {
-                        allow.join(", ")
-                    },
+                    principals_text(&policy.allow),
                     r.revision
                 );
             }
