@@ -63,7 +63,12 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             server.metrics().register(&mut reg);
             let router =
                 meshbridge_core::admin::router(&ready, Arc::new(reg), config::effective(&cfg));
-            let listener = meshbridge_core::admin::bind(a.parse()?).await?;
+            let addr = a
+                .parse()
+                .with_context(|| format!("admin_listen {a:?} is not ip:port"))?;
+            let listener = meshbridge_core::admin::bind(addr)
+                .await
+                .with_context(|| format!("admin_listen {a}: cannot bind"))?;
             let addr = listener.local_addr()?;
             Some((
                 addr,

@@ -59,3 +59,20 @@ bundle = "b.pem"
     assert!(err.contains("workers"), "stderr: {err}");
     assert!(err.contains("2048 is more than 1024"), "stderr: {err}");
 }
+
+/// A bind failure names the setting and the address, not just "Address already in use".
+#[test]
+fn a_busy_address_is_named_with_its_setting() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let out = Command::new(BIN)
+        .args(["echo", "--listen", &addr])
+        .output()
+        .expect("run meshbridge");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--listen {addr}: cannot bind")) && err.contains("in use"),
+        "{err}"
+    );
+}

@@ -124,10 +124,17 @@ pub fn endpoint_uri(url: &str) -> Result<Uri, BadUrl> {
     let uri: Uri = format!("http://{authority}")
         .parse()
         .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-    if uri.port_u16().is_none() {
-        return Err(bad("a port is required".into()));
+    // The digits after the last colon (outside an IPv6 address's brackets), as written.
+    let written = authority
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    match (uri.port_u16(), written) {
+        (Some(0), _) => Err(bad("port 0 cannot be dialed (1-65535)".into())),
+        (Some(_), _) => Ok(uri),
+        (None, Some(port)) => Err(bad(format!("port {port} is out of range (1-65535)"))),
+        (None, None) => Err(bad("a port is required".into())),
     }
-    Ok(uri)
 }
 
 /// Channel settings.
@@ -181,5 +188,15 @@ mod tests {
         assert!(endpoint_uri("https://host").is_err());
         assert!(endpoint_uri("ftp://host:1").is_err());
         assert!(endpoint_uri("https://host:1/path").is_err());
+        let reason = |url: &str| endpoint_uri(url).unwrap_err().reason;
+        assert_eq!(
+            reason("https://127.0.0.1:70000"),
+            "port 70000 is out of range (1-65535)"
+        );
+        assert_eq!(
+            reason("https://127.0.0.1:0"),
+            "port 0 cannot be dialed (1-65535)"
+        );
+        assert_eq!(reason("https://127.0.0.1"), "a port is required");
     }
 }
