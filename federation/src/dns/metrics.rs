@@ -33,6 +33,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// UDP responses sent with TC set (the answer did not fit).
     pub truncated: Counter,
+    /// TCP connections closed at once: the server holds its most already.
+    pub tcp_refused: Counter,
     /// Forwarded queries by result: `ok`, `timeout`, `error`.
     pub forwarded: Family<ResultLabel, Counter>,
     /// Catalog revision of the index being served.
@@ -51,6 +53,7 @@ impl Default for Metrics {
             query_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             rate_limited: Counter::default(),
             truncated: Counter::default(),
+            tcp_refused: Counter::default(),
             forwarded: Family::default(),
             revision: Gauge::default(),
             names: Gauge::default(),
@@ -84,6 +87,11 @@ impl Metrics {
             "truncated",
             "UDP responses truncated (TC) for the client to retry over TCP",
             self.truncated.clone(),
+        );
+        r.register(
+            "tcp_refused",
+            "TCP connections closed at once because the server held its most already",
+            self.tcp_refused.clone(),
         );
         r.register(
             "forwarded",

@@ -19,6 +19,7 @@ mod metrics;
 mod ratelimit;
 mod server;
 mod service;
+mod tcp;
 #[cfg(test)]
 mod tests;
 mod udp;
@@ -31,6 +32,7 @@ pub use config::{Config, DEFAULT_ZONE, RateLimit};
 pub use index::{DNS_SCHEMA_VERSION, Index};
 pub use metrics::Metrics;
 pub use server::{DnsHandle, DnsServer};
+pub use tcp::MAX_CONNECTIONS as MAX_TCP_CONNECTIONS;
 
 /// Why the DNS server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! The shell: sockets (UDP: a thread per socket, see [`super::udp`]; TCP: hickory-server),
+//! The shell: sockets (UDP: a thread per socket, see [`super::udp`]; TCP: tasks, see
+//! [`super::tcp`]),
 //! the index kept current from the catalog replica, rate limiting, forwarding, metrics,
 //! shutdown.
 
@@ -9,12 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use hickory_proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::Server;
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageRequest;
 use meshbridge_core::config::{ConfigError, Problems, RoleConfig};
 use meshbridge_core::drain::{self, Outcome};
 use meshbridge_core::model::Catalog;
@@ -22,22 +17,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use super::DnsError;
-use super::answer::{
-    Plan, Reply, Transport, fit, plan, rate_limited, response, response_edns, upstream_reply,
-};
 use super::config::Config;
 use super::forward::Forwarder;
 use super::index::Index;
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
+use super::tcp::serve_tcp;
 use super::udp::{Shared, UdpWorkers};
 use super::watch::watch_catalog;
 
-/// Responses buffered per TCP connection.
-const TCP_RESPONSE_BUFFER: usize = 32;
 /// Attempts at finding a port free for both UDP and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 16;
 /// Most UDP sockets (receive loops) on the port.
@@ -50,7 +41,6 @@ pub struct DnsServer;
 /// in order.
 pub struct DnsHandle {
     local_addr: SocketAddr,
-    server: Server<Handler>,
     udp: UdpWorkers,
     tasks: JoinSet<()>,
     stop: CancellationToken,
@@ -99,12 +89,10 @@ impl DnsServer {
                 addr: local_addr,
                 source,
             })?;
-        let mut server = Server::new(Handler(shared));
         let idle = Duration::from_secs(config.tcp_idle_timeout_secs);
-        server.register_listener(tcp, idle, TCP_RESPONSE_BUFFER);
-
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        tasks.spawn(serve_tcp(tcp, shared, idle, stop.clone()));
         info!(
             %local_addr,
             zone = %config.zone,
@@ -122,7 +110,6 @@ impl DnsServer {
         ));
         Ok(DnsHandle {
             local_addr,
-            server,
             udp,
             tasks,
             stop,
@@ -200,17 +187,12 @@ impl DnsHandle {
     /// tasks to end (queries in flight are answered or dropped: they take microseconds).
     pub async fn shutdown(mut self, deadline: Duration) -> Outcome {
         self.stop.cancel();
-        self.server.shutdown_token().cancel();
         self.udp.stop();
-        let server = &mut self.server;
         let tasks = &mut self.tasks;
         let udp = &mut self.udp;
         // Atomic, not a Cell: the drain's future stays `Send` (callers may spawn it).
         let left = AtomicUsize::new(tasks.len());
         let wait = async {
-            if let Err(e) = server.block_until_done().await {
-                warn!(error = %e, "dns sockets ended with an error");
-            }
             udp.join().await;
             while tasks.join_next().await.is_some() {
                 left.store(tasks.len(), Ordering::Relaxed);
@@ -225,101 +207,6 @@ impl DnsHandle {
 impl Drop for DnsHandle {
     fn drop(&mut self) {
         self.stop.cancel();
-        self.server.shutdown_token().cancel();
         self.udp.stop();
-    }
-}
-
-/// The TCP side (hickory-server's), answering from the same state as the UDP threads.
-struct Handler(Arc<Shared>);
-
-#[async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut handle: R,
-    ) -> ResponseInfo {
-        let shared = &*self.0;
-        let started = Instant::now();
-        let transport = Transport::from(request.protocol());
-        let req: &MessageRequest = request;
-        if let Some(limiter) = &shared.limiter
-            && !limiter.allow(request.src().ip(), started)
-        {
-            shared.metrics.rate_limited.inc();
-            let info = send(req, rate_limited(transport), None, transport, &mut handle).await;
-            shared.metrics.count("RATELIMITED", transport);
-            return info;
-        }
-        let index = shared.index.load_full();
-        let info = match plan(&index, req) {
-            Plan::Reply(reply) => {
-                let edns = response_edns(req, transport);
-                let reply = fit(req, reply, edns.as_ref(), transport);
-                if reply.truncated {
-                    shared.metrics.truncated.inc();
-                }
-                send(req, reply, edns.as_ref(), transport, &mut handle).await
-            }
-            Plan::Forward => self.forward(req, transport, &mut handle).await,
-        };
-        shared
-            .metrics
-            .answered(info.response_code, transport, started.elapsed());
-        info
-    }
-}
-
-impl Handler {
-    async fn forward<R: ResponseHandler>(
-        &self,
-        req: &MessageRequest,
-        transport: Transport,
-        handle: &mut R,
-    ) -> ResponseInfo {
-        let shared = &*self.0;
-        let edns = response_edns(req, transport);
-        let (Some(forwarder), [query]) = (&shared.forwarder, req.queries.queries()) else {
-            let reply = Reply::error(ResponseCode::Refused, false);
-            return send(req, reply, edns.as_ref(), transport, handle).await;
-        };
-        match forwarder
-            .forward(query.original(), req.metadata.recursion_desired)
-            .await
-        {
-            Ok(answer) => {
-                shared.metrics.forwarded("ok");
-                let reply = fit(req, upstream_reply(&answer), edns.as_ref(), transport);
-                send(req, reply, edns.as_ref(), transport, handle).await
-            }
-            Err(e) => {
-                shared.metrics.forwarded(e.label());
-                debug!(error = %e, query = %query.original(), "forwarding failed");
-                let reply = Reply::error(ResponseCode::ServFail, true);
-                send(req, reply, edns.as_ref(), transport, handle).await
-            }
-        }
-    }
-}
-
-async fn send<R: ResponseHandler>(
-    req: &MessageRequest,
-    reply: Reply<'_>,
-    edns: Option<&hickory_proto::op::Edns>,
-    transport: Transport,
-    handle: &mut R,
-) -> ResponseInfo {
-    match handle.send_response(response(req, &reply, edns)).await {
-        Ok(info) => info,
-        Err(e) => {
-            debug!(error = %e, ?transport, "sending a dns response failed");
-            let mut metadata = Metadata::response_from_request(&req.metadata);
-            metadata.response_code = ResponseCode::ServFail;
-            ResponseInfo::from(Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            })
-        }
     }
 }

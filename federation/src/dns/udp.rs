@@ -244,7 +244,7 @@ impl Worker {
                 let socket = self.socket.clone();
                 let shared = self.shared.clone();
                 self.runtime.spawn(async move {
-                    let encoded = forward(&shared, &req).await;
+                    let encoded = forward(&shared, &req, Transport::Udp).await;
                     if let Err(e) = socket.send_to(&encoded.bytes, src) {
                         debug!(error = %e, %src, "sending a dns response failed");
                     }
@@ -283,8 +283,13 @@ fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
 
-/// Ask the upstream; the response for the client (SERVFAIL when the upstream failed).
-async fn forward(shared: &Shared, req: &hickory_server::server::Request) -> Encoded {
+/// Ask the upstream; the response for the client over `transport` (SERVFAIL when the
+/// upstream failed).
+pub(crate) async fn forward(
+    shared: &Shared,
+    req: &hickory_server::server::Request,
+    transport: Transport,
+) -> Encoded {
     let query = match (&shared.forwarder, req.queries.queries()) {
         (Some(forwarder), [query]) => forwarder
             .forward(query.original(), req.metadata.recursion_desired)
@@ -292,19 +297,19 @@ async fn forward(shared: &Shared, req: &hickory_server::server::Request) -> Enco
             .map_err(|e| (e, query.original().clone())),
         _ => {
             let refused = super::answer::Reply::error(ResponseCode::Refused, false);
-            return encode_reply(req, refused, Transport::Udp);
+            return encode_reply(req, refused, transport);
         }
     };
     match query {
         Ok(answer) => {
             shared.metrics.forwarded("ok");
-            encode_reply(req, upstream_reply(&answer), Transport::Udp)
+            encode_reply(req, upstream_reply(&answer), transport)
         }
         Err((e, query)) => {
             shared.metrics.forwarded(e.label());
             debug!(error = %e, %query, "forwarding failed");
             let failed = super::answer::Reply::error(ResponseCode::ServFail, true);
-            encode_reply(req, failed, Transport::Udp)
+            encode_reply(req, failed, transport)
         }
     }
 }

@@ -170,3 +170,65 @@ async fn over_the_rate_limit_udp_gets_an_empty_truncated_answer_and_tcp_is_refus
     }
     assert!(refused);
 }
+
+/// A client holding connections open cannot take them all: past the server's most, a new
+/// connection is closed at once (and counted), the ones held still answer, and so does a
+/// new one once some are let go. (hickory-server's TCP side took every connection until
+/// the process ran out of file descriptors.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_past_the_most_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let (_world, dns) = big(3).await;
+    let addr = dns.local_addr();
+    let limit = meshbridge_federation::dns::MAX_TCP_CONNECTIONS;
+    let mut held = Vec::with_capacity(limit);
+    for _ in 0..limit {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Each held one has been accepted once the server closes the next: wait for that.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), extra.read(&mut byte))
+        .await
+        .expect("the connection past the most was kept open");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &{
+        let mut r = prometheus_client::registry::Registry::default();
+        dns.metrics().register(&mut r);
+        r
+    })
+    .unwrap();
+    assert!(
+        text.contains("meshbridge_dns_tcp_refused_total 1"),
+        "{text}"
+    );
+
+    // A held connection still answers.
+    let q = query_bytes(9, &svc("big"), RecordType::A, None);
+    let mut first = held.swap_remove(0);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    tokio::io::AsyncWriteExt::write_all(&mut first, &framed)
+        .await
+        .unwrap();
+    let len = first.read_u16().await.unwrap();
+    let mut reply = vec![0u8; usize::from(len)];
+    first.read_exact(&mut reply).await.unwrap();
+    assert_eq!(Message::from_vec(&reply).unwrap().answers.len(), 3);
+
+    // Let some go: a new connection is served again.
+    drop(first);
+    held.truncate(limit - 10);
+    let answered = async {
+        loop {
+            if let Some(reply) = raw_tcp(addr, &q).await {
+                return reply;
+            }
+        }
+    };
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(10), answered)
+        .await
+        .expect("no new connection was served after some were let go");
+    assert_eq!(Message::from_vec(&reply).unwrap().answers.len(), 3);
+}
