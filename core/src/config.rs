@@ -150,6 +150,19 @@ pub fn parse_with_env<T: RoleConfig>(
         if NOT_OVERRIDES.contains(&path) {
             continue;
         }
+        if !path.contains("__") && !doc.contains_key(&path.to_ascii_lowercase()) {
+            // A top-level variable the file leaves out: an override only if it names a
+            // field of this role (else another tool's). Tried on a copy: some roles' types
+            // refuse unknown fields outright.
+            let mut trial = doc.clone();
+            let mut ignored = Problems::default();
+            let Some(field) = apply_env(&mut trial, path, value, &mut ignored) else {
+                continue;
+            };
+            if !names_a_field::<T>(trial, &field) {
+                continue;
+            }
+        }
         if let Some(field) = apply_env(&mut doc, path, value, &mut problems) {
             from_env.push((field, key));
         }
@@ -159,11 +172,6 @@ pub fn parse_with_env<T: RoleConfig>(
         unknown.push(p.to_string());
     });
     for field in unknown {
-        // A variable without `__` that names no field is another tool's (or a test's):
-        // left alone, as if never applied.
-        if !field.contains('.') && from_env.iter().any(|(f, _)| *f == field) {
-            continue;
-        }
         problems.push(field, "unknown field");
     }
     if let Ok(cfg) = &parsed {
@@ -186,6 +194,19 @@ pub fn parse_with_env<T: RoleConfig>(
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         _ => Err(err(problems.0)),
     }
+}
+
+/// Whether the top-level `field` of `doc` is one `T` knows: `T` does not report it as
+/// unknown, whether it collects unknown fields or refuses them.
+fn names_a_field<T: RoleConfig>(doc: toml::Table, field: &str) -> bool {
+    let mut unknown = false;
+    let parsed: Result<T, _> = serde_ignored::deserialize(toml::Value::Table(doc), |p| {
+        unknown |= p.to_string() == field;
+    });
+    let refused = parsed
+        .err()
+        .is_some_and(|e| e.to_string().contains(&format!("unknown field `{field}`")));
+    !unknown && !refused
 }
 
 /// `MESHBRIDGE_*` variables of the command line itself (`--config`, `ctl --registry`,
@@ -347,6 +368,32 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let cfg = parse_with_env::<Sample>("t", text, &env).unwrap();
         assert_eq!(cfg.workers, 4);
+    }
+
+    /// A role whose type refuses unknown fields outright (as the kube adapter's does).
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        site: String,
+        #[serde(default)]
+        workers: usize,
+    }
+
+    impl RoleConfig for Strict {
+        fn validate(&self, _: &mut Problems) {}
+    }
+
+    /// Another tool's variable is not an unknown field there either (the tests' own
+    /// `MESHBRIDGE_ENVOY` stopped the kube adapter at start).
+    #[test]
+    fn other_tools_variables_do_not_trip_a_strict_role() {
+        let env = [
+            ("MESHBRIDGE_ENVOY", "/opt/envoy"),
+            ("MESHBRIDGE_WORKERS", "3"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let cfg = parse_with_env::<Strict>("t", "site = \"east\"\n", &env).unwrap();
+        assert_eq!(cfg.workers, 3);
     }
 
     /// The command line's own variables (`ctl`'s `MESHBRIDGE_REGISTRY`, `--config`'s

@@ -395,6 +395,16 @@ async fn a_learner_that_never_answered_is_not_promoted() {
         "{err}"
     );
     assert!(admin.add_learner(6, &nowhere, false).await.is_ok());
+    // Again at the same URL (a retried call): a no-op, not an error; elsewhere: refused.
+    assert!(admin.add_learner(6, &nowhere, false).await.is_ok());
+    let err = admin
+        .add_learner(6, "https://127.0.0.1:9", false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("node 6 is already a learner at"),
+        "{err}"
+    );
 
     let err = admin.promote(5).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");

@@ -124,12 +124,12 @@ pub async fn add_learner(
     endpoint_uri(&url).map_err(|e| invalid("url", e.reason))?;
     let local = || async {
         let membership = current_membership(s);
-        if let Some(node) = membership.get_node(&id) {
-            let role = if membership.voter_ids().any(|v| v == id) {
-                "a voter"
-            } else {
-                "a learner"
-            };
+        let voter = membership.voter_ids().any(|v| v == id);
+        // The same learner at the same URL again is a no-op (a retried call, say).
+        if let Some(node) = membership.get_node(&id)
+            && (voter || node.addr != url)
+        {
+            let role = if voter { "a voter" } else { "a learner" };
             return Err(Attempt::Failed(ApiError::Precondition(format!(
                 "node {id} is already {role} at {}: remove it first (`ctl members remove {id}`) \
                  to add it again under another URL",
