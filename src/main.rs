@@ -71,10 +71,13 @@ fn main() -> ExitCode {
         _ => None,
     };
     exit_with_parent();
-    telemetry::init(
+    let log_warning = telemetry::init(
         cli.log_format,
         "info,openraft=warn,hickory_server=warn,hickory_proto=warn",
     );
+    if let Some(why) = log_warning {
+        tracing::warn!("{why}");
+    }
     if let Some(why) = malloc {
         tracing::warn!("{why}");
     }

@@ -23,12 +23,12 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// Install the global subscriber (once; later calls are ignored). Logs go to stderr.
-pub fn init(format: LogFormat, default_filter: &str) {
-    let filter = std::env::var("MESHBRIDGE_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default_filter));
+pub fn init(format: LogFormat, default_filter: &str) -> Option<String> {
+    let (filter, warning) = filter(
+        std::env::var("MESHBRIDGE_LOG").ok(),
+        std::env::var("RUST_LOG").ok(),
+        default_filter,
+    );
     // Colour only for a person at a terminal: a file, a pipe or a log collector gets plain
     // text (and NO_COLOR turns it off everywhere).
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -40,4 +40,47 @@ pub fn init(format: LogFormat, default_filter: &str) {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    warning
+}
+
+/// The filter from `MESHBRIDGE_LOG` (else `RUST_LOG`), else `default_filter`; and, when the
+/// variable's value is not a filter, a warning naming it (to log once logging runs).
+fn filter(
+    meshbridge_log: Option<String>,
+    rust_log: Option<String>,
+    default_filter: &str,
+) -> (EnvFilter, Option<String>) {
+    let (name, value) = match (meshbridge_log, rust_log) {
+        (Some(v), _) => ("MESHBRIDGE_LOG", v),
+        (None, Some(v)) => ("RUST_LOG", v),
+        (None, None) => return (EnvFilter::new(default_filter), None),
+    };
+    match EnvFilter::try_new(&value) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new(default_filter),
+            Some(format!(
+                "{name}={value:?} is not a log filter ({e}); logging with {default_filter:?}"
+            )),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bad_filter_is_named_and_the_default_used() {
+        let (_, warning) = super::filter(Some("garbage===".into()), None, "info");
+        let warning = warning.unwrap_or_default();
+        assert!(
+            warning.contains("MESHBRIDGE_LOG=\"garbage===\""),
+            "{warning}"
+        );
+        assert!(
+            super::filter(Some("debug,h2=warn".into()), None, "info")
+                .1
+                .is_none()
+        );
+        assert!(super::filter(None, None, "info").1.is_none());
+    }
 }
