@@ -12,6 +12,20 @@ fn meshbridge(args: &[&str]) -> Output {
         .expect("run meshbridge")
 }
 
+/// `meshbridge pki init` of a CA for corp.example into `out`, with `extra` arguments.
+fn pki_init(out: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "pki",
+        "init",
+        "--trust-domain",
+        "corp.example",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    meshbridge(&args)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -33,14 +47,7 @@ fn init_issue_inspect_round_trip_and_the_chain_verifies() {
     let ca_s = ca.to_str().unwrap();
     let svid_s = svid.to_str().unwrap();
 
-    let o = meshbridge(&[
-        "pki",
-        "init",
-        "--trust-domain",
-        "corp.example",
-        "--out",
-        ca_s,
-    ]);
+    let o = pki_init(ca_s, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(mode(&ca.join("ca.key")), 0o600);
 
@@ -207,14 +214,7 @@ fn bad_arguments_exit_non_zero_with_a_clear_message() {
         text(&o)
     );
     // And a second init does not overwrite the CA.
-    let o = meshbridge(&[
-        "pki",
-        "init",
-        "--trust-domain",
-        "corp.example",
-        "--out",
-        ca_s,
-    ]);
+    let o = pki_init(ca_s, &[]);
     assert!(
         !o.status.success() && text(&o).contains("refusing to overwrite"),
         "{}",
@@ -232,16 +232,7 @@ fn issue_refuses_or_warns_about_certificates_that_cannot_work() {
     let ca_s = ca.to_str().unwrap();
     let out = tmp.path().join("leaf");
     let out_s = out.to_str().unwrap();
-    let o = meshbridge(&[
-        "pki",
-        "init",
-        "--trust-domain",
-        "corp.example",
-        "--out",
-        ca_s,
-        "--ttl",
-        "30d",
-    ]);
+    let o = pki_init(ca_s, &["--ttl", "30d"]);
     assert!(o.status.success(), "{}", text(&o));
     let issue = |id: &str, ttl: &str| {
         meshbridge(&[

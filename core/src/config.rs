@@ -155,13 +155,13 @@ pub fn parse_with_env<T: RoleConfig>(
             // field of this role (else another tool's). Tried on a copy: some roles' types
             // refuse unknown fields outright.
             let mut trial = doc.clone();
-            let mut ignored = Problems::default();
-            let Some(field) = apply_env(&mut trial, path, value, &mut ignored) else {
-                continue;
-            };
-            if !names_a_field::<T>(trial, &field) {
-                continue;
+            if let Some(field) = apply_env(&mut trial, path, value, &mut problems)
+                && names_a_field::<T>(&trial, &field)
+            {
+                doc = trial;
+                from_env.push((field, key));
             }
+            continue;
         }
         if let Some(field) = apply_env(&mut doc, path, value, &mut problems) {
             from_env.push((field, key));
@@ -198,9 +198,9 @@ pub fn parse_with_env<T: RoleConfig>(
 
 /// Whether the top-level `field` of `doc` is one `T` knows: `T` does not report it as
 /// unknown, whether it collects unknown fields or refuses them.
-fn names_a_field<T: RoleConfig>(doc: toml::Table, field: &str) -> bool {
+fn names_a_field<T: RoleConfig>(doc: &toml::Table, field: &str) -> bool {
     let mut unknown = false;
-    let parsed: Result<T, _> = serde_ignored::deserialize(toml::Value::Table(doc), |p| {
+    let parsed: Result<T, _> = serde_ignored::deserialize(toml::Value::Table(doc.clone()), |p| {
         unknown |= p.to_string() == field;
     });
     let refused = parsed

@@ -34,11 +34,7 @@ async fn page(State(s): State<Arc<Shared>>) -> Html<String> {
 fn expiring(certs: &[meshbridge_core::proto::SeenCertificate], now: i64) -> String {
     let mut soon: Vec<_> = certs
         .iter()
-        .filter(|c| {
-            let warn =
-                meshbridge_core::tls::expiry_warning_secs(c.not_before_unix, c.not_after_unix);
-            c.not_after_unix.saturating_sub(now) < warn
-        })
+        .filter(|c| meshbridge_core::tls::expiring(c.not_before_unix, c.not_after_unix, now))
         .collect();
     if soon.is_empty() {
         return String::new();

@@ -281,10 +281,9 @@ fn member_problems(s: &proto::StatusReply) -> Vec<String> {
 }
 
 /// Whether `c` is expired or close enough to its end to be a problem: within a third of
-/// its lifetime, at most 7 days ([`meshbridge_core::tls::expiry_warning_secs`]).
+/// its lifetime, at most 7 days ([`meshbridge_core::tls::expiring`]).
 fn expiring(c: &proto::SeenCertificate, now: i64) -> bool {
-    let warn = meshbridge_core::tls::expiry_warning_secs(c.not_before_unix, c.not_after_unix);
-    c.not_after_unix.saturating_sub(now) < warn
+    meshbridge_core::tls::expiring(c.not_before_unix, c.not_after_unix, now)
 }
 
 /// One row per certificate (id and kind), the last seen of its reports.

@@ -59,12 +59,18 @@ const MAX_EXPIRY_WARNING_SECS: i64 = 7 * 86400;
 /// most 7 days (7 days when its start is unknown, `not_before` 0). A certificate renewed at
 /// half of what is left (as agents renew their SVIDs) never gets there unless its renewal
 /// failed, so short-lived SVIDs are not a standing alarm.
-pub fn expiry_warning_secs(not_before: i64, not_after: i64) -> i64 {
+fn expiry_warning_secs(not_before: i64, not_after: i64) -> i64 {
     let lifetime = not_after.saturating_sub(not_before);
     if not_before <= 0 || lifetime <= 0 {
         return MAX_EXPIRY_WARNING_SECS;
     }
     (lifetime / 3).min(MAX_EXPIRY_WARNING_SECS)
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` (unix seconds) is expired or
+/// expiring at `now`: what `ctl status` and a node's `/ui` list as problems.
+pub fn expiring(not_before: i64, not_after: i64, now: i64) -> bool {
+    not_after.saturating_sub(now) < expiry_warning_secs(not_before, not_after)
 }
 
 /// `secs` of validity left, in words: days from two days on, else hours, else minutes.

@@ -9,8 +9,8 @@ mod verify;
 
 pub use accept::{AcceptLimits, Handshake, HandshakeError, handshakes};
 pub use files::{
-    CertInfo, TlsError, cert_info, check_svid, expiry_warning_secs, load_certs, load_key,
-    parse_certs, rfc3339, time_left,
+    CertInfo, TlsError, cert_info, check_svid, expiring, load_certs, load_key, parse_certs,
+    rfc3339, time_left,
 };
 pub use identity::{Identity, IdentityFiles, peer_id};
 pub use trust::{BundleSource, PeerRejected, TrustStore};
